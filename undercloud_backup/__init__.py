@@ -1,0 +1,3 @@
+"""undercloud-backup: verifiable backups of an OpenStack undercloud into Swift."""
+
+__version__ = "0.1.0"

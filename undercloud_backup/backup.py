@@ -1,0 +1,287 @@
+"""The backup's stages as plain functions; ``tasks/`` wraps each one in a Prefect task.
+
+Database and filesystem are each one stream, producer to Swift, with no staging of the whole
+artefact: ``mariadb-dump | zstd`` and ``tar | zstd`` feed a :class:`StreamUploader`. An object is
+committed only after every process in its pipe exited cleanly; the manifest, written last,
+is what makes a backup complete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import platform
+import secrets
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+from undercloud_backup import __version__, swift
+from undercloud_backup import archive as fs
+from undercloud_backup import database as db
+from undercloud_backup.errors import (
+    ArchiveFailed,
+    CommandFailed,
+    ConfigError,
+    DumpFailed,
+    InsufficientSpace,
+    UnreadableFiles,
+)
+from undercloud_backup.execute import Command, Pipeline
+from undercloud_backup.sizes import format_size
+
+MANIFEST_FORMAT = "undercloud-backup/1"
+DB_OBJECT = "mariadb-all-databases.sql.zst"
+FS_OBJECT = "filesystem.tar.zst"
+# Space the staging filesystem must keep free beyond our spools.
+STAGING_MARGIN = 64 * 1024**2
+
+
+@dataclass(frozen=True)
+class BackupRequest:
+    """Everything a stage needs to know, without secrets (it is a Prefect task input)."""
+
+    backup_id: str
+    created_at: str
+    hostname: str
+    root: str = "/"
+    add_paths: tuple[str, ...] = ()
+    exclude_paths: tuple[str, ...] = ()
+    include_files: bool = True
+    include_databases: bool = True
+    staging_dir: str = "/var/tmp"
+    allow_unreadable: bool = False
+    compression_level: int = 3
+    dump_timeout_s: float = 6 * 3600
+    archive_timeout_s: float = 12 * 3600
+    sudo_prefix: tuple[str, ...] = ()
+
+    def object_name(self, leaf: str) -> str:
+        return f"{self.backup_id}/{leaf}"
+
+
+def new_backup_id(hostname: str, when: dt.datetime, unique: str | None = None) -> str:
+    """``<host>-<UTC time>-<6 hex>``: readable, sortable per host, unique per run."""
+    stamp = when.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{hostname}-{stamp}-{(unique or secrets.token_hex(3))[:6]}"
+
+
+def zstd_command(level: int) -> Command:
+    return Command(argv=("zstd", "-q", f"-{level}", "-T0", "-c", "--no-progress"), name="zstd")
+
+
+class Progress:
+    """Log a stream's progress at most every ``every`` seconds."""
+
+    def __init__(self, logger: logging.Logger | logging.LoggerAdapter, what: str,
+                 expected: int = 0, every: float = 10.0) -> None:
+        self.logger, self.what, self.expected, self.every = logger, what, expected, every
+        self._next = time.monotonic() + every
+
+    def __call__(self, sent: int, elapsed: int) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.every
+        rate = sent / max(elapsed, 1) / 1024**2
+        self.logger.info("%s: %s uploaded (compressed) after %d s, %.1f MiB/s", self.what,
+                         format_size(sent), elapsed, rate)
+
+
+# -------------------------------------------------------------------------------- planning
+def plan_files(request: BackupRequest) -> fs.PathPlan:
+    if not request.include_files:
+        return fs.PathPlan(root=os.path.realpath(request.root), included=(), absent=(),
+                           excluded=())
+    plan = fs.plan_paths(request.root, request.add_paths, request.exclude_paths)
+    if not plan.included:
+        raise ConfigError(detail=f"none of the paths to back up exists under {plan.root}")
+    return plan
+
+
+@dataclass(frozen=True)
+class SpaceReport:
+    database_bytes: int
+    files_bytes: int
+    staging_dir: str
+    staging_needed: int
+    staging_available: int
+    swift_quota_left: int | None = None
+    checks: tuple[str, ...] = field(default=())
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_space(request: BackupRequest, plan: fs.PathPlan, database_bytes: int,
+                segment_size: int, swift_quota_left: int | None = None) -> SpaceReport:
+    """Compare what the run will write with what is free, before anything is written.
+
+    Locally only segment spools are staged (two per stream: one filling, one uploading); the
+    whole estimate has to fit in Swift's quota when the account has one.
+    """
+    files_bytes = fs.estimate_bytes(plan.root, plan.included, plan.excluded)
+    streams = int(request.include_databases) + int(bool(plan.included))
+    # A stream never spools more than it produces, and never more than two segments.
+    spool = 0
+    if request.include_databases:
+        spool += min(2 * segment_size, database_bytes + segment_size // 8 + 1)
+    if plan.included:
+        spool += min(2 * segment_size, files_bytes + segment_size // 8 + 1)
+    needed = spool + STAGING_MARGIN if streams else 0
+    if not os.path.isdir(request.staging_dir):
+        raise ConfigError(detail=f"staging directory {request.staging_dir} does not exist")
+    available = shutil.disk_usage(request.staging_dir).free
+    checks = [f"staging {request.staging_dir}: need {format_size(needed)}, "
+              f"free {format_size(available)}"]
+    if needed > available:
+        raise InsufficientSpace(location=request.staging_dir,
+                                purpose=f"{streams} upload stream(s) of "
+                                        f"{format_size(segment_size)} segments",
+                                needed=format_size(needed), available=format_size(available))
+    estimate = database_bytes + files_bytes
+    if swift_quota_left is not None:
+        checks.append(f"swift quota: need up to {format_size(estimate)}, "
+                      f"left {format_size(swift_quota_left)}")
+        if estimate > swift_quota_left:
+            raise InsufficientSpace(location="the Swift account", purpose="the backup",
+                                    needed=format_size(estimate),
+                                    available=format_size(swift_quota_left))
+    return SpaceReport(database_bytes=database_bytes, files_bytes=files_bytes,
+                       staging_dir=request.staging_dir, staging_needed=needed,
+                       staging_available=available, swift_quota_left=swift_quota_left,
+                       checks=tuple(checks))
+
+
+def swift_quota_left(conn) -> int | None:
+    """Bytes left under the account's quota, or None when it has none."""
+    with swift.swift_errors("HEAD account", swift.storage_url(conn)):
+        headers = conn.head_account()
+    quota = headers.get("x-account-meta-quota-bytes")
+    if not quota:
+        return None
+    return int(quota) - int(headers.get("x-account-bytes-used", 0))
+
+
+# ----------------------------------------------------------------------------------- stages
+def dump_databases(request: BackupRequest, settings: db.DatabaseSettings,
+                   swift_settings: swift.SwiftSettings,
+                   logger: logging.Logger | logging.LoggerAdapter) -> dict:
+    """Dump every database (and users/grants) through zstd into Swift; return its record."""
+    with db.connect(settings) as connection:
+        info = db.server_info(connection)
+        stats = db.table_stats(connection, info.databases)
+    conn = swift.connect(swift_settings)
+    swift.ensure_containers(conn, swift_settings)
+    name = request.object_name(DB_OBJECT)
+    uploader = swift.StreamUploader(
+        conn, swift_settings, name, staging_dir=request.staging_dir, compression="zstd",
+        content="mariadb-dump", progress=Progress(logger, "database dump", info.size_bytes))
+    read_fd, write_fd = os.pipe()
+    try:
+        with os.fdopen(write_fd, "w") as options:  # 64 KiB pipe buffer: far more than we write
+            options.write(settings.option_file_text())
+        dump = db.dump_command(info.databases, read_fd, db.dump_tool(), request.sudo_prefix)
+        logger.info("dumping %d database(s) from MariaDB %s (%s on disk): %s",
+                    len(info.databases), info.version, format_size(info.size_bytes),
+                    ", ".join(info.databases) or "(none, users only)")
+        with Pipeline([dump, zstd_command(request.compression_level)],
+                      timeout=request.dump_timeout_s, secrets=[settings.password],
+                      pass_fds=(read_fd,)) as pipe:
+            os.close(read_fd)
+            read_fd = -1
+            try:
+                uploader.feed(pipe.stdout)
+                pipe.wait()
+            except CommandFailed as error:
+                raise DumpFailed(reason=str(error)) from None
+            record = uploader.commit()
+    except BaseException:
+        uploader.abort()
+        raise
+    finally:
+        if read_fd >= 0:
+            os.close(read_fd)
+    databases: dict[str, dict] = {name: {"tables": []} for name in info.databases}
+    for table in stats:
+        databases[table.database]["tables"].append(table.as_dict())
+    logger.info("database dump stored as %s: %s compressed, sha256 %s", record.name,
+                format_size(record.size), record.sha256)
+    return {"object": record.as_dict(), "server_version": info.version,
+            "databases": databases, "system_tables": db.SYSTEM_DUMP}
+
+
+def archive_paths(request: BackupRequest, plan: fs.PathPlan,
+                  swift_settings: swift.SwiftSettings,
+                  logger: logging.Logger | logging.LoggerAdapter) -> dict:
+    """Archive the planned paths through zstd into Swift; return its record and tar's report."""
+    conn = swift.connect(swift_settings)
+    swift.ensure_containers(conn, swift_settings)
+    name = request.object_name(FS_OBJECT)
+    report = fs.TarReport()
+    uploader = swift.StreamUploader(conn, swift_settings, name, staging_dir=request.staging_dir,
+                                    compression="zstd", content="tar",
+                                    progress=Progress(logger, "filesystem archive"))
+    # Never archive our own spools, should staging sit inside a backed-up path.
+    staging = os.path.realpath(request.staging_dir)
+    extra = ()
+    if staging == plan.root or staging.startswith(plan.root.rstrip("/") + "/"):
+        extra = (os.path.relpath(staging, plan.root),)
+    tar = fs.tar_command(plan, prefix=request.sudo_prefix, extra_excludes=extra)
+    logger.info("archiving %s under %s", ", ".join(plan.included), plan.root)
+    try:
+        with Pipeline([tar, zstd_command(request.compression_level)],
+                      timeout=request.archive_timeout_s, on_stderr={0: report.add}) as pipe:
+            uploader.feed(pipe.stdout)
+            try:
+                results = pipe.wait()
+            except CommandFailed as error:
+                raise ArchiveFailed(reason=str(error)) from None
+            if results[0].status == 2 and report.other:
+                raise ArchiveFailed(reason="tar: " + "; ".join(report.other[:5]))
+            if report.unreadable and not request.allow_unreadable:
+                raise UnreadableFiles(count=len(report.unreadable),
+                                      examples=", ".join(report.unreadable[:3]))
+            record = uploader.commit()
+    except BaseException:
+        uploader.abort()
+        raise
+    for kind in ("changed", "vanished", "unreadable"):
+        for path in getattr(report, kind):
+            logger.warning("tar: %s while archiving: %s", kind, path)
+    logger.info("filesystem archive stored as %s: %s compressed, sha256 %s", record.name,
+                format_size(record.size), record.sha256)
+    return {"object": record.as_dict(), "tar": report.as_dict()}
+
+
+def build_manifest(request: BackupRequest, plan: fs.PathPlan, space: SpaceReport | None,
+                   database: dict | None, files: dict | None, *,
+                   flow_run_id: str | None = None) -> dict:
+    objects = [part["object"] for part in (database, files) if part]
+    return {
+        "format": MANIFEST_FORMAT,
+        "backup_id": request.backup_id,
+        "created_at": request.created_at,
+        "completed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "hostname": request.hostname,
+        "tool": {"name": "undercloud-backup", "version": __version__},
+        "flow_run_id": flow_run_id,
+        "platform": {"python": platform.python_version(), "kernel": platform.release()},
+        "mariadb": None if database is None else {
+            "version": database["server_version"],
+            "object": database["object"]["name"],
+            "system_tables": database["system_tables"],
+            "databases": database["databases"],
+        },
+        "paths": None if files is None else {**plan.as_dict(), **files["tar"]},
+        "space": space.as_dict() if space else None,
+        "objects": objects,
+    }
+
+
+def write_manifest(conn, container: str, manifest: dict) -> str:
+    """Check every object is still there as recorded, then write the manifest: the commit."""
+    for record in manifest["objects"]:
+        swift.verify_stored(conn, container, swift.StoredObject(**record))
+    return swift.put_manifest(conn, container, manifest)

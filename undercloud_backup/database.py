@@ -1,0 +1,214 @@
+"""MariaDB: connection settings, introspection through PyMySQL, and the dump command line.
+
+The password reaches ``mariadb-dump`` through an anonymous pipe read as
+``--defaults-extra-file=/dev/fd/N`` (borgmatic's technique): never on argv, never on disk.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pymysql
+
+from undercloud_backup.errors import (
+    ConfigError,
+    DatabaseAuthError,
+    DatabaseUnreachable,
+    DumpFailed,
+    redact,
+)
+from undercloud_backup.execute import Command
+
+# Schemas that are not data: information_schema/performance_schema/sys are views of the server,
+# and `mysql` is dumped portably through --system (dumping its tables directly is not restorable
+# across versions).
+SYSTEM_SCHEMAS = frozenset({"information_schema", "performance_schema", "sys", "mysql"})
+SYSTEM_DUMP = "users,plugins,udfs,servers"
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """Where and as whom to connect; ``password`` is the only secret."""
+
+    host: str = "127.0.0.1"
+    port: int = 3306
+    socket: str | None = None
+    user: str = "root"
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def where(self) -> str:
+        return self.socket if self.socket else f"{self.host}:{self.port}"
+
+    @classmethod
+    def from_option_file(cls, path: str | os.PathLike[str]) -> DatabaseSettings:
+        """Read the ``[client]`` (and ``[client-mariadb]``) groups of a MariaDB option file."""
+        parser = configparser.ConfigParser(allow_no_value=True, strict=False, interpolation=None)
+        try:
+            text = Path(path).read_text()
+        except OSError as error:
+            raise ConfigError(detail=f"cannot read MariaDB option file {path}: {error}") from None
+        # MariaDB option files allow lines outside a group and !include directives: skip both.
+        lines = [line for line in text.splitlines() if not line.lstrip().startswith("!")]
+        try:
+            parser.read_string("[__top__]\n" + "\n".join(lines))
+        except configparser.Error as error:
+            raise ConfigError(detail=f"cannot parse MariaDB option file {path}: {error}") from None
+        values: dict[str, str] = {}
+        for group in ("client", "client-server", "client-mariadb"):
+            if parser.has_section(group):
+                values.update({k.replace("-", "_"): v for k, v in parser.items(group) if v})
+        settings = cls()
+        password = values.get("password")
+        if password and len(password) >= 2 and password[0] == password[-1] and password[0] in "'\"":
+            password = password[1:-1]
+        return replace(
+            settings,
+            host=values.get("host", settings.host),
+            port=int(values.get("port", settings.port)),
+            socket=values.get("socket", settings.socket),
+            user=values.get("user", settings.user),
+            password=password,
+        )
+
+    def option_file_text(self) -> str:
+        """The ``[client]`` group handed to the dump tool through a pipe."""
+        lines = ["[client]", f"user={self.user}"]
+        if self.socket:
+            lines.append(f"socket={self.socket}")
+        else:
+            lines += [f"host={self.host}", f"port={self.port}", "protocol=tcp"]
+        if self.password:
+            escaped = self.password.replace("\\", "\\\\").replace('"', '\\"')
+            lines.append(f'password="{escaped}"')
+        return "\n".join(lines) + "\n"
+
+
+@contextmanager
+def connect(settings: DatabaseSettings) -> Iterator[pymysql.connections.Connection]:
+    """Open a PyMySQL connection, turning refusals into errors an operator can act on."""
+    kwargs: dict = {"user": settings.user, "password": settings.password or "",
+                    "connect_timeout": 10, "read_timeout": 3600, "charset": "utf8mb4"}
+    if settings.socket:
+        kwargs["unix_socket"] = settings.socket
+    else:
+        kwargs.update(host=settings.host, port=settings.port)
+    try:
+        connection = pymysql.connect(**kwargs)
+    except pymysql.err.OperationalError as error:
+        code = error.args[0] if error.args else None
+        reason = redact(str(error.args[1] if len(error.args) > 1 else error), [settings.password])
+        if code in (1044, 1045, 1698):
+            raise DatabaseAuthError(where=settings.where, user=settings.user,
+                                    reason=reason) from None
+        raise DatabaseUnreachable(where=settings.where, reason=reason) from None
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+@dataclass(frozen=True)
+class TableStats:
+    database: str
+    table: str
+    engine: str | None
+    rows: int
+    checksum: int | None
+
+    def as_dict(self) -> dict:
+        return {"table": self.table, "engine": self.engine, "rows": self.rows,
+                "checksum": self.checksum}
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    version: str
+    databases: tuple[str, ...]
+    size_bytes: int
+
+
+def server_info(connection: pymysql.connections.Connection) -> ServerInfo:
+    """Version, the databases to dump, and their size on disk from information_schema."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT VERSION()")
+        version = cursor.fetchone()[0]
+        cursor.execute("SHOW DATABASES")
+        databases = tuple(sorted(r[0] for r in cursor.fetchall() if r[0] not in SYSTEM_SCHEMAS))
+        cursor.execute(
+            "SELECT COALESCE(SUM(data_length + index_length), 0) FROM information_schema.tables"
+            " WHERE table_schema NOT IN %s AND table_type = 'BASE TABLE'",
+            (tuple(SYSTEM_SCHEMAS),),
+        )
+        size = int(cursor.fetchone()[0])
+    return ServerInfo(version=version, databases=databases, size_bytes=size)
+
+
+def table_stats(connection: pymysql.connections.Connection,
+                databases: tuple[str, ...]) -> list[TableStats]:
+    """Exact row counts and ``CHECKSUM TABLE`` of every base table, read in one snapshot.
+
+    They are taken in a consistent-snapshot transaction just before the dump starts; on a busy
+    server they can differ from the dump's own snapshot by the writes in between.
+    """
+    stats: list[TableStats] = []
+    if not databases:
+        return stats
+    with connection.cursor() as cursor:
+        cursor.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+        cursor.execute(
+            "SELECT table_schema, table_name, engine FROM information_schema.tables"
+            " WHERE table_schema IN %s AND table_type = 'BASE TABLE'"
+            " ORDER BY table_schema, table_name",
+            (databases,),
+        )
+        for schema, table, engine in cursor.fetchall():
+            quoted = f"`{schema.replace('`', '``')}`.`{table.replace('`', '``')}`"
+            cursor.execute(f"SELECT COUNT(*) FROM {quoted}")
+            rows = int(cursor.fetchone()[0])
+            cursor.execute(f"CHECKSUM TABLE {quoted} EXTENDED")
+            checksum = cursor.fetchone()[1]
+            stats.append(TableStats(schema, table, engine, rows,
+                                    int(checksum) if checksum is not None else None))
+        cursor.execute("COMMIT")
+    return stats
+
+
+def dump_tool() -> str:
+    """The server's own dump tool: ``mariadb-dump``, or ``mysqldump`` on older installs."""
+    for name in ("mariadb-dump", "mysqldump"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise DumpFailed(reason="neither mariadb-dump nor mysqldump is installed")
+
+
+def dump_command(databases: tuple[str, ...], options_fd: int, tool: str = "mariadb-dump",
+                 prefix: tuple[str, ...] = ()) -> Command:
+    """The consistent dump of ``databases`` plus users and grants, as portable SQL."""
+    argv = (
+        *prefix,
+        tool,
+        f"--defaults-extra-file=/dev/fd/{options_fd}",  # must stay the first option
+        "--single-transaction",
+        "--quick",
+        "--routines",
+        "--events",
+        "--triggers",
+        "--hex-blob",
+        "--add-drop-database",
+        "--max-allowed-packet=1G",
+        f"--system={SYSTEM_DUMP}",
+        # users load as CREATE USER IF NOT EXISTS, so loading into a live server never aborts on
+        # the account it runs as; tables are dropped and recreated, so no row is ignored.
+        "--insert-ignore",
+    )
+    if databases:
+        argv += ("--databases", *databases)
+    return Command(argv=argv, name="mariadb-dump")

@@ -1,0 +1,144 @@
+"""The errors a backup can end with.
+
+Each class's docstring is its one-line message template (filled from the keyword arguments) and
+says what to do next; ``exit_code`` is stable and is what ``python -m flows.backup`` exits with;
+``retryable`` tells the Prefect retry condition whether trying again can help.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+REDACTED = "********"
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """Return ``text`` with every non-empty secret replaced by asterisks."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+class BackupError(Exception):
+    """The backup failed: {detail}"""
+
+    exit_code = 1
+    retryable = False
+
+    def __init__(self, **fields: object) -> None:
+        self.fields = fields
+        template = (type(self).__doc__ or "{detail}").strip().splitlines()[0]
+        try:
+            message = template.format(**fields)
+        except (KeyError, IndexError):
+            message = f"{template} {fields}"
+        super().__init__(message)
+
+    def __reduce__(self):  # keep the fields when Prefect pickles the exception
+        return (_rebuild, (type(self), self.fields))
+
+
+def _rebuild(cls: type[BackupError], fields: dict) -> BackupError:
+    return cls(**fields)
+
+
+class ConfigError(BackupError):
+    """Invalid configuration: {detail}"""
+
+    exit_code = 2
+
+
+class PathNotFound(BackupError):
+    """Path {path} does not exist under root {root}: fix or drop --add-path {path}."""
+
+    exit_code = 3
+
+
+class InsufficientSpace(BackupError):
+    """Not enough space on {location} for {purpose}: need {needed}, available {available}; free space or use another --staging-dir."""  # noqa: E501
+
+    exit_code = 14
+
+
+class CommandFailed(BackupError):
+    """{name} failed (exit status {status}): {stderr}"""
+
+    exit_code = 4
+
+
+class CommandTimedOut(BackupError):
+    """{name} did not finish within {timeout} s and was killed with its children; raise the timeout or look for a hung server."""  # noqa: E501
+
+    exit_code = 5
+    retryable = True
+
+
+class SudoRefused(BackupError):
+    """sudo refused to run {command!r} without a password: install deployments/sudoers/undercloud-backup into /etc/sudoers.d/ (see README, 'Deploy on an undercloud'); sudo said: {stderr}"""  # noqa: E501
+
+    exit_code = 6
+
+
+class DatabaseAuthError(BackupError):
+    """MariaDB at {where} refused user {user!r} ({reason}); fix the password in the database block or option file."""  # noqa: E501
+
+    exit_code = 20
+
+
+class DatabaseUnreachable(BackupError):
+    """MariaDB at {where} is unreachable ({reason}); start MariaDB or fix --db-host/--db-port/--db-socket."""  # noqa: E501
+
+    exit_code = 21
+    retryable = True
+
+
+class DumpFailed(BackupError):
+    """The database dump failed ({reason}); nothing was committed and earlier backups are intact."""
+
+    exit_code = 22
+
+
+class ArchiveFailed(BackupError):
+    """The filesystem archive failed ({reason}); nothing was committed and earlier backups are intact."""  # noqa: E501
+
+    exit_code = 23
+
+
+class UnreadableFiles(BackupError):
+    """{count} file(s) could not be read and would be missing from the backup, e.g. {examples}; fix their permissions, exclude them with --exclude-path, or pass --allow-unreadable."""  # noqa: E501
+
+    exit_code = 24
+
+
+class SwiftAuthError(BackupError):
+    """Keystone at {auth_url} refused the credentials of {user!r} ({reason}); check OS_PASSWORD or the Swift block."""  # noqa: E501
+
+    exit_code = 30
+
+
+class SwiftUnreachable(BackupError):
+    """{service} at {url} is unreachable ({reason}); start it or fix the auth URL / endpoint."""
+
+    exit_code = 31
+    retryable = True
+
+
+class SwiftRequestFailed(BackupError):
+    """Swift {operation} of {target} failed: {reason} (transaction {transaction_id})."""
+
+    exit_code = 32
+    retryable = True
+
+
+class UploadVerifyFailed(BackupError):
+    """Swift stored {target} with checksum {got} but we sent {expected}; the object was not committed."""  # noqa: E501
+
+    exit_code = 33
+    retryable = True
+
+
+class BackupNotFound(BackupError):
+    """No complete backup {backup_id} in container {container}."""
+
+    exit_code = 40
