@@ -1,0 +1,164 @@
+"""The test bed: real MariaDB, Swift behind Keystone, and a real Prefect server.
+
+``deployments/dev/services.sh start`` (idempotent) brings the services up; a Prefect server is
+started once per session on a free loopback port with its own PREFECT_HOME. The environment
+is set here, before anything imports prefect, so in-process flows and CLI subprocesses alike
+talk to that server.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SERVICES = REPO / "deployments/dev/services.sh"
+STATE = Path(os.environ.get("UCB_DEV_STATE", "/var/lib/undercloud-backup-dev"))
+PYTHON = sys.executable
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="ucb-test-prefect-")
+_PREFECT_PORT = _free_port()
+PREFECT_API_URL = f"http://127.0.0.1:{_PREFECT_PORT}/api"
+os.environ.update(
+    PREFECT_HOME=_PREFECT_HOME,
+    PREFECT_API_URL=PREFECT_API_URL,
+    PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    PREFECT_SERVER_EPHEMERAL_ENABLED="false",
+    PREFECT_LOGGING_TO_API_BATCH_INTERVAL="0.3",
+)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The variables an ``export A=b C=d`` env file sets."""
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("export "):
+            for word in shlex.split(line[len("export "):]):
+                key, _, value = word.partition("=")
+                values[key] = value
+    return values
+
+
+@pytest.fixture(scope="session")
+def services() -> dict[str, str]:
+    """Start (or confirm) the loopback services; return the backup user's OS_* variables."""
+    env = dict(os.environ, SKIP_APT=os.environ.get("SKIP_APT", "1"))
+    subprocess.run(["bash", str(SERVICES), "start"], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    return read_env_file(STATE / "keystone.env")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server():
+    """A real Prefect server for the session (SQLite under a temporary PREFECT_HOME)."""
+    log = open(Path(_PREFECT_HOME) / "server.log", "wb")
+    server = subprocess.Popen(
+        [str(Path(PYTHON).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+         "--port", str(_PREFECT_PORT), "--analytics-off"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dict(os.environ))
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{PREFECT_API_URL}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"Prefect server did not start; see {log.name}")
+        time.sleep(0.3)
+    yield PREFECT_API_URL
+    server.terminate()
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def os_env(services) -> dict[str, str]:
+    """The backup user's OS_* variables, also put into this process's environment."""
+    for key in [k for k in os.environ if k.startswith("OS_")]:
+        del os.environ[key]
+    os.environ.update(services)
+    return services
+
+
+@pytest.fixture(scope="session")
+def db_cnf(services) -> str:
+    """A MariaDB option file for the password-authenticated `backup` user over TCP."""
+    return str(STATE / "mariadb-backup.cnf")
+
+
+@pytest.fixture
+def container(os_env):
+    """A fresh container name per test; its objects are deleted afterwards."""
+    name = f"ucbtest-{uuid.uuid4().hex[:10]}"
+    yield name
+    from undercloud_backup import config, swift
+
+    try:
+        conn = swift.connect(config.swift_settings_from_env(retries=0))
+        for c in (name, f"{name}_segments"):
+            try:
+                _, objects = conn.get_container(c, full_listing=True)
+            except Exception:  # noqa: BLE001 - the test may never have created it
+                continue
+            for obj in objects:
+                conn.delete_object(c, obj["name"])
+            conn.delete_container(c)
+    except Exception:  # noqa: BLE001 - cleanup must not hide the test's own outcome
+        pass
+
+
+def mariadb(sql: str) -> str:
+    """Run SQL as root through the unix socket; return tab-separated output."""
+    result = subprocess.run(["mariadb", "--batch", "--skip-column-names"], input=sql,
+                            capture_output=True, text=True, check=True)
+    return result.stdout
+
+
+@pytest.fixture
+def sample_databases(services):
+    """The sample databases (InnoDB, MyISAM, view, routine, trigger, event, user)."""
+    from undercloud_backup import sample
+
+    mariadb(sample.database_sql())
+    yield sample.SAMPLE_DATABASES
+    user, host = sample.SAMPLE_USER
+    mariadb("".join(f"DROP DATABASE IF EXISTS {d};" for d in sample.SAMPLE_DATABASES)
+            + f"DROP USER IF EXISTS '{user}'@'{host}';")
+
+
+@pytest.fixture
+def sample_root(tmp_path) -> Path:
+    """A small sample undercloud tree: every file kind a restore must bring back."""
+    from undercloud_backup import sample
+
+    return sample.make_files(tmp_path / "undercloud", sample.SampleSize(images_mib=(3,)))
+
+
+def backup_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
+               ) -> subprocess.CompletedProcess:
+    """Run ``python -m flows.backup`` the way an operator does."""
+    return subprocess.run([PYTHON, "-m", "flows.backup", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env or dict(os.environ))

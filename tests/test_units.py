@@ -1,0 +1,180 @@
+"""Pure functions and the executor: command lines as data, planning, parsing, process groups."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from undercloud_backup import archive, database
+from undercloud_backup.errors import (
+    CommandFailed,
+    CommandTimedOut,
+    ConfigError,
+    InsufficientSpace,
+    PathNotFound,
+    redact,
+)
+from undercloud_backup.execute import Command, Pipeline, capture
+from undercloud_backup.sizes import format_size, parse_size
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("64MiB", 64 * 1024**2), ("64M", 64 * 1024**2), ("64MB", 64 * 1000**2),
+    ("1GiB", 1024**3), ("1.5G", int(1.5 * 1024**3)), ("1048576", 1048576), (" 2 kib ", 2048),
+])
+def test_parse_size_accepts_what_operators_write(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "MiB", "12 parsecs", "-1M", "1e3"])
+def test_parse_size_rejects_nonsense(text):
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size(text)
+
+
+def test_format_size():
+    assert format_size(512) == "512 B"
+    assert format_size(3 * 1024**3 // 2) == "1.5 GiB"
+
+
+def test_normalize_paths():
+    assert archive.normalize("/etc/") == "/etc"
+    assert archive.normalize("//home/./stack/") == "/home/stack"
+    with pytest.raises(ConfigError):
+        archive.normalize("etc")
+    with pytest.raises(ConfigError):
+        archive.normalize("/home/../etc")
+
+
+def test_plan_paths_defaults_added_absent_nested_and_excluded(tmp_path):
+    for d in ("etc/keystone", "home/stack", "opt/extra", "srv/node"):
+        (tmp_path / d).mkdir(parents=True)
+    plan = archive.plan_paths(str(tmp_path), add_paths=["/opt/extra/", "/etc/keystone"],
+                              exclude_paths=["/srv/node", "/home/stack/.cache"])
+    assert plan.included == ("/etc", "/home/stack", "/opt/extra")  # /etc/keystone is in /etc
+    assert plan.absent == ("/root", "/var/lib/glance/images")
+    assert plan.excluded == ("/srv/node", "/home/stack/.cache")
+
+
+def test_plan_paths_refuses_a_missing_added_path(tmp_path):
+    (tmp_path / "etc").mkdir()
+    with pytest.raises(PathNotFound, match="/opt/nope"):
+        archive.plan_paths(str(tmp_path), add_paths=["/opt/nope"])
+
+
+def test_tar_command_keeps_metadata_and_anchors_exclusions():
+    plan = archive.PathPlan(root="/", included=("/etc", "/home/stack"), absent=(),
+                            excluded=("/home/stack/.cache",))
+    argv = archive.tar_command(plan, prefix=("sudo", "-n")).argv
+    assert argv[:3] == ("sudo", "-n", "tar")
+    for option in ("--numeric-owner", "--acls", "--xattrs", "--xattrs-include=*", "--selinux",
+                   "--anchored", "--directory=/"):
+        assert option in argv
+    assert "--exclude=home/stack/.cache" in argv
+    assert argv[-3:] == ("--", "etc", "home/stack")
+    assert argv.index("--exclude=home/stack/.cache") < argv.index("--")
+
+
+def test_tar_report_sorts_complaints_by_kind():
+    report = archive.TarReport()
+    for line in [
+        "tar: home/stack/log.txt: file changed as we read it",
+        "tar: home/stack/gone: File removed before we read it",
+        "tar: home/stack/tmp/x: Cannot stat: No such file or directory",
+        "tar: root/secret: Cannot open: Permission denied",
+        "tar: Exiting with failure status due to previous errors",
+        "tar: something odd happened",
+    ]:
+        report.add(line)
+    assert report.changed == ["home/stack/log.txt"]
+    assert report.vanished == ["home/stack/gone", "home/stack/tmp/x"]
+    assert report.unreadable == ["root/secret (Permission denied)"]
+    assert report.other == ["tar: something odd happened"]
+
+
+def test_dump_command_is_consistent_and_keeps_the_password_off_argv():
+    command = database.dump_command(("keystone", "nova"), options_fd=9, tool="mariadb-dump")
+    argv = command.argv
+    assert argv[1] == "--defaults-extra-file=/dev/fd/9"
+    for option in ("--single-transaction", "--routines", "--events", "--triggers",
+                   "--system=users,plugins,udfs,servers"):
+        assert option in argv
+    assert argv[-3:] == ("--databases", "keystone", "nova")
+    assert not any("password" in a for a in argv)
+
+
+def test_option_file_round_trip(tmp_path):
+    cnf = tmp_path / "my.cnf"
+    cnf.write_text("[mysqld]\nport=1\n[client]\nhost=db.example\nport=3307\nuser=backup\n"
+                   "password='p\"w d'\n!includedir /etc/mysql/conf.d/\n")
+    settings = database.DatabaseSettings.from_option_file(cnf)
+    assert (settings.host, settings.port, settings.user, settings.password) == (
+        "db.example", 3307, "backup", 'p"w d')
+    assert 'password="p\\"w d"' in settings.option_file_text()
+    assert "p\"w d" not in repr(settings)
+
+
+def test_redact():
+    assert redact("login s3cret failed", ["s3cret", None, ""]) == "login ******** failed"
+
+
+def test_insufficient_space_message_says_needed_and_available():
+    error = InsufficientSpace(location="/var/tmp", purpose="2 streams", needed="2.0 GiB",
+                              available="1.0 GiB")
+    assert "need 2.0 GiB, available 1.0 GiB" in str(error)
+    assert error.exit_code == 14
+
+
+# ----------------------------------------------------------------------------- executor
+def test_pipeline_fails_when_an_early_stage_fails_like_pipefail():
+    producer = Command(("sh", "-c", "echo partial; echo boom >&2; exit 3"), name="producer")
+    consumer = Command(("cat",), name="cat")
+    with pytest.raises(CommandFailed, match=r"producer failed \(exit status 3\): boom"):
+        with Pipeline([producer, consumer], timeout=10) as pipe:
+            assert pipe.stdout.read() == b"partial\n"
+            pipe.wait()
+
+
+def test_pipeline_timeout_kills_the_whole_process_group(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    # The grandchild would outlive a plain kill of its parent.
+    script = f"sleep 60 & echo $! > {pidfile}; wait"
+    started = time.monotonic()
+    with pytest.raises(CommandTimedOut):
+        with Pipeline([Command(("sh", "-c", script), name="sleeper")], timeout=1) as pipe:
+            pipe.stdout.read()
+            pipe.wait()
+    assert time.monotonic() - started < 10
+    child = int(pidfile.read_text())
+    time.sleep(0.2)
+    try:  # gone, or a zombie awaiting a reaper (PID 1 here does not reap)
+        with open(f"/proc/{child}/stat") as stat:
+            state = stat.read().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("Z", "gone")
+
+
+def test_pipeline_refuses_a_secret_on_argv():
+    with pytest.raises(ValueError, match="secret"):
+        Pipeline([Command(("echo", "hunter2"), name="echo")], timeout=5, secrets=["hunter2"])
+
+
+def test_pipeline_redacts_secrets_from_errors():
+    read_fd, write_fd = os.pipe()
+    command = Command(("sh", "-c", f"cat /dev/fd/{read_fd} >&2; exit 1"), name="leaky")
+    os.write(write_fd, b"password=hunter2")
+    os.close(write_fd)
+    with pytest.raises(CommandFailed) as raised:
+        with Pipeline([command], timeout=5, secrets=["hunter2"], pass_fds=(read_fd,)) as pipe:
+            os.close(read_fd)
+            pipe.stdout.read()
+            pipe.wait()
+    assert "hunter2" not in str(raised.value)
+    assert "password=********" in str(raised.value)
+
+
+def test_capture_returns_output():
+    assert capture(Command(("printf", "x y"), name="printf"), timeout=5) == b"x y"
