@@ -59,6 +59,7 @@ def undercloud_backup(
     compression_level: int = 3,
     swift_retries: int | None = None,
     task_retries: int = 2,
+    privileged: bool = False,
     dry_run: bool = False,
 ) -> dict:
     """Back up the undercloud's databases and files into Swift, manifest last.
@@ -88,6 +89,9 @@ def undercloud_backup(
         compression_level: zstd level (1-19); 3 is fast and compresses well.
         swift_retries: Retries of one Swift request before a stage fails (default 5).
         task_retries: Retries of a stage after a transient failure (Swift or database down).
+        privileged: Run tar and the dump as root through the project's sudo wrappers (a
+            worker running as an unprivileged user); the database is then reached as root
+            through its unix socket.
         dry_run: Plan and check space only; nothing is written.
     """
     logger = get_run_logger()
@@ -97,7 +101,7 @@ def undercloud_backup(
         backup_id=backup_id, created_at=created_at, hostname=socket.gethostname(),
         root=root, add_paths=tuple(add_paths or ()), exclude_paths=tuple(exclude_paths or ()),
         include_files=not db_only, staging_dir=staging_dir, allow_unreadable=allow_unreadable,
-        compression_level=compression_level)
+        compression_level=compression_level, privileged=privileged)
     db_source = DatabaseSource(block=db_block, defaults_file=db_defaults_file, host=db_host,
                                port=db_port, user=db_user, socket=db_socket)
     swift_source = SwiftSource(block=swift_block, container=container,
@@ -196,6 +200,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--swift-retries", type=int, help="retries of one Swift request")
     p.add_argument("--task-retries", type=int, default=2,
                    help="retries of a stage after a transient failure")
+    p.add_argument("--privileged", action="store_true",
+                   help="run tar and the dump through the sudo wrappers (unprivileged worker)")
     return p
 
 
@@ -233,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             db_socket=args.db_socket, swift_block=args.swift_block,
             staging_dir=args.staging_dir, allow_unreadable=args.allow_unreadable,
             swift_retries=args.swift_retries, task_retries=args.task_retries,
-            dry_run=args.dry_run)
+            privileged=args.privileged, dry_run=args.dry_run)
     except BackupError as error:
         print(f"undercloud-backup: error: {error}", file=sys.stderr)
         return error.exit_code

@@ -44,8 +44,13 @@ def check_space(request: backup.BackupRequest, plan: PathPlan, db_source: Databa
     database_bytes = 0
     server_version = None
     if request.include_databases:
-        with database.connect(db_source.settings()) as connection:
-            info = database.server_info(connection)
+        if request.privileged:
+            from undercloud_backup import privileged
+
+            info = privileged.server_info()
+        else:
+            with database.connect(db_source.settings()) as connection:
+                info = database.server_info(connection)
         database_bytes, server_version = info.size_bytes, info.version
     settings = swift_source.settings()
     conn = swift.connect(settings)
@@ -60,7 +65,8 @@ def check_space(request: backup.BackupRequest, plan: PathPlan, db_source: Databa
 def dump_databases(request: backup.BackupRequest, db_source: DatabaseSource,
                    swift_source: SwiftSource) -> dict:
     """Dump every MariaDB database, users and grants consistently, streamed into Swift."""
-    return backup.dump_databases(request, db_source.settings(), swift_source.settings(),
+    settings = None if request.privileged else db_source.settings()
+    return backup.dump_databases(request, settings, swift_source.settings(),
                                  get_run_logger())
 
 

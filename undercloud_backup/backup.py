@@ -22,6 +22,7 @@ from undercloud_backup import archive as fs
 from undercloud_backup import database as db
 from undercloud_backup.errors import (
     ArchiveFailed,
+    BackupError,
     CommandFailed,
     ConfigError,
     DumpFailed,
@@ -55,7 +56,8 @@ class BackupRequest:
     compression_level: int = 3
     dump_timeout_s: float = 6 * 3600
     archive_timeout_s: float = 12 * 3600
-    sudo_prefix: tuple[str, ...] = ()
+    # Run tar and the dump as root through the sudo wrappers of deployments/ (worker mode).
+    privileged: bool = False
 
     def object_name(self, leaf: str) -> str:
         return f"{self.backup_id}/{leaf}"
@@ -165,41 +167,40 @@ def swift_quota_left(conn) -> int | None:
 
 
 # ----------------------------------------------------------------------------------- stages
-def dump_databases(request: BackupRequest, settings: db.DatabaseSettings,
+def dump_databases(request: BackupRequest, settings: db.DatabaseSettings | None,
                    swift_settings: swift.SwiftSettings,
                    logger: logging.Logger | logging.LoggerAdapter) -> dict:
     """Dump every database (and users/grants) through zstd into Swift; return its record."""
-    with db.connect(settings) as connection:
-        info = db.server_info(connection)
-        stats = db.table_stats(connection, info.databases)
-    conn = swift.connect(swift_settings)
-    swift.ensure_containers(conn, swift_settings)
-    name = request.object_name(DB_OBJECT)
-    uploader = swift.StreamUploader(
-        conn, swift_settings, name, staging_dir=request.staging_dir, compression="zstd",
-        content="mariadb-dump", progress=Progress(logger, "database dump", info.size_bytes))
     read_fd, write_fd = os.pipe()
     try:
-        with os.fdopen(write_fd, "w") as options:  # 64 KiB pipe buffer: far more than we write
-            options.write(settings.option_file_text())
-        dump = db.dump_command(info.databases, read_fd, db.dump_tool(), request.sudo_prefix)
+        if request.privileged:
+            # root through the unix socket, via the sudo wrapper: no password involved
+            from undercloud_backup import privileged
+
+            os.close(write_fd)
+            info = privileged.server_info()
+            stats = privileged.table_stats(info.databases)
+            dump = privileged.dump_command(info.databases)
+            secrets: list[str | None] = []
+        else:
+            assert settings is not None
+            with os.fdopen(write_fd, "w") as options:  # a 64 KiB pipe holds it all
+                options.write(settings.option_file_text())
+            with db.connect(settings) as connection:
+                info = db.server_info(connection)
+                stats = db.table_stats(connection, info.databases)
+            dump = db.dump_command(info.databases, read_fd, db.dump_tool())
+            secrets = [settings.password]
         logger.info("dumping %d database(s) from MariaDB %s (%s on disk): %s",
                     len(info.databases), info.version, format_size(info.size_bytes),
                     ", ".join(info.databases) or "(none, users only)")
-        with Pipeline([dump, zstd_command(request.compression_level)],
-                      timeout=request.dump_timeout_s, secrets=[settings.password],
-                      pass_fds=(read_fd,)) as pipe:
-            os.close(read_fd)
-            read_fd = -1
-            try:
-                uploader.feed(pipe.stdout)
-                pipe.wait()
-            except CommandFailed as error:
-                raise DumpFailed(reason=str(error)) from None
-            record = uploader.commit()
-    except BaseException:
-        uploader.abort()
-        raise
+        record = _stream_to_swift(
+            request, swift_settings, DB_OBJECT, "mariadb-dump",
+            Pipeline([dump, zstd_command(request.compression_level)],
+                     timeout=request.dump_timeout_s, secrets=secrets, pass_fds=(read_fd,)),
+            on_failure=DumpFailed, progress=Progress(logger, "database dump"),
+            after_start=lambda: os.close(read_fd))
+        read_fd = -1
     finally:
         if read_fd >= 0:
             os.close(read_fd)
@@ -212,41 +213,63 @@ def dump_databases(request: BackupRequest, settings: db.DatabaseSettings,
             "databases": databases, "system_tables": db.SYSTEM_DUMP}
 
 
-def archive_paths(request: BackupRequest, plan: fs.PathPlan,
-                  swift_settings: swift.SwiftSettings,
-                  logger: logging.Logger | logging.LoggerAdapter) -> dict:
-    """Archive the planned paths through zstd into Swift; return its record and tar's report."""
+def _stream_to_swift(request: BackupRequest, swift_settings: swift.SwiftSettings, leaf: str,
+                     content: str, pipe: Pipeline, *, on_failure: type[BackupError],
+                     progress: Progress, after_start=None,
+                     judge=None) -> swift.StoredObject:
+    """Feed a producer pipe into Swift; commit only if every stage (and ``judge``) is happy."""
     conn = swift.connect(swift_settings)
     swift.ensure_containers(conn, swift_settings)
-    name = request.object_name(FS_OBJECT)
-    report = fs.TarReport()
-    uploader = swift.StreamUploader(conn, swift_settings, name, staging_dir=request.staging_dir,
-                                    compression="zstd", content="tar",
-                                    progress=Progress(logger, "filesystem archive"))
-    # Never archive our own spools, should staging sit inside a backed-up path.
-    staging = os.path.realpath(request.staging_dir)
-    extra = ()
-    if staging == plan.root or staging.startswith(plan.root.rstrip("/") + "/"):
-        extra = (os.path.relpath(staging, plan.root),)
-    tar = fs.tar_command(plan, prefix=request.sudo_prefix, extra_excludes=extra)
-    logger.info("archiving %s under %s", ", ".join(plan.included), plan.root)
+    uploader = swift.StreamUploader(conn, swift_settings, request.object_name(leaf),
+                                    staging_dir=request.staging_dir, compression="zstd",
+                                    content=content, progress=progress)
     try:
-        with Pipeline([tar, zstd_command(request.compression_level)],
-                      timeout=request.archive_timeout_s, on_stderr={0: report.add}) as pipe:
+        with pipe:
+            if after_start is not None:
+                after_start()
             uploader.feed(pipe.stdout)
             try:
                 results = pipe.wait()
             except CommandFailed as error:
-                raise ArchiveFailed(reason=str(error)) from None
-            if results[0].status == 2 and report.other:
-                raise ArchiveFailed(reason="tar: " + "; ".join(report.other[:5]))
-            if report.unreadable and not request.allow_unreadable:
-                raise UnreadableFiles(count=len(report.unreadable),
-                                      examples=", ".join(report.unreadable[:3]))
-            record = uploader.commit()
+                raise on_failure(reason=str(error)) from None
+            if judge is not None:
+                judge(results)
+            return uploader.commit()
     except BaseException:
         uploader.abort()
         raise
+
+
+def archive_paths(request: BackupRequest, plan: fs.PathPlan,
+                  swift_settings: swift.SwiftSettings,
+                  logger: logging.Logger | logging.LoggerAdapter) -> dict:
+    """Archive the planned paths through zstd into Swift; return its record and tar's report."""
+    report = fs.TarReport()
+    # Never archive our own spools, should staging sit inside a backed-up path.
+    staging = os.path.realpath(request.staging_dir)
+    extra: tuple[str, ...] = ()
+    if staging == plan.root or staging.startswith(plan.root.rstrip("/") + "/"):
+        extra = (os.path.relpath(staging, plan.root),)
+    if request.privileged:
+        from undercloud_backup import privileged
+
+        tar = privileged.archive_command(plan, extra_excludes=extra)
+    else:
+        tar = fs.tar_command(plan, extra_excludes=extra)
+
+    def judge(results) -> None:
+        if results[0].status == 2 and report.other:
+            raise ArchiveFailed(reason="tar: " + "; ".join(report.other[:5]))
+        if report.unreadable and not request.allow_unreadable:
+            raise UnreadableFiles(count=len(report.unreadable),
+                                  examples=", ".join(report.unreadable[:3]))
+
+    logger.info("archiving %s under %s", ", ".join(plan.included), plan.root)
+    record = _stream_to_swift(
+        request, swift_settings, FS_OBJECT, "tar",
+        Pipeline([tar, zstd_command(request.compression_level)],
+                 timeout=request.archive_timeout_s, on_stderr={0: report.add}),
+        on_failure=ArchiveFailed, progress=Progress(logger, "filesystem archive"), judge=judge)
     for kind in ("changed", "vanished", "unreadable"):
         for path in getattr(report, kind):
             logger.warning("tar: %s while archiving: %s", kind, path)
