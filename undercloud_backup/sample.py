@@ -116,6 +116,7 @@ DROP DATABASE IF EXISTS {nova};
 DROP DATABASE IF EXISTS {keystone};
 CREATE DATABASE {nova};
 CREATE DATABASE {keystone};
+USE {nova};
 CREATE TABLE {nova}.instances (id INT PRIMARY KEY, uuid CHAR(36), name VARCHAR(64),
   state VARCHAR(16), meta BLOB) ENGINE=InnoDB;
 INSERT INTO {nova}.instances SELECT seq, UUID(), CONCAT('vm-', seq),

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create (or update) the project's virtualenv at .venv and install the project into it.
+# Built from Debian's /usr/bin/python3 so that an unprivileged worker user can run it
+# (a venv from root's pyenv is unusable for other users: /root is 0700).
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+VENV=${UCB_VENV:-$REPO/.venv}
+PY=${UCB_PYTHON:-/usr/bin/python3}
+if ! "$PY" -c 'import venv, ensurepip' 2>/dev/null; then
+  apt-get install -y -q python3-venv >/dev/null
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+stamp="$VENV/.installed-$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+  "$VENV/bin/pip" install -q -e "$REPO[dev]" 2>&1 | grep -v '^WARNING: Location' || true
+  "$VENV/bin/python" -c 'import prefect, pymysql, swiftclient, keystoneauth1, pytest'
+  rm -f "$VENV"/.installed-*; touch "$stamp"
+fi
+echo "$VENV"
