@@ -33,6 +33,7 @@ _stage = {
     "retry_jitter_factor": 0.2,
     "retry_condition_fn": transient,
     "persist_result": True,
+    "result_serializer": "json",  # readable, and checkable for secrets
 }
 
 

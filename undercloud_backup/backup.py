@@ -172,6 +172,12 @@ def dump_databases(request: BackupRequest, settings: db.DatabaseSettings | None,
                    logger: logging.Logger | logging.LoggerAdapter) -> dict:
     """Dump every database (and users/grants) through zstd into Swift; return its record."""
     read_fd, write_fd = os.pipe()
+    open_fds = [read_fd]
+
+    def close_read_end() -> None:  # the dump process holds its own copy once started
+        while open_fds:
+            os.close(open_fds.pop())
+
     try:
         if request.privileged:
             # root through the unix socket, via the sudo wrapper: no password involved
@@ -199,11 +205,9 @@ def dump_databases(request: BackupRequest, settings: db.DatabaseSettings | None,
             Pipeline([dump, zstd_command(request.compression_level)],
                      timeout=request.dump_timeout_s, secrets=secrets, pass_fds=(read_fd,)),
             on_failure=DumpFailed, progress=Progress(logger, "database dump"),
-            after_start=lambda: os.close(read_fd))
-        read_fd = -1
+            after_start=close_read_end)
     finally:
-        if read_fd >= 0:
-            os.close(read_fd)
+        close_read_end()
     databases: dict[str, dict] = {name: {"tables": []} for name in info.databases}
     for table in stats:
         databases[table.database]["tables"].append(table.as_dict())

@@ -110,6 +110,9 @@ def connect(settings: DatabaseSettings) -> Iterator[pymysql.connections.Connecti
         raise DatabaseUnreachable(where=settings.where, reason=reason) from None
     try:
         yield connection
+    except pymysql.err.OperationalError as error:  # lost mid-query: server gone or KILLed
+        reason = redact(str(error.args[-1] if error.args else error), [settings.password])
+        raise DatabaseUnreachable(where=settings.where, reason=reason) from None
     finally:
         connection.close()
 

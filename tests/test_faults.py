@@ -1,0 +1,301 @@
+"""Bad input and faults, against the real services.
+
+Each case: a one-line error naming what failed and what to do, a non-zero exit status, no
+manifest, the earlier backup untouched and still the latest complete one, nothing left in the
+staging directory, and no password in the output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pymysql
+import pytest
+from conftest import SERVICES, STATE, backup_cli, mariadb
+
+from undercloud_backup import config, swift
+
+DB_PASSWORD = "backuppass"  # the dev test bed's `backup` user (deployments/dev/services.sh)
+
+
+class Earlier:
+    def __init__(self, container: str, root: Path, summary: dict, manifest: bytes) -> None:
+        self.container, self.root, self.summary, self.manifest = container, root, summary, manifest
+
+
+def _conn():
+    return swift.connect(config.swift_settings_from_env(retries=1))
+
+
+def _objects(container: str) -> dict[str, str]:
+    conn = _conn()
+    found = {}
+    for c in (container, f"{container}_segments"):
+        try:
+            _, listing = conn.get_container(c, full_listing=True)
+        except Exception:  # noqa: BLE001 - not created yet
+            continue
+        found.update({f"{c}/{o['name']}": o["hash"] for o in listing})
+    return found
+
+
+@pytest.fixture(scope="module")
+def earlier(os_env, db_cnf, tmp_path_factory):
+    """One good backup that every failing run must leave alone."""
+    container = f"ucbfault-{uuid.uuid4().hex[:10]}"
+    root = tmp_path_factory.mktemp("small-undercloud")
+    (root / "etc").mkdir()
+    (root / "etc/hosts").write_text("127.0.0.1 localhost\n")
+    (root / "home/stack").mkdir(parents=True)
+    (root / "home/stack/stackrc").write_text("export OS_CLOUD=undercloud\n")
+    result = backup_cli("--root", str(root), "--container", container,
+                        "--db-defaults-file", db_cnf, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    manifest = _conn().get_object(container, summary["manifest"])[1]
+    yield Earlier(container, root, summary, manifest)
+    conn = _conn()
+    for name in _objects(container):
+        c, _, obj = name.partition("/")
+        conn.delete_object(c, obj)
+    for c in (container, f"{container}_segments"):
+        try:
+            conn.delete_container(c)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+@pytest.fixture
+def staging(tmp_path) -> Path:
+    path = tmp_path / "staging"
+    path.mkdir()
+    return path
+
+
+def assert_failed_cleanly(result, earlier: Earlier, staging: Path, before: dict[str, str], *,
+                          exit_code: int, says: str, allow_orphans: bool = False) -> None:
+    assert result.returncode == exit_code, result.stderr
+    assert result.stdout == ""
+    error_lines = [ln for ln in result.stderr.splitlines() if "undercloud-backup: error" in ln]
+    assert len(error_lines) == 1, result.stderr
+    assert says in error_lines[0]
+    assert DB_PASSWORD not in result.stderr
+    listing = backup_cli("--list", "--json", "--container", earlier.container)
+    backups = json.loads(listing.stdout)["backups"]
+    assert [b["backup_id"] for b in backups] == [earlier.summary["backup_id"]]
+    conn = _conn()
+    assert conn.get_object(earlier.container, earlier.summary["manifest"])[1] == earlier.manifest
+    after = _objects(earlier.container)
+    for name, etag in before.items():
+        assert after.get(name) == etag, f"{name} of the earlier backup changed"
+    if not allow_orphans:
+        assert set(after) == set(before), f"left behind: {set(after) - set(before)}"
+    assert list(staging.iterdir()) == []
+
+
+def run_backup(earlier: Earlier, staging: Path, *args: str, env: dict | None = None):
+    return backup_cli("--root", str(earlier.root), "--container", earlier.container,
+                      "--staging-dir", str(staging), "--task-retries", "0", "--swift-retries",
+                      "1", *args, env=env)
+
+
+def test_wrong_database_password(earlier, staging, tmp_path):
+    before = _objects(earlier.container)
+    cnf = tmp_path / "wrong.cnf"
+    cnf.write_text("[client]\nhost=127.0.0.1\nuser=backup\npassword=Wrong-Pass-42\n")
+    result = run_backup(earlier, staging, "--db-defaults-file", str(cnf))
+    assert_failed_cleanly(result, earlier, staging, before, exit_code=20,
+                          says="MariaDB at 127.0.0.1:3306 refused user 'backup'")
+    assert "Wrong-Pass-42" not in result.stderr
+
+
+def test_database_unreachable(earlier, staging, db_cnf):
+    before = _objects(earlier.container)
+    result = run_backup(earlier, staging, "--db-defaults-file", db_cnf, "--db-port", "9")
+    assert_failed_cleanly(result, earlier, staging, before, exit_code=21,
+                          says="MariaDB at 127.0.0.1:9 is unreachable")
+
+
+def test_wrong_keystone_password(earlier, staging, db_cnf):
+    before = _objects(earlier.container)
+    env = dict(os.environ, OS_PASSWORD="Wrong-Keystone-77")
+    result = run_backup(earlier, staging, "--db-defaults-file", db_cnf, env=env)
+    assert_failed_cleanly(result, earlier, staging, before, exit_code=30,
+                          says="Keystone at http://127.0.0.1:5000/v3 refused the credentials")
+    assert "Wrong-Keystone-77" not in result.stderr
+
+
+def test_keystone_unreachable(earlier, staging, db_cnf):
+    before = _objects(earlier.container)
+    env = dict(os.environ, OS_AUTH_URL="http://127.0.0.1:9/v3")
+    result = run_backup(earlier, staging, "--db-defaults-file", db_cnf, env=env)
+    assert_failed_cleanly(result, earlier, staging, before, exit_code=31,
+                          says="Keystone at http://127.0.0.1:9/v3 is unreachable")
+
+
+def test_swift_unreachable(earlier, staging, db_cnf):
+    before = _objects(earlier.container)
+    env = dict(os.environ, OS_STORAGE_URL="http://127.0.0.1:9/v1/AUTH_nowhere")
+    result = run_backup(earlier, staging, "--db-defaults-file", db_cnf, env=env)
+    assert_failed_cleanly(result, earlier, staging, before, exit_code=31,
+                          says="Swift at http://127.0.0.1:9/v1/AUTH_nowhere is unreachable")
+
+
+def test_added_path_that_does_not_exist(earlier, staging, db_cnf):
+    before = _objects(earlier.container)
+    result = run_backup(earlier, staging, "--db-defaults-file", db_cnf,
+                        "--add-path", "/opt/typo")
+    assert_failed_cleanly(result, earlier, staging, before, exit_code=3,
+                          says="Path /opt/typo does not exist under root")
+
+
+def test_not_enough_space_in_staging(earlier, tmp_path, db_cnf):
+    small = tmp_path / "small-staging"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], check=True)
+    try:
+        before = _objects(earlier.container)
+        result = run_backup(earlier, small, "--db-defaults-file", db_cnf,
+                            "--segment-size", "64MiB")
+        assert_failed_cleanly(result, earlier, small, before, exit_code=14,
+                              says=f"Not enough space on {small}")
+        assert "available 8.0 MiB" in result.stderr
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+@pytest.fixture
+def big_database(services):
+    """A table big enough that its dump can be killed half way."""
+    mariadb("DROP DATABASE IF EXISTS ucb_fault_big; CREATE DATABASE ucb_fault_big;"
+            "USE ucb_fault_big; CREATE TABLE t (id INT PRIMARY KEY, b VARBINARY(1024));"
+            "INSERT INTO t SELECT seq, RANDOM_BYTES(1024) FROM seq_1_to_60000;")
+    yield "ucb_fault_big"
+    mariadb("DROP DATABASE IF EXISTS ucb_fault_big;")
+
+
+def test_dump_killed_half_way_fails_the_run(earlier, staging, db_cnf, big_database):
+    before = _objects(earlier.container)
+    killed: list[int] = []
+
+    def kill_the_dump() -> None:
+        root = pymysql.connect(unix_socket="/run/mysqld/mysqld.sock", user="root")
+        deadline = time.monotonic() + 120
+        with root.cursor() as cursor:
+            while time.monotonic() < deadline and not killed:
+                # the dump's own streaming SELECT, not the checksums taken before it
+                cursor.execute("SELECT id FROM information_schema.processlist WHERE user = "
+                               "'backup' AND db = 'ucb_fault_big' AND info LIKE "
+                               "'SELECT /*!40001 SQL_NO_CACHE */%'")
+                for (thread_id,) in cursor.fetchall():
+                    cursor.execute(f"KILL {int(thread_id)}")
+                    killed.append(thread_id)
+                time.sleep(0.01)
+        root.close()
+
+    killer = threading.Thread(target=kill_the_dump)
+    killer.start()
+    result = run_backup(earlier, staging, "--db-defaults-file", db_cnf, "--db-only",
+                        "--segment-size", "1MiB")
+    killer.join()
+    assert killed, "the dump's query was never seen"
+    assert_failed_cleanly(result, earlier, staging, before, exit_code=22,
+                          says="The database dump failed")
+    assert "mariadb-dump failed" in result.stderr
+
+
+def test_swift_stopped_during_upload(earlier, staging, db_cnf, tmp_path):
+    before = _objects(earlier.container)
+    root = tmp_path / "bigger"
+    (root / "var/lib/glance/images").mkdir(parents=True)
+    with open(root / "var/lib/glance/images/big.img", "wb") as out:
+        for _ in range(48):
+            out.write(os.urandom(1 << 20))
+    proxy_pid = int((STATE / "run/swift-proxy.pid").read_text())
+    stopped = threading.Event()
+
+    def stop_swift_after_first_segment() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if any(n.startswith(f"{earlier.container}_segments/") and n not in before
+                   for n in _objects(earlier.container)):
+                os.kill(proxy_pid, signal.SIGTERM)
+                stopped.set()
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=stop_swift_after_first_segment)
+    watcher.start()
+    try:
+        result = backup_cli("--root", str(root), "--container", earlier.container,
+                            "--staging-dir", str(staging), "--task-retries", "0",
+                            "--swift-retries", "1", "--db-defaults-file", db_cnf,
+                            "--segment-size", "1MiB")
+        watcher.join()
+    finally:
+        subprocess.run(["bash", str(SERVICES), "start"], check=True, stdout=subprocess.DEVNULL,
+                       env=dict(os.environ, SKIP_APT="1"))
+    assert stopped.is_set(), "the upload finished before Swift could be stopped"
+    # Segments sent before Swift went away cannot be deleted while it is away: they stay as
+    # an incomplete backup (no manifest) for prune to collect.
+    assert_failed_cleanly(result, earlier, staging, before, exit_code=31,
+                          says="Swift at http://127.0.0.1:8080", allow_orphans=True)
+    orphans = set(_objects(earlier.container)) - set(before)
+    assert not any(name.endswith("/manifest.json") for name in orphans)
+
+
+def test_passwords_never_reach_argv_logs_or_results(earlier, staging, db_cnf, os_env):
+    """Watch every process's argv during a run, then read the run's logs and results."""
+    secrets = [DB_PASSWORD, os_env["OS_PASSWORD"]]
+    seen: list[str] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for proc in Path("/proc").iterdir():
+                try:
+                    argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                except OSError:
+                    continue
+                seen.extend(f"{proc.name}: {argv}" for s in secrets if s in argv)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = run_backup(earlier, staging, "--db-defaults-file", db_cnf, "--json")
+    finally:
+        done.set()
+        watcher.join()
+    assert result.returncode == 0, result.stderr
+    assert seen == []
+    backup_id = json.loads(result.stdout)["backup_id"]
+    assert not any(s in result.stderr for s in secrets)
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(
+            like_="backup-")))
+        run = next(r for r in runs if r.parameters.get("container") == earlier.container
+                   and r.state.is_completed() and r.start_time is not None
+                   and backup_id.split("-")[-1] == r.id.hex[:6])
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [run.id]}))
+        artifacts = client.read_artifacts()
+    text = "\n".join(log.message for log in logs)
+    assert "manifest written" in text
+    assert not any(s in text for s in secrets)
+    assert not any(s in json.dumps(run.parameters) for s in secrets)
+    assert not any(s in str(a.data) for a in artifacts for s in secrets)
+    storage = Path(os.environ["PREFECT_HOME"]) / "storage"
+    stored = b"".join(p.read_bytes() for p in storage.rglob("*") if p.is_file())
+    assert stored, "no persisted results were found"
+    assert not any(s.encode() in stored for s in secrets)
