@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -299,3 +302,62 @@ def test_passwords_never_reach_argv_logs_or_results(earlier, staging, db_cnf, os
     stored = b"".join(p.read_bytes() for p in storage.rglob("*") if p.is_file())
     assert stored, "no persisted results were found"
     assert not any(s.encode() in stored for s in secrets)
+
+
+def _as_nobody_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    home = tmp_path / "nobody-home"
+    home.mkdir()
+    os.chown(home, 65534, 65534)
+    env = {k: v for k, v in os.environ.items() if k.startswith(("OS_", "PREFECT_"))}
+    env.update(PATH="/usr/bin:/bin", HOME=str(home), PREFECT_HOME=str(home / "prefect"))
+    return env, home
+
+
+@pytest.fixture
+def open_tmp():
+    """A scratch directory other users can traverse (pytest's tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="ucb-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_unreadable_files_are_named_and_fail_unless_allowed(earlier, open_tmp, db_cnf, allow):
+    """tar running as a user who cannot read a root-only file: never a silent gap."""
+    tmp_path = open_tmp
+    env, home = _as_nobody_env(tmp_path)
+    cnf = home / "my.cnf"
+    cnf.write_bytes(Path(db_cnf).read_bytes())
+    os.chown(cnf, 65534, 65534)
+    cnf.chmod(0o600)
+    root = tmp_path / "uc"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/hosts").write_text("127.0.0.1 localhost\n")
+    (root / "etc/shadow").write_text("root:*:19000::::::\n")
+    (root / "etc/shadow").chmod(0o600)
+    staging = home / "staging"
+    staging.mkdir()
+    os.chown(staging, 65534, 65534)
+    before = _objects(earlier.container)
+    argv = ["/usr/sbin/runuser", "-u", "nobody", "--", sys.executable, "-m", "flows.backup",
+            "--root", str(root), "--container", earlier.container, "--staging-dir",
+            str(staging), "--db-defaults-file", str(cnf), "--task-retries", "0", "--json"]
+    if allow:
+        argv.append("--allow-unreadable")
+    result = subprocess.run(argv, cwd=Path(__file__).parent.parent, env=env,
+                            capture_output=True, text=True, timeout=300)
+    if not allow:
+        assert_failed_cleanly(result, earlier, staging, before, exit_code=24,
+                              says="1 file(s) could not be read", allow_orphans=True)
+        assert "etc/shadow (Permission denied)" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    manifest = swift.get_manifest(_conn(), earlier.container, summary["backup_id"])
+    assert manifest["paths"]["unreadable"] == ["etc/shadow (Permission denied)"]
+    assert "tar: unreadable while archiving: etc/shadow" in result.stderr
+    conn = _conn()
+    for entry in swift.list_backups(conn, earlier.container):
+        if entry.backup_id == summary["backup_id"]:
+            conn.delete_object(earlier.container, entry.manifest)

@@ -7,14 +7,15 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 VENV=${UCB_VENV:-$REPO/.venv}
 PY=${UCB_PYTHON:-/usr/bin/python3}
 if ! "$PY" -c 'import venv, ensurepip' 2>/dev/null; then
-  apt-get install -y -q python3-venv >/dev/null
+  apt-get install -y -q python3-venv >&2
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 stamp="$VENV/.installed-$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-  "$VENV/bin/pip" install -q -e "$REPO[dev]" 2>&1 | grep -v '^WARNING: Location' || true
-  "$VENV/bin/python" -c 'import prefect, pymysql, swiftclient, keystoneauth1, pytest'
+  # stdout carries only the venv's path (callers capture it): pip talks on stderr
+  "$VENV/bin/pip" install -q --upgrade pip >&2
+  "$VENV/bin/pip" install -q -e "$REPO[dev]" >&2
+  "$VENV/bin/python" -c 'import prefect, pymysql, swiftclient, keystoneauth1, pytest' >&2
   rm -f "$VENV"/.installed-*; touch "$stamp"
 fi
 echo "$VENV"
