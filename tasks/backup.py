@@ -56,7 +56,7 @@ def check_space(request: backup.BackupRequest, plan: PathPlan, db_source: Databa
     settings = swift_source.settings()
     conn = swift.connect(settings)
     report = backup.check_space(request, plan, database_bytes, settings.segment_size,
-                                backup.swift_quota_left(conn))
+                                backup.swift_quota_left(conn), backup.swift_limits(conn))
     for line in report.checks:
         logger.info("space: %s", line)
     return {**report.as_dict(), "server_version": server_version}

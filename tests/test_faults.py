@@ -361,3 +361,18 @@ def test_unreadable_files_are_named_and_fail_unless_allowed(earlier, open_tmp, d
     for entry in swift.list_backups(conn, earlier.container):
         if entry.backup_id == summary["backup_id"]:
             conn.delete_object(earlier.container, entry.manifest)
+
+
+def test_segment_size_too_small_for_swift_is_refused_up_front(earlier, staging, db_cnf,
+                                                             tmp_path):
+    """The real cluster's /info says 1000 segments per SLO: 2 MiB of images in 1 KiB
+    segments cannot be stored, and that is said before any upload."""
+    root = tmp_path / "uc"
+    (root / "var/lib/glance/images").mkdir(parents=True)
+    (root / "var/lib/glance/images/img").write_bytes(os.urandom(2 * 1024**2))
+    before = _objects(earlier.container)
+    result = backup_cli("--root", str(root), "--container", earlier.container,
+                        "--staging-dir", str(staging), "--db-defaults-file", db_cnf,
+                        "--segment-size", "1KiB", "--task-retries", "0")
+    assert_failed_cleanly(result, earlier, staging, before, exit_code=2,
+                          says="more than Swift's 1000 segments per object")

@@ -178,3 +178,15 @@ def test_pipeline_redacts_secrets_from_errors():
 
 def test_capture_returns_output():
     assert capture(Command(("printf", "x y"), name="printf"), timeout=5) == b"x y"
+
+
+def test_segment_limits_are_checked_before_anything_is_written():
+    from undercloud_backup.backup import SwiftLimits, check_segments
+
+    limits = SwiftLimits(max_object_bytes=5 * 1024**3, max_manifest_segments=1000)
+    check_segments({"filesystem archive": 1000 * 1024**2}, 1024**2, limits)  # exactly 1000
+    with pytest.raises(ConfigError, match=r"use --segment-size 1\.1 MiB or more"):
+        check_segments({"filesystem archive": 1100 * 1024**2}, 1024**2, limits)
+    with pytest.raises(ConfigError, match="over Swift's object limit"):
+        check_segments({}, 6 * 1024**3, limits)
+    check_segments({"x": 10**15}, 1024**2, SwiftLimits())  # a cluster that says nothing

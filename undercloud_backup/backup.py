@@ -116,14 +116,49 @@ class SpaceReport:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class SwiftLimits:
+    """What the Swift cluster allows (its /info), where it says."""
+
+    max_object_bytes: int | None = None
+    max_manifest_segments: int | None = None
+
+    @classmethod
+    def from_capabilities(cls, capabilities: dict) -> SwiftLimits:
+        return cls(max_object_bytes=capabilities.get("swift", {}).get("max_file_size"),
+                   max_manifest_segments=capabilities.get("slo", {}).get(
+                       "max_manifest_segments"))
+
+
+def check_segments(stream_bytes: dict[str, int], segment_size: int,
+                   limits: SwiftLimits) -> None:
+    """Refuse a segment size Swift will not take, or one that makes an SLO too long."""
+    if limits.max_object_bytes and segment_size > limits.max_object_bytes:
+        raise ConfigError(detail=f"segment size {format_size(segment_size)} is over Swift's "
+                                 f"object limit {format_size(limits.max_object_bytes)}")
+    if not limits.max_manifest_segments:
+        return
+    for what, size in stream_bytes.items():
+        # uncompressed size: the worst case for incompressible images
+        if -(-size // segment_size) > limits.max_manifest_segments:
+            least = -(-size // limits.max_manifest_segments)
+            raise ConfigError(detail=f"the {what} (up to {format_size(size)}) would need more "
+                                     f"than Swift's {limits.max_manifest_segments} segments per "
+                                     f"object; use --segment-size {format_size(least)} or more")
+
+
 def check_space(request: BackupRequest, plan: fs.PathPlan, database_bytes: int,
-                segment_size: int, swift_quota_left: int | None = None) -> SpaceReport:
+                segment_size: int, swift_quota_left: int | None = None,
+                limits: SwiftLimits = SwiftLimits()) -> SpaceReport:
     """Compare what the run will write with what is free, before anything is written.
 
     Locally only segment spools are staged (two per stream: one filling, one uploading); the
-    whole estimate has to fit in Swift's quota when the account has one.
+    whole estimate has to fit in Swift's quota when the account has one, and each stream in
+    Swift's limit of segments per object.
     """
     files_bytes = fs.estimate_bytes(plan.root, plan.included, plan.excluded)
+    check_segments({"database dump": database_bytes, "filesystem archive": files_bytes},
+                   segment_size, limits)
     streams = int(request.include_databases) + int(bool(plan.included))
     # A stream never spools more than it produces, and never more than two segments.
     spool = 0
@@ -154,6 +189,11 @@ def check_space(request: BackupRequest, plan: fs.PathPlan, database_bytes: int,
                        staging_dir=request.staging_dir, staging_needed=needed,
                        staging_available=available, swift_quota_left=swift_quota_left,
                        checks=tuple(checks))
+
+
+def swift_limits(conn) -> SwiftLimits:
+    with swift.swift_errors("GET info", swift.storage_url(conn)):
+        return SwiftLimits.from_capabilities(conn.get_capabilities())
 
 
 def swift_quota_left(conn) -> int | None:
