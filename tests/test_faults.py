@@ -178,8 +178,12 @@ def test_not_enough_space_in_staging(earlier, tmp_path, db_cnf):
 def big_database(services):
     """A table big enough that its dump can be killed half way."""
     mariadb("DROP DATABASE IF EXISTS ucb_fault_big; CREATE DATABASE ucb_fault_big;"
-            "USE ucb_fault_big; CREATE TABLE t (id INT PRIMARY KEY, b VARBINARY(1024));"
-            "INSERT INTO t SELECT seq, RANDOM_BYTES(1024) FROM seq_1_to_60000;")
+            "USE ucb_fault_big; CREATE TABLE t (id INT PRIMARY KEY, b VARCHAR(1100));"
+            # ~280 MB to stream: the KILL lands mid-table however busy the machine is (the
+            # kernel's socket buffers hold only a few MB of it); compressible, so cheap to
+            # upload.
+            "INSERT INTO t SELECT seq, CONCAT(MD5(seq), REPEAT('x', 990))"
+            " FROM seq_1_to_250000;")
     yield "ucb_fault_big"
     mariadb("DROP DATABASE IF EXISTS ucb_fault_big;")
 
