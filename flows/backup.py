@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import logging
 import os
 import socket
 import sys
@@ -226,8 +225,6 @@ def _list(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # Logs go to stderr and stdout carries only the JSON result.
-    logging.getLogger("prefect").handlers  # noqa: B018 - force Prefect's logging setup
     try:
         if args.list:
             return _list(args)

@@ -77,8 +77,8 @@ class Progress:
     """Log a stream's progress at most every ``every`` seconds."""
 
     def __init__(self, logger: logging.Logger | logging.LoggerAdapter, what: str,
-                 expected: int = 0, every: float = 10.0) -> None:
-        self.logger, self.what, self.expected, self.every = logger, what, expected, every
+                 every: float = 10.0) -> None:
+        self.logger, self.what, self.every = logger, what, every
         self._next = time.monotonic() + every
 
     def __call__(self, sent: int, elapsed: int) -> None:
