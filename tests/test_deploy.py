@@ -1,0 +1,287 @@
+"""The deployment on an undercloud, end to end: a Prefect server configured as
+deployments/env/server.env says, `install.sh user privileged prefect` (work pool, queue,
+`prefect deploy --all` from prefect.yaml, the zombie automation), a process worker running as
+an unprivileged user with the project's sudoers installed, runs created the way the UI creates
+them, and the backups checked in Swift with plain swiftclient, zstd and tar.
+
+The module runs its own Prefect server (not the session's): the shipped server settings
+(filesystem lease storage, API basic auth) must be in its environment from the start, and the
+last test restarts it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import swiftclient
+from deploy_helpers import (
+    INSTALL,
+    REPO,
+    VENV,
+    WORKER,
+    Api,
+    grant_traverse,
+    install_env,
+    kill_tree,
+    machine_lock,
+    privileged_install,
+    remove_tree,
+    revoke_traverse,
+    sample_root,
+    scratch_dir,
+    scratch_mariadb,
+    stop,
+    user_argv,
+)
+from keystoneauth1 import session
+from keystoneauth1.identity import v3
+
+from undercloud_backup import sample
+
+PREFECT = str(VENV / "bin/prefect")
+DEPLOYMENT = "undercloud_backup/{}"
+# Test-only speed-ups, each explained: a waiting run retries for the deployment's slot every
+# 2 s instead of 30; the automation crashes a run 40 s after its last heartbeat instead of
+# 90 (heartbeats stay at 30 s, as in prefect.yaml); the worker polls every second.
+SLOT_WAIT_S = "2"
+ZOMBIE_AFTER_S = "40"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_environment(home: Path, port: int, auth: str) -> dict[str, str]:
+    """deployments/env/server.env as install.sh renders it, read like systemd reads it."""
+    text = (REPO / "deployments/env/server.env").read_text()
+    text = (text.replace("@STATE@/server", str(home)).replace("@PORT@", str(port))
+            .replace("@SERVER_AUTH_LINE@", f"PREFECT_SERVER_API_AUTH_STRING={auth}"))
+    env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8"}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            env[key] = value
+    env["PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"] = SLOT_WAIT_S
+    return env
+
+
+class Deployment:
+    """The running installation: server, worker, API, and where the samples are."""
+
+    def __init__(self, state: Path, roots: dict[str, Path], os_env: dict[str, str]) -> None:
+        self.state = state
+        self.roots = roots
+        self.os_env = os_env
+        self.port = _free_port()
+        self.auth = f"admin:{secrets.token_hex(8)}"
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.api = Api(self.url, self.auth)
+        self.server_home = scratch_dir("ucb-prefect-server-", 0o700)
+        self.server: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
+        self.install_seconds = 0.0
+
+    def start_server(self) -> None:
+        log = self.server_home / "server.log"
+        self.server = subprocess.Popen(
+            [PREFECT, "server", "start", "--analytics-off"], cwd=self.server_home,
+            env=server_environment(self.server_home, self.port, self.auth),
+            stdin=subprocess.DEVNULL, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+        self.api.wait_healthy(self.server, log)
+
+    def stop_server(self) -> None:
+        if self.server is not None:
+            stop(self.server)
+
+    def start_worker(self) -> None:
+        """The worker as the unprivileged user, from Popen (a shell's `&` would make it ignore
+        SIGTERM), with what deployments/env/worker.env gives it, Swift's OS_* included."""
+        env = {"PATH": f"{VENV}/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+               "HOME": str(self.state), "PREFECT_API_URL": self.url,
+               "PREFECT_API_AUTH_STRING": self.auth,
+               "PREFECT_HOME": str(self.state / "worker"),
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT_WORKER_QUERY_SECONDS": "1",
+               "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1", **self.os_env}
+        log = open(self.state / "worker.log", "ab")
+        self.worker = subprocess.Popen(
+            user_argv(WORKER, [PREFECT, "worker", "start", "--pool", "undercloud",
+                               "--type", "process", "--name", f"test-{uuid.uuid4().hex[:6]}"]),
+            cwd=str(self.state), env=env, stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def deployment(self, name: str) -> dict:
+        return self.api("GET", f"/deployments/name/{DEPLOYMENT.format(name)}")  # type: ignore
+
+    def create_run(self, name: str, **parameters: object) -> str:
+        """POST /deployments/{id}/create_flow_run, as the UI's Run > Custom run does."""
+        deployment = self.deployment(name)
+        run = self.api("POST", f"/deployments/{deployment['id']}/create_flow_run",
+                       {"parameters": parameters, "tags": ["ui"]})
+        return run["id"]  # type: ignore[index]
+
+    def task_runs(self, run_id: str) -> list[dict]:
+        return self.api("POST", "/task_runs/filter",  # type: ignore[return-value]
+                        {"flow_runs": {"id": {"any_": [run_id]}}})
+
+
+@pytest.fixture(scope="module")
+def deployed(os_env):
+    with machine_lock(), scratch_mariadb() as db_socket:
+        subprocess.run(["mariadb", f"--socket={db_socket}"], input=sample.database_sql(),
+                       text=True, check=True)
+        state = scratch_dir("ucb-worker-state-")
+        roots = {"small": sample_root((1,)), "large": sample_root((48,))}
+        deployment = Deployment(state, roots, os_env)
+        granted: list[Path] = []
+        try:
+            with privileged_install(state, list(roots.values()), socket=db_socket):
+                granted = grant_traverse(WORKER, [REPO, VENV])
+                deployment.start_server()
+                started = time.monotonic()
+                result = subprocess.run(
+                    ["bash", str(INSTALL), "prefect"], capture_output=True, text=True,
+                    env=install_env(state, PREFECT_API_URL=deployment.url,
+                                    PREFECT_API_AUTH_STRING=deployment.auth,
+                                    UCB_ZOMBIE_AFTER=ZOMBIE_AFTER_S), timeout=180)
+                assert result.returncode == 0, result.stdout + result.stderr
+                deployment.install_seconds = time.monotonic() - started
+                deployment.start_worker()
+                yield deployment
+        finally:
+            if deployment.worker is not None:
+                stop(deployment.worker)
+            deployment.stop_server()
+            revoke_traverse(WORKER, granted)
+            for path in (*roots.values(), state, deployment.server_home):
+                remove_tree(path)
+
+
+def swift_connection(os_env: dict[str, str]) -> swiftclient.Connection:
+    auth = v3.Password(
+        auth_url=os_env["OS_AUTH_URL"], username=os_env["OS_USERNAME"],
+        password=os_env["OS_PASSWORD"], project_name=os_env["OS_PROJECT_NAME"],
+        user_domain_name=os_env.get("OS_USER_DOMAIN_NAME", "Default"),
+        project_domain_name=os_env.get("OS_PROJECT_DOMAIN_NAME", "Default"))
+    return swiftclient.Connection(session=session.Session(auth=auth),
+                                  os_options={"region_name": os_env.get("OS_REGION_NAME")})
+
+
+def manifests(os_env: dict[str, str], container: str) -> list[str]:
+    try:
+        _, objects = swift_connection(os_env).get_container(container, full_listing=True)
+    except swiftclient.ClientException as error:
+        if error.http_status == 404:
+            return []
+        raise
+    return sorted(o["name"] for o in objects if o["name"].endswith("/manifest.json"))
+
+
+def archive_members(os_env: dict[str, str], container: str, backup_id: str) -> list[str]:
+    _, body = swift_connection(os_env).get_object(container, f"{backup_id}/filesystem.tar.zst")
+    listing = subprocess.run("zstd -dc | tar -t", shell=True, input=body, capture_output=True,
+                             check=True)
+    return listing.stdout.decode().splitlines()
+
+
+def run_parameters(root: Path, container: str) -> dict:
+    return {"root": str(root), "container": container, "segment_size": "1MiB"}
+
+
+# --------------------------------------------------------------------------------- the tests
+def test_deployments_carry_schedule_limits_and_defaults(deployed):
+    nightly = deployed.deployment("nightly")
+    on_demand = deployed.deployment("on-demand")
+    assert [s["schedule"] for s in nightly["schedules"]] == [
+        {"cron": "30 2 * * *", "timezone": "UTC", "day_or": True}]
+    assert nightly["schedules"][0]["active"] is True
+    assert on_demand["schedules"] == []
+    for deployment in (nightly, on_demand):
+        assert deployment["global_concurrency_limit"]["limit"] == 1
+        assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+        assert deployment["parameters"]["privileged"] is True
+        assert deployment["work_pool_name"] == "undercloud"
+        assert deployment["work_queue_name"] == "backups"
+        assert deployment["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+        assert {"undercloud", "backup"} <= set(deployment["tags"])
+        assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
+                                             {"directory": str(REPO)}}]
+    queue = deployed.api("GET", "/work_pools/undercloud/queues/backups")
+    assert queue["concurrency_limit"] == 1
+    automations = deployed.api("POST", "/automations/filter", {})
+    zombie = [a for a in automations if a["name"].startswith("undercloud-backup: crash")]
+    assert len(zombie) == 1 and zombie[0]["trigger"]["within"] == float(ZOMBIE_AFTER_S)
+    assert deployed.install_seconds < 60
+
+
+def test_run_from_the_ui_backs_up_root_only_files(deployed, os_env, container):
+    root = deployed.roots["small"]
+    secret = root / "root/.my.cnf"
+    assert os.stat(secret).st_uid == 0 and os.stat(secret).st_mode & 0o077 == 0
+    started = time.monotonic()
+    run_id = deployed.create_run("on-demand", **run_parameters(root, container))
+    run = deployed.api.wait_final(run_id, timeout=120)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert time.monotonic() - started < 90
+
+    [manifest] = manifests(os_env, container)
+    backup_id = manifest.split("/")[0]
+    members = archive_members(os_env, container, backup_id)
+    assert "root/.my.cnf" in members
+    assert "etc/keystone/fernet-keys/0" in members and "etc/keystone/fernet-keys/1" in members
+    _, dump = swift_connection(os_env).get_object(
+        container, f"{backup_id}/mariadb-all-databases.sql.zst")
+    sql = subprocess.run(["zstd", "-dc"], input=dump, capture_output=True, check=True).stdout
+    assert b"CREATE DATABASE /*!32312 IF NOT EXISTS*/ `ucb_sample_nova`" in sql
+    assert sql.rstrip().splitlines()[-1].startswith(b"-- Dump completed")
+
+
+def test_runs_created_at_once_run_one_after_the_other(deployed, os_env, container):
+    root = deployed.roots["small"]
+    run_ids = [deployed.create_run(name, **run_parameters(root, container))
+               for name in ("on-demand", "on-demand", "nightly")]
+    runs = [deployed.api.wait_final(run_id, timeout=180) for run_id in run_ids]
+    assert [r["state"]["type"] for r in runs] == ["COMPLETED"] * 3, [r["state"] for r in runs]
+    spans = sorted((r["start_time"], r["end_time"]) for r in runs)
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        assert end <= start, f"runs overlapped: {spans}"
+    assert len(manifests(os_env, container)) == 3
+
+
+def test_killed_worker_does_not_block_later_backups(deployed, os_env, container):
+    killed_id = deployed.create_run("on-demand",
+                                    **run_parameters(deployed.roots["large"], container))
+    deadline = time.monotonic() + 90
+    while not any(t["state"]["type"] == "RUNNING" and t["name"].startswith("archive_paths")
+                  for t in deployed.task_runs(killed_id)):
+        assert time.monotonic() < deadline, "the backup never got to archiving"
+        time.sleep(0.2)
+    kill_tree(deployed.worker)  # worker, flow run, sudo, tar: all gone at once
+    assert deployed.api.flow_run(killed_id)["state"]["type"] == "RUNNING"
+
+    # The server restarts too: the slot's lease must survive it (filesystem lease storage).
+    deployed.stop_server()
+    deployed.start_server()
+    deployed.start_worker()
+    started = time.monotonic()
+    next_id = deployed.create_run("on-demand", **run_parameters(deployed.roots["small"],
+                                                                container))
+    following = deployed.api.wait_final(next_id, timeout=240)
+    assert following["state"]["type"] == "COMPLETED", following["state"]
+    assert time.monotonic() - started < 180
+
+    killed = deployed.api.flow_run(killed_id)
+    assert killed["state"]["type"] == "CRASHED"
+    assert "No heartbeat" in killed["state"]["message"]
+    # Backup ids end with the first 6 hex digits of their flow run's id: only the later
+    # backup has a manifest, the killed one left none.
+    assert [m.split("/")[0][-6:] for m in manifests(os_env, container)] == [next_id[:6]]
