@@ -218,9 +218,11 @@ step_services() {
       unit_text "$SRC/deployments/systemd/$unit" > "/etc/systemd/system/$unit"
     done
     systemctl daemon-reload
-    systemctl enable "${units[@]}"
-    systemctl restart "${units[@]}"
-    say "systemd: ${units[*]} enabled and (re)started"
+    # Started if stopped, not restarted: a restart would kill a backup in progress. Each flow
+    # run loads the code from $UCB_APP afresh; restart the worker between backups to update
+    # the worker process itself.
+    systemctl enable --now "${units[@]}"
+    say "systemd: ${units[*]} enabled and running"
   else
     say "no systemd: starting with start-stop-daemon (not restarted on failure or at boot)"
     if [ "$UCB_LOCAL_SERVER" = 1 ]; then

@@ -20,9 +20,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from undercloud_backup import privileged
@@ -99,6 +100,8 @@ def privileged_install(state: Path, roots: list[Path], socket: str | None = None
     saved: dict[str, bytes | None] = {}
     for path in MANAGED:
         saved[path] = Path(path).read_bytes() if os.path.lexists(path) else None
+    new_dirs = [d for d in (privileged.LIBEXEC, os.path.dirname(privileged.CONFIG_FILE))
+                if not os.path.lexists(d)]
     try:
         subprocess.run(["bash", str(INSTALL), "user", "privileged"], env=install_env(state),
                        check=True, capture_output=True, text=True)
@@ -118,6 +121,9 @@ def privileged_install(state: Path, roots: list[Path], socket: str | None = None
                 Path(path).unlink(missing_ok=True)
             else:
                 Path(path).write_bytes(content)
+        for directory in new_dirs:
+            with suppress(OSError):
+                os.rmdir(directory)
 
 
 def grant_traverse(user: str, paths: list[Path]) -> list[Path]:
@@ -264,8 +270,17 @@ class Api:
         if self.auth:
             token = base64.b64encode(self.auth.encode()).decode()
             request.add_header("Authorization", f"Basic {token}")
-        with urllib.request.urlopen(request, timeout=30) as response:
-            data = response.read()
+        # 503 is what the server answers when SQLite is busy ("database is locked"); Prefect's
+        # own client and the UI retry it, and so does this one.
+        for attempt in range(8):
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    data = response.read()
+                break
+            except urllib.error.HTTPError as error:
+                if error.code not in (429, 502, 503) or attempt == 7:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
         return json.loads(data) if data else None
 
     def healthy(self) -> bool:
