@@ -45,6 +45,8 @@ from keystoneauth1.identity import v3
 
 from undercloud_backup import sample
 
+pytestmark = pytest.mark.slow
+
 PREFECT = str(VENV / "bin/prefect")
 DEPLOYMENT = "undercloud_backup/{}"
 # Test-only speed-ups, each explained: a waiting run retries for the deployment's slot every
