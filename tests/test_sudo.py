@@ -282,6 +282,12 @@ def test_symlink_and_owned_directory_tricks_are_refused(installed):
         assert direct.returncode == 77
         assert "can be changed by the calling user" in direct.stderr
 
+        # A hard link to a root-only file would be archived as that file: the kernel refuses
+        # it (fs.protected_hardlinks, which the wrapper insists on).
+        key = root / "etc/keystone/fernet-keys/0"
+        hard = as_user(WORKER, ["ln", str(key), str(own / "key")])
+        assert hard.returncode != 0 and "Operation not permitted" in hard.stderr
+
         # Archiving the allowed parent is fine: tar stores the links as links, not targets.
         whole = sudo(ARCHIVE, str(root), "--", "/home/stack", text=False)
         assert whole.returncode == 0, whole.stderr
