@@ -1,0 +1,146 @@
+"""The ``prune_backups`` flow, and ``python -m flows.prune`` to run it ad hoc.
+
+Keeps the last N backups, the newest of each of the last D days and of the last W ISO weeks
+that have backups (UTC), and always the newest complete one; deletes the others manifest first,
+so an interrupted prune leaves only complete backups or clearly incomplete ones; and removes
+incomplete backups (no manifest) once nothing was written to them for a grace period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from blocks.sources import SwiftSource
+from tasks.prune import apply_retention
+from undercloud_backup.errors import BackupError
+from undercloud_backup.retention import RetentionPolicy
+
+
+def _run_name() -> str:
+    mode = "dry-run-" if flow_run.parameters.get("dry_run") else ""
+    return f"prune-{mode}{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}"
+
+
+@flow(name="prune_backups", flow_run_name=_run_name, validate_parameters=True)
+def prune_backups(
+    container: str | None = None,
+    swift_block: str | None = None,
+    keep_last: int = 3,
+    keep_daily: int = 7,
+    keep_weekly: int = 4,
+    grace_hours: float = 24.0,
+    dry_run: bool = False,
+    now: dt.datetime | None = None,
+) -> dict:
+    """Delete the backups a retention policy does not keep, manifest first.
+
+    Args:
+        container: Swift container of the backups (default: the Swift block's, or
+            undercloud-backups); their segments are in <container>_segments.
+        swift_block: Name of a saved Swift Backup Target block (otherwise the OS_* environment).
+        keep_last: Keep the N most recent complete backups.
+        keep_daily: Keep the newest backup of each of the last N days that have backups (UTC).
+        keep_weekly: Keep the newest backup of each of the last N ISO weeks that have backups.
+        grace_hours: Remove an incomplete backup (no manifest) only when nothing was written
+            to it for this long; a backup still uploading is never touched.
+        dry_run: List what would be deleted; delete nothing.
+        now: Evaluate the grace period as of this time (default: now), to see what a later
+            prune would do.
+    """
+    policy = RetentionPolicy(keep_last=keep_last, keep_daily=keep_daily,
+                             keep_weekly=keep_weekly, grace=dt.timedelta(hours=grace_hours))
+    result = apply_retention(SwiftSource(block=swift_block, container=container), policy, now,
+                             dry_run)
+    _report_artifact(result)
+    get_run_logger().info(
+        "%s: %d complete backup(s) kept, %d %s, %d incomplete %s", result["container"],
+        len(result["kept"]), len(result["deleted"]),
+        "would be deleted" if dry_run else "deleted", len(result["incomplete_deleted"]),
+        "would be removed" if dry_run else "removed")
+    return result
+
+
+def _report_artifact(result: dict) -> None:
+    verb = "would delete" if result["dry_run"] else "deleted"
+    policy = result["policy"]
+    lines = [f"# Prune of `{result['container']}`" + (" (dry run)" if result["dry_run"] else ""),
+             "", f"Policy: keep last {policy['keep_last']}, daily {policy['keep_daily']}, "
+             f"weekly {policy['keep_weekly']}; incomplete backups after "
+             f"{policy['grace_hours']:g} h. As of {result['now']}.", "",
+             "| backup | created | kept because |", "|---|---|---|"]
+    lines += [f"| `{b['backup_id']}` | {b['created_at']} | {', '.join(b['reasons'])} |"
+              for b in result["kept"]]
+    lines += [""] + [f"- {verb} `{b['backup_id']}` (created {b['created_at']})"
+                     for b in result["deleted"]]
+    lines += [f"- {verb} incomplete `{b['backup_id']}` (last written {b['last_modified']})"
+              for b in result["incomplete_deleted"]]
+    lines += [f"- kept incomplete `{b['backup_id']}` (within the grace period)"
+              for b in result["incomplete_kept"]]
+    create_markdown_artifact(key="backup-retention", markdown="\n".join(lines) + "\n",
+                             description=f"Prune of {result['container']}")
+
+
+# ------------------------------------------------------------------------------------ CLI
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m flows.prune",
+        description="Delete the backups a retention policy does not keep (manifest first).")
+    p.add_argument("--container", help="Swift container (default undercloud-backups)")
+    p.add_argument("--swift-block", help="saved Swift Backup Target block (default: OS_* env)")
+    p.add_argument("--keep-last", type=int, default=3, metavar="N")
+    p.add_argument("--keep-daily", type=int, default=7, metavar="D")
+    p.add_argument("--keep-weekly", type=int, default=4, metavar="W")
+    p.add_argument("--grace-hours", type=float, default=24.0,
+                   help="age of the last write before an incomplete backup is removed")
+    p.add_argument("--now", type=_when, help="evaluate as of this ISO 8601 time (default: now)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    return p
+
+
+def _when(text: str) -> dt.datetime:
+    value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result = prune_backups(
+            container=args.container, swift_block=args.swift_block, keep_last=args.keep_last,
+            keep_daily=args.keep_daily, keep_weekly=args.keep_weekly,
+            grace_hours=args.grace_hours, dry_run=args.dry_run, now=args.now)
+    except BackupError as error:
+        print(f"undercloud-prune: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("undercloud-prune: interrupted; every backup is complete or clearly incomplete",
+              file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one line, not a traceback, for the operator
+        print(f"undercloud-prune: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    for backup in result["kept"]:
+        print(f"{'keep':<12} {backup['backup_id']}  ({', '.join(backup['reasons'])})")
+    for backup in result["deleted"]:
+        print(f"{verb:<12} {backup['backup_id']}")
+    for backup in result["incomplete_deleted"]:
+        print(f"{verb:<12} {backup['backup_id']}  (incomplete)")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The ``undercloud_restore`` flow, and ``python -m flows.restore`` to run it ad hoc.
+
+Restores a backup's files into a target root (by default a new scratch directory; ``/`` only
+with an explicit flag), keeping numeric owners, modes, ACLs, xattrs and SELinux labels,
+optionally only some paths; and its databases into a given MariaDB, all of them (with users
+and grants) or named ones. Nothing existing is replaced unless asked, and a dry run says what
+would be written where. The order of a full undercloud restore is in docs/restore.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from dataclasses import replace
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from blocks.sources import DatabaseSource, SwiftSource
+from tasks import restore as steps
+from tasks import verify as checks
+from undercloud_backup import restore
+from undercloud_backup.errors import BackupError, ConfigError
+
+
+def _run_name() -> str:
+    backup_id = flow_run.parameters.get("backup_id") or "latest"
+    mode = "dry-run-" if flow_run.parameters.get("dry_run") else ""
+    return f"restore-{mode}{backup_id}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}"
+
+
+@flow(name="undercloud_restore", flow_run_name=_run_name, validate_parameters=True)
+def undercloud_restore(
+    backup_id: str | None = None,
+    container: str | None = None,
+    files: bool = True,
+    target: str | None = None,
+    allow_root_target: bool = False,
+    paths: list[str] | None = None,
+    all_databases: bool = False,
+    databases: list[str] | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    db_block: str | None = None,
+    db_defaults_file: str | None = None,
+    db_host: str | None = None,
+    db_port: int | None = None,
+    db_user: str | None = None,
+    db_socket: str | None = None,
+    swift_block: str | None = None,
+    staging_dir: str = "/var/tmp",
+    timeout_hours: float = 12.0,
+) -> dict:
+    """Restore an undercloud backup: files into a target root, databases into a MariaDB.
+
+    Args:
+        backup_id: The backup to restore (default: the latest complete one in the container).
+        container: Swift container of the backups (default: the Swift block's, or
+            undercloud-backups).
+        files: Restore the filesystem archive.
+        target: Directory to restore the files under (default: a new directory
+            <staging_dir>/undercloud-restore-<backup_id>). / means the live system and needs
+            allow_root_target.
+        allow_root_target: Allow target / (writing into the live system).
+        paths: Only restore these absolute paths (as they were on the backed-up host), e.g.
+            /etc/keystone; default: everything in the archive.
+        all_databases: Load every database of the dump, with users, roles and grants, into
+            the target MariaDB.
+        databases: Load only these databases (without users and grants).
+        overwrite: Replace existing files and drop and replace existing databases; without it
+            the restore refuses and names them.
+        dry_run: Say what would be written where (every file, every database); write nothing.
+        db_block: Target MariaDB: name of a saved MariaDB Connection block.
+        db_defaults_file: Target MariaDB: an option file with a [client] group (default
+            ~/.my.cnf).
+        db_host: Target MariaDB host, over the block or option file.
+        db_port: Target MariaDB TCP port, over the block or option file.
+        db_user: Target MariaDB user (needs to create databases, users and grants).
+        db_socket: Target MariaDB unix socket, over the block or option file.
+        swift_block: Name of a saved Swift Backup Target block (otherwise the OS_* environment).
+        staging_dir: Where each segment is spooled and checked before it is used, and where
+            the default target is created.
+        timeout_hours: Longest the files or the databases may take before the restore's
+            processes are killed.
+    """
+    logger = get_run_logger()
+    if all_databases and databases:
+        raise ConfigError(detail="choose all_databases or named databases, not both")
+    want_databases = all_databases or bool(databases)
+    if not files and not want_databases:
+        raise ConfigError(detail="nothing to restore: enable files, all_databases or databases")
+    swift_source = SwiftSource(block=swift_block, container=container)
+    db_source = DatabaseSource(block=db_block, defaults_file=db_defaults_file, host=db_host,
+                               port=db_port, user=db_user, socket=db_socket)
+    manifest = checks.load_manifest(swift_source, backup_id)
+    backup_id = manifest["backup_id"]
+    request = restore.RestoreRequest(
+        backup_id=backup_id, target=target or restore.default_target(staging_dir, backup_id),
+        paths=tuple(paths or ()), overwrite=overwrite, allow_root_target=allow_root_target,
+        dry_run=dry_run, staging_dir=staging_dir, timeout_s=timeout_hours * 3600)
+    if files:
+        restore.check_target(request.target, allow_root_target)  # refuse / before any work
+    names = None if all_databases else list(databases or [])
+    result: dict = {"backup_id": backup_id, "container": swift_source.settings().container,
+                    "dry_run": dry_run, "files": None, "databases": None}
+    if want_databases and not dry_run:
+        # Check the databases can be loaded (and would not be replaced unasked) before any
+        # file is written.
+        steps.restore_databases.with_options(task_run_name="check-target-databases")(
+            swift_source, db_source, manifest, names, replace(request, dry_run=True))
+    if files:
+        result["files"] = steps.restore_files(swift_source, manifest, request)
+    if want_databases:
+        result["databases"] = steps.restore_databases(swift_source, db_source, manifest, names,
+                                                      request)
+    _report_artifact(result)
+    logger.info("%s backup %s%s%s", "dry run of" if dry_run else "restored", backup_id,
+                f"; files under {result['files']['target']}" if result["files"] else "",
+                f"; databases {', '.join(result['databases']['databases'])} into "
+                f"{result['databases']['where']}" if result["databases"] else "")
+    return result
+
+
+def _report_artifact(result: dict) -> None:
+    files, databases = result["files"], result["databases"]
+    title = "Dry run of the restore" if result["dry_run"] else "Restore"
+    lines = [f"# {title} of `{result['backup_id']}`", ""]
+    if files and files["dry_run"]:
+        lines.append(f"- Files: {files['entries']} entries would be written under "
+                     f"`{files['target']}`: {files['creates']} new, {files['replaces']} "
+                     f"replacing existing files, {files['merges']} existing directories kept")
+        lines += [f"  - would replace `{path}`" for path in files["conflicts"][:20]]
+    elif files:
+        lines.append(f"- Files: {files['entries']} entries restored under `{files['target']}` "
+                     f"in {files['seconds']} s" + (f" (only {', '.join(files['paths'])})"
+                                                   if files["paths"] else ""))
+    if databases:
+        verb = "would load" if databases["dry_run"] else "loaded"
+        lines.append(f"- Databases: {verb} {', '.join(databases['databases'])} into MariaDB at "
+                     f"`{databases['where']}`"
+                     + (" with users and grants" if databases["users_and_grants"] else "")
+                     + (f"; replacing {', '.join(databases['existing'])}"
+                        if databases["existing"] else ""))
+        if not databases["dry_run"]:
+            lines.append(f"- After the load {databases['matching']} of {databases['compared']} "
+                         "table(s) match the manifest (rows and checksum)")
+            lines += [f"  - {d}" for d in databases["differences"]]
+    create_markdown_artifact(key="undercloud-restore", markdown="\n".join(lines) + "\n",
+                             description=f"{title} of {result['backup_id']}")
+
+
+# ------------------------------------------------------------------------------------ CLI
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m flows.restore",
+        description="Restore an undercloud backup: files into a target root (a new scratch "
+                    "directory by default), databases into a MariaDB server.")
+    p.add_argument("--backup-id", help="backup to restore (default: the latest complete one)")
+    p.add_argument("--container", help="Swift container (default undercloud-backups)")
+    p.add_argument("--swift-block", help="saved Swift Backup Target block (default: OS_* env)")
+    p.add_argument("--target", help="restore files under this directory (default: "
+                                    "<staging-dir>/undercloud-restore-<backup_id>)")
+    p.add_argument("--allow-root-target", action="store_true",
+                   help="allow --target / (write into the live system)")
+    p.add_argument("--path", action="append", default=[], metavar="PATH",
+                   help="only restore PATH, e.g. /etc/keystone (repeatable)")
+    p.add_argument("--no-files", action="store_true", help="do not restore files")
+    p.add_argument("--all-databases", action="store_true",
+                   help="load every database, with users and grants, into the target MariaDB")
+    p.add_argument("--database", action="append", default=[], metavar="NAME",
+                   help="load only this database (repeatable; without users and grants)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing files and databases (otherwise refuse, naming them)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be written where; write nothing")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--db-block", help="target MariaDB: saved MariaDB Connection block")
+    p.add_argument("--db-defaults-file", help="target MariaDB: option file (default ~/.my.cnf)")
+    p.add_argument("--db-host")
+    p.add_argument("--db-port", type=int)
+    p.add_argument("--db-user")
+    p.add_argument("--db-socket")
+    p.add_argument("--staging-dir", default="/var/tmp",
+                   help="where segments are checked before use, and the default target goes")
+    p.add_argument("--timeout-hours", type=float, default=12.0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result = undercloud_restore(
+            backup_id=args.backup_id, container=args.container, files=not args.no_files,
+            target=args.target, allow_root_target=args.allow_root_target, paths=args.path,
+            all_databases=args.all_databases, databases=args.database,
+            overwrite=args.overwrite, dry_run=args.dry_run, db_block=args.db_block,
+            db_defaults_file=args.db_defaults_file, db_host=args.db_host,
+            db_port=args.db_port, db_user=args.db_user, db_socket=args.db_socket,
+            swift_block=args.swift_block, staging_dir=args.staging_dir,
+            timeout_hours=args.timeout_hours)
+    except BackupError as error:
+        print(f"undercloud-restore: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("undercloud-restore: interrupted; what was written so far stays in place",
+              file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one line, not a traceback, for the operator
+        print(f"undercloud-restore: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    files, databases = result["files"], result["databases"]
+    if files and files["dry_run"]:
+        for line in restore.iter_plan_lines(files):
+            print(line)
+    elif files:
+        print(f"restored {files['entries']} entries under {files['target']}")
+    if databases:
+        verb = "would load" if databases["dry_run"] else "loaded"
+        print(f"{verb} database(s) {', '.join(databases['databases'])} into "
+              f"{databases['where']}" + (f" (replacing {', '.join(databases['existing'])})"
+                                         if databases["existing"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    sys.exit(main())

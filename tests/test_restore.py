@@ -1,0 +1,314 @@
+"""``python -m flows.restore`` against real backups: files come back byte for byte with their
+owners, modes, ACLs and xattrs; databases come back with identical checksums; nothing existing
+is replaced unless asked, and a dry run writes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import stat
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO, backup_cli, mariadb
+
+from undercloud_backup import config, restore, sample, swift, verify
+from undercloud_backup.scratchdb import scratch_mariadb
+
+SOCKET = "/run/mysqld/mysqld.sock"
+
+
+def cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m flows.<module>`` the way an operator does."""
+    return subprocess.run([sys.executable, "-m", f"flows.{module}", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+
+
+def describe_tree(top: Path) -> dict[str, tuple]:
+    """Per path under ``top``: type, mode, owner, content (hard links by first name), xattrs."""
+    entries: dict[str, tuple] = {}
+    inodes: dict[tuple[int, int], str] = {}
+    for directory, dirnames, filenames in os.walk(top):
+        for name in sorted(dirnames + filenames):
+            path = Path(directory, name)
+            rel = str(path.relative_to(top))
+            st = path.lstat()
+            content: object = None
+            if stat.S_ISREG(st.st_mode):
+                first = inodes.setdefault((st.st_dev, st.st_ino), rel)
+                content = (hashlib.sha256(path.read_bytes()).hexdigest(),
+                           first if first != rel else None, int(st.st_mtime))
+            elif stat.S_ISLNK(st.st_mode):
+                content = os.readlink(path)
+            xattrs = {} if stat.S_ISLNK(st.st_mode) else {
+                k: os.getxattr(path, k) for k in os.listxattr(path)}
+            entries[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid,
+                            st.st_gid, content, xattrs)
+    return entries
+
+
+ARCHIVED = ("etc", "root", "home/stack", "srv/node", "var/lib/glance/images")
+
+
+def archived(tree: dict[str, tuple]) -> list[str]:
+    """The paths of ``tree`` the archive holds: the archived paths and what is below them."""
+    return [p for p in tree if any(p == a or p.startswith(a + "/") for a in ARCHIVED)]
+
+
+def getfacl(path: Path) -> str:
+    return subprocess.run(["getfacl", "-n", "--omit-header", "--absolute-names", str(path)],
+                          capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def shared_backup(os_env, db_cnf, tmp_path_factory) -> Iterator[tuple[dict, Path]]:
+    """One backup of a sample tree for the tests that only read it, and that tree."""
+    root = sample.make_files(tmp_path_factory.mktemp("shared") / "undercloud",
+                             sample.SampleSize(images_mib=(3,)))
+    container = f"ucbtest-{uuid.uuid4().hex[:10]}"
+    try:
+        yield make_backup(root, container, db_cnf), root
+    finally:
+        conn = swift.connect(config.swift_settings_from_env())
+        for name in (container, f"{container}_segments"):
+            try:
+                for obj in conn.get_container(name, full_listing=True)[1]:
+                    conn.delete_object(name, obj["name"])
+                conn.delete_container(name)
+            except Exception:  # noqa: BLE001 - cleanup must not hide the outcome
+                pass
+
+
+def make_backup(root: Path, container: str, db_cnf: str) -> dict:
+    result = backup_cli("--root", str(root), "--container", container,
+                        "--db-defaults-file", db_cnf, "--segment-size", "1MiB", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.slow
+def test_files_come_back_identical_in_a_new_scratch_root(shared_backup, tmp_path):
+    files_backup, sample_root = shared_backup
+    before = describe_tree(sample_root)
+    result = cli("restore", "--container", files_backup["container"], "--staging-dir",
+                 str(tmp_path), "--json")
+    assert result.returncode == 0, result.stderr
+    restored = json.loads(result.stdout)["files"]
+    target = Path(restored["target"])
+    # The default target: a new directory named after the backup, only root may enter it.
+    assert target == tmp_path / f"undercloud-restore-{files_backup['backup_id']}"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    assert restored["entries"] == len(archived(before))  # the parents of /home/stack aren't
+    assert describe_tree(target) == before  # bytes, owners, modes, xattrs, links, empty dirs
+    images = "var/lib/glance/images"
+    assert "user:1000:r--" in getfacl(target / images)
+    assert getfacl(target / images) == getfacl(sample_root / images)
+    obj = next(p for p in (target / "srv/node").rglob("*.data"))
+    assert os.getxattr(obj, "user.swift.metadata") == os.getxattr(
+        sample_root / obj.relative_to(target), "user.swift.metadata")
+
+
+@pytest.mark.slow
+def test_restore_refuses_to_overwrite_names_the_files_and_dry_run_writes_nothing(
+        shared_backup, tmp_path):
+    files_backup, sample_root = shared_backup
+    container = files_backup["container"]
+    target = tmp_path / "target"
+    assert cli("restore", "--container", container, "--target", str(target),
+               "--staging-dir", str(tmp_path)).returncode == 0
+    stackrc = target / "home/stack/stackrc"
+    stackrc.write_text("changed after the restore\n")
+    snapshot = describe_tree(target)
+
+    refused = cli("restore", "--container", container, "--target", str(target))
+    assert refused.returncode == restore.WouldOverwrite.exit_code
+    error = refused.stderr.strip().splitlines()[-1]
+    assert error.startswith("undercloud-restore: error: 64 existing file(s) under ")
+    assert "etc/keystone/keystone.conf" in error and "--overwrite" in error
+    assert describe_tree(target) == snapshot  # nothing was written
+
+    dry = cli("restore", "--container", container, "--target", str(target), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    assert f"replace  {stackrc}" in lines
+    assert f"merge    {target}/home/stack/" in lines
+    assert len(lines) == len(archived(describe_tree(sample_root)))
+    assert describe_tree(target) == snapshot
+
+    new_target = tmp_path / "never-created"
+    dry_json = cli("restore", "--container", container, "--target", str(new_target),
+                   "--dry-run", "--json")
+    plan = json.loads(dry_json.stdout)["files"]
+    assert plan["creates"] == plan["entries"] == len(archived(describe_tree(sample_root)))
+    assert {"path": f"{new_target}/root/.my.cnf", "kind": "file", "action": "create"} in \
+        plan["listed"]
+    assert not new_target.exists()
+
+    overwritten = cli("restore", "--container", container, "--target", str(target),
+                      "--overwrite")
+    assert overwritten.returncode == 0, overwritten.stderr
+    assert stackrc.read_text() == (sample_root / "home/stack/stackrc").read_text()
+    assert describe_tree(target) == describe_tree(sample_root)
+
+
+@pytest.mark.slow
+def test_only_some_paths_and_never_over_slash_without_the_flag(shared_backup, tmp_path):
+    files_backup, _ = shared_backup
+    container = files_backup["container"]
+    target = tmp_path / "keys"
+    result = cli("restore", "--container", container, "--target", str(target),
+                 "--path", "/etc/keystone", "--path", "/root/.my.cnf", "--json")
+    assert result.returncode == 0, result.stderr
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == [
+        "etc/keystone/fernet-keys/0", "etc/keystone/fernet-keys/1",
+        "etc/keystone/keystone.conf", "root/.my.cnf"]
+
+    missing = cli("restore", "--container", container, "--target", str(tmp_path / "x"),
+                  "--path", "/opt/not-backed-up")
+    assert missing.returncode == restore.NotInBackup.exit_code
+    assert "/opt/not-backed-up" in missing.stderr
+
+    root = cli("restore", "--container", container, "--target", "/")
+    assert root.returncode == restore.RootTargetRefused.exit_code
+    assert "--allow-root-target" in root.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_damaged_segment_stops_the_restore_before_its_bytes_are_written(
+        sample_root, container, db_cnf, tmp_path):
+    files_backup = make_backup(sample_root, container, db_cnf)
+    conn = swift.connect(config.swift_settings_from_env())
+    manifest = swift.get_manifest(conn, files_backup["container"], files_backup["backup_id"])
+    archive = verify.find_object(manifest, "filesystem.tar.zst")
+    segment = archive["segments"][-1]
+    conn.put_object(archive["segment_container"], segment["name"], os.urandom(segment["size"]))
+    result = cli("restore", "--container", files_backup["container"], "--target",
+                 str(tmp_path / "t"))
+    assert result.returncode == restore.RestoreFailed.exit_code
+    assert segment["name"] in result.stderr and "md5" in result.stderr
+
+
+# ----------------------------------------------------------------------------- databases
+def database_sql(name: str) -> str:
+    return f"""
+CREATE DATABASE {name};
+USE {name};
+CREATE TABLE items (id INT PRIMARY KEY, name VARCHAR(40), payload BLOB) ENGINE=InnoDB;
+INSERT INTO items SELECT seq, CONCAT('item-', seq), RANDOM_BYTES(32) FROM seq_1_to_400;
+CREATE TABLE counters (name VARCHAR(16) PRIMARY KEY, n INT) ENGINE=MyISAM;
+INSERT INTO counters VALUES ('boots', 42), ('ünïcode', 7);
+CREATE TABLE log (id INT AUTO_INCREMENT PRIMARY KEY, item INT) ENGINE=InnoDB;
+CREATE TRIGGER items_log AFTER UPDATE ON items FOR EACH ROW INSERT INTO log (item) VALUES (NEW.id);
+CREATE VIEW first_items AS SELECT id, name FROM items WHERE id < 10;
+CREATE PROCEDURE count_items(OUT n INT) SELECT COUNT(*) INTO n FROM items;
+UPDATE items SET name = CONCAT(name, '!') WHERE id <= 5;
+"""
+
+
+def checksums(database: str) -> dict[str, tuple[str, str]]:
+    tables = mariadb(f"SELECT table_name FROM information_schema.tables WHERE table_schema = "
+                     f"'{database}' AND table_type = 'BASE TABLE' ORDER BY 1").split()
+    return {t: (mariadb(f"SELECT COUNT(*) FROM {database}.{t}").strip(),
+                mariadb(f"CHECKSUM TABLE {database}.{t} EXTENDED").split()[-1])
+            for t in tables}
+
+
+@pytest.fixture
+def two_databases(services):
+    names = [f"ucb_restore_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    for name in names:
+        mariadb(database_sql(name))
+    yield names
+    mariadb("".join(f"DROP DATABASE IF EXISTS {n};" for n in names))
+
+
+@pytest.fixture
+def db_backup(two_databases, container, os_env, tmp_path) -> dict:
+    result = backup_cli("--db-only", "--container", container, "--json", "--db-socket",
+                        SOCKET, "--db-user", "root")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.slow
+def test_databases_dropped_and_restored_have_identical_checksums(db_backup, two_databases):
+    first, second = two_databases
+    before = checksums(first)
+    mariadb(f"DROP DATABASE {first}; INSERT INTO {second}.counters VALUES ('after', 1);")
+    second_after = checksums(second)
+    target = ("--db-socket", SOCKET, "--db-user", "root")
+
+    dry = cli("restore", "--container", db_backup["container"], "--no-files", "--database",
+              first, "--dry-run", *target)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.strip() == f"would load database(s) {first} into {SOCKET}"
+    assert first not in mariadb("SHOW DATABASES").split()
+
+    result = cli("restore", "--container", db_backup["container"], "--no-files",
+                 "--database", first, "--json", *target)
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout)["databases"]
+    assert loaded["compared"] == loaded["matching"] == 3 and loaded["differences"] == []
+    assert checksums(first) == before
+    assert mariadb(f"SELECT COUNT(*) FROM {first}.first_items").strip() == "9"
+    assert "items_log" in mariadb(f"SHOW TRIGGERS FROM {first}")
+    assert "count_items" in mariadb(f"SHOW PROCEDURE STATUS WHERE Db = '{first}'")
+    assert checksums(second) == second_after  # only the named database was loaded
+
+    again = cli("restore", "--container", db_backup["container"], "--no-files", "--database",
+                first, *target)
+    assert again.returncode == restore.DatabasesExist.exit_code
+    assert f"Database(s) {first} already exist" in again.stderr
+    replaced = cli("restore", "--container", db_backup["container"], "--no-files",
+                   "--database", first, "--overwrite", *target)
+    assert replaced.returncode == 0, replaced.stderr
+    assert checksums(first) == before
+
+
+@pytest.mark.slow
+def test_all_databases_with_users_into_another_server(db_backup, two_databases):
+    """Everything, users and grants included, into a MariaDB of its own (not the shared one)."""
+    with scratch_mariadb("/var/tmp", lifetime_s=600) as server:
+        result = cli("restore", "--container", db_backup["container"], "--no-files",
+                     "--all-databases", "--db-socket", server.socket, "--db-user", "root",
+                     "--json")
+        assert result.returncode == 0, result.stderr
+        loaded = json.loads(result.stdout)["databases"]
+        assert loaded["users_and_grants"] is True
+        assert set(two_databases) <= set(loaded["databases"])
+        assert loaded["compared"] == loaded["matching"] and loaded["differences"] == []
+        with server.session.cursor() as cursor:
+            cursor.execute("SELECT COUNT(*) FROM mysql.user WHERE user = 'backup'")
+            assert cursor.fetchone()[0] >= 1  # the accounts came along
+
+
+def test_database_filter_keeps_only_the_named_database_whatever_the_chunking(two_databases):
+    first, second = two_databases
+    dump = subprocess.run(["mariadb-dump", "--system=users", "--insert-ignore", "--routines",
+                           "--events", "--triggers", "--add-drop-database", "--hex-blob",
+                           "--databases", first, second], capture_output=True,
+                          check=True).stdout
+    whole = restore.DatabaseFilter([second])
+    expected = whole.feed(dump) + whole.finish()
+    assert whole.seen == [first, second]
+    text = expected.decode()
+    assert f"CREATE DATABASE /*!32312 IF NOT EXISTS*/ `{second}`" in text
+    assert f"`{first}`" not in text and "CREATE USER" not in text
+    assert "CREATE DEFINER=" in text and "DELIMITER ;;" in text  # routine and trigger kept
+    assert text.rstrip().endswith(dump.decode().rstrip().splitlines()[-1])  # footer kept
+    rng = random.Random(4)
+    for _ in range(5):
+        chunked = restore.DatabaseFilter([second])
+        out, position = bytearray(), 0
+        while position < len(dump):
+            size = rng.choice((1, 7, 100, 1023, 1024, 1025, 5000))
+            out += chunked.feed(dump[position:position + size])
+            position += size
+        out += chunked.finish()
+        assert bytes(out) == expected
