@@ -310,14 +310,18 @@ EOF
   # Service user for Swift's authtoken, the object-store service and endpoints, and two
   # non-admin users in their own projects. Idempotent; one python process is ~10x faster than a
   # dozen 'openstack' CLI calls.
-  /usr/bin/python3 - "$KS_URL" "$ADMIN_PASS" "$SWIFT_SVC_PASS" "$REGION" "$PROXY" \
-      "$BACKUP_USER" "$BACKUP_PASS" "$BACKUP_PROJECT" "$OTHER_USER" "$OTHER_PASS" "$OTHER_PROJECT" <<'PY'
-import sys
+  # Passwords travel in the environment, not on argv (tests watch /proc/*/cmdline for them).
+  P_ADMIN=$ADMIN_PASS P_SWIFT=$SWIFT_SVC_PASS P_BACKUP=$BACKUP_PASS P_OTHER=$OTHER_PASS \
+  /usr/bin/python3 - "$KS_URL" "$REGION" "$PROXY" \
+      "$BACKUP_USER" "$BACKUP_PROJECT" "$OTHER_USER" "$OTHER_PROJECT" <<'PY'
+import os, sys
 from keystoneauth1 import session
 from keystoneauth1.identity import v3
 from keystoneclient.v3 import client
-url, admin_pw, swift_pw, region, proxy = sys.argv[1:6]
-members = [sys.argv[6:9], sys.argv[9:12]]
+url, region, proxy = sys.argv[1:4]
+admin_pw, swift_pw = os.environ["P_ADMIN"], os.environ["P_SWIFT"]
+members = [(sys.argv[4], os.environ["P_BACKUP"], sys.argv[5]),
+           (sys.argv[6], os.environ["P_OTHER"], sys.argv[7])]
 ks = client.Client(session=session.Session(auth=v3.Password(
     auth_url=url, username="admin", password=admin_pw, project_name="admin",
     user_domain_id="default", project_domain_id="default")))
@@ -567,9 +571,10 @@ smoke_test() {
   curl -sf -X DELETE -H "X-Auth-Token: $tok" "$url/services-smoke/o" -o /dev/null || die "smoke: tempauth DELETE"
   # keystone v3 session -> swiftclient (Debian's python3 has both libraries); and the other
   # project's user must not see this project's account.
-  /usr/bin/python3 - "$KS_URL" "$REGION" "$BACKUP_USER" "$BACKUP_PASS" "$BACKUP_PROJECT" \
-      "$OTHER_USER" "$OTHER_PASS" "$OTHER_PROJECT" <<'PY' || die "smoke: keystone -> swift round trip failed"
-import sys
+  P_BACKUP=$BACKUP_PASS P_OTHER=$OTHER_PASS \
+  /usr/bin/python3 - "$KS_URL" "$REGION" "$BACKUP_USER" "$BACKUP_PROJECT" \
+      "$OTHER_USER" "$OTHER_PROJECT" <<'PY' || die "smoke: keystone -> swift round trip failed"
+import os, sys
 from keystoneauth1 import session
 from keystoneauth1.identity import v3
 from swiftclient import client
@@ -579,16 +584,16 @@ def conn(user, pw, proj):
     sess = session.Session(auth=v3.Password(auth_url=url, username=user, password=pw, project_name=proj,
                                             user_domain_name="Default", project_domain_name="Default"))
     return client.Connection(session=sess, os_options={"region_name": region}, retries=0)
-c = conn(*sys.argv[3:6])
+c = conn(sys.argv[3], os.environ["P_BACKUP"], sys.argv[4])
 c.put_container("services-smoke"); c.put_object("services-smoke", "o", b"hello")
 assert c.get_object("services-smoke", "o")[1] == b"hello"
 storage_url = c.get_auth()[0]
-other = conn(*sys.argv[6:9])
+other = conn(sys.argv[5], os.environ["P_OTHER"], sys.argv[6])
 other_url = other.get_auth()[0]
 assert other_url != storage_url, "both projects map to the same account"
 try:
     client.get_object(storage_url, other.get_auth()[1], "services-smoke", "o")
-    raise SystemExit("isolation broken: %s read %s" % (sys.argv[6], storage_url))
+    raise SystemExit("isolation broken: %s read %s" % (sys.argv[5], storage_url))
 except ClientException as e:
     assert e.http_status in (401, 403), e
 c.delete_object("services-smoke", "o")
