@@ -263,12 +263,15 @@ def test_killed_worker_does_not_block_later_backups(deployed, os_env, container)
     killed_id = deployed.create_run("on-demand",
                                     **run_parameters(deployed.roots["large"], container))
     deadline = time.monotonic() + 90
-    while not any(t["state"]["type"] == "RUNNING" and t["name"].startswith("archive_paths")
+    # (a task run's state is null for a moment after it is created)
+    while not any((t["state"] or {}).get("type") == "RUNNING"
+                  and t["name"].startswith("archive_paths")
                   for t in deployed.task_runs(killed_id)):
         assert time.monotonic() < deadline, "the backup never got to archiving"
         time.sleep(0.2)
     kill_tree(deployed.worker)  # worker, flow run, sudo, tar: all gone at once
-    assert deployed.api.flow_run(killed_id)["state"]["type"] == "RUNNING"
+    state = deployed.api.flow_run(killed_id)["state"]
+    assert state["type"] == "RUNNING", state
 
     # The server restarts too: the slot's lease must survive it (filesystem lease storage).
     deployed.stop_server()
