@@ -688,9 +688,6 @@ def short_summary(report: dict, limit: int = 3) -> str:
     return text
 
 
-CHECKS = {FS_OBJECT: "archive", DB_OBJECT: "database"}
-
-
 def kind_of(record: dict) -> str:
     """Which check an object gets: ``archive``, ``database`` or ``plain``."""
     leaf = record["name"].rsplit("/", 1)[-1]
