@@ -1,9 +1,10 @@
 """The ``prune_backups`` flow, and ``python -m flows.prune`` to run it ad hoc.
 
-Keeps the last N backups, the newest of each of the last D days and of the last W ISO weeks
-that have backups (UTC), and always the newest complete one; deletes the others manifest first,
-so an interrupted prune leaves only complete backups or clearly incomplete ones; and removes
-incomplete backups (no manifest) once nothing was written to them for a grace period.
+Keeps, for each backed-up host, the last N backups, the newest of each of the last D days and
+of the last W ISO weeks that have backups (UTC), and always the newest complete one; deletes
+the others manifest first, so an interrupted prune leaves only complete backups or clearly
+incomplete ones; and removes incomplete backups (no manifest) once nothing was written to them
+for a grace period.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def prune_backups(
     dry_run: bool = False,
     now: dt.datetime | None = None,
 ) -> dict:
-    """Delete the backups a retention policy does not keep, manifest first.
+    """Delete the backups a retention policy does not keep, manifest first (for each host).
 
     Args:
         container: Swift container of the backups (default: the Swift block's, or

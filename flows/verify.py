@@ -176,9 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for warning in report["warnings"]:
             print(f"warning: {warning}")
-        print(f"backup {report['backup_id']} verified: {len(report['objects'])} object(s) "
-              f"intact, archive readable, databases "
-              f"{'match the manifest' if report['database'] else 'not test-restored'}")
+        parts = [f"{len(report['objects'])} object(s) intact"]
+        if report["archive"]:
+            parts.append(f"{report['archive']['entries']} archive entries readable")
+        if report["database"]:
+            parts.append(f"{report['database']['matching']} table(s) match the manifest after "
+                         "a test restore")
+        print(f"backup {report['backup_id']} verified: {', '.join(parts)}")
     return 0
 
 

@@ -110,6 +110,17 @@ def test_the_newest_backup_is_always_kept_and_an_empty_policy_is_refused():
         retention.RetentionPolicy(keep_last=0, keep_daily=0, keep_weekly=0)
 
 
+def test_each_host_keeps_its_own_backups():
+    """Two underclouds sharing a container: neither prunes the other's backups away."""
+    backups = stored(TIMES)
+    for backup in backups[:3]:
+        backup.hostname = "undercloud-b"
+    kept = retention.select(backups, retention.RetentionPolicy(
+        keep_last=1, keep_daily=0, keep_weekly=0))
+    assert kept == {backup_id(at("2026-10-26T20:00")): ["last", "newest"],
+                    backup_id(at("2026-10-07T02:00")): ["last", "newest"]}
+
+
 @pytest.mark.slow
 def test_prune_keeps_exactly_the_policy_set_and_removes_stale_incomplete_ones(conn, container):
     ids = {t: put_backup(conn, container, at(t)) for t in TIMES}

@@ -4,7 +4,9 @@ interrupted prune can look like a complete backup.
 The policy speaks restic's vocabulary: keep the last N backups, the newest backup of each of
 the last D days that have backups, and of each of the last W ISO weeks that have backups (UTC).
 A backup is kept if any rule keeps it, and the newest complete backup is always kept. The
-clock is a parameter: backup times come from each manifest's ``created_at``.
+policy applies to each backed-up host on its own (the manifest's ``hostname``), so underclouds
+sharing a container never prune each other's backups away. The clock is a parameter: backup
+times come from each manifest's ``created_at``.
 
 Deleting a backup removes its manifest first (from then on it is incomplete by definition and
 nothing will restore from it), then its objects, then their segments. Incomplete backups
@@ -60,6 +62,7 @@ class StoredBackup:
     backup_id: str
     complete: bool = False
     created_at: dt.datetime | None = None
+    hostname: str = ""
     last_modified: dt.datetime | None = None
     objects: list[str] = field(default_factory=list)
     segments: list[tuple[str, str]] = field(default_factory=list)
@@ -69,7 +72,7 @@ class StoredBackup:
             self.last_modified = stamp
 
     def summary(self, **extra: object) -> dict:
-        return {"backup_id": self.backup_id,
+        return {"backup_id": self.backup_id, "hostname": self.hostname,
                 "created_at": _iso(self.created_at), "last_modified": _iso(self.last_modified),
                 "objects": len(self.objects), "segments": len(self.segments), **extra}
 
@@ -123,6 +126,7 @@ def inventory(conn, container: str) -> tuple[list[StoredBackup], list[str]]:
                 continue
             backup.created_at = _utc(manifest["created_at"]) if manifest.get("created_at") \
                 else backup.last_modified
+            backup.hostname = manifest.get("hostname") or ""
             # Segments kept in another container than <container>_segments are found through
             # the manifest.
             for record in manifest.get("objects", []):
@@ -159,11 +163,22 @@ def _week(when: dt.datetime) -> str:
 def select(backups: Iterable[StoredBackup], policy: RetentionPolicy) -> dict[str, list[str]]:
     """Which complete backups the policy keeps, each with the rules that keep it.
 
-    Newest first, each rule keeps the first backup of every new bucket (the backup itself,
-    its day, its ISO week) until it has kept its count.
+    For each host, newest first, each rule keeps the first backup of every new bucket (the
+    backup itself, its day, its ISO week) until it has kept its count.
     """
-    ordered = sorted((b for b in backups if b.complete and b.created_at),
-                     key=lambda b: (b.created_at, b.backup_id), reverse=True)
+    hosts: dict[str, list[StoredBackup]] = {}
+    for backup in backups:
+        if backup.complete and backup.created_at:
+            hosts.setdefault(backup.hostname, []).append(backup)
+    kept: dict[str, list[str]] = {}
+    for group in hosts.values():
+        kept.update(_select_one_host(group, policy))
+    return kept
+
+
+def _select_one_host(backups: list[StoredBackup],
+                     policy: RetentionPolicy) -> dict[str, list[str]]:
+    ordered = sorted(backups, key=lambda b: (b.created_at, b.backup_id), reverse=True)
     kept: dict[str, list[str]] = {}
     rules = (("last", policy.keep_last, lambda b: b.backup_id),
              ("daily", policy.keep_daily, lambda b: _day(b.created_at)),
