@@ -75,7 +75,7 @@ class CommandTimedOut(BackupError):
 
 
 class SudoRefused(BackupError):
-    """sudo refused to run {command!r} without a password: install deployments/sudoers/undercloud-backup into /etc/sudoers.d/ (see README, 'Deploy on an undercloud'); sudo said: {stderr}"""  # noqa: E501
+    """sudo refused to run {command!r} without a password: install deployments/sudoers/undercloud-backup into /etc/sudoers.d/ (see docs/deploy.md); sudo said: {stderr}"""  # noqa: E501
 
     exit_code = 6
 
