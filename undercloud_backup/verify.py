@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Protocol
 
 import pymysql
+import requests
 
 from undercloud_backup import swift
 from undercloud_backup.backup import DB_OBJECT, FS_OBJECT
@@ -37,6 +38,7 @@ from undercloud_backup.errors import (
     CommandFailed,
     CommandTimedOut,
     SwiftRequestFailed,
+    SwiftUnreachable,
 )
 from undercloud_backup.execute import Command, Pipeline, StageResult
 from undercloud_backup.scratchdb import scratch_mariadb
@@ -260,6 +262,10 @@ def read_object(conn, container: str, record: dict, out: IO[bytes] | None, *,
                         raise
                     problem(f"{label}: missing ({_http_status(error)})")
                     continue
+                except requests.exceptions.RequestException as error:
+                    # A connection dropped mid-body: transient, the task retries the check.
+                    raise SwiftUnreachable(service="Swift", url=url,
+                                           reason=f"reading {label}: {error}") from None
                 check.segments_read += 1
                 if got != size or md5.hexdigest() != etag:
                     problem(f"{label}: read {got} bytes with md5 {md5.hexdigest()}; the "
