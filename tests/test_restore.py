@@ -16,12 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, backup_cli, mariadb
+from conftest import REPO, backup_cli
+from test_verify import database_sql, run_sql
 
 from undercloud_backup import config, restore, sample, swift, verify
-from undercloud_backup.scratchdb import scratch_mariadb
-
-SOCKET = "/run/mysqld/mysqld.sock"
+from undercloud_backup.scratchdb import ScratchServer, scratch_mariadb
 
 
 def cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -67,13 +66,20 @@ def getfacl(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def shared_backup(os_env, db_cnf, tmp_path_factory) -> Iterator[tuple[dict, Path]]:
+def private_mariadb() -> Iterator[ScratchServer]:
+    """A real MariaDB of these tests' own, undisturbed by what others do to the shared one."""
+    with scratch_mariadb("/var/tmp", lifetime_s=1800) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def shared_backup(os_env, private_mariadb, tmp_path_factory) -> Iterator[tuple[dict, Path]]:
     """One backup of a sample tree for the tests that only read it, and that tree."""
     root = sample.make_files(tmp_path_factory.mktemp("shared") / "undercloud",
                              sample.SampleSize(images_mib=(3,)))
     container = f"ucbtest-{uuid.uuid4().hex[:10]}"
     try:
-        yield make_backup(root, container, db_cnf), root
+        yield make_backup(root, container, private_mariadb), root
     finally:
         conn = swift.connect(config.swift_settings_from_env())
         for name in (container, f"{container}_segments"):
@@ -85,9 +91,9 @@ def shared_backup(os_env, db_cnf, tmp_path_factory) -> Iterator[tuple[dict, Path
                 pass
 
 
-def make_backup(root: Path, container: str, db_cnf: str) -> dict:
-    result = backup_cli("--root", str(root), "--container", container,
-                        "--db-defaults-file", db_cnf, "--segment-size", "1MiB", "--json")
+def make_backup(root: Path, container: str, server: ScratchServer) -> dict:
+    result = backup_cli("--root", str(root), "--container", container, "--db-socket",
+                        server.socket, "--db-user", "root", "--segment-size", "1MiB", "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -186,8 +192,8 @@ def test_only_some_paths_and_never_over_slash_without_the_flag(shared_backup, tm
 
 @pytest.mark.slow
 def test_a_damaged_segment_stops_the_restore_before_its_bytes_are_written(
-        sample_root, container, db_cnf, tmp_path):
-    files_backup = make_backup(sample_root, container, db_cnf)
+        sample_root, container, private_mariadb, tmp_path):
+    files_backup = make_backup(sample_root, container, private_mariadb)
     conn = swift.connect(config.swift_settings_from_env())
     manifest = swift.get_manifest(conn, files_backup["container"], files_backup["backup_id"])
     archive = verify.find_object(manifest, "filesystem.tar.zst")
@@ -200,71 +206,62 @@ def test_a_damaged_segment_stops_the_restore_before_its_bytes_are_written(
 
 
 # ----------------------------------------------------------------------------- databases
-def database_sql(name: str) -> str:
-    return f"""
-CREATE DATABASE {name};
-USE {name};
-CREATE TABLE items (id INT PRIMARY KEY, name VARCHAR(40), payload BLOB) ENGINE=InnoDB;
-INSERT INTO items SELECT seq, CONCAT('item-', seq), RANDOM_BYTES(32) FROM seq_1_to_400;
-CREATE TABLE counters (name VARCHAR(16) PRIMARY KEY, n INT) ENGINE=MyISAM;
-INSERT INTO counters VALUES ('boots', 42), ('ünïcode', 7);
-CREATE TABLE log (id INT AUTO_INCREMENT PRIMARY KEY, item INT) ENGINE=InnoDB;
-CREATE TRIGGER items_log AFTER UPDATE ON items FOR EACH ROW INSERT INTO log (item) VALUES (NEW.id);
-CREATE VIEW first_items AS SELECT id, name FROM items WHERE id < 10;
-CREATE PROCEDURE count_items(OUT n INT) SELECT COUNT(*) INTO n FROM items;
-UPDATE items SET name = CONCAT(name, '!') WHERE id <= 5;
-"""
-
-
-def checksums(database: str) -> dict[str, tuple[str, str]]:
-    tables = mariadb(f"SELECT table_name FROM information_schema.tables WHERE table_schema = "
-                     f"'{database}' AND table_type = 'BASE TABLE' ORDER BY 1").split()
-    return {t: (mariadb(f"SELECT COUNT(*) FROM {database}.{t}").strip(),
-                mariadb(f"CHECKSUM TABLE {database}.{t} EXTENDED").split()[-1])
+def checksums(server: ScratchServer, database: str) -> dict[str, tuple[str, str]]:
+    tables = run_sql(server, f"SELECT table_name FROM information_schema.tables WHERE "
+                             f"table_schema = '{database}' AND table_type = 'BASE TABLE' "
+                             "ORDER BY 1").split()
+    return {t: (run_sql(server, f"SELECT COUNT(*) FROM {database}.{t}").strip(),
+                run_sql(server, f"CHECKSUM TABLE {database}.{t} EXTENDED").split()[-1])
             for t in tables}
 
 
 @pytest.fixture
-def two_databases(services):
+def two_databases(private_mariadb):
+    """Two databases, and a service account with a grant on the first."""
     names = [f"ucb_restore_{uuid.uuid4().hex[:8]}" for _ in range(2)]
     for name in names:
-        mariadb(database_sql(name))
+        run_sql(private_mariadb, database_sql(name))
+    run_sql(private_mariadb, "CREATE USER ucb_restore_svc@localhost IDENTIFIED BY 'x';"
+                             f"GRANT SELECT, UPDATE ON {names[0]}.* TO ucb_restore_svc@localhost;")
     yield names
-    mariadb("".join(f"DROP DATABASE IF EXISTS {n};" for n in names))
+    run_sql(private_mariadb, "".join(f"DROP DATABASE IF EXISTS {n};" for n in names)
+            + "DROP USER IF EXISTS ucb_restore_svc@localhost;")
 
 
 @pytest.fixture
-def db_backup(two_databases, container, os_env, tmp_path) -> dict:
+def db_backup(two_databases, private_mariadb, container, os_env) -> dict:
     result = backup_cli("--db-only", "--container", container, "--json", "--db-socket",
-                        SOCKET, "--db-user", "root")
+                        private_mariadb.socket, "--db-user", "root")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
 @pytest.mark.slow
-def test_databases_dropped_and_restored_have_identical_checksums(db_backup, two_databases):
+def test_databases_dropped_and_restored_have_identical_checksums(db_backup, two_databases,
+                                                                private_mariadb):
+    server = private_mariadb
     first, second = two_databases
-    before = checksums(first)
-    mariadb(f"DROP DATABASE {first}; INSERT INTO {second}.counters VALUES ('after', 1);")
-    second_after = checksums(second)
-    target = ("--db-socket", SOCKET, "--db-user", "root")
+    before = checksums(server, first)
+    run_sql(server, f"DROP DATABASE {first}; INSERT INTO {second}.counters VALUES ('after', 1);")
+    second_after = checksums(server, second)
+    target = ("--db-socket", server.socket, "--db-user", "root")
 
     dry = cli("restore", "--container", db_backup["container"], "--no-files", "--database",
               first, "--dry-run", *target)
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.strip() == f"would load database(s) {first} into {SOCKET}"
-    assert first not in mariadb("SHOW DATABASES").split()
+    assert dry.stdout.strip() == f"would load database(s) {first} into {server.socket}"
+    assert first not in run_sql(server, "SHOW DATABASES").split()
 
     result = cli("restore", "--container", db_backup["container"], "--no-files",
                  "--database", first, "--json", *target)
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout)["databases"]
     assert loaded["compared"] == loaded["matching"] == 3 and loaded["differences"] == []
-    assert checksums(first) == before
-    assert mariadb(f"SELECT COUNT(*) FROM {first}.first_items").strip() == "9"
-    assert "items_log" in mariadb(f"SHOW TRIGGERS FROM {first}")
-    assert "count_items" in mariadb(f"SHOW PROCEDURE STATUS WHERE Db = '{first}'")
-    assert checksums(second) == second_after  # only the named database was loaded
+    assert checksums(server, first) == before
+    assert run_sql(server, f"SELECT COUNT(*) FROM {first}.first_items").strip() == "9"
+    assert "items_log" in run_sql(server, f"SHOW TRIGGERS FROM {first}")
+    assert "count_items" in run_sql(server, f"SHOW PROCEDURE STATUS WHERE Db = '{first}'")
+    assert checksums(server, second) == second_after  # only the named database was loaded
 
     again = cli("restore", "--container", db_backup["container"], "--no-files", "--database",
                 first, *target)
@@ -273,12 +270,12 @@ def test_databases_dropped_and_restored_have_identical_checksums(db_backup, two_
     replaced = cli("restore", "--container", db_backup["container"], "--no-files",
                    "--database", first, "--overwrite", *target)
     assert replaced.returncode == 0, replaced.stderr
-    assert checksums(first) == before
+    assert checksums(server, first) == before
 
 
 @pytest.mark.slow
 def test_all_databases_with_users_into_another_server(db_backup, two_databases):
-    """Everything, users and grants included, into a MariaDB of its own (not the shared one)."""
+    """Everything, users and grants included, into another server."""
     with scratch_mariadb("/var/tmp", lifetime_s=600) as server:
         result = cli("restore", "--container", db_backup["container"], "--no-files",
                      "--all-databases", "--db-socket", server.socket, "--db-user", "root",
@@ -289,13 +286,19 @@ def test_all_databases_with_users_into_another_server(db_backup, two_databases):
         assert set(two_databases) <= set(loaded["databases"])
         assert loaded["compared"] == loaded["matching"] and loaded["differences"] == []
         with server.session.cursor() as cursor:
-            cursor.execute("SELECT COUNT(*) FROM mysql.user WHERE user = 'backup'")
-            assert cursor.fetchone()[0] >= 1  # the accounts came along
+            cursor.execute("SELECT COUNT(*) FROM mysql.user WHERE user = 'mariadb.sys'")
+            assert cursor.fetchone()[0] == 1
+            cursor.execute("SHOW GRANTS FOR 'ucb_restore_svc'@'localhost'")
+            grants = " ".join(row[0] for row in cursor.fetchall())
+        assert f"ON `{two_databases[0]}`.*" in grants  # the accounts came along
 
 
-def test_database_filter_keeps_only_the_named_database_whatever_the_chunking(two_databases):
+def test_database_filter_keeps_only_the_named_database_whatever_the_chunking(two_databases,
+                                                                            private_mariadb):
     first, second = two_databases
-    dump = subprocess.run(["mariadb-dump", "--system=users", "--insert-ignore", "--routines",
+    dump = subprocess.run(["mariadb-dump", "--no-defaults", "--user=root",
+                           f"--socket={private_mariadb.socket}", "--system=users",
+                           "--insert-ignore", "--routines",
                            "--events", "--triggers", "--add-drop-database", "--hex-blob",
                            "--databases", first, second], capture_output=True,
                           check=True).stdout

@@ -37,7 +37,8 @@ from undercloud_backup.verify import (
     tar_list_command,
 )
 
-DRY_RUN_LIST_LIMIT = 100_000
+DRY_RUN_LIST_LIMIT = 100_000  # entries a dry run lists; beyond, it counts
+CONFLICTS_LIMIT = 1_000
 EXAMPLES = 5
 
 
@@ -150,7 +151,8 @@ class FilesPlan:
         else:
             action = "replace"
             self.replaces += 1
-            self.conflicts.append(path)
+            if len(self.conflicts) < CONFLICTS_LIMIT:
+                self.conflicts.append(path)
         self.entries += 1
         if len(self.listed) < DRY_RUN_LIST_LIMIT:
             self.listed.append({"path": path, "kind": "dir" if is_dir else "file",
@@ -214,7 +216,7 @@ def restore_files(conn, container: str, manifest: dict, request: RestoreRequest,
                     target)
         plan = plan_files(conn, container, manifest, request)
         if plan.conflicts and not request.overwrite and not request.dry_run:
-            raise WouldOverwrite(count=len(plan.conflicts), target=target, examples=", ".join(
+            raise WouldOverwrite(count=plan.replaces, target=target, examples=", ".join(
                 os.path.relpath(p, target) for p in plan.conflicts[:EXAMPLES]))
     if request.dry_run:
         assert plan is not None
