@@ -21,8 +21,10 @@ from prefect.context import get_run_context
 
 from blocks.sources import DatabaseSource, SwiftSource
 from tasks import backup as stages
+from tasks.prune import apply_retention
 from undercloud_backup import backup
 from undercloud_backup.errors import BackupError
+from undercloud_backup.retention import RetentionPolicy
 from undercloud_backup.sizes import format_size, parse_size
 
 
@@ -59,6 +61,10 @@ def undercloud_backup(
     swift_retries: int | None = None,
     task_retries: int = 2,
     privileged: bool = False,
+    prune: bool = True,
+    keep_last: int = 3,
+    keep_daily: int = 7,
+    keep_weekly: int = 4,
     dry_run: bool = False,
 ) -> dict:
     """Back up the undercloud's databases and files into Swift, manifest last.
@@ -91,6 +97,13 @@ def undercloud_backup(
         privileged: Run tar and the dump as root through the project's sudo wrappers (a
             worker running as an unprivileged user); the database is then reached as root
             through its unix socket.
+        prune: Once the backup is complete, delete the backups the retention policy below
+            no longer keeps (manifest first), and incomplete ones untouched for a day.
+        keep_last: Retention: keep the N most recent complete backups.
+        keep_daily: Retention: keep the newest backup of each of the last N days that have
+            backups (UTC).
+        keep_weekly: Retention: keep the newest backup of each of the last N ISO weeks that
+            have backups.
         dry_run: Plan and check space only; nothing is written.
     """
     logger = get_run_logger()
@@ -106,6 +119,9 @@ def undercloud_backup(
     swift_source = SwiftSource(block=swift_block, container=container,
                                segment_size=segment_size, retries=swift_retries)
     retry = {"retries": task_retries}
+    # An impossible policy fails now, before anything is written.
+    policy = RetentionPolicy(keep_last=keep_last, keep_daily=keep_daily,
+                             keep_weekly=keep_weekly) if prune else None
 
     plan = backup.plan_files(request)
     for path in plan.absent:
@@ -134,8 +150,22 @@ def undercloud_backup(
         flow_run_id=str(get_run_context().flow_run.id))
     name = stages.write_manifest.with_options(**retry)(manifest, swift_source)
     summary.update(manifest=name, objects=manifest["objects"])
+    if policy is not None:
+        summary["pruned"] = _prune(swift_source, policy, backup_id, retry)
     _summary_artifact(summary, manifest, time.monotonic() - started)
     return summary
+
+
+def _prune(swift_source: SwiftSource, policy: RetentionPolicy, backup_id: str,
+           retry: dict) -> list[str] | None:
+    """Apply retention after a complete backup; a failed prune does not fail the backup."""
+    state = apply_retention.with_options(**retry)(swift_source, policy, return_state=True)
+    if not state.is_completed():
+        get_run_logger().error("backup %s is complete, but pruning older backups failed: %s",
+                               backup_id, state.message)
+        return None
+    result = state.result()
+    return [b["backup_id"] for b in result["deleted"] + result["incomplete_deleted"]]
 
 
 def _summary_artifact(summary: dict, manifest: dict, seconds: float) -> None:
@@ -158,6 +188,7 @@ Complete: manifest `{container}/{summary['manifest']}` written in {seconds:.0f} 
 - Absent: {', '.join(paths.get('absent', [])) or 'none'}; excluded: \
 {', '.join(paths.get('excluded', [])) or 'none'}
 - Changed or vanished while read: {len(paths.get('changed', [])) + len(paths.get('vanished', []))}
+- Pruned: {_pruned_text(summary.get('pruned', []))}
 
 Restore without this tool (see README): `swift download {container} --prefix \
 {summary['backup_id']}/`, then `zstd -dc filesystem.tar.zst | tar -x --xattrs \
@@ -166,6 +197,12 @@ Restore without this tool (see README): `swift download {container} --prefix \
 """
     create_markdown_artifact(key="undercloud-backup", markdown=markdown,
                              description=f"Backup {summary['backup_id']}")
+
+
+def _pruned_text(pruned: list[str] | None) -> str:
+    if pruned is None:
+        return "FAILED (see the log); older backups were left in place"
+    return ", ".join(f"`{b}`" for b in pruned) or "nothing"
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -199,6 +236,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--swift-retries", type=int, help="retries of one Swift request")
     p.add_argument("--task-retries", type=int, default=2,
                    help="retries of a stage after a transient failure")
+    p.add_argument("--no-prune", action="store_true",
+                   help="do not apply the retention policy after the backup")
+    p.add_argument("--keep-last", type=int, default=3, metavar="N",
+                   help="retention: keep the N most recent backups (default 3)")
+    p.add_argument("--keep-daily", type=int, default=7, metavar="D",
+                   help="retention: keep the newest backup of each of the last D days (7)")
+    p.add_argument("--keep-weekly", type=int, default=4, metavar="W",
+                   help="retention: keep the newest backup of each of the last W weeks (4)")
     p.add_argument("--privileged", action="store_true",
                    help="run tar and the dump through the sudo wrappers (unprivileged worker)")
     return p
@@ -236,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             db_socket=args.db_socket, swift_block=args.swift_block,
             staging_dir=args.staging_dir, allow_unreadable=args.allow_unreadable,
             swift_retries=args.swift_retries, task_retries=args.task_retries,
-            privileged=args.privileged, dry_run=args.dry_run)
+            privileged=args.privileged, prune=not args.no_prune, keep_last=args.keep_last,
+            keep_daily=args.keep_daily, keep_weekly=args.keep_weekly, dry_run=args.dry_run)
     except BackupError as error:
         print(f"undercloud-backup: error: {error}", file=sys.stderr)
         return error.exit_code
@@ -247,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"undercloud-backup: error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({k: summary[k] for k in
-                          ("backup_id", "container", "manifest", "objects", "dry_run")}))
+        print(json.dumps({**{k: summary[k] for k in
+                             ("backup_id", "container", "manifest", "objects", "dry_run")},
+                          "pruned": summary.get("pruned")}))
     elif summary["manifest"]:
         print(f"backup {summary['backup_id']} complete: "
               f"{summary['container']}/{summary['manifest']}")

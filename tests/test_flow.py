@@ -146,3 +146,17 @@ def test_retrying_a_failed_flow_run_reuses_completed_stages(os_env, db_cnf, smal
             flow_run_id=TaskRunFilterFlowRunId(any_=[run_id])))
     states = sorted((t.name.rsplit("-", 1)[0], t.state.name) for t in tasks)
     assert ("dump_databases", "Cached") in states and ("archive_paths", "Cached") in states
+
+
+def test_prune_after_a_successful_backup_keeps_the_policy(os_env, db_cnf, small_root,
+                                                          container):
+    first = undercloud_backup(root=str(small_root), container=container,
+                              db_defaults_file=db_cnf, db_only=True, prune=False)
+    second = undercloud_backup(root=str(small_root), container=container,
+                               db_defaults_file=db_cnf, db_only=True, keep_last=1,
+                               keep_daily=0, keep_weekly=0)
+    assert second["pruned"] == [first["backup_id"]]
+    conn = swift.connect(config.swift_settings_from_env())
+    assert [b.backup_id for b in swift.list_backups(conn, container)] == [second["backup_id"]]
+    _, objects = conn.get_container(container, full_listing=True)
+    assert not [o["name"] for o in objects if o["name"].startswith(first["backup_id"])]
