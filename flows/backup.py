@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import socket
-import sys
 import time
 
 from prefect import flow, get_run_logger
@@ -20,10 +18,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 
 from blocks.sources import DatabaseSource, SwiftSource
+from flows import cli
 from tasks import backup as stages
 from tasks.prune import apply_retention
 from undercloud_backup import backup
-from undercloud_backup.errors import BackupError
 from undercloud_backup.retention import RetentionPolicy
 from undercloud_backup.sizes import format_size, parse_size
 
@@ -223,12 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (backup_id, container, manifest, objects)")
     p.add_argument("--list", action="store_true", help="list complete backups and exit")
-    p.add_argument("--db-block", help="saved MariaDB Connection block")
-    p.add_argument("--db-defaults-file", help="MariaDB option file (default ~/.my.cnf)")
-    p.add_argument("--db-host")
-    p.add_argument("--db-port", type=int)
-    p.add_argument("--db-user")
-    p.add_argument("--db-socket")
+    cli.add_database_arguments(p)
     p.add_argument("--swift-block", help="saved Swift Backup Target block (default: OS_* env)")
     p.add_argument("--staging-dir", default="/var/tmp", help="where segments are spooled")
     p.add_argument("--allow-unreadable", action="store_true",
@@ -270,28 +263,20 @@ def _list(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.list:
-            return _list(args)
-        summary = undercloud_backup(
-            container=args.container, add_paths=args.add_path, exclude_paths=args.exclude_path,
-            db_only=args.db_only, root=args.root, segment_size=args.segment_size,
-            db_block=args.db_block, db_defaults_file=args.db_defaults_file,
-            db_host=args.db_host, db_port=args.db_port, db_user=args.db_user,
-            db_socket=args.db_socket, swift_block=args.swift_block,
-            staging_dir=args.staging_dir, allow_unreadable=args.allow_unreadable,
-            swift_retries=args.swift_retries, task_retries=args.task_retries,
-            privileged=args.privileged, prune=not args.no_prune, keep_last=args.keep_last,
-            keep_daily=args.keep_daily, keep_weekly=args.keep_weekly, dry_run=args.dry_run)
-    except BackupError as error:
-        print(f"undercloud-backup: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("undercloud-backup: interrupted; nothing was committed", file=sys.stderr)
-        return 130
-    except Exception as error:  # noqa: BLE001 - one line, not a traceback, for the operator
-        print(f"undercloud-backup: error: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+    if args.list:
+        _, status = cli.run("undercloud-backup", lambda: _list(args))
+        return status
+    summary, status = cli.run("undercloud-backup", lambda: undercloud_backup(
+        container=args.container, add_paths=args.add_path, exclude_paths=args.exclude_path,
+        db_only=args.db_only, root=args.root, segment_size=args.segment_size,
+        **cli.database_arguments(args), swift_block=args.swift_block,
+        staging_dir=args.staging_dir, allow_unreadable=args.allow_unreadable,
+        swift_retries=args.swift_retries, task_retries=args.task_retries,
+        privileged=args.privileged, prune=not args.no_prune, keep_last=args.keep_last,
+        keep_daily=args.keep_daily, keep_weekly=args.keep_weekly, dry_run=args.dry_run),
+        interrupted="nothing was committed")
+    if summary is None:
+        return status
     if args.json:
         print(json.dumps({**{k: summary[k] for k in
                              ("backup_id", "container", "manifest", "objects", "dry_run")},
@@ -305,5 +290,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    sys.exit(main())
+    cli.entry_point(main)

@@ -12,16 +12,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import sys
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from blocks.sources import SwiftSource
+from flows import cli
 from tasks.prune import apply_retention
-from undercloud_backup.errors import BackupError
 from undercloud_backup.retention import RetentionPolicy
 
 
@@ -114,21 +112,13 @@ def _when(text: str) -> dt.datetime:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        result = prune_backups(
-            container=args.container, swift_block=args.swift_block, keep_last=args.keep_last,
-            keep_daily=args.keep_daily, keep_weekly=args.keep_weekly,
-            grace_hours=args.grace_hours, dry_run=args.dry_run, now=args.now)
-    except BackupError as error:
-        print(f"undercloud-prune: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("undercloud-prune: interrupted; every backup is complete or clearly incomplete",
-              file=sys.stderr)
-        return 130
-    except Exception as error:  # noqa: BLE001 - one line, not a traceback, for the operator
-        print(f"undercloud-prune: error: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+    result, status = cli.run("undercloud-prune", lambda: prune_backups(
+        container=args.container, swift_block=args.swift_block, keep_last=args.keep_last,
+        keep_daily=args.keep_daily, keep_weekly=args.keep_weekly,
+        grace_hours=args.grace_hours, dry_run=args.dry_run, now=args.now),
+        interrupted="every backup is complete or clearly incomplete")
+    if result is None:
+        return status
     if args.json:
         print(json.dumps(result))
         return 0
@@ -143,5 +133,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    sys.exit(main())
+    cli.entry_point(main)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import sys
 from dataclasses import replace
 
 from prefect import flow, get_run_logger
@@ -21,10 +19,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from blocks.sources import DatabaseSource, SwiftSource
+from flows import cli
 from tasks import restore as steps
 from tasks import verify as checks
 from undercloud_backup import restore
-from undercloud_backup.errors import BackupError, ConfigError
+from undercloud_backup.errors import ConfigError
 
 
 def _run_name() -> str:
@@ -178,12 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be written where; write nothing")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.add_argument("--db-block", help="target MariaDB: saved MariaDB Connection block")
-    p.add_argument("--db-defaults-file", help="target MariaDB: option file (default ~/.my.cnf)")
-    p.add_argument("--db-host")
-    p.add_argument("--db-port", type=int)
-    p.add_argument("--db-user")
-    p.add_argument("--db-socket")
+    cli.add_database_arguments(p, role="target MariaDB: ")
     p.add_argument("--staging-dir", default="/var/tmp",
                    help="where segments are checked before use, and the default target goes")
     p.add_argument("--timeout-hours", type=float, default=12.0)
@@ -192,26 +186,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        result = undercloud_restore(
-            backup_id=args.backup_id, container=args.container, files=not args.no_files,
-            target=args.target, allow_root_target=args.allow_root_target, paths=args.path,
-            all_databases=args.all_databases, databases=args.database,
-            overwrite=args.overwrite, dry_run=args.dry_run, db_block=args.db_block,
-            db_defaults_file=args.db_defaults_file, db_host=args.db_host,
-            db_port=args.db_port, db_user=args.db_user, db_socket=args.db_socket,
-            swift_block=args.swift_block, staging_dir=args.staging_dir,
-            timeout_hours=args.timeout_hours)
-    except BackupError as error:
-        print(f"undercloud-restore: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("undercloud-restore: interrupted; what was written so far stays in place",
-              file=sys.stderr)
-        return 130
-    except Exception as error:  # noqa: BLE001 - one line, not a traceback, for the operator
-        print(f"undercloud-restore: error: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+    result, status = cli.run("undercloud-restore", lambda: undercloud_restore(
+        backup_id=args.backup_id, container=args.container, files=not args.no_files,
+        target=args.target, allow_root_target=args.allow_root_target, paths=args.path,
+        all_databases=args.all_databases, databases=args.database,
+        overwrite=args.overwrite, dry_run=args.dry_run, **cli.database_arguments(args),
+        swift_block=args.swift_block, staging_dir=args.staging_dir,
+        timeout_hours=args.timeout_hours),
+        interrupted="what was written so far stays in place")
+    if result is None:
+        return status
     if args.json:
         print(json.dumps(result))
         return 0
@@ -230,5 +214,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    sys.exit(main())
+    cli.entry_point(main)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import sys
 import time
 
 from prefect import flow, get_run_logger
@@ -21,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from blocks.sources import SwiftSource
+from flows import cli
 from tasks import verify as checks
 from undercloud_backup import verify
 from undercloud_backup.errors import BackupError
@@ -148,29 +147,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        report = verify_backup(
-            backup_id=args.backup_id, container=args.container, swift_block=args.swift_block,
-            check_database=not args.skip_database, ignore_tables=args.ignore_table,
-            staging_dir=args.staging_dir, timeout_hours=args.timeout_hours)
-    except verify.VerificationFailed as error:
-        report = error.fields["report"]
-        if args.json:
-            print(json.dumps(report))
-        else:
-            for problem in report["problems"]:
-                print(f"DIFFERS  {problem}")
-        print(f"undercloud-verify: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except BackupError as error:
-        print(f"undercloud-verify: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("undercloud-verify: interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:  # noqa: BLE001 - one line, not a traceback, for the operator
-        print(f"undercloud-verify: error: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+    def print_report(error: BackupError) -> None:  # what differed, even when it fails
+        if isinstance(error, verify.VerificationFailed):
+            report = error.fields["report"]
+            if args.json:
+                print(json.dumps(report))
+            else:
+                for problem in report["problems"]:
+                    print(f"DIFFERS  {problem}")
+
+    report, status = cli.run("undercloud-verify", lambda: verify_backup(
+        backup_id=args.backup_id, container=args.container, swift_block=args.swift_block,
+        check_database=not args.skip_database, ignore_tables=args.ignore_table,
+        staging_dir=args.staging_dir, timeout_hours=args.timeout_hours),
+        on_backup_error=print_report)
+    if report is None:
+        return status
     if args.json:
         print(json.dumps(report))
     else:
@@ -187,5 +179,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    sys.exit(main())
+    cli.entry_point(main)

@@ -27,11 +27,16 @@ def transient(task, task_run, state) -> bool:
 # Results are persisted (default storage under PREFECT_HOME) so that retrying a failed flow run
 # reuses the stages that completed: the default cache key includes the flow run id, so a new
 # run never reuses them, and the manifest step re-checks every reused object in Swift.
-_stage = {
+# Every stage that talks to Swift or MariaDB retries transient failures, and only those.
+RETRY_TRANSIENT = {
     "retries": 2,
     "retry_delay_seconds": exponential_backoff(backoff_factor=10),
     "retry_jitter_factor": 0.2,
     "retry_condition_fn": transient,
+}
+
+_stage = {
+    **RETRY_TRANSIENT,
     "persist_result": True,
     "result_serializer": "json",  # readable, and checkable for secrets
 }

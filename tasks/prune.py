@@ -9,16 +9,14 @@ import datetime as dt
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
 from blocks.sources import SwiftSource
-from tasks.backup import transient
+from tasks.backup import RETRY_TRANSIENT
 from undercloud_backup import retention, swift
 
 
 # Retrying is safe: deleting is idempotent, and the manifest goes first.
-@task(name="apply_retention", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10),
-      retry_jitter_factor=0.2, retry_condition_fn=transient, cache_policy=NO_CACHE)
+@task(name="apply_retention", **RETRY_TRANSIENT, cache_policy=NO_CACHE)
 def apply_retention(swift_source: SwiftSource, policy: retention.RetentionPolicy,
                     now: dt.datetime | None = None, dry_run: bool = False) -> dict:
     """Delete the backups the policy does not keep (manifest first) and stale incomplete ones."""

@@ -9,19 +9,12 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
 from blocks.sources import SwiftSource
-from tasks.backup import transient
+from tasks.backup import RETRY_TRANSIENT
 from undercloud_backup import swift, verify
 
-_check = {
-    "retries": 2,
-    "retry_delay_seconds": exponential_backoff(backoff_factor=10),
-    "retry_jitter_factor": 0.2,
-    "retry_condition_fn": transient,
-    "cache_policy": NO_CACHE,
-}
+_check = {**RETRY_TRANSIENT, "cache_policy": NO_CACHE}
 
 
 @task(name="load_manifest", **_check)
