@@ -104,16 +104,37 @@ def is_server(cmd: str) -> bool:
     return "uvicorn" in cmd and "prefect.server" in cmd
 
 
-def server_ticks(extra_sessions: dict[int, str]) -> dict[str, int]:
-    """CPU ticks so far of the shared servers (by group), and of the given sessions."""
-    totals: dict[str, int] = {}
+ServerTicks = dict[tuple[int, int], tuple[str, int]]  # (pid, start) -> (group, ticks)
+
+
+def server_ticks(extra_sessions: dict[int, str]) -> ServerTicks:
+    """CPU ticks so far of each shared server process, and of the given sessions'."""
+    found: ServerTicks = {}
+    try:  # the shared server; other users' scratch mariadbd instances are foreign load
+        main_db = int(Path("/run/mysqld/mysqld.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        main_db = None
     for proc in all_procs():
         group = extra_sessions.get(proc.sid)
         if group is None:
             group = next((g for prefix, g in SERVER_GROUPS if proc.comm.startswith(prefix)), None)
+            if group == "mariadb" and main_db is not None and proc.pid != main_db:
+                group = None
         if group is not None:
-            totals[group] = totals.get(group, 0) + proc.ticks
-    return totals
+            found[(proc.pid, proc.start)] = (group, proc.ticks)
+    return found
+
+
+def server_cpu(before: ServerTicks, after: ServerTicks) -> tuple[dict[str, float], bool]:
+    """CPU seconds per server group between two snapshots, and whether a server restarted.
+
+    Per process, so a server restarted meanwhile (by someone else) cannot make it negative.
+    """
+    out: dict[str, float] = {}
+    for key, (group, ticks) in after.items():
+        out[group] = out.get(group, 0.0) + (ticks - before.get(key, (group, 0))[1]) / TICK
+    restarted = any(key not in after for key in before)
+    return {k: round(v, 2) for k, v in out.items()}, restarted
 
 
 def busy_ticks() -> tuple[int, int]:
@@ -174,6 +195,11 @@ class TreeSampler(threading.Thread):
         tree = servers = 0
         by_comm: dict[str, int] = {}
         for proc in procs.values():
+            parent = procs.get(proc.ppid)
+            if (parent is not None and proc.comm == parent.comm
+                    and abs(proc.rss - parent.rss) <= parent.rss // 50):
+                # A child between (v)fork and exec shares its parent's pages: not new memory.
+                continue
             if in_server(proc):
                 servers += proc.rss
                 self.ticks[(proc.pid, proc.start)] = ("(ephemeral server)", proc.ticks)
@@ -256,9 +282,7 @@ def measure(variant: str, round_: int, argv: list[str], env: dict[str, str], log
     after_busy = busy_ticks()
     busy = (after_busy[0] - before_busy[0]) / TICK
     softirq = (after_busy[1] - before_busy[1]) / TICK
-    after_servers = server_ticks(extra_sessions)
-    servers = {k: round((after_servers.get(k, 0) - v) / TICK, 2)
-               for k, v in before_servers.items()}
+    servers, restarted = server_cpu(before_servers, server_ticks(extra_sessions))
     cpu = usage.ru_utime + usage.ru_stime
     own = (after_self.user + after_self.system) - (before_self.user + before_self.system)
     other = busy - cpu - sum(servers.values()) - own
@@ -273,7 +297,8 @@ def measure(variant: str, round_: int, argv: list[str], env: dict[str, str], log
         cpu_other_s=round(max(other, 0.0), 2), cpu_softirq_s=round(softirq, 2),
         loadavg_before=round(load, 2),
         stdout=out.decode(errors="replace").strip(), started_at=started_at,
-        log_path=str(log_path), log_offset=offset)
+        log_path=str(log_path), log_offset=offset,
+        note="a shared server restarted during the run" if restarted else "")
 
 
 # Our flow's log lines that mark its phases (Prefect's console format starts with HH:MM:SS.mmm).
@@ -287,9 +312,18 @@ PHASES = (
     ("manifest_written", "manifest written"),
     ("flow_finished", "Finished in state"),
 )
+RESTORE_PHASES = (
+    ("flow_started", "Beginning flow run"),
+    ("files_started", "extracting "),
+    ("files_restored", " entries into "),
+    ("databases_started", "loading "),
+    ("databases_restored", "database(s) in "),
+    ("flow_finished", "Finished in state"),
+)
 
 
-def timeline(result: RunResult) -> dict[str, float]:
+def timeline(result: RunResult, phases: tuple[tuple[str, str], ...] = PHASES
+             ) -> dict[str, float]:
     """Seconds from the process start to each phase of our flow, from its log."""
     with open(result.log_path, "rb") as f:
         f.seek(result.log_offset)
@@ -299,7 +333,7 @@ def timeline(result: RunResult) -> dict[str, float]:
     for line in text.splitlines():
         if line.startswith("=== "):
             break
-        for phase, needle in PHASES:
+        for phase, needle in phases:
             if needle in line and (phase != "flow_finished" or "Flow run" in line):
                 with contextlib.suppress(ValueError):
                     stamp = time.mktime(time.strptime(day + line[:8], "%Y-%m-%d %H:%M:%S"))
@@ -390,6 +424,9 @@ def prefect_server(home: Path, python: Path, env: dict[str, str]) -> Iterator[tu
         kill_session(proc)
 
 
+SCRATCH_SESSIONS: set[int] = set()  # our scratch mariadbd: its CPU counts as "mariadb"
+
+
 @contextlib.contextmanager
 def scratch_mariadb(workdir: Path) -> Iterator[Path]:
     """A throwaway MariaDB server (socket only) for the restores: the real one stays intact."""
@@ -416,8 +453,10 @@ def scratch_mariadb(workdir: Path) -> Iterator[Path]:
             if proc.poll() is not None:
                 raise RuntimeError(f"scratch mariadbd exited; see {workdir / 'scratch-db.log'}")
             time.sleep(0.5)
+        SCRATCH_SESSIONS.add(proc.pid)
         yield sock
     finally:
+        SCRATCH_SESSIONS.discard(proc.pid)
         run(["mariadb-admin", f"--socket={sock}", "shutdown"], check=False)
         try:
             proc.wait(60)
@@ -591,8 +630,10 @@ class Context:
 
 def clean_container(ctx: Context, container: str) -> None:
     """Delete a variant's container and its segments (outside the timing)."""
-    for name in (container, f"{container}_segments"):
-        run([ctx.swift, "delete", name], env=ctx.env, check=False)
+    # Both at once: each CLI call costs a Python start and a token.
+    sw = shlex.quote(ctx.swift)
+    run(f"{sw} delete {container} & {sw} delete {container}_segments & wait", env=ctx.env,
+        check=False)
 
 
 def tar_cmd(root: Path) -> str:
@@ -648,6 +689,10 @@ class Variant:
     sessions: Callable[[Context], dict[int, str]] = lambda ctx: {}
 
 
+# The backups the restores read; the other variants' containers are emptied right after a run.
+RESTORE_SOURCES = ("reference_sequential", "ours_running_server")
+
+
 def shell_variant(name: str, label: str, script: Callable[[Context, str], str],
                   kind: str = "backup") -> Variant:
     def build(ctx: Context, _round: int) -> tuple[list[str], dict[str, str]]:
@@ -661,6 +706,8 @@ def shell_variant(name: str, label: str, script: Callable[[Context, str], str],
     def after(ctx: Context, _result: RunResult) -> None:
         for leftover in ctx.staging.glob("*.zst"):
             leftover.unlink()
+        if name not in RESTORE_SOURCES:
+            clean_container(ctx, ctx.container(name))  # disk: Swift shares it with the data
 
     return Variant(name, label, kind, build, prepare, after)
 
@@ -676,6 +723,8 @@ def ours_variant(name: str, label: str, ephemeral: bool, *extra: str,
             result.timeline = timeline(result)
             with contextlib.suppress(ValueError, IndexError):
                 ctx.last_backup[name] = json.loads(result.stdout.splitlines()[-1])
+        if name not in RESTORE_SOURCES:
+            clean_container(ctx, ctx.container(name))
 
     def sessions(ctx: Context) -> dict[int, str]:
         return {ctx.server_sid: "prefect-server"} if ctx.server_sid else {}
@@ -703,6 +752,8 @@ def check_restore(name: str) -> Callable[[Context, RunResult], None]:
     def after(ctx: Context, result: RunResult) -> None:
         if not result.ok:
             return
+        if name == "restore_ours":
+            result.timeline = timeline(result, RESTORE_PHASES)
         got, _ = tree_bytes(restore_target(ctx, name))
         want, _ = tree_bytes(ctx.root)
         rows = run(["mariadb", f"--socket={ctx.scratch_sock}", "-N", "-e",
@@ -711,7 +762,8 @@ def check_restore(name: str) -> Callable[[Context, RunResult], None]:
         expected = scaled(1_200_000, ctx.args.scale)
         if got != want or count != str(expected):
             result.ok = False
-            result.note = f"restore check failed: {got}/{want} bytes, events rows {count}"
+            result.note = " ".join(filter(None, (result.note, f"restore check failed: {got}/"
+                                                 f"{want} bytes, events rows {count}")))
         shutil.rmtree(restore_target(ctx, name), ignore_errors=True)
     return after
 
@@ -795,27 +847,32 @@ OVERHEAD = [
 
 
 # ------------------------------------------------------------------------------------ runner
+ATTEMPTS = 3
+
+
 def run_variant(ctx: Context, variant: Variant, round_: int,
                 results: dict[str, list[RunResult]]) -> None:
     built = variant.build(ctx, round_)
     if built is None:
         return
     argv, env = built
-    # One retry: on a shared server another user's test can drop a database or kill a
+    # Retries: on a shared server another user's test can drop a database or kill a
     # connection in the middle of an --all-databases dump. Failures stay in the JSON.
-    for attempt in range(2):
+    for attempt in range(ATTEMPTS):
         variant.prepare(ctx)
+        sessions = {**{sid: "mariadb" for sid in SCRATCH_SESSIONS}, **variant.sessions(ctx)}
         result = measure(variant.name, round_, argv, env, ctx.logs / f"{variant.name}.log",
-                         variant.sessions(ctx), cwd=str(REPO))
+                         sessions, cwd=str(REPO))
         variant.after(ctx, result)
         results.setdefault(variant.name, []).append(result)
-        status = "ok" if result.ok else f"FAILED rc={result.returncode} {result.note}"
+        status = ("ok" if result.ok else f"FAILED rc={result.returncode}") + (
+            f" ({result.note})" if result.note else "")
         log(f"  {variant.name:<30} {result.wall_s:7.2f} s  tree {result.rss_mib_tree:6.1f} MiB"
             f"  cpu {result.cpu_s:6.2f} s  other {result.cpu_other_s:5.2f} s  {status}")
         if result.ok:
             return
-        if attempt == 0:
-            log(f"  retrying {variant.name} once (see {ctx.logs / variant.name}.log)")
+        if attempt + 1 < ATTEMPTS:
+            log(f"  retrying {variant.name} (see {ctx.logs / variant.name}.log)")
 
 
 def rounds(ctx: Context, variants: list[Variant], runs: int,
@@ -917,9 +974,10 @@ def cpu_table(variants: dict[str, dict], names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def timeline_table(variants: dict[str, dict], names: list[str]) -> str:
+def timeline_table(variants: dict[str, dict], names: list[str],
+                   phases: tuple[tuple[str, str], ...] = PHASES) -> str:
     """When each phase of our flow was reached, in seconds since the process started."""
-    cols = [p for p, _ in PHASES] + ["process_exited"]
+    cols = [p for p, _ in phases] + ["process_exited"]
     lines = ["| variant | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for name in names:
@@ -1111,6 +1169,9 @@ def main(argv: list[str] | None = None) -> int:
     print(memory_table(variants, names + over))
     print("\nour flow's timeline (s since start, median):\n")
     print(timeline_table(variants, names + over))
+    if "restore_ours" in variants:
+        print()
+        print(timeline_table(variants, ["restore_ours"], RESTORE_PHASES))
     print("\nratios: " + ", ".join(f"{k} = {v}" for k, v in report["ratios"].items()))
     print(f"total {report['total_s']:.0f} s; logs in {ctx.logs}")
     if args.json:
