@@ -63,6 +63,11 @@ def services() -> dict[str, str]:
     env = dict(os.environ, SKIP_APT=os.environ.get("SKIP_APT", "1"))
     subprocess.run(["bash", str(SERVICES), "start"], check=True, env=env,
                    stdout=subprocess.DEVNULL)
+    # Databases our tests and benchmarks create (all named ucb_*) and an interrupted earlier
+    # run may have left: every backup dumps the whole server, so they would be in each one.
+    leftovers = mariadb("SELECT schema_name FROM information_schema.schemata "
+                        "WHERE schema_name LIKE 'ucb\\_%'").split()
+    mariadb("".join(f"DROP DATABASE `{name}`;" for name in leftovers))
     return read_env_file(STATE / "keystone.env")
 
 
