@@ -273,8 +273,13 @@ def measure(variant: str, round_: int, argv: list[str], env: dict[str, str], log
         sampler = TreeSampler(proc.pid)
         sampler.start()
         assert proc.stdout is not None
-        out = proc.stdout.read()  # small: only our flow's --json line
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            out = proc.stdout.read()  # small: only our flow's --json line
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # interrupted: take the variant's whole session down with us
+            sampler.stop()
+            kill_session(proc)
+            raise
         wall = time.monotonic() - started
         proc.returncode = os.waitstatus_to_exitcode(status)
         sampler.stop()
@@ -374,9 +379,14 @@ def free_port() -> int:
 def run(cmd: str | list[str], *, env: dict[str, str] | None = None, check: bool = True,
         input_: bytes | None = None, quiet: bool = True) -> subprocess.CompletedProcess:
     argv = ["bash", "-o", "pipefail", "-c", cmd] if isinstance(cmd, str) else cmd
-    return subprocess.run(argv, env=env, check=check, input=input_,
+    done = subprocess.run(argv, env=env, check=False, input=input_,
                           stdout=subprocess.PIPE if quiet else None,
                           stderr=subprocess.PIPE if quiet else None)
+    if check and done.returncode != 0:
+        tail = (done.stderr or b"").decode(errors="replace").strip().splitlines()[-3:]
+        raise RuntimeError(f"{shlex.join(argv)[:120]} failed ({done.returncode}): "
+                           + " | ".join(tail))
+    return done
 
 
 def kill_session(proc: subprocess.Popen, timeout: float = 20) -> None:
@@ -1045,14 +1055,30 @@ def prepare_data(ctx: Context) -> tuple[int, int, int]:
     exists = run(["mariadb", "-N", "-e", f"SELECT COUNT(*) FROM {BENCH_DB}.events"], check=False)
     if exists.returncode != 0 or exists.stdout.decode().strip() != str(
             scaled(1_200_000, ctx.args.scale)):
-        run(["mariadb"], input_=database_sql(ctx.args.scale).encode())
+        for attempt in range(ATTEMPTS):  # other users' tests may kill connections
+            try:
+                run(["mariadb"], input_=database_sql(ctx.args.scale).encode())
+                break
+            except RuntimeError as error:
+                if attempt + 1 == ATTEMPTS:
+                    raise
+                log(f"creating {BENCH_DB} failed, retrying: {error}")
         log(f"database {BENCH_DB} created in {time.monotonic() - t:.1f} s")
     dump = dump_bytes(ctx.cnf)
     return files, entries, dump
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so the servers we started are stopped on the way out."""
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _exit_on_sigterm()
     only = set(filter(None, args.only.split(","))) or {"overhead", "backup", "restore"}
     for tool in ("mariadb", "mariadb-dump", "zstd", "tar", "swift"):
         if shutil.which(tool, path="/usr/bin:/bin:/usr/sbin") is None:

@@ -33,6 +33,8 @@ PATCH_SETS = {
     "ours_pipe_1m": "pipe-1m",
     "ours_all_but_level": "stats-concurrent,zstd-st,no-md5,no-heartbeat,pipe-1m",
     "ours_all": "stats-concurrent,zstd-st,zstd-1,no-md5,no-heartbeat,pipe-1m",
+    "ours_no_checksum": "no-checksum",
+    "ours_cpu_cuts": "no-checksum,zstd-st,zstd-1,no-md5,no-heartbeat",
 }
 SEGMENTS = {"ours_segment_1GiB_default": 1024, "ours_segment_256MiB": 256}
 
@@ -60,6 +62,7 @@ def main() -> int:
     p.add_argument("--only", default="", help="comma-separated variant names")
     args, rest = p.parse_known_args()
     bargs = bench.parse_args(rest)
+    bench._exit_on_sigterm()
     workdir = bargs.workdir.resolve()
     ctx = bench.Context(args=bargs, workdir=workdir, root=workdir / "root",
                         staging=workdir / "staging", logs=workdir / "logs",

@@ -8,6 +8,7 @@ The project's code is not changed: each patch replaces one function for this pro
 
   stats-concurrent  row counts and CHECKSUM TABLE on a second connection while the dump runs,
                     instead of before it (they delay the dump's start by 2-4 s at scale 1)
+  no-checksum       row counts only, no CHECKSUM TABLE EXTENDED (the manifest's checksum is null)
   zstd-st           zstd --single-thread instead of -T0 (same CPU, ~8 MiB instead of ~60 MiB RSS)
   zstd-1            zstd level 1 instead of 3 (about half the CPU on SQL text, +10 % size)
   no-md5            no client-side MD5 per segment: Swift's returned ETag is recorded as is and
@@ -68,6 +69,46 @@ def stats_concurrent() -> None:
             return iter(self._result)
 
     backup.db.table_stats = LaterStats  # type: ignore[assignment]
+
+
+def no_checksum() -> None:
+    """Row counts only: CHECKSUM TABLE EXTENDED reads every row again (mariadbd CPU)."""
+    from undercloud_backup import backup, database
+
+    original = database.table_stats
+
+    class CountOnly:
+        def __init__(self, connection) -> None:  # type: ignore[no-untyped-def]
+            self._connection = connection
+
+        def cursor(self):  # type: ignore[no-untyped-def]
+            return _Cursor(self._connection.cursor())
+
+    class _Cursor:
+        def __init__(self, cursor) -> None:  # type: ignore[no-untyped-def]
+            self._cursor, self._skip = cursor, False
+
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            self._cursor.__enter__()
+            return self
+
+        def __exit__(self, *exc) -> None:  # type: ignore[no-untyped-def]
+            self._cursor.__exit__(*exc)
+
+        def execute(self, query: str, *args):  # type: ignore[no-untyped-def]
+            self._skip = query.startswith("CHECKSUM TABLE")
+            return None if self._skip else self._cursor.execute(query, *args)
+
+        def fetchone(self):  # type: ignore[no-untyped-def]
+            return (None, None) if self._skip else self._cursor.fetchone()
+
+        def fetchall(self):  # type: ignore[no-untyped-def]
+            return self._cursor.fetchall()
+
+    def table_stats(connection, databases):  # type: ignore[no-untyped-def]
+        return original(CountOnly(connection), databases)
+
+    backup.db.table_stats = table_stats
 
 
 def zstd(argv_change) -> None:  # type: ignore[no-untyped-def]
@@ -133,11 +174,20 @@ def pipe_1m() -> None:
     execute.Pipeline._start = start  # type: ignore[method-assign]
 
 
+_KEEP: list = []
+
+
 def no_heartbeat() -> None:
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    # Entered for the life of the process (the flow runs inside main()).
-    temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}).__enter__()
+    # Entered for the life of the process (the flow runs inside main()). ``updates={...: None}``
+    # would only restore the default (180 s); ``set_defaults`` really sets None.
+    # Keep a reference: a collected generator context would restore the settings at once.
+    _KEEP.append(temporary_settings(set_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
+    _KEEP[-1].__enter__()
+    from prefect.settings import get_current_settings
+
+    assert get_current_settings().flows.heartbeat_frequency is None
 
 
 def _replace_threads(argv: tuple[str, ...]) -> tuple[str, ...]:
@@ -150,6 +200,7 @@ def _level_1(argv: tuple[str, ...]) -> tuple[str, ...]:
 
 PATCHES = {
     "stats-concurrent": stats_concurrent,
+    "no-checksum": no_checksum,
     "zstd-st": lambda: zstd(_replace_threads),
     "zstd-1": lambda: zstd(_level_1),
     "no-md5": no_md5,
