@@ -8,9 +8,11 @@ talk to that server.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -167,3 +169,26 @@ def backup_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 3
     """Run ``python -m flows.backup`` the way an operator does."""
     return subprocess.run([PYTHON, "-m", "flows.backup", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env=env or dict(os.environ))
+
+
+def describe_tree(top: Path) -> dict[str, tuple]:
+    """Per path under ``top``: type, mode, owner, content (hard links by first name), xattrs."""
+    entries: dict[str, tuple] = {}
+    inodes: dict[tuple[int, int], str] = {}
+    for directory, dirnames, filenames in os.walk(top):
+        for name in sorted(dirnames + filenames):
+            path = Path(directory, name)
+            rel = str(path.relative_to(top))
+            st = path.lstat()
+            content: object = None
+            if stat.S_ISREG(st.st_mode):
+                first = inodes.setdefault((st.st_dev, st.st_ino), rel)
+                content = (hashlib.sha256(path.read_bytes()).hexdigest(),
+                           first if first != rel else None, int(st.st_mtime))
+            elif stat.S_ISLNK(st.st_mode):
+                content = os.readlink(path)
+            xattrs = {} if stat.S_ISLNK(st.st_mode) else {
+                k: os.getxattr(path, k) for k in os.listxattr(path)}
+            entries[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid,
+                            st.st_gid, content, xattrs)
+    return entries

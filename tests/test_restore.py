@@ -4,7 +4,6 @@ is replaced unless asked, and a dry run writes nothing."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, backup_cli
+from conftest import REPO, backup_cli, describe_tree
 from test_verify import database_sql, run_sql
 
 from undercloud_backup import config, restore, sample, swift, verify
@@ -27,29 +26,6 @@ def cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedPr
     """Run ``python -m flows.<module>`` the way an operator does."""
     return subprocess.run([sys.executable, "-m", f"flows.{module}", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
-
-
-def describe_tree(top: Path) -> dict[str, tuple]:
-    """Per path under ``top``: type, mode, owner, content (hard links by first name), xattrs."""
-    entries: dict[str, tuple] = {}
-    inodes: dict[tuple[int, int], str] = {}
-    for directory, dirnames, filenames in os.walk(top):
-        for name in sorted(dirnames + filenames):
-            path = Path(directory, name)
-            rel = str(path.relative_to(top))
-            st = path.lstat()
-            content: object = None
-            if stat.S_ISREG(st.st_mode):
-                first = inodes.setdefault((st.st_dev, st.st_ino), rel)
-                content = (hashlib.sha256(path.read_bytes()).hexdigest(),
-                           first if first != rel else None, int(st.st_mtime))
-            elif stat.S_ISLNK(st.st_mode):
-                content = os.readlink(path)
-            xattrs = {} if stat.S_ISLNK(st.st_mode) else {
-                k: os.getxattr(path, k) for k in os.listxattr(path)}
-            entries[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid,
-                            st.st_gid, content, xattrs)
-    return entries
 
 
 ARCHIVED = ("etc", "root", "home/stack", "srv/node", "var/lib/glance/images")

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import backup_cli, mariadb
+from conftest import backup_cli, describe_tree, mariadb
 from keystoneauth1 import session
 from keystoneauth1.identity import v3
 from swiftclient.client import Connection
@@ -39,29 +38,6 @@ def download(conn: Connection, container: str, name: str, path: Path) -> str:
             digest.update(chunk)
             out.write(chunk)
     return digest.hexdigest()
-
-
-def describe_tree(top: Path) -> dict[str, tuple]:
-    """Everything tar must keep, per path relative to ``top``."""
-    entries: dict[str, tuple] = {}
-    inodes: dict[tuple[int, int], str] = {}
-    for directory, dirnames, filenames in os.walk(top):
-        for name in sorted(dirnames + filenames):
-            path = Path(directory, name)
-            rel = str(path.relative_to(top))
-            st = path.lstat()
-            content = None
-            if stat.S_ISREG(st.st_mode):
-                content = hashlib.sha256(path.read_bytes()).hexdigest()
-                first = inodes.setdefault((st.st_dev, st.st_ino), rel)
-                content = (content, first if first != rel else None, int(st.st_mtime))
-            elif stat.S_ISLNK(st.st_mode):
-                content = os.readlink(path)
-            xattrs = {} if stat.S_ISLNK(st.st_mode) else {
-                k: os.getxattr(path, k) for k in os.listxattr(path) if k.startswith("user.")}
-            entries[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid,
-                            st.st_gid, content, xattrs)
-    return entries
 
 
 def getfacl(path: Path) -> str:
