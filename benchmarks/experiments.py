@@ -47,14 +47,18 @@ def patched_variant(name: str, patches: str, segment_mib: int | None = None) -> 
         return ([str(ctx.python), str(HERE / "patched_backup.py"), patches, "--", *argv],
                 ctx.running_env())
 
+    def prepare(ctx: bench.Context) -> None:
+        bench.clean_container(ctx, ctx.container(name))
+        bench.ensure_bench_db(ctx)
+
     def after(ctx: bench.Context, result: bench.RunResult) -> None:
         if result.ok:
             result.timeline = bench.timeline(result)
 
     return bench.Variant(name, f"{name} ({patches}"
                          + (f", {segment_mib} MiB segments)" if segment_mib else ")"), "backup",
-                         build, lambda ctx: bench.clean_container(ctx, ctx.container(name)),
-                         after, sessions=lambda ctx: {ctx.server_sid: "prefect-server"})
+                         build, prepare, after,
+                         sessions=lambda ctx: {ctx.server_sid: "prefect-server"})
 
 
 def main() -> int:
