@@ -252,6 +252,7 @@ class RunResult:
     log_path: str = ""
     log_offset: int = 0
     timeline: dict[str, float] = field(default_factory=dict)
+    stored_bytes: int = 0  # compressed bytes the backup wrote (backups that say)
 
 
 def measure(variant: str, round_: int, argv: list[str], env: dict[str, str], log_path: Path,
@@ -640,7 +641,7 @@ class Context:
 
     @property
     def segment_bytes(self) -> int:
-        return self.args.segment_mib * MiB
+        return (self.args.segment_mib or 64) * MiB
 
     def container(self, variant: str) -> str:
         return f"ucb-bench-{variant.replace('_', '-')}"
@@ -699,9 +700,11 @@ def ref_streamed_parallel(ctx: Context, c: str) -> str:
 
 
 def ours_argv(ctx: Context, c: str, *extra: str) -> list[str]:
+    # Our own segment size (64 MiB at these sizes), unless --segment-mib was given.
+    size = ["--segment-size", f"{ctx.args.segment_mib}MiB"] if ctx.args.segment_mib else []
     return [str(ctx.python), "-m", "flows.backup", "--root", str(ctx.root), "--container", c,
-            "--db-defaults-file", str(ctx.cnf), "--segment-size", f"{ctx.args.segment_mib}MiB",
-            "--staging-dir", str(ctx.staging), "--json", *extra]
+            "--db-defaults-file", str(ctx.cnf), *size, "--staging-dir", str(ctx.staging),
+            "--json", *extra]
 
 
 @dataclass
@@ -730,8 +733,10 @@ def shell_variant(name: str, label: str, script: Callable[[Context, str], str],
             leftover.unlink()
         ensure_bench_db(ctx)
 
-    def after(ctx: Context, _result: RunResult) -> None:
+    def after(ctx: Context, result: RunResult) -> None:
         for leftover in ctx.staging.glob("*.zst"):
+            if result.ok:
+                result.stored_bytes += leftover.stat().st_size
             leftover.unlink()
         if name not in RESTORE_SOURCES:
             clean_container(ctx, ctx.container(name))  # disk: Swift shares it with the data
@@ -748,8 +753,9 @@ def ours_variant(name: str, label: str, ephemeral: bool, *extra: str,
     def after(ctx: Context, result: RunResult) -> None:
         if result.ok:
             result.timeline = timeline(result)
-            with contextlib.suppress(ValueError, IndexError):
+            with contextlib.suppress(ValueError, IndexError, KeyError):
                 ctx.last_backup[name] = json.loads(result.stdout.splitlines()[-1])
+                result.stored_bytes = sum(o["size"] for o in ctx.last_backup[name]["objects"])
         if name not in RESTORE_SOURCES:
             clean_container(ctx, ctx.container(name))
 
@@ -854,6 +860,9 @@ BACKUPS = [
     shell_variant("reference_streamed_parallel", "reference streamed, both at once",
                   ref_streamed_parallel),
     ours_variant("ours_running_server", "ours, running Prefect server", ephemeral=False),
+    ours_variant("ours_fast", "ours, running server, --compression-level 1 "
+                 "--no-table-checksums", False, "--compression-level", "1",
+                 "--no-table-checksums"),
     ours_variant("ours_ephemeral_server", "ours, ephemeral Prefect server", ephemeral=True),
 ]
 RESTORES = [
@@ -948,6 +957,8 @@ def summarize(results: dict[str, list[RunResult]], labels: dict[str, str],
                                                              if k in r.timeline), 2)
                                  for k in dict.fromkeys(k for r in good for k in r.timeline)},
                 cpu_s_median=round(statistics.median(r.cpu_s for r in good), 2),
+                stored_mb_median=(round(statistics.median(
+                    r.stored_bytes for r in good) / 1e6, 1) if good[0].stored_bytes else None),
                 cpu_by_command_median={k: round(statistics.median(v), 2)
                                        for k, v in commands.items()},
                 cpu_servers_s_median={k: round(statistics.median(v), 2)
@@ -968,15 +979,15 @@ def ratio(variants: dict[str, dict], a: str, b: str) -> float | None:
 
 def table(variants: dict[str, dict], names: list[str], ref: str | None) -> str:
     head = ("| variant | runs | wall median (s) | min–max (s) | MB/s | tree RSS peak (MiB) "
-            "| max process (MiB) | CPU (s) | vs ref |")
-    lines = [head, "|" + "---|" * 9]
+            "| max process (MiB) | CPU (s) | stored (MB) | vs ref |")
+    lines = [head, "|" + "---|" * 10]
     for name in names:
         v = variants.get(name)
         if v is None:
             continue
         label = v["label"].replace("|", "\\|")  # pipes inside a markdown cell
         if "wall_s_median" not in v:
-            lines.append(f"| {label} | {v['runs']} | failed | | | | | | |")
+            lines.append(f"| {label} | {v['runs']} | failed | | | | | | | |")
             continue
         vs = ratio(variants, name, ref) if ref else None
         lines.append(
@@ -984,7 +995,7 @@ def table(variants: dict[str, dict], names: list[str], ref: str | None) -> str:
             f"| {min(v['wall_s']):.2f}–{max(v['wall_s']):.2f} "
             f"| {v['throughput_mb_s'] or ''} | {v['rss_mib_peak']:.0f} "
             f"| {v['rss_mib_max_process']:.0f} ({v['max_process']}) | {v['cpu_s_median']:.1f} "
-            f"| {f'{vs:.2f}×' if vs else ''} |")
+            f"| {v.get('stored_mb_median') or ''} | {f'{vs:.2f}×' if vs else ''} |")
     return "\n".join(lines)
 
 
@@ -1042,8 +1053,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write the results here as JSON")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/ucb-bench"),
                    help="data, staging, restores and logs (default /var/tmp/ucb-bench)")
-    p.add_argument("--segment-mib", type=int, default=64,
-                   help="Swift segment size for every variant, MiB (default 64)")
+    p.add_argument("--segment-mib", type=int,
+                   help="Swift segment size for every variant, MiB (default: 64 for the "
+                        "reference, our own choice for ours)")
     p.add_argument("--keep", action="store_true",
                    help="keep the generated files and the ucb_bench database for the next run")
     p.add_argument("--only", default="",
@@ -1193,7 +1205,8 @@ def main(argv: list[str] | None = None) -> int:
 
     data = report.get("data")
     print(f"\n## undercloud-backup benchmark, scale {args.scale}, {args.runs} run(s) each, "
-          f"{args.segment_mib} MiB segments")
+          + (f"{args.segment_mib} MiB segments" if args.segment_mib else
+             "64 MiB segments for the reference, our own choice for ours"))
     if data:
         print(f"source: {data['files_bytes'] / 1e6:.0f} MB of files ({data['file_entries']} "
               f"entries) + {data['dump_bytes'] / 1e6:.0f} MB dump = "

@@ -33,8 +33,10 @@ class SwiftTarget(Block):
         None, description="Swift storage URL, to bypass the Keystone catalog (rarely needed).")
     container: str = Field("undercloud-backups", description="Container for the backups; "
                                                              "segments go to <container>_segments.")
-    segment_size: str = Field("1GiB", description="Objects larger than this are uploaded as "
-                                                  "Static Large Objects of segments this big.")
+    segment_size: str | None = Field(
+        None, description="Objects larger than this are uploaded as Static Large Objects of "
+                          "segments this big (empty: chosen per stream, 64MiB or more so that "
+                          "no object needs over 900 segments).")
     retries: int = Field(5, description="Retries of one Swift request (with back-off).")
 
     def settings(self) -> swift.SwiftSettings:
@@ -49,7 +51,8 @@ class SwiftTarget(Block):
                                            if self.application_credential_secret else None),
             region_name=self.region_name, interface=self.interface,
             storage_url=self.storage_url, container=self.container,
-            segment_size=parse_size(self.segment_size), retries=self.retries)
+            segment_size=parse_size(self.segment_size) if self.segment_size else None,
+            retries=self.retries)
 
     def get_connection(self) -> Connection:
         """An authenticated swiftclient connection."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from undercloud_backup.errors import BackupError
@@ -32,11 +33,37 @@ def database_arguments(args: argparse.Namespace) -> dict:
             "db_socket": args.db_socket}
 
 
+# Equal to PREFECT_FLOWS_HEARTBEAT_FREQUENCY of prefect.yaml's deployments and to HEARTBEAT_S
+# of deployments/prefect/zombie_automation.py.
+HEARTBEAT_S = 30
+
+
+@contextmanager
+def _heartbeats() -> Iterator[None]:
+    """Heartbeats of an ad hoc run, unless PREFECT_FLOWS_HEARTBEAT_FREQUENCY says otherwise.
+
+    Against a server, as often as deployment runs: the zombie automation marks a run CRASHED
+    after three missed beats, and Prefect's default (180 s) would trip it on a healthy run.
+    Against the ephemeral server, which dies with this process, none: nobody watches them and
+    ending the heartbeat thread costs up to a second per run (benchmarks/RESULTS.md).
+    """
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        temporary_settings,
+    )
+
+    every = HEARTBEAT_S if PREFECT_API_URL.value() else None
+    with temporary_settings(set_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: every}):
+        yield
+
+
 def run(prog: str, call: Callable[[], T], *, interrupted: str = "",
         on_backup_error: Callable[[BackupError], None] | None = None) -> tuple[T | None, int]:
     """Call ``call``; on failure print one line to stderr and return the exit status."""
     try:
-        return call(), 0
+        with _heartbeats():
+            return call(), 0
     except BackupError as error:
         if on_backup_error is not None:
             on_backup_error(error)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
@@ -67,20 +69,26 @@ def check_space(request: backup.BackupRequest, plan: PathPlan, db_source: Databa
     return {**report.as_dict(), "server_version": server_version}
 
 
+def _swift_settings(swift_source: SwiftSource, segment_size: int | None) -> swift.SwiftSettings:
+    settings = swift_source.settings()
+    return replace(settings, segment_size=segment_size) if segment_size else settings
+
+
 @task(name="dump_databases", **_stage)
 def dump_databases(request: backup.BackupRequest, db_source: DatabaseSource,
-                   swift_source: SwiftSource) -> dict:
+                   swift_source: SwiftSource, segment_size: int | None = None) -> dict:
     """Dump every MariaDB database, users and grants consistently, streamed into Swift."""
     settings = None if request.privileged else db_source.settings()
-    return backup.dump_databases(request, settings, swift_source.settings(),
+    return backup.dump_databases(request, settings, _swift_settings(swift_source, segment_size),
                                  get_run_logger())
 
 
 @task(name="archive_paths", **_stage)
 def archive_paths(request: backup.BackupRequest, plan: PathPlan,
-                  swift_source: SwiftSource) -> dict:
+                  swift_source: SwiftSource, segment_size: int | None = None) -> dict:
     """Archive the planned paths with owners, modes, ACLs and xattrs, streamed into Swift."""
-    return backup.archive_paths(request, plan, swift_source.settings(), get_run_logger())
+    return backup.archive_paths(request, plan, _swift_settings(swift_source, segment_size),
+                                get_run_logger())
 
 
 @task(name="write_manifest", **_stage)

@@ -193,19 +193,29 @@ def big_database(services):
     mariadb("DROP DATABASE IF EXISTS ucb_fault_big;")
 
 
-def test_dump_killed_half_way_fails_the_run(earlier, staging, db_cnf, big_database):
+# The dump's own streaming SELECT, or the row counts and checksums read beside it on a
+# second connection: losing either fails the run.
+KILL_TARGETS = {
+    "dump": ("db = 'ucb_fault_big' AND info LIKE 'SELECT /*!40001 SQL_NO_CACHE */%'", 22,
+             "The database dump failed", "mariadb-dump failed"),
+    "table-stats": ("info LIKE 'CHECKSUM TABLE `ucb_fault_big`%'", 22,
+                    "The database dump failed", "reading the row counts and checksums"),
+}
+
+
+@pytest.mark.parametrize("target", KILL_TARGETS)
+def test_dump_killed_half_way_fails_the_run(earlier, staging, db_cnf, big_database, target):
     before = _objects(earlier.container)
     killed: list[int] = []
+    where, exit_code, says, detail = KILL_TARGETS[target]
 
     def kill_the_dump() -> None:
         root = pymysql.connect(unix_socket="/run/mysqld/mysqld.sock", user="root")
         deadline = time.monotonic() + 120
         with root.cursor() as cursor:
             while time.monotonic() < deadline and not killed:
-                # the dump's own streaming SELECT, not the checksums taken before it
                 cursor.execute("SELECT id FROM information_schema.processlist WHERE user = "
-                               "'backup' AND db = 'ucb_fault_big' AND info LIKE "
-                               "'SELECT /*!40001 SQL_NO_CACHE */%'")
+                               f"'backup' AND {where}")
                 for (thread_id,) in cursor.fetchall():
                     cursor.execute(f"KILL {int(thread_id)}")
                     killed.append(thread_id)
@@ -217,10 +227,9 @@ def test_dump_killed_half_way_fails_the_run(earlier, staging, db_cnf, big_databa
     result = run_backup(earlier, staging, "--db-defaults-file", db_cnf, "--db-only",
                         "--segment-size", "1MiB")
     killer.join()
-    assert killed, "the dump's query was never seen"
-    assert_failed_cleanly(result, earlier, staging, before, exit_code=22,
-                          says="The database dump failed")
-    assert "mariadb-dump failed" in result.stderr
+    assert killed, f"the {target} query was never seen"
+    assert_failed_cleanly(result, earlier, staging, before, exit_code=exit_code, says=says)
+    assert detail in result.stderr
 
 
 def test_swift_stopped_during_upload(earlier, staging, db_cnf, tmp_path):

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import socket
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import backup_cli
+from conftest import PREFECT_API_URL, backup_cli
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -160,3 +162,49 @@ def test_prune_after_a_successful_backup_keeps_the_policy(os_env, db_cnf, small_
     assert [b.backup_id for b in swift.list_backups(conn, container)] == [second["backup_id"]]
     _, objects = conn.get_container(container, full_listing=True)
     assert not [o["name"] for o in objects if o["name"].startswith(first["backup_id"])]
+
+
+def test_ad_hoc_runs_beat_as_often_as_the_zombie_automation_expects():
+    """Prefect's default (every 180 s) would let the automation (3 x 30 s) crash a healthy
+    ad hoc run; the ephemeral server, which dies with the run, gets none."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        get_current_settings,
+        temporary_settings,
+    )
+
+    from flows import cli
+
+    def every() -> int | None:
+        return get_current_settings().flows.heartbeat_frequency
+
+    assert every() == 180  # Prefect's default, which the automation cannot live with
+    assert cli.run("test", every) == (cli.HEARTBEAT_S, 0)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert cli.run("test", every) == (None, 0)
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60}):
+        assert cli.run("test", every) == (60, 0)  # an operator's own setting wins
+    zombie = (Path(__file__).parent.parent / "deployments/prefect/zombie_automation.py")
+    assert f"HEARTBEAT_S = {cli.HEARTBEAT_S}" in zombie.read_text()
+
+
+def test_an_ad_hoc_run_sends_heartbeats_to_the_server(os_env, db_cnf, small_root, container):
+    result = backup_cli("--root", str(small_root), "--container", container,
+                        "--db-defaults-file", db_cnf, "--db-only", "--no-prune", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    manifest = swift.get_manifest(swift.connect(config.swift_settings_from_env()), container,
+                                  summary["backup_id"])
+    query = {"filter": {"event": {"name": ["prefect.flow-run.heartbeat"]},
+                        "resource": {"id": [f"prefect.flow-run.{manifest['flow_run_id']}"]}},
+             "limit": 5}
+    deadline, events = time.monotonic() + 20, []
+    while not events and time.monotonic() < deadline:  # events are ingested asynchronously
+        request = urllib.request.Request(f"{PREFECT_API_URL}/events/filter",
+                                         data=json.dumps(query).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            events = json.load(response)["events"]
+        time.sleep(0.5)
+    assert events, "no heartbeat from the ad hoc run reached the server"

@@ -296,3 +296,41 @@ def test_database_filter_keeps_only_the_named_database_whatever_the_chunking(two
             position += size
         out += chunked.finish()
         assert bytes(out) == expected
+
+
+@pytest.mark.slow
+def test_files_and_databases_are_restored_side_by_side(two_databases, private_mariadb,
+                                                       container, os_env, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    root = sample.make_files(tmp_path / "undercloud", sample.SampleSize(images_mib=(3,)))
+    backup = make_backup(root, container, private_mariadb)
+    with scratch_mariadb("/var/tmp", lifetime_s=600) as server:
+        result = cli("restore", "--container", container, "--staging-dir", str(tmp_path),
+                     "--all-databases", "--db-socket", server.socket, "--db-user", "root",
+                     "--json")
+        assert result.returncode == 0, result.stderr
+        restored = json.loads(result.stdout)
+        assert restored["backup_id"] == backup["backup_id"]
+        assert describe_tree(Path(restored["files"]["target"])) == describe_tree(root)
+        loaded = restored["databases"]
+        assert set(two_databases) <= set(loaded["databases"])
+        assert loaded["compared"] == loaded["matching"] and loaded["differences"] == []
+        assert checksums(server, two_databases[0]) == checksums(private_mariadb,
+                                                                two_databases[0])
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(
+            any_=["undercloud_restore"])), sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        tasks = {t.name: t for t in client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[run.id])))}
+    files = next(t for name, t in tasks.items() if name.startswith("restore_files"))
+    databases = next(t for name, t in tasks.items() if name.startswith("restore_databases"))
+    # each started before the other ended
+    assert files.start_time < databases.end_time and databases.start_time < files.end_time

@@ -170,8 +170,9 @@ def test_worker_reads_the_database_as_root_through_sudo(installed, sample_databa
         "import json; from undercloud_backup import privileged as p\n"
         "info = p.server_info()\n"
         f"stats = p.table_stats({tuple(sample_databases)!r})\n"
+        f"rows = p.table_stats({tuple(sample_databases)!r}, checksums=False)\n"
         "print(json.dumps({'databases': info.databases, 'version': info.version,"
-        " 'stats': [s.__dict__ for s in stats]}))\n")
+        " 'stats': [s.__dict__ for s in stats], 'rows': [s.__dict__ for s in rows]}))\n")
     result = as_user(WORKER, [PYTHON, "-c", script], env={"PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
     got = __import__("json").loads(result.stdout)
@@ -179,12 +180,19 @@ def test_worker_reads_the_database_as_root_through_sudo(installed, sample_databa
     try:
         expected_info = database.server_info(connection)
         expected = database.table_stats(connection, tuple(sample_databases))
+        expected_rows = database.table_stats(connection, tuple(sample_databases),
+                                             checksums=False)
     finally:
         connection.close()
     assert set(sample_databases) <= set(got["databases"])
     assert tuple(got["databases"]) == expected_info.databases
     assert got["version"] == expected_info.version
     assert [database.TableStats(**s) for s in got["stats"]] == expected
+    assert any(s.checksum is not None for s in expected)
+    # --rows-only: the same counts, no CHECKSUM TABLE
+    assert [database.TableStats(**s) for s in got["rows"]] == expected_rows
+    assert [(s.table, s.rows) for s in expected_rows] == [(s.table, s.rows) for s in expected]
+    assert all(s.checksum is None for s in expected_rows)
 
     dump = as_user(WORKER, list(privileged.dump_command(sample_databases).argv), timeout=120)
     assert dump.returncode == 0, dump.stderr

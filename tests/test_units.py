@@ -190,3 +190,42 @@ def test_segment_limits_are_checked_before_anything_is_written():
     with pytest.raises(ConfigError, match="over Swift's object limit"):
         check_segments({}, 6 * 1024**3, limits)
     check_segments({"x": 10**15}, 1024**2, SwiftLimits())  # a cluster that says nothing
+
+
+def test_segment_size_is_chosen_per_stream_from_its_size():
+    from undercloud_backup.backup import SwiftLimits, auto_segment_size
+
+    mib, limits = 1024**2, SwiftLimits(max_object_bytes=5 * 1024**3, max_manifest_segments=1000)
+    # small and medium streams: 64 MiB, so the upload starts early and spools stay small
+    assert auto_segment_size(0, limits) == 64 * mib
+    assert auto_segment_size(50 * 1024**3, limits) == 64 * mib
+    # 500 GiB of /srv/node: at most 900 of the 1000 segments, in whole MiB
+    size = auto_segment_size(500 * 1024**3, limits)
+    assert size % mib == 0 and 500 * 1024**3 / size <= 900 and size < 570 * mib
+    # a cluster with a lower limit gets bigger segments; none above Swift's object limit
+    assert auto_segment_size(500 * 1024**3, SwiftLimits(max_manifest_segments=100)) > 5 * 1024**3
+    assert auto_segment_size(10 * 1024**4, limits) == 5 * 1024**3
+
+
+def test_space_check_stages_two_segments_per_stream_of_its_own_size(tmp_path):
+    from undercloud_backup.backup import BackupRequest, SwiftLimits, check_space, plan_files
+
+    mib = 1024**2
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/small").write_bytes(b"x" * 4096)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    request = BackupRequest(backup_id="b", created_at="t", hostname="h", root=str(tmp_path),
+                            staging_dir=str(staging))
+    plan = plan_files(request)
+    limits = SwiftLimits(max_object_bytes=5 * 1024**3, max_manifest_segments=1000)
+    database = 200 * 1024**3  # 200 GiB of database: 228 MiB segments, two of them spooled
+    report = check_space(request, plan, database, None, limits=limits)
+    assert report.database_segment_size == 228 * mib
+    assert report.files_segment_size == 64 * mib
+    # the tiny file stream never spools more than it produces
+    assert report.staging_needed == 2 * 228 * mib + (report.files_bytes + 8 * mib + 1) + 64 * mib
+    fixed = check_space(request, plan, database, 1024**3, limits=limits)
+    assert fixed.database_segment_size == fixed.files_segment_size == 1024**3
+    with pytest.raises(ConfigError, match="would need more than Swift's 1000 segments"):
+        check_space(request, plan, database, 64 * mib, limits=limits)

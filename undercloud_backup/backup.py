@@ -15,6 +15,7 @@ import platform
 import secrets
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from undercloud_backup import __version__, swift
@@ -25,6 +26,7 @@ from undercloud_backup.errors import (
     BackupError,
     CommandFailed,
     ConfigError,
+    DatabaseUnreachable,
     DumpFailed,
     InsufficientSpace,
     UnreadableFiles,
@@ -37,6 +39,12 @@ DB_OBJECT = "mariadb-all-databases.sql.zst"
 FS_OBJECT = "filesystem.tar.zst"
 # Space the staging filesystem must keep free beyond our spools.
 STAGING_MARGIN = 64 * 1024**2
+# Automatic segment size: small enough that upload starts early and spools stay small, large
+# enough that a stream of the estimated size needs at most AUTO_SEGMENT_FILL of Swift's limit
+# of segments per object (compressed output is smaller; the headroom covers a wrong estimate).
+AUTO_SEGMENT_MIN = swift.DEFAULT_SEGMENT_SIZE
+AUTO_SEGMENT_FILL = 0.9
+DEFAULT_MAX_SEGMENTS = 1000  # Swift's default max_manifest_segments
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,8 @@ class BackupRequest:
     staging_dir: str = "/var/tmp"
     allow_unreadable: bool = False
     compression_level: int = 3
+    # CHECKSUM TABLE of every table besides its row count (verify compares both).
+    table_checksums: bool = True
     dump_timeout_s: float = 6 * 3600
     archive_timeout_s: float = 12 * 3600
     # Run tar and the dump as root through the sudo wrappers of deployments/ (worker mode).
@@ -70,7 +80,11 @@ def new_backup_id(hostname: str, when: dt.datetime, unique: str | None = None) -
 
 
 def zstd_command(level: int) -> Command:
-    return Command(argv=("zstd", "-q", f"-{level}", "-T0", "-c", "--no-progress"), name="zstd")
+    # One compressor thread per stream: the database and the files are already two streams side
+    # by side, and -T0 only added job buffers (60-70 MiB each) and, on incompressible images,
+    # twice the CPU (benchmarks/RESULTS.md).
+    return Command(argv=("zstd", "-q", f"-{level}", "--single-thread", "-c", "--no-progress"),
+                   name="zstd")
 
 
 class Progress:
@@ -110,6 +124,8 @@ class SpaceReport:
     staging_needed: int
     staging_available: int
     swift_quota_left: int | None = None
+    database_segment_size: int | None = None
+    files_segment_size: int | None = None
     checks: tuple[str, ...] = field(default=())
 
     def as_dict(self) -> dict:
@@ -130,6 +146,17 @@ class SwiftLimits:
                        "max_manifest_segments"))
 
 
+def auto_segment_size(stream_bytes: int, limits: SwiftLimits) -> int:
+    """Segment size for a stream of about ``stream_bytes``: 64 MiB, or more for a big stream."""
+    max_segments = limits.max_manifest_segments or DEFAULT_MAX_SEGMENTS
+    needed = -(-stream_bytes // int(max_segments * AUTO_SEGMENT_FILL))
+    mib = 1024**2
+    size = max(AUTO_SEGMENT_MIN, -(-needed // mib) * mib)
+    if limits.max_object_bytes:
+        size = min(size, limits.max_object_bytes)  # check_segments then says it cannot fit
+    return size
+
+
 def check_segments(stream_bytes: dict[str, int], segment_size: int,
                    limits: SwiftLimits) -> None:
     """Refuse a segment size Swift will not take, or one that makes an SLO too long."""
@@ -148,34 +175,38 @@ def check_segments(stream_bytes: dict[str, int], segment_size: int,
 
 
 def check_space(request: BackupRequest, plan: fs.PathPlan, database_bytes: int,
-                segment_size: int, swift_quota_left: int | None = None,
+                segment_size: int | None, swift_quota_left: int | None = None,
                 limits: SwiftLimits = SwiftLimits()) -> SpaceReport:
     """Compare what the run will write with what is free, before anything is written.
 
     Locally only segment spools are staged (two per stream: one filling, one uploading); the
     whole estimate has to fit in Swift's quota when the account has one, and each stream in
-    Swift's limit of segments per object.
+    Swift's limit of segments per object. Without a ``segment_size`` each stream gets its own,
+    from :func:`auto_segment_size`.
     """
     files_bytes = fs.estimate_bytes(plan.root, plan.included, plan.excluded)
-    check_segments({"database dump": database_bytes, "filesystem archive": files_bytes},
-                   segment_size, limits)
-    streams = int(request.include_databases) + int(bool(plan.included))
+    streams = {"database dump": database_bytes if request.include_databases else None,
+               "filesystem archive": files_bytes if plan.included else None}
+    sizes: dict[str, int] = {}
+    for what, size in streams.items():
+        if size is None:
+            continue
+        sizes[what] = segment_size or auto_segment_size(size, limits)
+        check_segments({what: size}, sizes[what], limits)
     # A stream never spools more than it produces, and never more than two segments.
-    spool = 0
-    if request.include_databases:
-        spool += min(2 * segment_size, database_bytes + segment_size // 8 + 1)
-    if plan.included:
-        spool += min(2 * segment_size, files_bytes + segment_size // 8 + 1)
-    needed = spool + STAGING_MARGIN if streams else 0
+    spool = sum(min(2 * sizes[what], streams[what] + sizes[what] // 8 + 1) for what in sizes)
+    needed = spool + STAGING_MARGIN if sizes else 0
     if not os.path.isdir(request.staging_dir):
         raise ConfigError(detail=f"staging directory {request.staging_dir} does not exist")
     available = shutil.disk_usage(request.staging_dir).free
+    segments = ", ".join(f"{what} {format_size(size)}" for what, size in sizes.items())
     checks = [f"staging {request.staging_dir}: need {format_size(needed)}, "
-              f"free {format_size(available)}"]
+              f"free {format_size(available)}",
+              f"segment size: {segments or 'no stream'}"]
     if needed > available:
         raise InsufficientSpace(location=request.staging_dir,
-                                purpose=f"{streams} upload stream(s) of "
-                                        f"{format_size(segment_size)} segments",
+                                purpose=f"{len(sizes)} upload stream(s) with segments of "
+                                        f"{segments}",
                                 needed=format_size(needed), available=format_size(available))
     estimate = database_bytes + files_bytes
     if swift_quota_left is not None:
@@ -188,6 +219,8 @@ def check_space(request: BackupRequest, plan: fs.PathPlan, database_bytes: int,
     return SpaceReport(database_bytes=database_bytes, files_bytes=files_bytes,
                        staging_dir=request.staging_dir, staging_needed=needed,
                        staging_available=available, swift_quota_left=swift_quota_left,
+                       database_segment_size=sizes.get("database dump"),
+                       files_segment_size=sizes.get("filesystem archive"),
                        checks=tuple(checks))
 
 
@@ -225,7 +258,10 @@ def dump_databases(request: BackupRequest, settings: db.DatabaseSettings | None,
 
             os.close(write_fd)
             info = privileged.server_info()
-            stats = privileged.table_stats(info.databases)
+
+            def collect_stats() -> list[db.TableStats]:
+                return privileged.table_stats(info.databases, request.table_checksums)
+
             dump = privileged.dump_command(info.databases)
             secrets: list[str | None] = []
         else:
@@ -234,18 +270,31 @@ def dump_databases(request: BackupRequest, settings: db.DatabaseSettings | None,
                 options.write(settings.option_file_text())
             with db.connect(settings) as connection:
                 info = db.server_info(connection)
-                stats = db.table_stats(connection, info.databases)
+
+            def collect_stats() -> list[db.TableStats]:
+                with db.connect(settings) as connection:
+                    return db.table_stats(connection, info.databases, request.table_checksums)
+
             dump = db.dump_command(info.databases, read_fd, db.dump_tool())
             secrets = [settings.password]
         logger.info("dumping %d database(s) from MariaDB %s (%s on disk): %s",
                     len(info.databases), info.version, format_size(info.size_bytes),
                     ", ".join(info.databases) or "(none, users only)")
-        record = _stream_to_swift(
-            request, swift_settings, DB_OBJECT, "mariadb-dump",
-            Pipeline([dump, zstd_command(request.compression_level)],
-                     timeout=request.dump_timeout_s, secrets=secrets, pass_fds=(read_fd,)),
-            on_failure=DumpFailed, progress=Progress(logger, "database dump"),
-            after_start=close_read_end)
+        # Row counts and checksums are read on a second connection while the dump runs (they
+        # re-read every row: before the dump they delayed it by a quarter of its time), and
+        # the object is committed only once they are in.
+        stats_pool = ThreadPoolExecutor(1, thread_name_prefix="table-stats")
+        stats_future = stats_pool.submit(collect_stats)
+        try:
+            record = _stream_to_swift(
+                request, swift_settings, DB_OBJECT, "mariadb-dump",
+                Pipeline([dump, zstd_command(request.compression_level)],
+                         timeout=request.dump_timeout_s, secrets=secrets, pass_fds=(read_fd,)),
+                on_failure=DumpFailed, progress=Progress(logger, "database dump"),
+                after_start=close_read_end, judge=lambda _results: _table_stats(stats_future))
+        finally:
+            stats_pool.shutdown(wait=False, cancel_futures=True)
+        stats = stats_future.result()
     finally:
         close_read_end()
     databases: dict[str, dict] = {name: {"tables": []} for name in info.databases}
@@ -255,6 +304,15 @@ def dump_databases(request: BackupRequest, settings: db.DatabaseSettings | None,
                 format_size(record.size), record.sha256)
     return {"object": record.as_dict(), "server_version": info.version,
             "databases": databases, "system_tables": db.SYSTEM_DUMP}
+
+
+def _table_stats(future: Future[list[db.TableStats]]) -> list[db.TableStats]:
+    try:
+        return future.result()
+    except (DatabaseUnreachable, CommandFailed) as error:
+        reason = error.fields.get("reason") or str(error)
+        raise DumpFailed(reason=f"reading the row counts and checksums beside it: {reason}"
+                         ) from None
 
 
 def _stream_to_swift(request: BackupRequest, swift_settings: swift.SwiftSettings, leaf: str,

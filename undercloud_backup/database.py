@@ -154,11 +154,11 @@ def server_info(connection: pymysql.connections.Connection) -> ServerInfo:
 
 
 def table_stats(connection: pymysql.connections.Connection,
-                databases: tuple[str, ...]) -> list[TableStats]:
-    """Exact row counts and ``CHECKSUM TABLE`` of every base table, read in one snapshot.
+                databases: tuple[str, ...], checksums: bool = True) -> list[TableStats]:
+    """Exact row counts and ``CHECKSUM TABLE`` (unless not wanted) of every base table.
 
-    They are taken in a consistent-snapshot transaction just before the dump starts; on a busy
-    server they can differ from the dump's own snapshot by the writes in between.
+    They are read in a consistent-snapshot transaction opened as the dump starts its own; on a
+    busy server the two snapshots can differ by the writes in between.
     """
     stats: list[TableStats] = []
     if not databases:
@@ -175,8 +175,10 @@ def table_stats(connection: pymysql.connections.Connection,
             quoted = f"`{schema.replace('`', '``')}`.`{table.replace('`', '``')}`"
             cursor.execute(f"SELECT COUNT(*) FROM {quoted}")
             rows = int(cursor.fetchone()[0])
-            cursor.execute(f"CHECKSUM TABLE {quoted} EXTENDED")
-            checksum = cursor.fetchone()[1]
+            checksum = None
+            if checksums:
+                cursor.execute(f"CHECKSUM TABLE {quoted} EXTENDED")
+                checksum = cursor.fetchone()[1]
             stats.append(TableStats(schema, table, engine, rows,
                                     int(checksum) if checksum is not None else None))
         cursor.execute("COMMIT")

@@ -21,4 +21,11 @@ VENV=$(bash deployments/dev/venv.sh)
 echo "[test] services and venv ready in $((SECONDS - t0)) s"
 export PATH="$VENV/bin:$PATH"
 "$VENV/bin/ruff" check .
-exec "$VENV/bin/pytest" -q "$@"
+if [ "${UCB_BENCH_SMOKE:-0}" != 1 ]; then
+  exec "$VENV/bin/pytest" -q "$@"
+fi
+"$VENV/bin/pytest" -q "$@"
+# CI only: the benchmark at a tiny size, a smoke check that asserts no time (about a minute).
+echo "[test] benchmark smoke run: python3 benchmarks/bench.py --scale 0.01 --runs 1" >&2
+python3 benchmarks/bench.py --scale 0.01 --runs 1 --python "$VENV/bin/python" \
+  --json "${UCB_BENCH_JSON:-/var/tmp/ucb-bench-smoke.json}"
