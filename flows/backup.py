@@ -94,7 +94,8 @@ def undercloud_backup(
         compression_level: zstd level (1-19) of both streams; 3 is the zstd default, 1 takes
             about half the CPU for 10-20 % more bytes on text (images do not compress).
         table_checksums: Record CHECKSUM TABLE of every table besides its row count, read
-            while the dump runs; verify then compares both. Off: row counts only.
+            while the dump runs (on a second connection: the database user needs two);
+            verify then compares both. Off: row counts only.
         swift_retries: Retries of one Swift request before a stage fails (default 5).
         task_retries: Retries of a stage after a transient failure (Swift or database down).
         privileged: Run tar and the dump as root through the project's sudo wrappers (a
@@ -143,9 +144,9 @@ def undercloud_backup(
         return summary
 
     db_future = stages.dump_databases.with_options(**retry).submit(
-        request, db_source, swift_source, space["database_segment_size"])
+        request, db_source, swift_source, space.get("database_segment_size"))
     fs_future = (stages.archive_paths.with_options(**retry).submit(
-        request, plan, swift_source, space["files_segment_size"])
+        request, plan, swift_source, space.get("files_segment_size"))
         if request.include_files else None)
     database = db_future.result()
     files = fs_future.result() if fs_future is not None else None

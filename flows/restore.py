@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 from dataclasses import replace
 
 from prefect import flow, get_run_logger
@@ -102,8 +103,10 @@ def undercloud_restore(
         backup_id=backup_id, target=target or restore.default_target(staging_dir, backup_id),
         paths=tuple(paths or ()), overwrite=overwrite, allow_root_target=allow_root_target,
         dry_run=dry_run, staging_dir=staging_dir, timeout_s=timeout_hours * 3600)
+    fresh_target = True
     if files:
-        restore.check_target(request.target, allow_root_target)  # refuse / before any work
+        real = restore.check_target(request.target, allow_root_target)  # refuse / first
+        fresh_target = not os.path.isdir(real) or not any(os.scandir(real))
     names = None if all_databases else list(databases or [])
     result: dict = {"backup_id": backup_id, "container": swift_source.settings().container,
                     "dry_run": dry_run, "files": None, "databases": None}
@@ -112,18 +115,30 @@ def undercloud_restore(
         # file is written.
         steps.restore_databases.with_options(task_run_name="check-target-databases")(
             swift_source, db_source, manifest, names, replace(request, dry_run=True))
-    # Files and databases side by side: tar is mostly I/O, loading the dump mostly MariaDB's
-    # CPU; one after the other took their sum (benchmarks/RESULTS.md). Both are waited for, so
-    # a failure of one never leaves the other running unseen; the first error is raised.
-    futures = {}
-    if files:
-        futures["files"] = steps.restore_files.submit(swift_source, manifest, request)
-    if want_databases:
-        futures["databases"] = steps.restore_databases.submit(swift_source, db_source, manifest,
-                                                              names, request)
-    wait(list(futures.values()))
-    for part, future in futures.items():
-        result[part] = future.result()
+    if files and want_databases and (fresh_target or overwrite or dry_run):
+        # Side by side: tar is mostly I/O, loading the dump mostly MariaDB's CPU; one after
+        # the other took their sum (benchmarks/RESULTS.md). Only where the files cannot be
+        # refused (an empty target, or --overwrite): the refusal comes after reading the
+        # archive, and must still come before any database is loaded.
+        futures = {"files": steps.restore_files.submit(swift_source, manifest, request),
+                   "databases": steps.restore_databases.submit(
+                       swift_source, db_source, manifest, names, request)}
+        wait(list(futures.values()))
+        failed = [part for part, future in futures.items() if future.state.is_failed()]
+        for part, future in futures.items():
+            if part in failed:
+                continue
+            result[part] = future.result()
+            if failed:
+                logger.warning("the %s were restored; the %s failed", part, failed[0])
+        if failed:
+            futures[failed[0]].result()  # raises that part's error
+    else:
+        if files:
+            result["files"] = steps.restore_files(swift_source, manifest, request)
+        if want_databases:
+            result["databases"] = steps.restore_databases(swift_source, db_source, manifest,
+                                                          names, request)
     _report_artifact(result)
     logger.info("%s backup %s%s%s", "dry run of" if dry_run else "restored", backup_id,
                 f"; files under {result['files']['target']}" if result["files"] else "",

@@ -194,13 +194,20 @@ def big_database(services):
 
 
 # The dump's own streaming SELECT, or the row counts and checksums read beside it on a
-# second connection: losing either fails the run.
+# second connection: losing either fails the run (a lost connection stays retryable).
+ANY_STATS = "(info LIKE 'CHECKSUM TABLE%' OR info LIKE 'SELECT COUNT(*)%')"
 KILL_TARGETS = {
     "dump": ("db = 'ucb_fault_big' AND info LIKE 'SELECT /*!40001 SQL_NO_CACHE */%'", 22,
              "The database dump failed", "mariadb-dump failed"),
-    "table-stats": ("info LIKE 'CHECKSUM TABLE `ucb_fault_big`%'", 22,
-                    "The database dump failed", "reading the row counts and checksums"),
+    "table-stats": ("info LIKE 'CHECKSUM TABLE `ucb_fault_big`%'", 21, "is unreachable",
+                    "reading the row counts and checksums"),
 }
+
+
+def _backup_queries(cursor, where: str) -> list[int]:
+    cursor.execute(f"SELECT id FROM information_schema.processlist WHERE user = 'backup' AND "
+                   f"{where}")
+    return [int(row[0]) for row in cursor.fetchall()]
 
 
 @pytest.mark.parametrize("target", KILL_TARGETS)
@@ -214,11 +221,11 @@ def test_dump_killed_half_way_fails_the_run(earlier, staging, db_cnf, big_databa
         deadline = time.monotonic() + 120
         with root.cursor() as cursor:
             while time.monotonic() < deadline and not killed:
-                cursor.execute("SELECT id FROM information_schema.processlist WHERE user = "
-                               f"'backup' AND {where}")
-                for (thread_id,) in cursor.fetchall():
-                    cursor.execute(f"KILL {int(thread_id)}")
-                    killed.append(thread_id)
+                # the dump is killed while the checksums beside it are still being read
+                if target == "table-stats" or _backup_queries(cursor, ANY_STATS):
+                    for thread_id in _backup_queries(cursor, where):
+                        cursor.execute(f"KILL {thread_id}")
+                        killed.append(thread_id)
                 time.sleep(0.01)
         root.close()
 
@@ -230,6 +237,16 @@ def test_dump_killed_half_way_fails_the_run(earlier, staging, db_cnf, big_databa
     assert killed, f"the {target} query was never seen"
     assert_failed_cleanly(result, earlier, staging, before, exit_code=exit_code, says=says)
     assert detail in result.stderr
+    # A failed dump stops the checksums it no longer needs, on the server too.
+    root = pymysql.connect(unix_socket="/run/mysqld/mysqld.sock", user="root")
+    try:
+        with root.cursor() as cursor:
+            deadline = time.monotonic() + 5  # a killed query ends at its next row
+            while _backup_queries(cursor, ANY_STATS):
+                assert time.monotonic() < deadline, "the checksums went on without the dump"
+                time.sleep(0.1)
+    finally:
+        root.close()
 
 
 def test_swift_stopped_during_upload(earlier, staging, db_cnf, tmp_path):

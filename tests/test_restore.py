@@ -178,7 +178,43 @@ def test_a_damaged_segment_stops_the_restore_before_its_bytes_are_written(
     result = cli("restore", "--container", files_backup["container"], "--target",
                  str(tmp_path / "t"))
     assert result.returncode == restore.RestoreFailed.exit_code
-    assert segment["name"] in result.stderr and "md5" in result.stderr
+    assert segment["name"] in result.stderr and "sha256" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_segment_damaged_on_its_way_into_swift_is_caught_before_restore_uses_it(
+        sample_root, container, private_mariadb, tmp_path, monkeypatch, os_env):
+    """Swift took the damaged bytes (its ETag is their MD5): our SHA-256 of what was read
+    is what catches them."""
+    from flows.backup import undercloud_backup
+
+    original = swift.StreamUploader._put_segment
+
+    def damaged_on_the_way(self, index, spool):
+        if self.name.endswith("filesystem.tar.zst") and index == 1:
+            spool.file.seek(0)
+            first = spool.file.read(1)
+            spool.file.seek(0)
+            spool.file.write(bytes([first[0] ^ 0xFF]))  # after it was hashed
+        return original(self, index, spool)
+
+    monkeypatch.setattr(swift.StreamUploader, "_put_segment", damaged_on_the_way)
+    summary = undercloud_backup(root=str(sample_root), container=container,
+                                db_socket=private_mariadb.socket, db_user="root",
+                                segment_size="1MiB", prune=False)
+    monkeypatch.undo()
+    segment = verify.find_object(swift.get_manifest(
+        swift.connect(config.swift_settings_from_env()), container, summary["backup_id"]),
+        "filesystem.tar.zst")["segments"][1]
+
+    checked = cli("verify", "--container", container, "--skip-database", "--json")
+    assert checked.returncode == verify.VerificationFailed.exit_code, checked.stderr
+    assert any(segment["name"] in p and "sha256" in p
+               for p in json.loads(checked.stdout)["problems"])
+    target = tmp_path / "t"
+    result = cli("restore", "--container", container, "--target", str(target))
+    assert result.returncode == restore.RestoreFailed.exit_code
+    assert segment["name"] in result.stderr and "sha256" in result.stderr
 
 
 # ----------------------------------------------------------------------------- databases

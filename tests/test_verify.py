@@ -131,6 +131,7 @@ def test_a_good_backup_verifies_with_a_test_restore_of_every_table(backup, sampl
     database = report["database"]
     assert database["loaded"] is True
     assert database["compared"] == database["matching"] >= 3  # every table, rows and checksum
+    assert database["checksums"] is True
     assert database["differences"] == []
 
     # The throwaway server is gone, with its directory.
@@ -160,6 +161,7 @@ def test_without_table_checksums_row_counts_are_recorded_and_verified(
     report = json.loads(cli("verify", "--container", container, "--json").stdout)
     assert report["ok"] is True, report["problems"]
     assert report["database"]["compared"] == report["database"]["matching"] >= 3
+    assert report["database"]["checksums"] is False  # and said so, not compared against None
 
 
 def _segment(backup: dict, index: int) -> tuple[str, str, dict]:
@@ -182,7 +184,7 @@ def test_an_overwritten_segment_fails_verification_naming_object_and_segment(bac
     report = json.loads(result.stdout)
     assert report["ok"] is False
     first = report["problems"][0]
-    assert "segment 00000001" in first and name in first and "md5" in first
+    assert "segment 00000001" in first and name in first and "sha256" in first
     archive = next(o for o in report["objects"] if o["name"].endswith("filesystem.tar.zst"))
     assert archive["ok"] is False and archive["segments_read"] == len(
         verify.find_object(swift.get_manifest(swift_conn(), backup["container"],

@@ -14,8 +14,9 @@ import os
 import platform
 import secrets
 import shutil
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from undercloud_backup import __version__, swift
@@ -149,7 +150,7 @@ class SwiftLimits:
 def auto_segment_size(stream_bytes: int, limits: SwiftLimits) -> int:
     """Segment size for a stream of about ``stream_bytes``: 64 MiB, or more for a big stream."""
     max_segments = limits.max_manifest_segments or DEFAULT_MAX_SEGMENTS
-    needed = -(-stream_bytes // int(max_segments * AUTO_SEGMENT_FILL))
+    needed = -(-stream_bytes // max(1, int(max_segments * AUTO_SEGMENT_FILL)))
     mib = 1024**2
     size = max(AUTO_SEGMENT_MIN, -(-needed // mib) * mib)
     if limits.max_object_bytes:
@@ -259,9 +260,10 @@ def dump_databases(request: BackupRequest, settings: db.DatabaseSettings | None,
             os.close(write_fd)
             info = privileged.server_info()
 
-            def collect_stats() -> list[db.TableStats]:
-                return privileged.table_stats(info.databases, request.table_checksums)
-
+            # Not cancellable (root's client, under sudo): on failure it runs to its end (or
+            # its timeout) on a daemon thread that never holds the process back.
+            stats = TableStatsReader(
+                lambda: privileged.table_stats(info.databases, request.table_checksums))
             dump = privileged.dump_command(info.databases)
             secrets: list[str | None] = []
         else:
@@ -271,34 +273,37 @@ def dump_databases(request: BackupRequest, settings: db.DatabaseSettings | None,
             with db.connect(settings) as connection:
                 info = db.server_info(connection)
 
-            def collect_stats() -> list[db.TableStats]:
-                with db.connect(settings) as connection:
-                    return db.table_stats(connection, info.databases, request.table_checksums)
-
+            stats = TableStatsReader(*db.table_stats_beside(settings, info.databases,
+                                                            request.table_checksums))
             dump = db.dump_command(info.databases, read_fd, db.dump_tool())
             secrets = [settings.password]
         logger.info("dumping %d database(s) from MariaDB %s (%s on disk): %s",
                     len(info.databases), info.version, format_size(info.size_bytes),
                     ", ".join(info.databases) or "(none, users only)")
-        # Row counts and checksums are read on a second connection while the dump runs (they
-        # re-read every row: before the dump they delayed it by a quarter of its time), and
-        # the object is committed only once they are in.
-        stats_pool = ThreadPoolExecutor(1, thread_name_prefix="table-stats")
-        stats_future = stats_pool.submit(collect_stats)
+        progress = Progress(logger, "database dump")
+
+        def started() -> None:
+            close_read_end()
+            stats.start()  # as the dump opens its snapshot: the two are as close as we can
+
+        def progressed(sent: int, elapsed: int) -> None:
+            stats.check()  # a failed read stops the dump now, not after the last byte
+            progress(sent, elapsed)
+
         try:
             record = _stream_to_swift(
                 request, swift_settings, DB_OBJECT, "mariadb-dump",
                 Pipeline([dump, zstd_command(request.compression_level)],
                          timeout=request.dump_timeout_s, secrets=secrets, pass_fds=(read_fd,)),
-                on_failure=DumpFailed, progress=Progress(logger, "database dump"),
-                after_start=close_read_end, judge=lambda _results: _table_stats(stats_future))
+                on_failure=DumpFailed, progress=progressed, after_start=started,
+                judge=lambda _results: stats.result())
         finally:
-            stats_pool.shutdown(wait=False, cancel_futures=True)
-        stats = stats_future.result()
+            stats.cancel()
+        table_stats = stats.result()
     finally:
         close_read_end()
     databases: dict[str, dict] = {name: {"tables": []} for name in info.databases}
-    for table in stats:
+    for table in table_stats:
         databases[table.database]["tables"].append(table.as_dict())
     logger.info("database dump stored as %s: %s compressed, sha256 %s", record.name,
                 format_size(record.size), record.sha256)
@@ -306,18 +311,71 @@ def dump_databases(request: BackupRequest, settings: db.DatabaseSettings | None,
             "databases": databases, "system_tables": db.SYSTEM_DUMP}
 
 
-def _table_stats(future: Future[list[db.TableStats]]) -> list[db.TableStats]:
-    try:
-        return future.result()
-    except (DatabaseUnreachable, CommandFailed) as error:
-        reason = error.fields.get("reason") or str(error)
-        raise DumpFailed(reason=f"reading the row counts and checksums beside it: {reason}"
-                         ) from None
+class TableStatsReader:
+    """Row counts and checksums, read on a second connection while the dump runs.
+
+    They re-read every row: taken before the dump they delayed it by a quarter of its time
+    (benchmarks/RESULTS.md). The dump object is committed only once they are in; a failure
+    here fails the dump, as retryable as it was (a lost connection) or not.
+    """
+
+    WHAT = "reading the row counts and checksums"
+
+    def __init__(self, read: Callable[[], list[db.TableStats]],
+                 cancel: Callable[[], None] | None = None) -> None:
+        self._read, self._cancel = read, cancel
+        self._done = threading.Event()
+        self._result: list[db.TableStats] = []
+        self._error: BaseException | None = None
+        # A daemon thread: an interpreter that exits never waits for a pass it abandoned.
+        self._thread = threading.Thread(target=self._run, name="table-stats", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._result = self._read()
+        except BaseException as error:  # noqa: BLE001 - handed to the dump's thread
+            self._error = error
+        finally:
+            self._done.set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def check(self) -> None:
+        """Raise now if the read already failed."""
+        if self._done.is_set() and self._error is not None:
+            self._raise()
+
+    def result(self) -> list[db.TableStats]:
+        if self._thread.ident is None:
+            self.start()
+        self._done.wait()
+        if self._error is not None:
+            self._raise()
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop a read still running (the dump failed); best effort."""
+        if self._thread.is_alive() and not self._done.is_set() and self._cancel:
+            try:
+                self._cancel()
+            except Exception:  # noqa: BLE001 - the dump's own error is the one to report
+                pass
+
+    def _raise(self) -> None:
+        error = self._error
+        if isinstance(error, DatabaseUnreachable):
+            raise DatabaseUnreachable(where=error.fields.get("where"),
+                                      reason=f"{self.WHAT}: {error.fields.get('reason')}"
+                                      ) from None
+        if isinstance(error, BackupError):
+            raise DumpFailed(reason=f"{self.WHAT}: {error}") from None
+        raise DumpFailed(reason=f"{self.WHAT}: {type(error).__name__}: {error}") from None
 
 
 def _stream_to_swift(request: BackupRequest, swift_settings: swift.SwiftSettings, leaf: str,
                      content: str, pipe: Pipeline, *, on_failure: type[BackupError],
-                     progress: Progress, after_start=None,
+                     progress: swift.ProgressCallback, after_start=None,
                      judge=None) -> swift.StoredObject:
     """Feed a producer pipe into Swift; commit only if every stage (and ``judge``) is happy."""
     conn = swift.connect(swift_settings)

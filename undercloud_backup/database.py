@@ -9,7 +9,7 @@ from __future__ import annotations
 import configparser
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -183,6 +183,28 @@ def table_stats(connection: pymysql.connections.Connection,
                                     int(checksum) if checksum is not None else None))
         cursor.execute("COMMIT")
     return stats
+
+
+def table_stats_beside(settings: DatabaseSettings, databases: tuple[str, ...],
+                       checksums: bool = True
+                       ) -> tuple[Callable[[], list[TableStats]], Callable[[], None]]:
+    """:func:`table_stats` on a connection of its own, and a way to stop it from elsewhere.
+
+    The stop is ``KILL CONNECTION`` from a third connection: a user may kill its own.
+    """
+    thread_id: list[int] = []
+
+    def read() -> list[TableStats]:
+        with connect(settings) as connection:
+            thread_id.append(connection.thread_id())
+            return table_stats(connection, databases, checksums)
+
+    def stop() -> None:
+        if thread_id:
+            with connect(settings) as connection, connection.cursor() as cursor:
+                cursor.execute(f"KILL CONNECTION {int(thread_id[0])}")
+
+    return read, stop
 
 
 def dump_tool() -> str:

@@ -1,8 +1,9 @@
 """Restore a backup: files into a target root, databases into a MariaDB server.
 
 Everything streams: Swift -> one checked segment at a time -> ``zstd -d`` -> ``tar -x`` or
-``mariadb``. Each segment is spooled to an anonymous file and its MD5 checked before any of its
-bytes go on, so a damaged backup stops the restore before it writes damaged data.
+``mariadb``. Each segment is spooled to an anonymous file and its SHA-256 (Swift's MD5 in older
+manifests) checked before any of its bytes go on, so a damaged backup stops the restore before
+it writes damaged data.
 
 Nothing existing is replaced unless asked: files that would be overwritten, and databases that
 would be dropped, are named and the restore refuses (``overwrite``). Writing over ``/`` takes an

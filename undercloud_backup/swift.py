@@ -3,13 +3,15 @@
 Two layers, as in python-swiftclient: ``swiftclient.Connection`` does single requests with the
 one retry policy (re-auth on 401, back-off on 5xx/429, a PUT retried only from a rewindable
 body); :class:`StreamUploader` cuts a stream into segments, spools each one to an anonymous
-file (so memory stays flat and a segment can be re-sent), keeps a SHA-256 of the whole stream
-(stored with the object, checked by verify and restore) and records Swift's ETag of each
-segment, and only commits the object when the producer said it finished cleanly.
+file (so memory stays flat and a segment can be re-sent), keeps a SHA-256 of every segment and
+of the whole stream (restore checks a segment's before using it, verify both) and records
+Swift's ETag of each segment, and only commits the object when the producer said it finished
+cleanly.
 
-No MD5 is computed here: on the 2-core machines we run on it cost 1.1 s of CPU per GB (SHA-256,
-with SHA-NI, costs 0.5 s), about a tenth of a backup's wall time (benchmarks/RESULTS.md). A
-segment corrupted on its way is caught by the SHA-256 when the backup is verified.
+No MD5 is computed here: it cost 1.1 s of CPU per GB on the 2-core machines we run on, SHA-256
+(SHA-NI) 0.5 s, and the backup is CPU-bound (benchmarks/RESULTS.md). So Swift does not check
+a segment as it receives it; our SHA-256 catches a segment damaged on its way, at verify or
+before restore uses it.
 """
 
 from __future__ import annotations
@@ -171,7 +173,8 @@ def ensure_containers(conn: swift_client.Connection, settings: SwiftSettings) ->
 class Segment:
     name: str
     size: int
-    etag: str
+    etag: str  # Swift's MD5 of what it stored
+    sha256: str = ""  # ours, of what we read: restore checks it before using the segment
 
     def slo_entry(self, segment_container: str) -> dict:
         return {"path": f"/{segment_container}/{self.name}", "etag": self.etag,
@@ -200,10 +203,12 @@ class _Spool:
 
     def __init__(self, staging_dir: str) -> None:
         self.file: IO[bytes] = tempfile.TemporaryFile(dir=staging_dir)
+        self.sha256 = hashlib.sha256()
         self.size = 0
 
     def write(self, chunk: bytes) -> None:
         self.file.write(chunk)
+        self.sha256.update(chunk)
         self.size += len(chunk)
 
     def close(self) -> None:
@@ -266,7 +271,7 @@ class StreamUploader:
             etag = self.conn.put_object(
                 self.settings.segment_container, name, spool.file, content_length=spool.size,
                 chunk_size=READ_CHUNK, content_type="application/octet-stream")
-        return Segment(name=name, size=spool.size, etag=etag)
+        return Segment(name=name, size=spool.size, etag=etag, sha256=spool.sha256.hexdigest())
 
     def feed(self, stream: IO[bytes]) -> None:
         spool = _Spool(self.staging_dir)

@@ -128,12 +128,17 @@ class _Parts:
     def __init__(self, container: str, record: dict) -> None:
         if record.get("segments"):
             seg_container = record.get("segment_container") or f"{container}_segments"
-            self.items = [(seg_container, s["name"], int(s["size"]), s["etag"],
+            self.items = [(seg_container, s["name"], int(s["size"]), _digest(s),
                            f"segment {s['name'].rsplit('/', 1)[-1]} ({seg_container}/{s['name']})")
                           for s in record["segments"]]
-        else:
-            self.items = [(container, record["name"], int(record["size"]), record["etag"],
+        else:  # a plain object: its SHA-256 is the whole object's
+            self.items = [(container, record["name"], int(record["size"]), _digest(record),
                            None)]
+
+
+def _digest(record: dict) -> tuple[str, str]:
+    """The strongest checksum recorded of a part: our SHA-256, else Swift's MD5 (its ETag)."""
+    return ("sha256", record["sha256"]) if record.get("sha256") else ("md5", record["etag"])
 
 
 def _check_head(conn, container: str, record: dict, check: ObjectCheck) -> bool:
@@ -237,9 +242,10 @@ def read_object(conn, container: str, record: dict, out: IO[bytes] | None, *,
 
     url = swift.storage_url(conn)
     try:
-        for part_container, part_name, size, etag, label in _Parts(container, record).items:
+        for part_container, part_name, size, (algorithm, expected), label in _Parts(
+                container, record).items:
             label = label or f"{part_container}/{part_name}"
-            md5 = hashlib.md5(usedforsecurity=False)
+            part_digest = hashlib.new(algorithm, usedforsecurity=False)
             got = 0
             spool = tempfile.TemporaryFile(dir=spool_dir) if strict else None
             try:
@@ -251,7 +257,7 @@ def read_object(conn, container: str, record: dict, out: IO[bytes] | None, *,
                             if stop is not None and stop.is_set():
                                 check.problems.append(f"{label}: reading was interrupted")
                                 return check
-                            md5.update(chunk)
+                            part_digest.update(chunk)
                             got += len(chunk)
                             if spool is not None:
                                 spool.write(chunk)
@@ -267,9 +273,10 @@ def read_object(conn, container: str, record: dict, out: IO[bytes] | None, *,
                     raise SwiftUnreachable(service="Swift", url=url,
                                            reason=f"reading {label}: {error}") from None
                 check.segments_read += 1
-                if got != size or md5.hexdigest() != etag:
-                    problem(f"{label}: read {got} bytes with md5 {md5.hexdigest()}; the "
-                            f"manifest records {size} bytes with md5 {etag}")
+                if got != size or part_digest.hexdigest() != expected:
+                    problem(f"{label}: read {got} bytes with {algorithm} "
+                            f"{part_digest.hexdigest()}; the manifest records {size} bytes with "
+                            f"{algorithm} {expected}")
                     continue
                 if spool is not None:
                     spool.seek(0)
@@ -538,8 +545,9 @@ def check_archive(conn, container: str, manifest: dict, record: dict, *,
 
 
 # ------------------------------------------------------------------------------ database
-def table_stats(session, databases: Iterable[str]) -> dict[str, tuple[int, int | None]]:
-    """``db.table`` -> (exact row count, ``CHECKSUM TABLE ... EXTENDED``) of base tables."""
+def table_stats(session, databases: Iterable[str],
+                checksums: bool = True) -> dict[str, tuple[int, int | None]]:
+    """``db.table`` -> (exact row count, ``CHECKSUM TABLE ... EXTENDED`` or None)."""
     stats: dict[str, tuple[int, int | None]] = {}
     with session.cursor() as cursor:
         for database in databases:
@@ -550,8 +558,10 @@ def table_stats(session, databases: Iterable[str]) -> dict[str, tuple[int, int |
                 quoted = f"`{database.replace('`', '``')}`.`{table.replace('`', '``')}`"
                 cursor.execute(f"SELECT COUNT(*) FROM {quoted}")
                 rows = int(cursor.fetchone()[0])
-                cursor.execute(f"CHECKSUM TABLE {quoted} EXTENDED")
-                checksum = cursor.fetchone()[1]
+                checksum = None
+                if checksums:
+                    cursor.execute(f"CHECKSUM TABLE {quoted} EXTENDED")
+                    checksum = cursor.fetchone()[1]
                 stats[f"{database}.{table}"] = (rows, None if checksum is None
                                                 else int(checksum))
     return stats
@@ -563,6 +573,8 @@ class TableComparison:
 
     compared: int = 0
     matching: int = 0
+    # False when the backup recorded row counts only (--no-table-checksums)
+    checksums: bool = True
     differences: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
@@ -578,11 +590,13 @@ def compare_tables(session, recorded: dict[str, dict], *,
     ``ignore`` holds ``db.table`` patterns (fnmatch) of tables known to change between the
     manifest's snapshot and the dump's on a live server (heartbeats, for instance).
     """
-    result = TableComparison()
+    result = TableComparison(checksums=any(
+        table.get("checksum") is not None
+        for info in recorded.values() for table in info.get("tables", [])))
     with session.cursor() as cursor:
         cursor.execute("SHOW DATABASES")
         present = {row[0] for row in cursor.fetchall()}
-    found = table_stats(session, [d for d in recorded if d in present])
+    found = table_stats(session, [d for d in recorded if d in present], result.checksums)
     expected: set[str] = set()
     for database, info in sorted(recorded.items()):
         if database not in present:
