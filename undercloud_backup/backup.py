@@ -316,7 +316,7 @@ class TableStatsReader:
 
     They re-read every row: taken before the dump they delayed it by a quarter of its time
     (benchmarks/RESULTS.md). The dump object is committed only once they are in; a failure
-    here fails the dump, as retryable as it was (a lost connection) or not.
+    here fails the dump with its own error, as retryable as it was (a lost connection) or not.
     """
 
     WHAT = "reading the row counts and checksums"
@@ -368,8 +368,8 @@ class TableStatsReader:
             raise DatabaseUnreachable(where=error.fields.get("where"),
                                       reason=f"{self.WHAT}: {error.fields.get('reason')}"
                                       ) from None
-        if isinstance(error, BackupError):
-            raise DumpFailed(reason=f"{self.WHAT}: {error}") from None
+        if isinstance(error, BackupError):  # names its command: sudo refused, a timeout, ...
+            raise error
         raise DumpFailed(reason=f"{self.WHAT}: {type(error).__name__}: {error}") from None
 
 
