@@ -124,7 +124,8 @@ def undercloud_restore(
                    "databases": steps.restore_databases.submit(
                        swift_source, db_source, manifest, names, request)}
         wait(list(futures.values()))
-        failed = [part for part, future in futures.items() if future.state.is_failed()]
+        failed = [part for part, future in futures.items()
+                  if not future.state.is_completed()]  # failed or crashed
         for part, future in futures.items():
             if part in failed:
                 continue

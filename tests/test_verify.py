@@ -164,6 +164,28 @@ def test_without_table_checksums_row_counts_are_recorded_and_verified(
     assert report["database"]["checksums"] is False  # and said so, not compared against None
 
 
+def test_a_manifest_from_before_segment_sha256_still_verifies_by_swift_md5(backup):
+    """Manifests written before per-segment SHA-256 carry Swift's MD5 (the ETag) only."""
+    conn = swift_conn()
+    manifest = swift.get_manifest(conn, backup["container"], backup["backup_id"])
+    archive = verify.find_object(manifest, "filesystem.tar.zst")
+    assert archive["segments"] and all(len(s["sha256"]) == 64 for s in archive["segments"])
+    for record in manifest["objects"]:
+        for segment in record["segments"]:
+            del segment["sha256"]
+    swift.put_manifest(conn, backup["container"], manifest)
+    result = cli("verify", "--container", backup["container"], "--skip-database", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["ok"] is True
+    # ... and a damaged segment is still found, by its MD5
+    segment = archive["segments"][1]
+    conn.put_object(archive["segment_container"], segment["name"], os.urandom(segment["size"]))
+    result = cli("verify", "--container", backup["container"], "--skip-database", "--json")
+    assert result.returncode == verify.VerificationFailed.exit_code
+    problems = json.loads(result.stdout)["problems"]
+    assert any(segment["name"] in p and "md5" in p for p in problems), problems
+
+
 def _segment(backup: dict, index: int) -> tuple[str, str, dict]:
     conn = swift_conn()
     manifest = swift.get_manifest(conn, backup["container"], backup["backup_id"])
