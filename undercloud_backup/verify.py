@@ -30,6 +30,7 @@ from typing import IO, Protocol
 import pymysql
 import requests
 
+from undercloud_backup import database as db
 from undercloud_backup import swift
 from undercloud_backup.backup import DB_OBJECT, FS_OBJECT
 from undercloud_backup.errors import (
@@ -547,24 +548,10 @@ def check_archive(conn, container: str, manifest: dict, record: dict, *,
 # ------------------------------------------------------------------------------ database
 def table_stats(session, databases: Iterable[str],
                 checksums: bool = True) -> dict[str, tuple[int, int | None]]:
-    """``db.table`` -> (exact row count, ``CHECKSUM TABLE ... EXTENDED`` or None)."""
-    stats: dict[str, tuple[int, int | None]] = {}
-    with session.cursor() as cursor:
-        for database in databases:
-            cursor.execute("SELECT table_name FROM information_schema.tables WHERE "
-                           "table_schema = %s AND table_type = 'BASE TABLE' ORDER BY 1",
-                           (database,))
-            for (table,) in cursor.fetchall():
-                quoted = f"`{database.replace('`', '``')}`.`{table.replace('`', '``')}`"
-                cursor.execute(f"SELECT COUNT(*) FROM {quoted}")
-                rows = int(cursor.fetchone()[0])
-                checksum = None
-                if checksums:
-                    cursor.execute(f"CHECKSUM TABLE {quoted} EXTENDED")
-                    checksum = cursor.fetchone()[1]
-                stats[f"{database}.{table}"] = (rows, None if checksum is None
-                                                else int(checksum))
-    return stats
+    """``db.table`` -> (exact row count, ``CHECKSUM TABLE ... EXTENDED`` or None), read as
+    the backup read them (:func:`database.table_stats`)."""
+    return {f"{t.database}.{t.table}": (t.rows, t.checksum)
+            for t in db.table_stats(session, tuple(databases), checksums)}
 
 
 @dataclass
