@@ -1,0 +1,179 @@
+"""Download links: Swift TempURLs signed for a backup's objects, against the real Swift.
+
+An operator copies a link out of the run's artifact and runs ``curl -o``: the file must be the
+whole object (the SLO's segments joined by Swift), byte for byte; after the lifetime the link
+must stop working; the account's temp-url key must never show up anywhere but Swift.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from swiftclient.exceptions import ClientException
+
+from undercloud_backup import config, swift, tempurl
+from undercloud_backup.manifest import Manifest, Segment, StoredObject
+
+
+@pytest.fixture
+def conn(os_env):
+    return swift.connect(config.swift_settings_from_env(retries=0))
+
+
+@pytest.fixture
+def account_keys(conn):
+    """Put the account's temp-url headers back as they were (the test account is shared)."""
+    names = (*tempurl.KEY_HEADERS, tempurl.SLOT_HEADER)
+    before = {k: v for k, v in conn.head_account().items() if k in names}
+    yield before
+    conn.post_account({name: before.get(name, "") for name in names})
+
+
+def _backup(conn, container: str) -> tuple[Manifest, dict[str, bytes]]:
+    """A backup-shaped container: a 3-segment SLO and a plain object, and its manifest."""
+    backup_id = "undercloud-20261130T220000Z-t3mp"
+    segments_container = f"{container}_segments"
+    conn.put_container(container)
+    conn.put_container(segments_container)
+    parts = [os.urandom(300_000), os.urandom(300_000), os.urandom(123_457)]
+    segments = []
+    for index, data in enumerate(parts):
+        name = f"{backup_id}/filesystem.tar.zst/{index:08d}"
+        etag = conn.put_object(segments_container, name, data)
+        segments.append(Segment(name=name, size=len(data), etag=etag,
+                                sha256=hashlib.sha256(data).hexdigest()))
+    slo = f"{backup_id}/filesystem.tar.zst"
+    conn.put_object(container, slo, swift_json([s.slo_entry(segments_container)
+                                                for s in segments]),
+                    query_string="multipart-manifest=put")
+    whole = b"".join(parts)
+    plain = os.urandom(50_001)
+    conn.put_object(container, f"{backup_id}/mariadb-all-databases.sql.zst", plain)
+    objects = [StoredObject(name=slo, size=len(whole), sha256=hashlib.sha256(whole).hexdigest(),
+                            compression="zstd", content="tar", segments=segments,
+                            segment_container=segments_container),
+               StoredObject(name=f"{backup_id}/mariadb-all-databases.sql.zst", size=len(plain),
+                            sha256=hashlib.sha256(plain).hexdigest(), compression="zstd",
+                            content="sql")]
+    manifest = Manifest(backup_id=backup_id, created_at="2026-11-30T22:00:00Z", objects=objects)
+    conn.put_object(container, f"{backup_id}/manifest.json", manifest.to_json())
+    return manifest, {"filesystem.tar.zst": whole, "mariadb-all-databases.sql.zst": plain,
+                      "manifest.json": manifest.to_json()}
+
+
+def swift_json(entries: list[dict]) -> bytes:
+    import json
+
+    return json.dumps(entries).encode()
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            response.read()
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_links_download_whole_objects_with_curl(conn, container, account_keys, tmp_path):
+    manifest, contents = _backup(conn, container)
+    storage_url = swift.storage_url(conn)
+    links = tempurl.download_links(conn, storage_url, container, manifest)
+    assert [link.leaf for link in links] == [
+        "filesystem.tar.zst", "mariadb-all-databases.sql.zst", "manifest.json"]
+    key = tempurl.plan_key(conn.head_account(), "unused").key
+    for link in links:
+        assert link.expires - time.time() == pytest.approx(24 * 3600, abs=60)
+        assert key not in link.url and "temp_url_sig=" in link.url
+        target = tmp_path / link.leaf
+        subprocess.run(["curl", "-fsS", "-o", str(target), link.url], check=True, timeout=60)
+        assert target.read_bytes() == contents[link.leaf], link.leaf
+        if link.sha256:
+            assert hashlib.sha256(target.read_bytes()).hexdigest() == link.sha256
+    # the SLO came back joined, through plain urllib too, and not as its JSON manifest
+    with urllib.request.urlopen(links[0].url, timeout=30) as response:
+        assert response.read() == contents["filesystem.tar.zst"]
+        assert "filesystem.tar.zst" in response.headers["Content-Disposition"]
+    markdown = tempurl.links_markdown(links)
+    assert key not in markdown and links[0].url in markdown
+    # the same path without a signature is refused
+    assert _status(links[0].url.split("?")[0]) == 401
+
+
+def test_links_stop_working_after_their_lifetime(conn, container, account_keys):
+    manifest, contents = _backup(conn, container)
+    links = tempurl.download_links(conn, swift.storage_url(conn), container, manifest,
+                                   lifetime=3)
+    assert _status(links[1].url) == 200
+    time.sleep(max(0.0, links[1].expires - time.time()) + 1.5)
+    assert [_status(link.url) for link in links] == [401, 401, 401]
+
+
+def test_someone_elses_key_is_never_overwritten(conn, container, account_keys):
+    """An account key set by someone else stays; the tool takes the second slot."""
+    manifest, contents = _backup(conn, container)
+    conn.post_account({tempurl.KEY_HEADERS[0]: "someone-elses-key",
+                       tempurl.KEY_HEADERS[1]: "", tempurl.SLOT_HEADER: ""})
+    links = tempurl.download_links(conn, swift.storage_url(conn), container, manifest)
+    headers = conn.head_account()
+    assert headers[tempurl.KEY_HEADERS[0]] == "someone-elses-key"
+    ours = headers[tempurl.KEY_HEADERS[1]]
+    assert len(ours) >= 40 and headers[tempurl.SLOT_HEADER] == "2"
+    with urllib.request.urlopen(links[1].url, timeout=30) as response:
+        assert response.read() == contents["mariadb-all-databases.sql.zst"]
+    # a second run signs with the same key of ours: earlier links stay valid
+    again = tempurl.download_links(conn, swift.storage_url(conn), container, manifest)
+    assert conn.head_account()[tempurl.KEY_HEADERS[1]] == ours
+    assert _status(links[0].url) == 200 and _status(again[0].url) == 200
+
+
+def test_plan_key_slots():
+    new = "fresh"
+    assert tempurl.plan_key({}, new).set_headers == {
+        tempurl.KEY_HEADERS[0]: new, tempurl.SLOT_HEADER: "1"}
+    taken = {tempurl.KEY_HEADERS[0]: "theirs"}
+    assert tempurl.plan_key(taken, new).set_headers == {
+        tempurl.KEY_HEADERS[1]: new, tempurl.SLOT_HEADER: "2"}
+    both = {tempurl.KEY_HEADERS[0]: "a", tempurl.KEY_HEADERS[1]: "b"}
+    assert tempurl.plan_key(both, new) == tempurl.KeyPlan(key="a", set_headers={})
+    ours = {**both, tempurl.SLOT_HEADER: "2"}
+    assert tempurl.plan_key(ours, new) == tempurl.KeyPlan(key="b", set_headers={})
+    # our slot was emptied by someone: take a free slot again, never the other's key
+    gone = {tempurl.KEY_HEADERS[0]: "theirs", tempurl.SLOT_HEADER: "2"}
+    assert tempurl.plan_key(gone, new).set_headers[tempurl.KEY_HEADERS[1]] == new
+
+
+class _NotOwner:
+    """An account the user may read but not change (a real 403 needs a non-owner role)."""
+
+    def head_account(self):
+        return {}
+
+    def post_account(self, headers):
+        raise ClientException("Account POST failed", http_status=403, http_reason="Forbidden")
+
+
+def test_account_that_refuses_a_key_gives_one_clear_error():
+    with pytest.raises(tempurl.TempURLUnavailable) as caught:
+        tempurl.account_key(_NotOwner(), "http://127.0.0.1:8080/v1/AUTH_x")
+    message = str(caught.value)
+    assert "\n" not in message and "403" in message and "Temp-URL-Key" in message
+    assert caught.value.exit_code == 2
+
+
+def test_digest_and_lifetime_checks():
+    assert tempurl.choose_digest({"tempurl": {"allowed_digests": ["sha1", "sha512"]}}) == \
+        "sha512"
+    with pytest.raises(tempurl.TempURLUnavailable, match="not in this Swift's proxy pipeline"):
+        tempurl.choose_digest({"slo": {}})
+    with pytest.raises(tempurl.ConfigError, match="lifetime"):
+        tempurl.check_lifetime(0)
+    assert tempurl.info_url("http://h:8080/v1/AUTH_x") == "http://h:8080/info"
+    assert tempurl.info_url("https://h/swift/v1/AUTH_x") == "https://h/swift/info"
