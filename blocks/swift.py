@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
-from swiftclient.client import Connection
 
 from undercloud_backup import swift
 from undercloud_backup.sizes import parse_size
+from undercloud_backup.store import SwiftStore
 
 
 class SwiftTarget(Block):
@@ -37,7 +37,13 @@ class SwiftTarget(Block):
         None, description="Objects larger than this are uploaded as Static Large Objects of "
                           "segments this big (empty: chosen per stream, 64MiB or more so that "
                           "no object needs over 900 segments).")
-    retries: int = Field(5, description="Retries of one Swift request (with back-off).")
+    retries: int = Field(5, description="Retries of one failed Swift request (5xx, 408, 429, "
+                                        "lost connection), with back-off or Retry-After.")
+    timeout: float = Field(60.0, description="Seconds one Swift request may wait for an "
+                                             "answer before it is retried.")
+    retry_budget_s: float = Field(120.0, description="Seconds within which a failed Swift "
+                                                     "request is retried; a dead Swift fails "
+                                                     "after this plus the timeout.")
 
     def settings(self) -> swift.SwiftSettings:
         """Plain settings for the uploader; secrets are only read here."""
@@ -52,8 +58,8 @@ class SwiftTarget(Block):
             region_name=self.region_name, interface=self.interface,
             storage_url=self.storage_url, container=self.container,
             segment_size=parse_size(self.segment_size) if self.segment_size else None,
-            retries=self.retries)
+            retries=self.retries, timeout=self.timeout, retry_budget_s=self.retry_budget_s)
 
-    def get_connection(self) -> Connection:
-        """An authenticated swiftclient connection."""
-        return swift.connect(self.settings())
+    def get_store(self) -> SwiftStore:
+        """An authenticated store (one connection, one retry policy)."""
+        return SwiftStore.connect(self.settings())

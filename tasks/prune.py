@@ -12,7 +12,8 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.sources import SwiftSource
 from tasks.backup import RETRY_TRANSIENT
-from undercloud_backup import retention, swift
+from undercloud_backup import retention
+from undercloud_backup.store import SwiftStore
 
 
 # Retrying is safe: deleting is idempotent, and the manifest goes first.
@@ -21,7 +22,7 @@ def apply_retention(swift_source: SwiftSource, policy: retention.RetentionPolicy
                     now: dt.datetime | None = None, dry_run: bool = False) -> dict:
     """Delete the backups the policy does not keep (manifest first) and stale incomplete ones."""
     settings = swift_source.settings()
-    result = retention.prune(swift.connect(settings), settings.container, policy,
+    result = retention.prune(SwiftStore.connect(settings), settings.container, policy,
                              now or dt.datetime.now(dt.UTC), dry_run=dry_run,
                              logger=get_run_logger())
     return result.as_dict()

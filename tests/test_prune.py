@@ -13,8 +13,9 @@ import sys
 import pytest
 from conftest import REPO
 
-from undercloud_backup import config, retention, swift
+from undercloud_backup import catalogue, config, retention
 from undercloud_backup.errors import ConfigError
+from undercloud_backup.store import SwiftStore
 
 UTC = dt.UTC
 
@@ -32,7 +33,7 @@ def backup_id(when: dt.datetime, n: int = 0) -> str:
     return f"uc-{when:%Y%m%dT%H%M%SZ}-{n:06x}"
 
 
-def put_backup(conn, container: str, when: dt.datetime, *, segments: int = 2,
+def put_backup(store: SwiftStore, container: str, when: dt.datetime, *, segments: int = 2,
                complete: bool = True, n: int = 0) -> str:
     """A backup shaped like the flow's: a segmented archive (SLO) and a manifest, with
     ``created_at`` set to ``when``."""
@@ -43,34 +44,32 @@ def put_backup(conn, container: str, when: dt.datetime, *, segments: int = 2,
     for index in range(segments):
         body = os.urandom(64)
         segment = f"{name}/{index:08d}"
-        etag = conn.put_object(segment_container, segment, body)
+        etag = store.put(segment_container, segment, body)
         entries.append({"path": f"/{segment_container}/{segment}", "etag": etag,
                         "size_bytes": len(body)})
         records.append({"name": segment, "size": len(body), "etag": etag})
-    conn.put_object(container, name, json.dumps(entries), query_string="multipart-manifest=put")
+    store.put(container, name, json.dumps(entries).encode(),
+              query={"multipart-manifest": "put"})
     if complete:
         manifest = {"format": "undercloud-backup/1", "backup_id": ident,
                     "created_at": when.isoformat(), "objects": [
                         {"name": name, "size": 64 * segments, "sha256": "", "etag": "",
                          "compression": "zstd", "content": "tar",
                          "segment_container": segment_container, "segments": records}]}
-        conn.put_object(container, swift.manifest_name(ident), json.dumps(manifest))
+        store.put(container, catalogue.manifest_name(ident), json.dumps(manifest).encode())
     return ident
 
 
-def names(conn, container: str) -> set[str]:
-    try:
-        return {o["name"] for o in conn.get_container(container, full_listing=True)[1]}
-    except Exception:  # noqa: BLE001 - no container, no names
-        return set()
+def names(store: SwiftStore, container: str) -> set[str]:
+    return {o["name"] for o in catalogue.listing(store, container)}
 
 
 @pytest.fixture
-def conn(os_env, container):
-    connection = swift.connect(config.swift_settings_from_env())
-    connection.put_container(container)
-    connection.put_container(f"{container}_segments")
-    return connection
+def conn(os_env, container) -> SwiftStore:
+    store = SwiftStore.connect(config.swift_settings_from_env())
+    store.ensure_container(container)
+    store.ensure_container(f"{container}_segments")
+    return store
 
 
 # Backups at faked times (UTC), newest last: a few a day in the last days, then sparser.
@@ -126,7 +125,7 @@ def test_prune_keeps_exactly_the_policy_set_and_removes_stale_incomplete_ones(co
     ids = {t: put_backup(conn, container, at(t)) for t in TIMES}
     # A failed run: archive without a manifest; and something that is not a backup at all.
     incomplete = put_backup(conn, container, at("2026-10-26T21:00"), complete=False, n=1)
-    conn.put_object(container, "README.txt", b"operator notes")
+    conn.put(container, "README.txt", b"operator notes")
     expected = {ids[t] for t in ("2026-10-26T20:00", "2026-10-26T09:00", "2026-10-25T13:00",
                                  "2026-10-24T02:00", "2026-10-14T02:00")}
     policy = ("--container", container, "--keep-last", "2", "--keep-daily", "3",
@@ -143,7 +142,7 @@ def test_prune_keeps_exactly_the_policy_set_and_removes_stale_incomplete_ones(co
 
     result = cli(*policy, "--json")
     assert result.returncode == 0, result.stderr
-    assert {e.backup_id for e in swift.list_backups(conn, container)} == expected
+    assert {e.backup_id for e in catalogue.list_backups(conn, container)} == expected
     remaining = {n.split("/")[0] for n in names(conn, container) | names(
         conn, f"{container}_segments")}
     assert remaining == expected | {incomplete, "README.txt"}
@@ -156,16 +155,16 @@ def test_prune_keeps_exactly_the_policy_set_and_removes_stale_incomplete_ones(co
     assert remaining == expected | {"README.txt"}
 
 
-def intact(conn, container: str, ident: str) -> bool:
+def intact(conn: SwiftStore, container: str, ident: str) -> bool:
     """Complete and whole: the manifest and everything it lists are there."""
     try:
-        manifest = swift.get_manifest(conn, container, ident)
+        manifest = catalogue.get_manifest(conn, container, ident)
     except Exception:  # noqa: BLE001 - no manifest
         return False
-    for record in manifest["objects"]:
-        conn.head_object(container, record["name"])
-        for segment in record["segments"]:
-            conn.head_object(record["segment_container"], segment["name"])
+    for record in manifest.objects:
+        conn.head(container, record.name)
+        for segment in record.segments:
+            conn.head(record.segment_container, segment.name)
     return True
 
 
@@ -190,7 +189,7 @@ def test_a_prune_killed_half_way_leaves_only_complete_or_clearly_incomplete_back
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, "the prune finished before it was killed"
 
-    listed = {e.backup_id for e in swift.list_backups(conn, container)}
+    listed = {e.backup_id for e in catalogue.list_backups(conn, container)}
     present = {n.split("/")[0] for n in names(conn, container) | names(
         conn, f"{container}_segments")}
     for ident in present:
@@ -205,8 +204,8 @@ def test_a_prune_killed_half_way_leaves_only_complete_or_clearly_incomplete_back
                  "--keep-weekly", "0", "--now", later)
     assert finish.returncode == 0, finish.stderr
     assert names(conn, f"{container}_segments") == {
-        s["name"] for ident in keep for o in swift.get_manifest(conn, container, ident)["objects"]
-        for s in o["segments"]}
+        s.name for ident in keep for o in catalogue.get_manifest(conn, container, ident).objects
+        for s in o.segments}
     assert {n.split("/")[0] for n in names(conn, container)} == keep
 
 
@@ -217,15 +216,15 @@ def test_manifest_goes_first(conn, container):
     backups, _ = retention.inventory(conn, container)
     backup = next(b for b in backups if b.backup_id == ident)
     calls: list[tuple[str, str]] = []
-    real_delete = conn.delete_object
+    real_delete = conn.delete
 
-    def observing_delete(c: str, name: str, *args, **kwargs):
-        listed = {e.backup_id for e in swift.list_backups(conn, container)}
+    def observing_delete(c: str, name: str, **kwargs):
+        listed = {e.backup_id for e in catalogue.list_backups(conn, container)}
         calls.append((name, "listed" if ident in listed else "unlisted"))
-        return real_delete(c, name, *args, **kwargs)
+        return real_delete(c, name, **kwargs)
 
-    conn.delete_object = observing_delete
+    conn.delete = observing_delete
     retention.delete_backup(conn, container, backup)
-    assert calls[0] == (swift.manifest_name(ident), "listed")
+    assert calls[0] == (catalogue.manifest_name(ident), "listed")
     assert all(state == "unlisted" for _, state in calls[1:])
     assert len(calls) == 1 + 1 + 2  # manifest, SLO manifest, two segments

@@ -124,11 +124,29 @@ class SwiftUnreachable(BackupError):
     retryable = True
 
 
+def transient_status(status: int | None) -> bool:
+    """Whether a Swift answer can heal by itself: 5xx, 408, 429 (and Swift's ratelimit 498),
+    or no answer at all; never 400, 401 (after one re-auth), 403, 404, 409, 413, ..."""
+    return status is None or status in (408, 429, 498) or 500 <= status <= 599
+
+
 class SwiftRequestFailed(BackupError):
     """Swift {operation} of {target} failed: {reason} (transaction {transaction_id})."""
 
     exit_code = 32
-    retryable = True
+
+    @property
+    def status(self) -> int | None:
+        """The HTTP status Swift answered with (None: no answer)."""
+        return self.fields.get("status")  # type: ignore[return-value]
+
+    @property
+    def retryable(self) -> bool:  # type: ignore[override]
+        return transient_status(self.status)
+
+
+class NotFound(SwiftRequestFailed):
+    """Swift {operation} of {target} failed: {reason} (transaction {transaction_id})."""
 
 
 class UploadVerifyFailed(BackupError):

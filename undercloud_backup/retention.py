@@ -22,8 +22,11 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
-from undercloud_backup import swift
-from undercloud_backup.errors import ConfigError, SwiftRequestFailed
+from undercloud_backup import catalogue
+from undercloud_backup.errors import BackupNotFound, ConfigError, NotFound
+from undercloud_backup.manifest import MANIFEST_NAME, Manifest
+from undercloud_backup.store import SwiftStore
+from undercloud_backup.swift import segment_container as segments_of
 
 # backup.new_backup_id: <host>-<UTC time>-<6 hex>. Only names of this shape are ever removed
 # as incomplete backups; anything else in the container is left alone.
@@ -87,24 +90,13 @@ def _utc(text: str) -> dt.datetime:
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
-def _listing(conn, container: str) -> list[dict]:
-    try:
-        with swift.swift_errors("GET container", container, swift.storage_url(conn)):
-            _, objects = conn.get_container(container, full_listing=True)
-    except SwiftRequestFailed as error:
-        if "HTTP 404" in str(error):
-            return []
-        raise
-    return objects
-
-
-def inventory(conn, container: str) -> tuple[list[StoredBackup], list[str]]:
+def inventory(store: SwiftStore, container: str) -> tuple[list[StoredBackup], list[str]]:
     """Every backup id in ``container`` and its segment container; and names left alone."""
     backups: dict[str, StoredBackup] = {}
     ignored: list[str] = []
-    segment_container = f"{container}_segments"
+    segment_container = segments_of(container)
     for source in (container, segment_container):
-        for entry in _listing(conn, source):
+        for entry in catalogue.listing(store, source):
             name = entry["name"]
             backup_id, slash, rest = name.partition("/")
             if not slash or not rest:
@@ -115,40 +107,37 @@ def inventory(conn, container: str) -> tuple[list[StoredBackup], list[str]]:
                 backup.touch(_utc(entry["last_modified"]))
             if source == container:
                 backup.objects.append(name)
-                if rest == swift.MANIFEST_NAME:
+                if rest == MANIFEST_NAME:
                     backup.complete = True
             else:
                 backup.segments.append((source, name))
     for backup in backups.values():
         if backup.complete:
-            manifest = _manifest(conn, container, backup)
+            manifest = _manifest(store, container, backup)
             if manifest is None:
                 continue
-            backup.created_at = _utc(manifest["created_at"]) if manifest.get("created_at") \
+            backup.created_at = _utc(manifest.created_at) if manifest.created_at \
                 else backup.last_modified
-            backup.hostname = manifest.get("hostname") or ""
+            backup.hostname = manifest.hostname
             # Segments kept in another container than <container>_segments are found through
             # the manifest.
-            for record in manifest.get("objects", []):
-                other = record.get("segment_container")
+            for record in manifest.objects:
+                other = record.segment_container
                 if other and other != segment_container:
-                    backup.segments += [(other, s["name"]) for s in record.get("segments", [])]
+                    backup.segments += [(other, s.name) for s in record.segments]
     return sorted(backups.values(), key=lambda b: b.backup_id), ignored
 
 
-def _manifest(conn, container: str, backup: StoredBackup) -> dict | None:
+def _manifest(store: SwiftStore, container: str, backup: StoredBackup) -> Manifest | None:
     """A complete backup's manifest; None (and the backup counted incomplete) if it vanished."""
     try:
-        return swift.get_manifest(conn, container, backup.backup_id)
-    except SwiftRequestFailed as error:
-        if "HTTP 404" not in str(error):  # listings lag deletions
-            raise
+        return catalogue.get_manifest(store, container, backup.backup_id)
+    except BackupNotFound:  # listings lag deletions
         backup.complete = False
-        backup.objects.remove(f"{backup.backup_id}/{swift.MANIFEST_NAME}")
+        backup.objects.remove(catalogue.manifest_name(backup.backup_id))
         return None
     except ValueError:  # unreadable: still the commit point of a backup, dated by Swift
-        backup.created_at = backup.last_modified
-        return {}
+        return Manifest(backup_id=backup.backup_id, created_at="")
 
 
 def _day(when: dt.datetime) -> str:
@@ -215,28 +204,26 @@ class PruneResult:
         return asdict(self)
 
 
-def _delete(conn, container: str, name: str) -> None:
+def _delete(store: SwiftStore, container: str, name: str) -> None:
     try:
-        with swift.swift_errors("DELETE object", f"{container}/{name}", swift.storage_url(conn)):
-            conn.delete_object(container, name)
-    except SwiftRequestFailed as error:
-        if "HTTP 404" not in str(error):  # already gone: a re-run finishing an earlier prune
-            raise
+        store.delete(container, name)
+    except NotFound:  # already gone: a re-run finishing an earlier prune
+        pass
 
 
-def delete_backup(conn, container: str, backup: StoredBackup) -> None:
+def delete_backup(store: SwiftStore, container: str, backup: StoredBackup) -> None:
     """Manifest first, then the objects (SLO manifests among them), then the segments."""
-    manifest = f"{backup.backup_id}/{swift.MANIFEST_NAME}"
+    manifest = catalogue.manifest_name(backup.backup_id)
     if backup.complete:
-        _delete(conn, container, manifest)
+        _delete(store, container, manifest)
     for name in backup.objects:
         if name != manifest:
-            _delete(conn, container, name)
+            _delete(store, container, name)
     for segment_container, name in backup.segments:
-        _delete(conn, segment_container, name)
+        _delete(store, segment_container, name)
 
 
-def prune(conn, container: str, policy: RetentionPolicy, now: dt.datetime, *,
+def prune(store: SwiftStore, container: str, policy: RetentionPolicy, now: dt.datetime, *,
           dry_run: bool = False,
           logger: logging.Logger | logging.LoggerAdapter | None = None) -> PruneResult:
     """Apply ``policy`` to the backups in ``container`` as of ``now``.
@@ -247,7 +234,7 @@ def prune(conn, container: str, policy: RetentionPolicy, now: dt.datetime, *,
     """
     log = logger or logging.getLogger(__name__)
     now = now.replace(tzinfo=dt.UTC) if now.tzinfo is None else now.astimezone(dt.UTC)
-    backups, ignored = inventory(conn, container)
+    backups, ignored = inventory(store, container)
     kept = select(backups, policy)
     result = PruneResult(container=container, now=_iso(now) or "", dry_run=dry_run,
                          policy=policy.as_dict())
@@ -265,7 +252,7 @@ def prune(conn, container: str, policy: RetentionPolicy, now: dt.datetime, *,
                      "segment(s)", verb, backup.backup_id, _iso(backup.created_at),
                      len(backup.objects) - 1, len(backup.segments))
             if not dry_run:
-                delete_backup(conn, container, backup)
+                delete_backup(store, container, backup)
             result.deleted.append(backup.summary())
         elif BACKUP_ID.match(backup.backup_id):
             idle = now - (backup.last_modified or now)
@@ -278,7 +265,7 @@ def prune(conn, container: str, policy: RetentionPolicy, now: dt.datetime, *,
                      "%d segment(s)", verb, backup.backup_id, _iso(backup.last_modified),
                      len(backup.objects), len(backup.segments))
             if not dry_run:
-                delete_backup(conn, container, backup)
+                delete_backup(store, container, backup)
             result.incomplete_deleted.append(backup.summary())
     log.info("%s: kept %d complete backup(s), %s %d and %d incomplete", container,
              len(result.kept), "would delete" if dry_run else "deleted", len(result.deleted),

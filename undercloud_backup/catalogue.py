@@ -1,0 +1,81 @@
+"""The backup catalogue in Swift: which backups are complete, and their manifests.
+
+A backup is complete when ``<backup_id>/manifest.json`` exists in the container; the manifest
+is written last (:func:`put_manifest` is the commit point) and read back by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+from undercloud_backup.errors import BackupNotFound, NotFound, UploadVerifyFailed
+from undercloud_backup.manifest import MANIFEST_NAME, Manifest
+from undercloud_backup.store import SwiftStore
+
+
+def manifest_name(backup_id: str) -> str:
+    return f"{backup_id}/{MANIFEST_NAME}"
+
+
+@dataclass(frozen=True)
+class BackupEntry:
+    backup_id: str
+    manifest: str
+    last_modified: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def listing(store: SwiftStore, container: str) -> list[dict]:
+    """Every object in ``container``; none when the container does not exist (yet)."""
+    try:
+        return store.list(container)
+    except NotFound:
+        return []
+
+
+def list_backups(store: SwiftStore, container: str) -> list[BackupEntry]:
+    """Complete backups (those with a manifest), oldest first."""
+    entries = [
+        BackupEntry(backup_id=o["name"][: -len(MANIFEST_NAME) - 1], manifest=o["name"],
+                    last_modified=o.get("last_modified", ""))
+        for o in listing(store, container)
+        if o["name"].endswith("/" + MANIFEST_NAME) and o["name"].count("/") == 1
+    ]
+    return sorted(entries, key=lambda e: (e.last_modified, e.backup_id))
+
+
+def latest_backup(store: SwiftStore, container: str) -> str:
+    """The newest complete backup in ``container``."""
+    entries = list_backups(store, container)
+    if not entries:
+        raise BackupNotFound(backup_id="(latest)", container=container)
+    return entries[-1].backup_id
+
+
+def get_manifest(store: SwiftStore, container: str, backup_id: str) -> Manifest:
+    """The manifest of ``backup_id``: BackupNotFound when it has none, ManifestError
+    (a ValueError) when it cannot be read."""
+    try:
+        body = store.get_bytes(container, manifest_name(backup_id))
+    except NotFound:
+        raise BackupNotFound(backup_id=backup_id, container=container) from None
+    return Manifest.from_json(body)
+
+
+def put_manifest(store: SwiftStore, container: str, manifest: Manifest) -> str:
+    """Write the manifest (the commit point) and read it back by name; its object name."""
+    return put_manifest_body(store, container, manifest.backup_id, manifest.to_json())
+
+
+def put_manifest_body(store: SwiftStore, container: str, backup_id: str, body: bytes) -> str:
+    name = manifest_name(backup_id)
+    expected = hashlib.md5(body, usedforsecurity=False).hexdigest()
+    etag = store.put(container, name, body, etag=expected, content_type="application/json",
+                     operation="PUT manifest")
+    store.head(container, name)
+    if etag != expected:
+        raise UploadVerifyFailed(target=f"{container}/{name}", got=etag, expected=expected)
+    return name
