@@ -38,6 +38,7 @@ from shell import REPO, STATE, base_env, exit_on_sigterm, log, read_env_file
 from variants import BACKUPS, OVERHEAD, RESTORE_SOURCES, RESTORES, first_run_variant
 
 TOOLS = ("mariadb", "mariadb-dump", "zstd", "tar", "swift")
+PARTS = ("overhead", "backup", "restore")  # --only
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.runs < 1 or args.scale <= 0:
         p.error("--runs must be >= 1 and --scale > 0")
+    if set(filter(None, args.only.split(","))) - set(PARTS):
+        p.error(f"--only takes a comma-separated subset of {','.join(PARTS)}")
     return args
 
 
@@ -72,11 +75,17 @@ def make_context(args: argparse.Namespace) -> Context:
     for tool in TOOLS:
         if shutil.which(tool, path="/usr/bin:/bin:/usr/sbin") is None:
             sys.exit(f"bench: {tool} is not installed (deployments/dev/services.sh installs it)")
+    if not os.access(args.python, os.X_OK):
+        sys.exit(f"bench: --python {args.python} is not an executable (deployments/dev/venv.sh)")
+    try:
+        os_env = read_env_file(args.os_env)
+    except OSError as error:
+        sys.exit(f"bench: cannot read --os-env {args.os_env}: {error.strerror}")
     workdir = args.workdir.resolve()
     ctx = Context(args=args, workdir=workdir, root=workdir / "root",
                   staging=workdir / "staging", logs=workdir / "logs", python=args.python,
                   swift=shutil.which("swift", path="/usr/bin:/bin") or "swift",
-                  cnf=args.db_defaults_file, env=base_env(read_env_file(args.os_env)))
+                  cnf=args.db_defaults_file, env=base_env(os_env))
     for d in (ctx.staging, ctx.logs):
         d.mkdir(parents=True, exist_ok=True)
     if (REPO / "flows/restore.py").exists():
@@ -154,7 +163,7 @@ def restore_status(ctx: Context, variants: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     exit_on_sigterm()
-    only = set(filter(None, args.only.split(","))) or {"overhead", "backup", "restore"}
+    only = set(filter(None, args.only.split(","))) or set(PARTS)
     ctx = make_context(args)
     results: Results = {}
     labels = {v.name: v.label for v in BACKUPS + RESTORES + OVERHEAD}
