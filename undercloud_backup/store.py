@@ -129,7 +129,8 @@ class _Attempts:
                                 f"attempt(s) in {elapsed:.0f} s (retry budget "
                                 f"{self.policy.budget_s:.0f} s)")
             raise type(error)(**fields)
-        log.warning("%s; attempt %d, retrying in %.1f s", error, self.count, delay)
+        log.warning("%s; attempt %d, retrying in %.1f s", str(error).rstrip("."), self.count,
+                    delay)
         self.sleep(delay)
         self.backoff = min(self.backoff * 2, self.policy.max_backoff_s)
 
@@ -293,6 +294,10 @@ class SwiftStore:
 
     def account(self) -> dict[str, str]:
         return self._call("HEAD account", self.url, self._conn.head_account)
+
+    def post_account(self, headers: dict[str, str]) -> None:
+        """Set account metadata (e.g. the temp-url key: never logged, never in errors)."""
+        self._call("POST account", self.url, lambda: self._conn.post_account(headers))
 
     def quota_left(self) -> int | None:
         """Bytes left under the account's quota, or None when it has none."""
