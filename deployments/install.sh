@@ -4,7 +4,9 @@
 #
 #   deployments/install.sh [STEP...]        (default: all steps below, in this order)
 #
-#   user        group undercloud-backup, system user $UCB_USER in it, state dir $UCB_STATE
+#   user        group undercloud-backup, system user $UCB_USER in it (and no one else), the
+#               server's own system user $UCB_API_USER; state dir $UCB_STATE (root's) with one
+#               leaf per service: worker/ ($UCB_USER's), server/ ($UCB_API_USER's)
 #   app         copy this checkout to $UCB_APP (root-owned: the worker cannot change its code)
 #   venv        $UCB_VENV from /usr/bin/python3 (readable by the worker), project installed
 #   privileged  wrappers -> /usr/local/libexec/undercloud-backup (root, 0755),
@@ -17,18 +19,27 @@
 #   stop        (not part of the default) stop the worker and server started without systemd
 #
 # Environment (defaults in brackets):
-#   UCB_USER [undercloud-backup]  UCB_PREFIX [/opt/undercloud-backup]  UCB_APP [$UCB_PREFIX/app]
+#   UCB_USER [undercloud-backup]  UCB_API_USER [undercloud-backup-api] (the local server's user)
+#   UCB_PREFIX [/opt/undercloud-backup]  UCB_APP [$UCB_PREFIX/app]
 #   UCB_VENV [$UCB_PREFIX/venv]   UCB_STATE [/var/lib/undercloud-backup]
 #   UCB_LOCAL_SERVER [1]  run a Prefect server here; 0: use the one at PREFECT_API_URL
 #   UCB_PORT [4200]       the local server's port
 #   PREFECT_API_URL [http://127.0.0.1:$UCB_PORT/api]  (PREFECT_API_AUTH_STRING if it needs one)
 #   UCB_ZOMBIE_AFTER [90] seconds without a heartbeat before a run is marked CRASHED
+#
+# Root never creates, changes or removes anything through a path another user can change:
+# every directory root writes in is checked to be root's alone (deployments/installfs.py walks
+# to it without following symlinks and changes objects through their descriptors), and the only
+# user-owned directories are leaves of root-owned ones ($UCB_STATE/worker, $UCB_STATE/server).
+# No secret is ever on an argv: the API password travels through pipes and the environment.
 set -euo pipefail
 umask 022
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 GROUP=undercloud-backup
 UCB_USER=${UCB_USER:-undercloud-backup}
+UCB_API_USER=${UCB_API_USER:-undercloud-backup-api}
+API_GROUP=$UCB_API_USER
 UCB_PREFIX=${UCB_PREFIX:-/opt/undercloud-backup}
 UCB_APP=${UCB_APP:-$UCB_PREFIX/app}
 UCB_VENV=${UCB_VENV:-$UCB_PREFIX/venv}
@@ -53,22 +64,55 @@ PREFECT_API_URL=${PREFECT_API_URL:-${ENVFILE_API_URL:-http://127.0.0.1:$UCB_PORT
 say() { printf '[install] %s\n' "$*"; }
 die() { printf '[install] ERROR: %s\n' "$*" >&2; exit 1; }
 have_systemd() { [ -d /run/systemd/system ]; }
+fs() { "$UCB_PYTHON" -I -S "$SRC/deployments/installfs.py" "$@"; }
+root_dir() {  # an existing directory must be root's alone; a missing one is made root's 0755
+  if [ -e "$1" ] || [ -L "$1" ]; then fs check "$1"; else fs dir "$1" root root 0755; fi
+}
+
+# Every member of $GROUP may run the wrappers as root (sudoers: %undercloud-backup): the group
+# must hold the worker user and no one else, whether as a supplementary or a primary group.
+check_group() {
+  local entry gid others=() name
+  entry=$(getent group "$GROUP") || return 0
+  gid=$(cut -d: -f3 <<<"$entry")
+  for name in $(cut -d: -f4 <<<"$entry" | tr ',' ' ') \
+              $(getent passwd | awk -F: -v gid="$gid" '$4 == gid { print $1 }'); do
+    [ "$name" = "$UCB_USER" ] || [[ " ${others[*]} " == *" $name "* ]] || others+=("$name")
+  done
+  [ ${#others[@]} -eq 0 ] || die "group $GROUP has members other than $UCB_USER (${others[*]}),\
+ and every member may run the backup wrappers as root: remove them (gpasswd -d USER $GROUP,\
+ or give them another primary group), then run the installer again"
+}
 
 # ------------------------------------------------------------------------------------- steps
 step_user() {
   getent group "$GROUP" >/dev/null || groupadd --system "$GROUP"
+  check_group
   if ! id -u "$UCB_USER" >/dev/null 2>&1; then
-    useradd --system --gid "$GROUP" --home-dir "$UCB_STATE" --no-create-home \
+    useradd --system --gid "$GROUP" --home-dir "$UCB_STATE/worker" --no-create-home \
       --shell /usr/sbin/nologin --comment "undercloud-backup Prefect worker" "$UCB_USER"
     say "user $UCB_USER created"
   elif ! id -nG "$UCB_USER" | tr ' ' '\n' | grep -qx "$GROUP"; then
     usermod -a -G "$GROUP" "$UCB_USER"
     say "user $UCB_USER added to group $GROUP"
   fi
-  install -d -o "$UCB_USER" -g "$GROUP" -m 0750 "$UCB_STATE" "$UCB_STATE/worker"
-  if [ "$UCB_LOCAL_SERVER" = 1 ]; then
-    install -d -o "$UCB_USER" -g "$GROUP" -m 0750 "$UCB_STATE/server"
+  # Root's, so that no service can plant a name root then acts on (an installation from
+  # before this layout had the worker own it: taken back here, before anything below it).
+  fs dir "$UCB_STATE" root root 0755
+  fs dir "$UCB_STATE/worker" "$UCB_USER" "$GROUP" 0700
+  [ "$UCB_LOCAL_SERVER" = 1 ] || return 0
+  getent group "$API_GROUP" >/dev/null || groupadd --system "$API_GROUP"
+  if ! id -u "$UCB_API_USER" >/dev/null 2>&1; then
+    useradd --system --gid "$API_GROUP" --home-dir "$UCB_STATE/server" --no-create-home \
+      --shell /usr/sbin/nologin --comment "undercloud-backup Prefect server" "$UCB_API_USER"
+    say "user $UCB_API_USER created"
   fi
+  if [ -d "$UCB_STATE/server" ] && [ ! -L "$UCB_STATE/server" ] \
+      && [ "$(stat -c %U "$UCB_STATE/server")" = "$UCB_USER" ]; then
+    die "$UCB_STATE/server belongs to $UCB_USER (an older installation): stop both services,\
+ then 'chown -R $UCB_API_USER: $UCB_STATE/server' and run the installer again"
+  fi
+  fs dir "$UCB_STATE/server" "$UCB_API_USER" "$API_GROUP" 0700
 }
 
 step_app() {
@@ -76,6 +120,7 @@ step_app() {
     say "app: running from $SRC itself"
     return
   fi
+  root_dir "$(dirname "$UCB_APP")"  # so that the names below are root's alone
   local new="$UCB_APP.new.$$"
   rm -rf "$new"
   install -d -m 0755 "$new"
@@ -89,7 +134,6 @@ step_app() {
   fi
   chown -R root:root "$new"
   chmod -R u+rwX,go+rX,go-w "$new"
-  install -d -m 0755 "$(dirname "$UCB_APP")"
   rm -rf "$UCB_APP.old"
   [ -e "$UCB_APP" ] && mv "$UCB_APP" "$UCB_APP.old"
   mv "$new" "$UCB_APP"
@@ -99,6 +143,8 @@ step_app() {
 
 step_venv() {
   # A venv of a system python: a pyenv interpreter under /root is unreadable by the worker.
+  root_dir "$(dirname "$UCB_VENV")"
+  [ ! -e "$UCB_VENV" ] || fs check "$UCB_VENV"
   if [ ! -x "$UCB_VENV/bin/python" ]; then
     "$UCB_PYTHON" -m venv "$UCB_VENV"
     say "venv created: $UCB_VENV"
@@ -111,21 +157,19 @@ step_venv() {
 step_privileged() {
   command -v sudo >/dev/null || die "sudo is not installed (apt-get install sudo / dnf install sudo)"
   command -v visudo >/dev/null || die "visudo is missing (it comes with sudo)"
-  install -d -o root -g root -m 0755 "$(dirname "$LIBEXEC")" "$LIBEXEC"
-  chown root:root "$(dirname "$LIBEXEC")" "$LIBEXEC"
-  chmod go-w "$(dirname "$LIBEXEC")" "$LIBEXEC"
+  check_group
+  fs dir "$(dirname "$LIBEXEC")" root root 0755
+  fs dir "$LIBEXEC" root root 0755
   local wrapper
   for wrapper in ucb-archive ucb-mariadb; do
-    install -o root -g root -m 0755 "$SRC/deployments/libexec/$wrapper" "$LIBEXEC/$wrapper.new"
-    mv -f "$LIBEXEC/$wrapper.new" "$LIBEXEC/$wrapper"
+    fs file "$LIBEXEC/$wrapper" root root 0755 <"$SRC/deployments/libexec/$wrapper" >/dev/null
   done
-  install -d -o root -g root -m 0755 "$ETC"
-  if [ ! -e "$ETC/privileged.conf" ]; then
-    install -o root -g root -m 0644 "$SRC/deployments/privileged.conf" "$ETC/privileged.conf"
-  fi
+  fs dir "$ETC" root root 0755
+  fs file "$ETC/privileged.conf" root root 0644 --keep <"$SRC/deployments/privileged.conf" >/dev/null
   # sudo ignores files in sudoers.d whose name contains a dot: the check copy is inert.
   local staged="$SUDOERS.new"
-  install -o root -g root -m 0440 "$SRC/deployments/sudoers/undercloud-backup" "$staged"
+  fs check "$(dirname "$SUDOERS")"
+  fs file "$staged" root root 0440 <"$SRC/deployments/sudoers/undercloud-backup" >/dev/null
   if ! visudo -cqf "$staged"; then
     rm -f "$staged"
     die "deployments/sudoers/undercloud-backup does not pass visudo -cf; nothing installed"
@@ -138,43 +182,40 @@ step_privileged() {
   say "privileged: wrappers in $LIBEXEC, $SUDOERS installed, policy in $ETC/privileged.conf"
 }
 
-render() {  # render TEMPLATE DEST MODE: fill in @...@ once; an existing DEST is kept
-  local template=$1 dest=$2 mode=$3 auth_line="" server_auth_line=""
-  if [ -e "$dest" ]; then
-    say "config: $dest exists, kept"
-    return
-  fi
+render() {  # render TEMPLATE DEST GROUP: fill in @...@ once (0640 root:GROUP); DEST is kept
+  local template=$1 dest=$2 group=$3 auth_line="" server_auth_line="" done
   if [ "$UCB_LOCAL_SERVER" = 1 ]; then
-    AUTH=${AUTH:-admin:$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')}
+    # Generated and passed on through pipes and the environment only, never an argv.
+    [ -n "$AUTH" ] || AUTH=admin:$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
     auth_line="PREFECT_API_AUTH_STRING=$AUTH"
     server_auth_line="PREFECT_SERVER_API_AUTH_STRING=$AUTH"
   else
     auth_line="#PREFECT_API_AUTH_STRING=user:password"
   fi
-  sed -e "s#@PREFECT_API_URL@#$PREFECT_API_URL#" -e "s#@STATE@#$UCB_STATE#" \
-      -e "s#@PORT@#$UCB_PORT#" -e "s#@AUTH_LINE@#$auth_line#" \
-      -e "s#@SERVER_AUTH_LINE@#$server_auth_line#" "$template" > "$dest.new"
-  chown root:"$GROUP" "$dest.new"
-  chmod "$mode" "$dest.new"
-  mv -f "$dest.new" "$dest"
-  say "config: $dest written"
+  done=$(UCB_SUBST_PREFECT_API_URL=$PREFECT_API_URL UCB_SUBST_STATE=$UCB_STATE \
+         UCB_SUBST_PORT=$UCB_PORT UCB_SUBST_AUTH_LINE=$auth_line \
+         UCB_SUBST_SERVER_AUTH_LINE=$server_auth_line fs render "$template" "$dest" root "$group" 0640)
+  # Kept files too: the group is the service's own (older installations: the worker's group).
+  fs touch "$dest" root "$group" 0640
+  say "config: $dest $done"
 }
 
 step_config() {
-  install -d -o root -g root -m 0755 "$ETC"
+  fs dir "$ETC" root root 0755
   AUTH=
   if [ -r "$ETC/server.env" ]; then  # reuse the server's auth string for a new worker.env
     AUTH=$(sed -n 's/^PREFECT_SERVER_API_AUTH_STRING=//p' "$ETC/server.env" | tail -1)
   fi
   if [ "$UCB_LOCAL_SERVER" = 1 ]; then
-    render "$SRC/deployments/env/server.env" "$ETC/server.env" 0640
+    render "$SRC/deployments/env/server.env" "$ETC/server.env" "$API_GROUP"
   fi
-  render "$SRC/deployments/env/worker.env" "$ETC/worker.env" 0640
+  render "$SRC/deployments/env/worker.env" "$ETC/worker.env" "$GROUP"
 }
 
-unit_text() {  # the unit with this installation's paths and user
+unit_text() {  # unit_text UNIT USER GROUP: the unit with this installation's paths and user
   sed -e "s#/opt/undercloud-backup/venv#$UCB_VENV#g" -e "s#/opt/undercloud-backup/app#$UCB_APP#g" \
-      -e "s#/var/lib/undercloud-backup#$UCB_STATE#g" -e "s#^User=.*#User=$UCB_USER#" "$1"
+      -e "s#/var/lib/undercloud-backup#$UCB_STATE#g" -e "s#^User=.*#User=$2#" \
+      -e "s#^Group=.*#Group=$3#" "$1"
 }
 
 # Reads a systemd-style env file (KEY=value, # comments) and execs the command with it, with
@@ -197,26 +238,32 @@ for sig in (signal.SIGINT, signal.SIGTERM):
 os.execve(sys.argv[2], sys.argv[2:], env)
 '
 
-start_daemon() {  # start_daemon NAME ENVFILE DIR COMMAND... (no systemd)
-  local name=$1 envfile=$2 dir=$3
-  shift 3
+start_daemon() {  # start_daemon NAME USER GROUP ENVFILE DIR HOME COMMAND... (no systemd)
+  local name=$1 user=$2 group=$3 envfile=$4 dir=$5 home=$6
+  shift 6
   command -v start-stop-daemon >/dev/null \
-    || die "no systemd and no start-stop-daemon: start '$*' as $UCB_USER yourself"
-  install -d -m 0755 "$RUN" "$LOG"
-  start-stop-daemon --start --quiet --oknodo --background --make-pidfile \
-    --pidfile "$RUN/$name.pid" --chuid "$UCB_USER:$GROUP" --chdir "$dir" \
+    || die "no systemd and no start-stop-daemon: start '$*' as $user yourself"
+  fs dir "$RUN" root root 0755
+  fs dir "$LOG" root root 0755
+  # What the units give: umask 0077, a log only root and the service's group can read.
+  fs touch "$LOG/$name.log" root "$group" 0640
+  start-stop-daemon --start --quiet --oknodo --background --make-pidfile --umask 077 \
+    --pidfile "$RUN/$name.pid" --chuid "$user:$group" --chdir "$dir" \
     --output "$LOG/$name.log" --startas /usr/bin/env -- -i PATH=/usr/bin:/bin \
-    HOME="$UCB_STATE" LANG=C.UTF-8 "$UCB_PYTHON" -c "$LAUNCHER" "$envfile" "$@"
+    HOME="$home" LANG=C.UTF-8 "${DAEMON_ENV[@]}" "$UCB_PYTHON" -c "$LAUNCHER" "$envfile" "$@"
   say "started $name without systemd (pid $(cat "$RUN/$name.pid"), log $LOG/$name.log)"
 }
 
 step_services() {
   if have_systemd; then
-    local unit units=(undercloud-backup-worker.service)
-    [ "$UCB_LOCAL_SERVER" = 1 ] && units=(undercloud-backup-server.service "${units[@]}")
-    for unit in "${units[@]}"; do
-      unit_text "$SRC/deployments/systemd/$unit" > "/etc/systemd/system/$unit"
-    done
+    local units=(undercloud-backup-worker.service) systemd=/etc/systemd/system
+    if [ "$UCB_LOCAL_SERVER" = 1 ]; then
+      units=(undercloud-backup-server.service "${units[@]}")
+      unit_text "$SRC/deployments/systemd/undercloud-backup-server.service" "$UCB_API_USER" \
+        "$API_GROUP" | fs file "$systemd/undercloud-backup-server.service" root root 0644 >/dev/null
+    fi
+    unit_text "$SRC/deployments/systemd/undercloud-backup-worker.service" "$UCB_USER" "$GROUP" \
+      | fs file "$systemd/undercloud-backup-worker.service" root root 0644 >/dev/null
     systemctl daemon-reload
     # Started if stopped, not restarted: a restart would kill a backup in progress. Each flow
     # run loads the code from $UCB_APP afresh; restart the worker between backups to update
@@ -226,11 +273,14 @@ step_services() {
   else
     say "no systemd: starting with start-stop-daemon (not restarted on failure or at boot)"
     if [ "$UCB_LOCAL_SERVER" = 1 ]; then
-      start_daemon server "$ETC/server.env" "$UCB_STATE/server" \
-        "$UCB_VENV/bin/prefect" server start --analytics-off
+      # server.env may set it too; this default serves the UI from older server.env files.
+      DAEMON_ENV=("PREFECT_SERVER_UI_STATIC_DIRECTORY=$UCB_STATE/server/ui")
+      start_daemon server "$UCB_API_USER" "$API_GROUP" "$ETC/server.env" "$UCB_STATE/server" \
+        "$UCB_STATE/server" "$UCB_VENV/bin/prefect" server start --analytics-off
     fi
-    start_daemon worker "$ETC/worker.env" "$UCB_APP" \
-      "$UCB_VENV/bin/prefect" worker start --pool "$POOL" --type process --name "$(hostname)"
+    DAEMON_ENV=()
+    start_daemon worker "$UCB_USER" "$GROUP" "$ETC/worker.env" "$UCB_APP" \
+      "$UCB_STATE/worker" "$UCB_VENV/bin/prefect" worker start --pool "$POOL" --type process --name "$(hostname)"
   fi
 }
 

@@ -2,8 +2,12 @@
 commands as another user, and sample undercloud trees that only root can fully read.
 
 The tests install the project's sudoers file and wrappers for real (through
-deployments/install.sh) and put back whatever was there before. They take a lock so that two
-test sessions on one machine do not install and remove them under each other.
+deployments/install.sh) and put back whatever was there before, users and groups included (a
+leftover member of the group undercloud-backup keeps every sudo right of the worker). They take
+a lock so that two test sessions on one machine do not install and remove them under each other.
+
+Scratch directories live under /var/lib, root's alone: the installer and ucb-archive refuse
+directories other users can write (/var/tmp), sticky or not.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ VENV = Path(sys.prefix)
 GROUP = "undercloud-backup"
 WORKER = "ucb-worker"  # in the group that the sudoers file grants
 NOSUDO = "ucb-nosudo"  # an unprivileged user without the rule
+API_USER = "ucb-api"  # the local Prefect server's own user (full installs)
+SCRATCH = Path("/var/lib")  # root-owned 0755 all the way up
 LOCK = Path("/run/lock/undercloud-backup-tests.lock")
 MANAGED = (privileged.SUDOERS_FILE, privileged.ARCHIVE_WRAPPER, privileged.MARIADB_WRAPPER,
            privileged.CONFIG_FILE)
@@ -69,6 +75,49 @@ def as_user(user: str, argv: list[str], *, env: dict[str, str] | None = None,
                           timeout=timeout, **kwargs)
 
 
+def user_exists(user: str) -> bool:
+    return _exists(user)
+
+
+def group_exists(group: str) -> bool:
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        return False
+    return True
+
+
+@contextmanager
+def accounts_removed(users: tuple[str, ...] = (WORKER, NOSUDO, API_USER),
+                     groups: tuple[str, ...] = (GROUP, NOSUDO, API_USER)) -> Iterator[None]:
+    """Users and groups of these names that the block creates are removed when it ends (their
+    processes killed first: userdel refuses a user with running processes)."""
+    users_before = {u for u in users if _exists(u)}
+    groups_before = {g for g in groups if group_exists(g)}
+    try:
+        yield
+    finally:
+        for user in users:
+            if user not in users_before and _exists(user):
+                kill_user_processes(pwd.getpwnam(user).pw_uid)
+                deadline = time.monotonic() + 10
+                while subprocess.run(["userdel", user], capture_output=True).returncode == 8:
+                    assert time.monotonic() < deadline, f"{user} still has processes"
+                    time.sleep(0.2)
+        for group in groups:
+            if group not in groups_before and group_exists(group):
+                subprocess.run(["groupdel", group], check=False, capture_output=True)
+
+
+def kill_user_processes(uid: int) -> None:
+    """SIGKILL, by pid, what a user this test session created still runs."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with suppress(OSError):
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    os.kill(int(entry), signal.SIGKILL)
+
+
 def ensure_nosudo_user() -> None:
     if not _exists(NOSUDO):
         subprocess.run(["useradd", "--system", "--user-group", "--home-dir", "/nonexistent",
@@ -88,7 +137,8 @@ def install_env(state: Path, **extra: str) -> dict[str, str]:
     """install.sh's environment for the test worker user and this checkout's venv."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OS_", "UCB_"))}
     env.update(UCB_USER=WORKER, UCB_STATE=str(state), UCB_APP=str(REPO), UCB_VENV=str(VENV),
-               UCB_LOCAL_SERVER="0", **extra)
+               UCB_LOCAL_SERVER="0")
+    env.update(extra)
     return env
 
 
@@ -102,9 +152,10 @@ def privileged_install(state: Path, roots: list[Path], socket: str | None = None
         saved[path] = Path(path).read_bytes() if os.path.lexists(path) else None
     new_dirs = [d for d in (privileged.LIBEXEC, os.path.dirname(privileged.CONFIG_FILE))
                 if not os.path.lexists(d)]
-    try:
-        subprocess.run(["bash", str(INSTALL), "user", "privileged"], env=install_env(state),
-                       check=True, capture_output=True, text=True)
+    with accounts_removed(), put_back(saved, new_dirs):
+        done = subprocess.run(["bash", str(INSTALL), "user", "privileged"],
+                              env=install_env(state), capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
         ensure_nosudo_user()
         # The shipped policy with the sample roots in place of `/`: the real /etc, /root, ...
         # stay out of reach, so reading them is an escalation the tests can try.
@@ -114,6 +165,12 @@ def privileged_install(state: Path, roots: list[Path], socket: str | None = None
         if socket:
             policy += f"socket = {socket}\n"
         Path(privileged.CONFIG_FILE).write_text(policy)
+        yield
+
+
+@contextmanager
+def put_back(saved: dict[str, bytes | None], new_dirs: list[str]) -> Iterator[None]:
+    try:
         yield
     finally:
         for path, content in saved.items():
@@ -126,6 +183,9 @@ def privileged_install(state: Path, roots: list[Path], socket: str | None = None
                 os.rmdir(directory)
 
 
+_GRANTED_UIDS: dict[str, int] = {}
+
+
 def grant_traverse(user: str, paths: list[Path]) -> list[Path]:
     """Let ``user`` reach ``paths`` (a checkout or venv in a private directory, as in CI).
 
@@ -133,6 +193,7 @@ def grant_traverse(user: str, paths: list[Path]) -> list[Path]:
     caller can remove the entries again with :func:`revoke_traverse`.
     """
     granted: list[Path] = []
+    _GRANTED_UIDS[user] = pwd.getpwnam(user).pw_uid
     for path in paths:
         for ancestor in reversed(path.resolve().parents):
             if as_user(user, ["test", "-x", str(ancestor)]).returncode != 0:
@@ -144,19 +205,22 @@ def grant_traverse(user: str, paths: list[Path]) -> list[Path]:
 
 
 def revoke_traverse(user: str, granted: list[Path]) -> None:
+    """Removes the entries again, by uid (the user may be gone already)."""
+    uid = _GRANTED_UIDS.get(user)
     for path in granted:
-        subprocess.run(["setfacl", "-x", f"u:{user}", str(path)], check=False)
+        subprocess.run(["setfacl", "-x", f"u:{uid if uid is not None else user}", str(path)],
+                       check=False)
 
 
 def sample_root(images_mib: tuple[int, ...] = (3,)) -> Path:
-    """A sample undercloud that root owns, under /var/tmp where the worker can reach its top.
+    """A sample undercloud that root owns, under /var/lib where the worker can reach its top.
 
     pytest's tmp_path is private to root, but the worker plans the backup (it must see that
     the paths exist) before root reads them through the wrapper.
     """
     from undercloud_backup import sample
 
-    top = Path(tempfile.mkdtemp(prefix="ucb-sample-", dir="/var/tmp"))
+    top = Path(tempfile.mkdtemp(prefix="ucb-sample-", dir=SCRATCH))
     top.chmod(0o755)
     return sample.make_files(top, sample.SampleSize(images_mib=images_mib))
 
@@ -170,8 +234,9 @@ def group_id(name: str = GROUP) -> int:
 
 
 def scratch_dir(prefix: str, mode: int = 0o755) -> Path:
-    """A fresh directory under /var/tmp (pytest's tmp_path is out of the worker's reach)."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    """A fresh root-owned directory under /var/lib (pytest's tmp_path is out of the worker's
+    reach, and /var/tmp is writable by every user)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=SCRATCH))
     path.chmod(mode)
     return path
 
@@ -308,3 +373,4 @@ class Api:
             assert time.monotonic() < deadline, \
                 f"flow run {run_id} still {run['state']['name']} after {timeout} s"
             time.sleep(0.5)
+

@@ -108,7 +108,7 @@ class Deployment:
         """The worker as the unprivileged user, from Popen (a shell's `&` would make it ignore
         SIGTERM), with what deployments/env/worker.env gives it, Swift's OS_* included."""
         env = {"PATH": f"{VENV}/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-               "HOME": str(self.state), "PREFECT_API_URL": self.url,
+               "HOME": str(self.state / "worker"), "PREFECT_API_URL": self.url,
                "PREFECT_API_AUTH_STRING": self.auth,
                "PREFECT_HOME": str(self.state / "worker"),
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -158,10 +158,12 @@ def deployed(os_env):
                 assert result.returncode == 0, result.stdout + result.stderr
                 deployment.install_seconds = time.monotonic() - started
                 deployment.start_worker()
-                yield deployment
+                try:
+                    yield deployment
+                finally:  # before the worker's user is removed
+                    if deployment.worker is not None:
+                        stop(deployment.worker)
         finally:
-            if deployment.worker is not None:
-                stop(deployment.worker)
             deployment.stop_server()
             revoke_traverse(WORKER, granted)
             for path in (*roots.values(), state, deployment.server_home):

@@ -1,0 +1,298 @@
+"""The trust boundary on a real installation (issue 10, issue 11 item 1): `install.sh` run by the
+test with every step, a local Prefect server of its own user, its own prefix and state directory
+(deployments run from this checkout), no systemd (start-stop-daemon). Each attack is made the way
+a hostile worker or local user would make it; races are made deterministic by planting first and
+letting root act afterwards.
+"""
+
+from __future__ import annotations
+
+import grp
+import io
+import os
+import pwd
+import stat
+import subprocess
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from deploy_helpers import (
+    API_USER,
+    GROUP,
+    NOSUDO,
+    REPO,
+    WORKER,
+    accounts_removed,
+    as_user,
+    descendants,
+    ensure_nosudo_user,
+    machine_lock,
+    remove_tree,
+    sample_root,
+    scratch_dir,
+)
+from install_helpers import ETC, LOG_DIR, full_install
+
+from undercloud_backup import archive, privileged
+
+pytestmark = pytest.mark.slow
+LIBEXEC = REPO / "deployments/libexec"
+
+
+@pytest.fixture(scope="module")
+def full():
+    with machine_lock(), full_install(trace=True) as install:
+        ensure_nosudo_user()
+        yield install
+
+
+@pytest.fixture(scope="module")
+def policy_root(full):
+    """A sample undercloud allowed as the archive root (in place of `/`), with what the deny
+    list keeps out planted in it; the shipped policy otherwise."""
+    root = sample_root()
+    planted = {"etc/shadow": b"root:$6$kept:1::::::\n", "etc/shadow-": b"root:$6$old:1::::::\n",
+               "etc/gshadow-": b"root:*::\n", "etc/security/opasswd": b"root:1:$6$x\n",
+               "root/.bash_history": b"mysql -pHUNTER2\n", "root/.cache/pip/x": b"c",
+               "home/stack/.bash_history": b"export OS_PASSWORD=HUNTER2\n",
+               "home/stack/.cache/x": b"c", "home/stack/.mysql_history": b"SELECT 1;\n"}
+    for name, data in planted.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+        (root / name).chmod(0o600)
+    config = Path(privileged.CONFIG_FILE)
+    shipped = config.read_text()
+    config.write_text("".join(line for line in shipped.splitlines(keepends=True)
+                              if not line.startswith("root =")) + f"root = {root}\n")
+    try:
+        yield root
+    finally:
+        config.write_text(shipped)
+        remove_tree(root)
+
+
+def sudo(*argv: str, user: str = WORKER, **kwargs) -> subprocess.CompletedProcess:
+    return as_user(user, ["sudo", "-n", *argv], **kwargs)
+
+
+def owner(path: Path | str) -> tuple[str, str, int]:
+    st = os.lstat(path)
+    return (pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name,
+            stat.S_IMODE(st.st_mode))
+
+
+def status_field(pid: int, field: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(field)
+
+
+# ---------------------------------------------------------------- 1: root acts on root's paths
+def test_install_leaves_only_root_owned_directories_above_what_root_writes(full):
+    assert full.install_seconds < 120, full.install_seconds
+    assert owner(full.state) == ("root", "root", 0o755)
+    assert owner(full.state / "worker") == (WORKER, GROUP, 0o700)
+    assert owner(full.state / "server") == (API_USER, API_USER, 0o700)
+    for directory in (privileged.LIBEXEC, ETC, "/etc/sudoers.d", LOG_DIR,
+                      "/run/undercloud-backup", full.state):
+        check = subprocess.run(["python3", "-I", str(REPO / "deployments/installfs.py"),
+                                "check", str(directory)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+    # The worker can no longer swap its directory for a symlink: the parent is root's.
+    moved = as_user(WORKER, ["mv", str(full.state / "worker"), str(full.state / "w")])
+    assert moved.returncode != 0 and "Permission denied" in moved.stderr
+    planted = as_user(WORKER, ["ln", "-s", privileged.LIBEXEC, str(full.state / "x")])
+    assert planted.returncode != 0
+    again = full.run("user")  # documented as safe to re-run
+    assert again.returncode == 0, again.stderr
+
+
+def test_rerun_refuses_a_symlink_the_worker_planted_in_an_old_state_dir(full):
+    """The issue's attack: an older installation let the worker own the state directory; it
+    replaced worker/ and server/ with symlinks to root's directories, then root re-ran
+    `install.sh user`. Root must take the directory back and refuse, chowning nothing."""
+    state, victim = scratch_dir("ucb-old-state-"), scratch_dir("ucb-victim-")
+    try:
+        worker = pwd.getpwnam(WORKER).pw_uid
+        os.chown(state, worker, grp.getgrnam(GROUP).gr_gid)
+        (state / "w").mkdir()
+        os.chown(state / "w", worker, -1)
+        for name in ("worker", "server"):
+            assert as_user(WORKER, ["ln", "-s", str(victim), str(state / name)]).returncode == 0
+        result = full.run("user", UCB_STATE=str(state))
+        assert result.returncode == 1
+        assert result.stderr.strip().count("\n") == 0
+        assert f"{state}/worker is a symbolic link" in result.stderr
+        assert owner(victim) == ("root", "root", 0o755)
+        assert owner(state) == ("root", "root", 0o755)  # taken back before anything else
+    finally:
+        remove_tree(state)
+        remove_tree(victim)
+
+
+def test_install_refuses_a_state_dir_planted_in_a_world_writable_directory(full):
+    victim = scratch_dir("ucb-victim-")
+    planted = Path(f"/var/tmp/ucb-planted-{os.getpid()}")
+    try:
+        assert as_user(WORKER, ["ln", "-s", str(victim), str(planted)]).returncode == 0
+        result = full.run("user", UCB_STATE=str(planted))
+        assert result.returncode == 1
+        assert "/var/tmp is writable by group or others" in result.stderr
+        assert owner(victim) == ("root", "root", 0o755)
+    finally:
+        planted.unlink(missing_ok=True)
+        remove_tree(victim)
+
+
+# --------------------------------------------------- 2: a directory the caller owns is its own
+def test_a_sticky_directory_the_worker_owns_does_not_pass_the_chain_check(full, policy_root):
+    sticky = policy_root / "home/stack/sticky"
+    (sticky / "inner").mkdir(parents=True)
+    (sticky / "inner/secret").write_text("root only\n")
+    (sticky / "inner/secret").chmod(0o600)
+    os.chown(sticky, pwd.getpwnam(WORKER).pw_uid, -1)
+    sticky.chmod(0o1777)
+    try:
+        result = sudo(privileged.ARCHIVE_WRAPPER, str(policy_root), "--",
+                      "/home/stack/sticky/inner/secret")
+        assert result.returncode == 77 and result.stdout == ""
+        assert f"{sticky} can be changed by the calling user" in result.stderr
+    finally:
+        remove_tree(sticky)
+
+
+# ------------------------------------------------------------------- 3: no secret on an argv
+def test_no_secret_on_any_argv_during_install_or_in_the_daemons(full):
+    password = full.auth.split(":", 1)[1]
+    assert len(password) >= 20
+    traced = b"".join(trace.read_bytes() for trace in full.traces)
+    assert b"execve(" in traced and b"installfs.py" in traced and b"work-pool" in traced
+    assert password.encode() not in traced
+    for name in ("server", "worker"):
+        pid = full.pid(name)
+        for process in (pid, *descendants(pid)):
+            with open(f"/proc/{process}/cmdline", "rb") as cmdline:
+                assert password.encode() not in cmdline.read()
+
+
+# --------------------------------------------------------------- 4: the server's own user
+def test_the_server_runs_as_its_own_user_and_the_worker_uses_the_api_password(full):
+    server = full.pid("server")
+    api_uid = pwd.getpwnam(API_USER).pw_uid
+    assert status_field(server, "Uid").split() == [str(api_uid)] * 4
+    assert str(grp.getgrnam(GROUP).gr_gid) not in status_field(server, "Groups").split()
+    rights = subprocess.run(["sudo", "-l", "-U", API_USER], capture_output=True, text=True)
+    assert privileged.LIBEXEC not in rights.stdout
+    assert "is not allowed to run sudo" in rights.stdout
+    # The worker reaches neither the server's state nor its settings; nor the reverse.
+    for path in (full.state / "server/prefect.db", ETC / "server.env"):
+        assert as_user(WORKER, ["cat", str(path)]).returncode != 0, path
+    assert as_user(API_USER, ["cat", str(ETC / "worker.env")]).returncode != 0
+    assert owner(full.state / "server/prefect.db")[:2] == (API_USER, API_USER)
+    # The API: the password opens it, nothing else does.
+    assert full.api()("GET", "/health") is True
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(full.url + "/flow_runs/filter", data=b"{}", timeout=10)
+    assert refused.value.code == 401
+
+
+# ------------------------------------------------- 5: without systemd, the units' protections
+def test_daemons_without_systemd_have_umask_0077_and_private_logs(full):
+    for name, group in (("server", API_USER), ("worker", GROUP)):
+        assert status_field(full.pid(name), "Umask") == "0077"
+        assert owner(LOG_DIR / f"{name}.log") == ("root", group, 0o640)
+        assert as_user(NOSUDO, ["cat", str(LOG_DIR / f"{name}.log")]).returncode != 0
+    assert "PREFECT_API_URL" in (LOG_DIR / "server.log").read_text()  # it did log there
+    assert owner(full.state / "server/prefect.db")[2] == 0o600
+
+
+# ---------------------------------------------------------- 6: the group holds the worker only
+def test_installer_refuses_a_group_with_other_members(full):
+    intruder = "ucb-intruder"
+    with accounts_removed(users=(intruder,), groups=(intruder,)):
+        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell",
+                        "/usr/sbin/nologin", intruder], check=True)
+        subprocess.run(["usermod", "-a", "-G", GROUP, intruder], check=True)
+        for steps in (["user"], ["privileged"]):
+            result = full.run(*steps)
+            assert result.returncode == 1
+            assert result.stderr.count("\n") == 1, result.stderr
+            assert f"group {GROUP} has members other than {WORKER} ({intruder})" \
+                in result.stderr
+        subprocess.run(["gpasswd", "-d", intruder, GROUP], check=True, capture_output=True)
+        # A primary group counts as membership too.
+        subprocess.run(["usermod", "-g", GROUP, intruder], check=True)
+        assert full.run("user").returncode == 1
+        subprocess.run(["usermod", "-g", intruder, intruder], check=True)
+        assert full.run("user").returncode == 0
+
+
+def test_accounts_that_tests_create_are_removed_with_their_processes():
+    name = "ucb-leftover"
+    with accounts_removed(users=(name,), groups=(name,)):
+        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", name],
+                       check=True)
+        sleeper = subprocess.Popen(["setpriv", f"--reuid={name}", f"--regid={name}",
+                                    "--clear-groups", "sleep", "60"])
+        time.sleep(0.2)
+    assert sleeper.wait(timeout=10) != 0
+    with pytest.raises(KeyError):
+        pwd.getpwnam(name)
+    with pytest.raises(KeyError):
+        grp.getgrnam(name)
+
+
+# ------------------------------------------------------------- 7: what no restore needs stays out
+def test_the_deny_list_keeps_secrets_no_restore_needs_out_of_the_archive(full, policy_root):
+    plan = archive.plan_paths(str(policy_root))
+    result = as_user(WORKER, list(privileged.archive_command(plan).argv), text=False)
+    assert result.returncode == 0, result.stderr
+    with tarfile.open(fileobj=io.BytesIO(result.stdout)) as tar:
+        names = set(tar.getnames())
+    assert {"etc/shadow", "root/.my.cnf", "etc/keystone/fernet-keys/0"} <= names
+    for denied in ("etc/shadow-", "etc/gshadow-", "etc/security/opasswd", "root/.bash_history",
+                   "root/.cache", "root/.cache/pip/x", "home/stack/.bash_history",
+                   "home/stack/.cache/x", "home/stack/.mysql_history"):
+        assert denied not in names, denied
+    asked = sudo(privileged.ARCHIVE_WRAPPER, str(policy_root), "--", "/etc/shadow-")
+    assert asked.returncode == 77 and asked.stdout == ""
+    assert "/etc/shadow- is denied ('deny = /etc/shadow-'" in asked.stderr
+    history = sudo(privileged.ARCHIVE_WRAPPER, str(policy_root), "--",
+                   "/home/stack/.bash_history")
+    assert history.returncode == 77 and "deny = /home/*/.bash_history" in history.stderr
+
+
+def test_shipped_deny_list_is_the_wrappers_default():
+    from test_sudo import load_wrapper
+
+    policy = (REPO / "deployments/privileged.conf").read_text().splitlines()
+    shipped = tuple(line.split("=", 1)[1].strip() for line in policy if line.startswith("deny ="))
+    assert shipped == load_wrapper("ucb-archive").DEFAULT_DENY
+    assert "/etc/shadow" not in shipped and "/root/.my.cnf" not in shipped
+
+
+# --------------------------------------------------------------- issue 11.1: the UI is served
+def test_the_installed_server_serves_both_uis_from_its_state(full):
+    base = f"http://127.0.0.1:{full.port}"
+    pages = {}
+    for ui, cookie in (("v2", ""), ("v1", "prefect_ui_version=v1")):
+        request = urllib.request.Request(base + "/", headers={
+            "Accept": "text/html", "Sec-Fetch-Mode": "navigate", "Cookie": cookie})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/html")
+            pages[ui] = response.read()
+        served = full.state / f"server/ui/{ui}/index.html"
+        assert pages[ui] == served.read_bytes(), ui
+        assert owner(served)[0] == API_USER
+    assert pages["v1"] != pages["v2"]
+    with urllib.request.urlopen(base + "/ui-settings", timeout=30) as response:
+        settings = __import__("json").loads(response.read())
+    assert settings["available_uis"] == ["v1", "v2"] and settings["auth"] == "BASIC"
+    assert "Failed to create" not in (LOG_DIR / "server.log").read_text()
+
