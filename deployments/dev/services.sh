@@ -132,10 +132,11 @@ write_file() {
 }
 
 # ---------------------------------------------------------------------------------------- apt
+# age, openssh-client: encrypted backups and signed manifests (age -r/-d, ssh-keygen -Y).
 # chromium: the test suite drives the Prefect UI in a real headless browser (tests/test_ui.py).
 PKGS="mariadb-server mariadb-client memcached swift swift-proxy swift-account swift-container
       swift-object python3-swiftclient python3-keystonemiddleware python3-keystoneclient keystone
-      sqlite3 uwsgi uwsgi-plugin-python3 zstd tar acl attr sudo curl chromium"
+      sqlite3 uwsgi uwsgi-plugin-python3 zstd tar acl attr sudo curl chromium age openssh-client"
 
 install_packages() {
   local missing="" p
