@@ -15,15 +15,25 @@ import urllib.error
 import urllib.request
 
 import pytest
-from swiftclient.exceptions import ClientException
 
-from undercloud_backup import config, swift, tempurl
+from undercloud_backup import config, tempurl
+from undercloud_backup.errors import SwiftRequestFailed
 from undercloud_backup.manifest import Manifest, Segment, StoredObject
 
 
 @pytest.fixture
 def conn(os_env):
+    """swiftclient, to build a backup-shaped container independently of the uploader."""
+    from undercloud_backup import swift
+
     return swift.connect(config.swift_settings_from_env(retries=0))
+
+
+@pytest.fixture
+def store(os_env):
+    from undercloud_backup.store import SwiftStore
+
+    return SwiftStore.connect(config.swift_settings_from_env(retries=0))
 
 
 @pytest.fixture
@@ -82,10 +92,10 @@ def _status(url: str) -> int:
         return error.code
 
 
-def test_links_download_whole_objects_with_curl(conn, container, account_keys, tmp_path):
+def test_links_download_whole_objects_with_curl(conn, store, container, account_keys,
+                                                tmp_path):
     manifest, contents = _backup(conn, container)
-    storage_url = swift.storage_url(conn)
-    links = tempurl.download_links(conn, storage_url, container, manifest)
+    links = tempurl.download_links(store, container, manifest)
     assert [link.leaf for link in links] == [
         "filesystem.tar.zst", "mariadb-all-databases.sql.zst", "manifest.json"]
     key = tempurl.plan_key(conn.head_account(), "unused").key
@@ -107,21 +117,20 @@ def test_links_download_whole_objects_with_curl(conn, container, account_keys, t
     assert _status(links[0].url.split("?")[0]) == 401
 
 
-def test_links_stop_working_after_their_lifetime(conn, container, account_keys):
+def test_links_stop_working_after_their_lifetime(conn, store, container, account_keys):
     manifest, contents = _backup(conn, container)
-    links = tempurl.download_links(conn, swift.storage_url(conn), container, manifest,
-                                   lifetime=3)
+    links = tempurl.download_links(store, container, manifest, lifetime=3)
     assert _status(links[1].url) == 200
     time.sleep(max(0.0, links[1].expires - time.time()) + 1.5)
     assert [_status(link.url) for link in links] == [401, 401, 401]
 
 
-def test_someone_elses_key_is_never_overwritten(conn, container, account_keys):
+def test_someone_elses_key_is_never_overwritten(conn, store, container, account_keys):
     """An account key set by someone else stays; the tool takes the second slot."""
     manifest, contents = _backup(conn, container)
     conn.post_account({tempurl.KEY_HEADERS[0]: "someone-elses-key",
                        tempurl.KEY_HEADERS[1]: "", tempurl.SLOT_HEADER: ""})
-    links = tempurl.download_links(conn, swift.storage_url(conn), container, manifest)
+    links = tempurl.download_links(store, container, manifest)
     headers = conn.head_account()
     assert headers[tempurl.KEY_HEADERS[0]] == "someone-elses-key"
     ours = headers[tempurl.KEY_HEADERS[1]]
@@ -129,7 +138,7 @@ def test_someone_elses_key_is_never_overwritten(conn, container, account_keys):
     with urllib.request.urlopen(links[1].url, timeout=30) as response:
         assert response.read() == contents["mariadb-all-databases.sql.zst"]
     # a second run signs with the same key of ours: earlier links stay valid
-    again = tempurl.download_links(conn, swift.storage_url(conn), container, manifest)
+    again = tempurl.download_links(store, container, manifest)
     assert conn.head_account()[tempurl.KEY_HEADERS[1]] == ours
     assert _status(links[0].url) == 200 and _status(again[0].url) == 200
 
@@ -153,16 +162,19 @@ def test_plan_key_slots():
 class _NotOwner:
     """An account the user may read but not change (a real 403 needs a non-owner role)."""
 
-    def head_account(self):
+    url = "http://127.0.0.1:8080/v1/AUTH_x"
+
+    def account(self):
         return {}
 
     def post_account(self, headers):
-        raise ClientException("Account POST failed", http_status=403, http_reason="Forbidden")
+        raise SwiftRequestFailed(operation="POST account", target=self.url,
+                                 reason="HTTP 403 Forbidden", transaction_id="tx0", status=403)
 
 
 def test_account_that_refuses_a_key_gives_one_clear_error():
     with pytest.raises(tempurl.TempURLUnavailable) as caught:
-        tempurl.account_key(_NotOwner(), "http://127.0.0.1:8080/v1/AUTH_x")
+        tempurl.account_key(_NotOwner())
     message = str(caught.value)
     assert "\n" not in message and "403" in message and "Temp-URL-Key" in message
     assert caught.value.exit_code == 2

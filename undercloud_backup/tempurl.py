@@ -27,7 +27,6 @@ from typing import Protocol
 
 from swiftclient.utils import generate_temp_url
 
-from . import swift
 from .errors import ConfigError, SwiftRequestFailed
 from .manifest import Manifest
 
@@ -44,11 +43,13 @@ class TempURLUnavailable(ConfigError):
 
 
 class Account(Protocol):
-    """What this module needs of a Swift connection (swiftclient's Connection has it)."""
+    """What this module needs of a Swift connection (store.SwiftStore has it)."""
 
-    def head_account(self) -> dict[str, str]: ...
+    url: str
 
-    def post_account(self, headers: dict[str, str]) -> object: ...
+    def account(self) -> dict[str, str]: ...
+
+    def post_account(self, headers: dict[str, str]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -118,15 +119,12 @@ def plan_key(account_headers: dict[str, str], new_key: str) -> KeyPlan:
     return KeyPlan(key=headers[KEY_HEADERS[0]], set_headers={})
 
 
-def account_key(account: Account, storage_url: str) -> str:
+def account_key(account: Account) -> str:
     """The key to sign with, setting one in a free slot when the account has none of ours."""
-    with swift.swift_errors("HEAD account", storage_url):
-        headers = account.head_account()
-    plan = plan_key(headers, secrets.token_urlsafe(32))
+    plan = plan_key(account.account(), secrets.token_urlsafe(32))
     if plan.set_headers:
         try:
-            with swift.swift_errors("POST account", storage_url):
-                account.post_account(plan.set_headers)
+            account.post_account(plan.set_headers)
         except SwiftRequestFailed as error:
             raise TempURLUnavailable(
                 detail=f"the account has no temp-url key of ours and setting one failed "
@@ -156,13 +154,14 @@ def check_lifetime(seconds: int) -> int:
     return seconds
 
 
-def download_links(account: Account, storage_url: str, container: str, manifest: Manifest,
+def download_links(account: Account, container: str, manifest: Manifest,
                    lifetime: int = DEFAULT_LIFETIME, now: float | None = None,
                    ) -> list[DownloadLink]:
     """One signed link per object of ``manifest`` (the manifest itself last)."""
     check_lifetime(lifetime)
+    storage_url = account.url
     digest = choose_digest(swift_capabilities(storage_url))
-    key = account_key(account, storage_url)
+    key = account_key(account)
     expires = int(now if now is not None else time.time()) + lifetime
     links = []
     for obj in manifest.objects:
