@@ -216,13 +216,13 @@ def test_the_longest_container_name_leaves_room_for_segments():
 @pytest.mark.parametrize("name", ["a/evil", "q?x=1", ""])
 def test_the_backup_refuses_a_bad_container_with_exit_2_before_writing(os_env, name):
     store = SwiftStore.connect(config.swift_settings_from_env())
-    before = {c["name"] for c in store._conn.get_account(full_listing=True)[1]}
+    before = {c["name"] for c in store.containers()}
     result = subprocess.run([sys.executable, "-m", "flows.backup", "--container", name,
                              "--db-only"], cwd=REPO, capture_output=True, text=True,
                             timeout=120, env=dict(os.environ))
     assert result.returncode == 2, result.stderr
     assert "container name" in result.stderr and "Traceback" not in result.stderr
-    assert {c["name"] for c in store._conn.get_account(full_listing=True)[1]} == before
+    assert {c["name"] for c in store.containers()} == before
 
 
 # ------------------------------------------------------------------ staging spools

@@ -280,6 +280,11 @@ class SwiftStore:
         return self._call("GET container", container, lambda: self._conn.get_container(
             container, prefix=prefix, full_listing=True)[1])
 
+    def containers(self) -> list[dict]:
+        """Every container of the account."""
+        return self._call("GET account", self.url, lambda: self._conn.get_account(
+            full_listing=True)[1])
+
     def delete(self, container: str, name: str, *, query: dict | None = None) -> None:
         qs = urlencode(query) if query else None
         self._call("DELETE object", f"{container}/{name}",
