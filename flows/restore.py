@@ -26,6 +26,7 @@ from tasks import restore as steps
 from tasks import verify as checks
 from undercloud_backup import restore
 from undercloud_backup.errors import ConfigError
+from undercloud_backup.manifest import Manifest
 
 
 def _run_name() -> str:
@@ -42,9 +43,13 @@ def undercloud_restore(
     target: str | None = None,
     allow_root_target: bool = False,
     paths: list[str] | None = None,
+    exclude_paths: list[str] | None = None,
+    reinstalled_host: bool = False,
     all_databases: bool = False,
     databases: list[str] | None = None,
     overwrite: bool = False,
+    skip_existing: bool = False,
+    overwrite_empty: bool = False,
     dry_run: bool = False,
     db_block: str | None = None,
     db_defaults_file: str | None = None,
@@ -64,16 +69,26 @@ def undercloud_restore(
             undercloud-backups).
         files: Restore the filesystem archive.
         target: Directory to restore the files under (default: a new directory
-            <staging_dir>/undercloud-restore-<backup_id>). / means the live system and needs
-            allow_root_target.
+            <staging_dir>/undercloud-restore-<backup_id>, created 0700). / means the live
+            system and needs allow_root_target. A named target that does not exist is
+            created 0755, so services restored into a stand-in root can enter it.
         allow_root_target: Allow target / (writing into the live system).
         paths: Only restore these absolute paths (as they were on the backed-up host), e.g.
-            /etc/keystone; default: everything in the archive.
+            /etc/keystone; default: everything in the archive. Every one is looked up in
+            the archive before anything is written.
+        exclude_paths: Leave these alone (absolute, anchored patterns as the backup's
+            --exclude-path: * does not match /), e.g. /etc/fstab.
+        reinstalled_host: Also leave the host-identity files alone (fstab, machine-id,
+            passwd/group/shadow, hostname, network configuration; docs/restore.md), unless
+            asked for with paths.
         all_databases: Load every database of the dump, with users, roles and grants, into
             the target MariaDB.
         databases: Load only these databases (without users and grants).
         overwrite: Replace existing files and drop and replace existing databases; without it
             the restore refuses and names them.
+        skip_existing: Leave databases that already exist alone and load the others.
+        overwrite_empty: Replace existing databases that are empty (no tables, views,
+            routines or events), e.g. the test database of a fresh install.
         dry_run: Say what would be written where (every file, every database); write nothing.
         db_block: Target MariaDB: name of a saved MariaDB Connection block.
         db_defaults_file: Target MariaDB: an option file with a [client] group (default
@@ -88,25 +103,20 @@ def undercloud_restore(
         timeout_hours: Longest the files or the databases may take before the restore's
             processes are killed.
     """
-    logger = get_run_logger()
-    if all_databases and databases:
-        raise ConfigError(detail="choose all_databases or named databases, not both")
-    want_databases = all_databases or bool(databases)
-    if not files and not want_databases:
-        raise ConfigError(detail="nothing to restore: enable files, all_databases or databases")
+    want_databases = _check_choices(files, all_databases, databases, overwrite, skip_existing)
     swift_source = SwiftSource(block=swift_block, container=container)
     db_source = DatabaseSource(block=db_block, defaults_file=db_defaults_file, host=db_host,
                                port=db_port, user=db_user, socket=db_socket)
     manifest = checks.load_manifest(swift_source, backup_id)
-    backup_id = manifest["backup_id"]
+    backup_id = manifest.backup_id
     request = restore.RestoreRequest(
         backup_id=backup_id, target=target or restore.default_target(staging_dir, backup_id),
-        paths=tuple(paths or ()), overwrite=overwrite, allow_root_target=allow_root_target,
-        dry_run=dry_run, staging_dir=staging_dir, timeout_s=timeout_hours * 3600)
-    fresh_target = True
-    if files:
-        real = restore.check_target(request.target, allow_root_target)  # refuse / first
-        fresh_target = not os.path.isdir(real) or not any(os.scandir(real))
+        paths=tuple(paths or ()), exclude_paths=tuple(exclude_paths or ()),
+        reinstalled_host=reinstalled_host, overwrite=overwrite, skip_existing=skip_existing,
+        overwrite_empty=overwrite_empty, allow_root_target=allow_root_target,
+        explicit_target=bool(target), dry_run=dry_run, staging_dir=staging_dir,
+        timeout_s=timeout_hours * 3600)
+    fresh_target = not files or _fresh(request)
     names = None if all_databases else list(databases or [])
     result: dict = {"backup_id": backup_id, "container": swift_source.settings().container,
                     "dry_run": dry_run, "files": None, "databases": None}
@@ -115,25 +125,8 @@ def undercloud_restore(
         # file is written.
         steps.restore_databases.with_options(task_run_name="check-target-databases")(
             swift_source, db_source, manifest, names, replace(request, dry_run=True))
-    if files and want_databases and (fresh_target or overwrite or dry_run):
-        # Side by side: tar is mostly I/O, loading the dump mostly MariaDB's CPU; one after
-        # the other took their sum (benchmarks/RESULTS.md). Only where the files cannot be
-        # refused (an empty target, or --overwrite): the refusal comes after reading the
-        # archive, and must still come before any database is loaded.
-        futures = {"files": steps.restore_files.submit(swift_source, manifest, request),
-                   "databases": steps.restore_databases.submit(
-                       swift_source, db_source, manifest, names, request)}
-        wait(list(futures.values()))
-        failed = [part for part, future in futures.items()
-                  if not future.state.is_completed()]  # failed or crashed
-        for part, future in futures.items():
-            if part in failed:
-                continue
-            result[part] = future.result()
-            if failed:
-                logger.warning("the %s were restored; the %s failed", part, failed[0])
-        if failed:
-            futures[failed[0]].result()  # raises that part's error
+    if files and want_databases and not paths and (fresh_target or overwrite or dry_run):
+        result.update(_side_by_side(swift_source, db_source, manifest, names, request))
     else:
         if files:
             result["files"] = steps.restore_files(swift_source, manifest, request)
@@ -141,11 +134,63 @@ def undercloud_restore(
             result["databases"] = steps.restore_databases(swift_source, db_source, manifest,
                                                           names, request)
     _report_artifact(result)
-    logger.info("%s backup %s%s%s", "dry run of" if dry_run else "restored", backup_id,
-                f"; files under {result['files']['target']}" if result["files"] else "",
-                f"; databases {', '.join(result['databases']['databases'])} into "
-                f"{result['databases']['where']}" if result["databases"] else "")
+    _log_done(result)
     return result
+
+
+def _fresh(request: restore.RestoreRequest) -> bool:
+    """Whether the target is missing or empty (refusing / before anything else)."""
+    real = restore.check_target(request.target, request.allow_root_target)
+    return not os.path.isdir(real) or not any(os.scandir(real))
+
+
+def _log_done(result: dict) -> None:
+    get_run_logger().info(
+        "%s backup %s%s%s", "dry run of" if result["dry_run"] else "restored",
+        result["backup_id"],
+        f"; files under {result['files']['target']}" if result["files"] else "",
+        f"; databases {', '.join(result['databases']['databases'])} into "
+        f"{result['databases']['where']}" if result["databases"] else "")
+
+
+def _side_by_side(swift_source: SwiftSource, db_source: DatabaseSource, manifest: Manifest,
+                  names: list[str] | None, request: restore.RestoreRequest) -> dict:
+    """Files and databases at once; if one fails, the other's result is kept and logged.
+
+    tar is mostly I/O, loading the dump mostly MariaDB's CPU; one after the other took their
+    sum (benchmarks/RESULTS.md). Only where the files cannot be refused (an empty target, or
+    --overwrite): the refusal comes after reading the archive, and must still come before
+    any database is loaded; so must the check that every requested path is in the archive.
+    """
+    futures = {"files": steps.restore_files.submit(swift_source, manifest, request),
+               "databases": steps.restore_databases.submit(
+                   swift_source, db_source, manifest, names, request)}
+    wait(list(futures.values()))
+    failed = [part for part, future in futures.items()
+              if not future.state.is_completed()]  # failed or crashed
+    result = {}
+    for part, future in futures.items():
+        if part in failed:
+            continue
+        result[part] = future.result()
+        if failed:
+            get_run_logger().warning("the %s were restored; the %s failed", part, failed[0])
+    if failed:
+        futures[failed[0]].result()  # raises that part's error
+    return result
+
+
+def _check_choices(files: bool, all_databases: bool, databases: list[str] | None,
+                   overwrite: bool, skip_existing: bool) -> bool:
+    """Refuse contradictory choices; True when databases are to be restored."""
+    if all_databases and databases:
+        raise ConfigError(detail="choose all_databases or named databases, not both")
+    if overwrite and skip_existing:
+        raise ConfigError(detail="choose overwrite or skip_existing, not both")
+    want_databases = all_databases or bool(databases)
+    if not files and not want_databases:
+        raise ConfigError(detail="nothing to restore: enable files, all_databases or databases")
+    return want_databases
 
 
 def _report_artifact(result: dict) -> None:
@@ -157,6 +202,7 @@ def _report_artifact(result: dict) -> None:
                      f"`{files['target']}`: {files['creates']} new, {files['replaces']} "
                      f"replacing existing files, {files['merges']} existing directories kept")
         lines += [f"  - would replace `{path}`" for path in files["conflicts"][:20]]
+        lines += [f"  - excluded, left alone: `{path}`" for path in files["kept_paths"][:20]]
     elif files:
         lines.append(f"- Files: {files['entries']} entries restored under `{files['target']}` "
                      f"in {files['seconds']} s" + (f" (only {', '.join(files['paths'])})"
@@ -167,7 +213,9 @@ def _report_artifact(result: dict) -> None:
                      f"`{databases['where']}`"
                      + (" with users and grants" if databases["users_and_grants"] else "")
                      + (f"; replacing {', '.join(databases['existing'])}"
-                        if databases["existing"] else ""))
+                        if databases["existing"] else "")
+                     + (f"; leaving {', '.join(databases['skipped'])} as they are"
+                        if databases["skipped"] else ""))
         if not databases["dry_run"]:
             lines.append(f"- After the load {databases['matching']} of {databases['compared']} "
                          "table(s) match the manifest (rows and checksum)")
@@ -191,6 +239,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="allow --target / (write into the live system)")
     p.add_argument("--path", action="append", default=[], metavar="PATH",
                    help="only restore PATH, e.g. /etc/keystone (repeatable)")
+    p.add_argument("--exclude-path", action="append", default=[], metavar="PATTERN",
+                   help="leave PATTERN alone (absolute, anchored like the backup's "
+                        "--exclude-path; * does not match /; repeatable)")
+    p.add_argument("--reinstalled-host", action="store_true",
+                   help="leave the host-identity files of a reinstalled node alone (fstab, "
+                        "machine-id, passwd/group/shadow, hostname, network configuration; "
+                        "see docs/restore.md) unless named with --path")
     p.add_argument("--no-files", action="store_true", help="do not restore files")
     p.add_argument("--all-databases", action="store_true",
                    help="load every database, with users and grants, into the target MariaDB")
@@ -198,6 +253,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="load only this database (repeatable; without users and grants)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing files and databases (otherwise refuse, naming them)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="leave databases that already exist alone; load the others")
+    p.add_argument("--overwrite-empty", action="store_true",
+                   help="replace existing databases only if they are empty (e.g. test)")
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be written where; write nothing")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -213,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     result, status = cli.run("undercloud-restore", lambda: undercloud_restore(
         backup_id=args.backup_id, container=args.container, files=not args.no_files,
         target=args.target, allow_root_target=args.allow_root_target, paths=args.path,
-        all_databases=args.all_databases, databases=args.database,
-        overwrite=args.overwrite, dry_run=args.dry_run, **cli.database_arguments(args),
+        exclude_paths=args.exclude_path, reinstalled_host=args.reinstalled_host,
+        all_databases=args.all_databases, databases=args.database, overwrite=args.overwrite,
+        skip_existing=args.skip_existing, overwrite_empty=args.overwrite_empty,
+        dry_run=args.dry_run, **cli.database_arguments(args),
         swift_block=args.swift_block, staging_dir=args.staging_dir,
         timeout_hours=args.timeout_hours),
         interrupted="what was written so far stays in place")
@@ -231,9 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"restored {files['entries']} entries under {files['target']}")
     if databases:
         verb = "would load" if databases["dry_run"] else "loaded"
-        print(f"{verb} database(s) {', '.join(databases['databases'])} into "
+        print(f"{verb} database(s) {', '.join(databases['databases']) or '(none)'} into "
               f"{databases['where']}" + (f" (replacing {', '.join(databases['existing'])})"
-                                         if databases["existing"] else ""))
+                                         if databases["existing"] else "")
+              + (f" (left alone: {', '.join(databases['skipped'])})"
+                 if databases["skipped"] else ""))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Prefect tasks of the restore: thin wrappers over ``undercloud_backup.restore``.
+"""Prefect tasks of the restore: thin wrappers over ``undercloud_backup.restore``/``restoredb``.
 
 No retries and no caching: a restore that half happened must be looked at, not repeated
 blindly (a second attempt would, rightly, refuse to overwrite what the first one wrote).
@@ -10,23 +10,25 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.sources import DatabaseSource, SwiftSource
-from undercloud_backup import restore, swift
+from undercloud_backup import restore, restoredb
+from undercloud_backup.manifest import Manifest
+from undercloud_backup.store import SwiftStore
 
 
 @task(name="restore_files", cache_policy=NO_CACHE)
-def restore_files(swift_source: SwiftSource, manifest: dict,
+def restore_files(swift_source: SwiftSource, manifest: Manifest,
                   request: restore.RestoreRequest) -> dict:
     """Extract the archive into the target root, keeping owners, modes, ACLs and xattrs."""
     settings = swift_source.settings()
-    return restore.restore_files(swift.connect(settings), settings.container, manifest, request,
-                                 get_run_logger())
+    return restore.restore_files(SwiftStore.connect(settings), settings.container, manifest,
+                                 request, get_run_logger())
 
 
 @task(name="restore_databases", cache_policy=NO_CACHE)
-def restore_databases(swift_source: SwiftSource, db_source: DatabaseSource, manifest: dict,
+def restore_databases(swift_source: SwiftSource, db_source: DatabaseSource, manifest: Manifest,
                       databases: list[str] | None, request: restore.RestoreRequest) -> dict:
     """Load the dump (all of it, or some databases) into the target MariaDB and check it."""
     settings = swift_source.settings()
-    return restore.restore_databases(swift.connect(settings), settings.container, manifest,
-                                     db_source.settings(), databases, request,
-                                     get_run_logger())
+    return restoredb.restore_databases(SwiftStore.connect(settings), settings.container,
+                                       manifest, db_source.settings(), databases, request,
+                                       get_run_logger())

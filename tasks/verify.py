@@ -1,8 +1,8 @@
 """Prefect tasks of the verification: thin wrappers over ``undercloud_backup.verify``.
 
-Every task opens its own Swift connection (a swiftclient connection is not shared between
-threads) and resolves credentials itself, so none ever becomes a parameter or a result.
-Nothing is cached: a verification that reused an earlier verdict would prove nothing.
+Every task opens its own Swift store (a swiftclient connection is not shared between threads)
+and resolves credentials itself, so none ever becomes a parameter or a result. Nothing is
+cached: a verification that reused an earlier verdict would prove nothing.
 """
 
 from __future__ import annotations
@@ -12,52 +12,57 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.sources import SwiftSource
 from tasks.backup import RETRY_TRANSIENT
-from undercloud_backup import swift, verify
+from undercloud_backup import reader, verify
+from undercloud_backup.manifest import Manifest, StoredObject
+from undercloud_backup.store import SwiftStore
 
 _check = {**RETRY_TRANSIENT, "cache_policy": NO_CACHE}
 
 
-@task(name="load_manifest", **_check)
-def load_manifest(swift_source: SwiftSource, backup_id: str | None) -> dict:
-    """Fetch the manifest of the backup (default: the latest complete one)."""
+def _store(swift_source: SwiftSource) -> tuple[SwiftStore, str]:
     settings = swift_source.settings()
-    manifest = verify.load_manifest(swift.connect(settings), settings.container, backup_id)
-    get_run_logger().info("verifying backup %s of %s (created %s): %d object(s)",
-                          manifest["backup_id"], manifest.get("hostname"),
-                          manifest.get("created_at"), len(manifest.get("objects", [])))
+    return SwiftStore.connect(settings), settings.container
+
+
+@task(name="load_manifest", **_check)
+def load_manifest(swift_source: SwiftSource, backup_id: str | None) -> Manifest:
+    """Fetch the manifest of the backup (default: the latest complete one)."""
+    store, container = _store(swift_source)
+    manifest = reader.load_manifest(store, container, backup_id)
+    get_run_logger().info("backup %s of %s (created %s): %d object(s)", manifest.backup_id,
+                          manifest.hostname, manifest.created_at, len(manifest.objects))
     return manifest
 
 
 @task(name="verify_archive", **_check)
-def verify_archive(swift_source: SwiftSource, manifest: dict, record: dict,
+def verify_archive(swift_source: SwiftSource, manifest: Manifest, obj: StoredObject,
                    timeout_s: float) -> dict:
     """Stream the filesystem archive through zstd and tar --list; check every segment."""
-    settings = swift_source.settings()
-    result = verify.check_archive(swift.connect(settings), settings.container, manifest, record,
-                                  timeout=timeout_s)
+    store, container = _store(swift_source)
+    result = verify.check_archive(store, container, manifest, obj, timeout=timeout_s)
     _log(result, f"archive: {result['entries']} entries readable in {result['seconds']} s")
     return result
 
 
 @task(name="verify_database", **_check)
-def verify_database(swift_source: SwiftSource, manifest: dict, record: dict, staging_dir: str,
+def verify_database(swift_source: SwiftSource, manifest: Manifest, staging_dir: str,
                     timeout_s: float, ignore_tables: list[str]) -> dict:
-    """Load the dump into a throwaway MariaDB and compare every table with the manifest."""
-    settings = swift_source.settings()
-    result = verify.check_database(swift.connect(settings), settings.container, manifest,
-                                   record, staging_dir=staging_dir, timeout=timeout_s,
-                                   ignore_tables=ignore_tables, logger=get_run_logger())
+    """Load the dump and the users and grants into a throwaway MariaDB; compare every table."""
+    store, container = _store(swift_source)
+    result = verify.check_database(store, container, manifest, staging_dir=staging_dir,
+                                   timeout=timeout_s, ignore_tables=ignore_tables,
+                                   logger=get_run_logger())
     _log(result, f"database: {result['matching']} of {result['compared']} table(s) match the "
                  f"manifest after a test restore in {result['seconds']} s")
     return result
 
 
 @task(name="verify_object", **_check)
-def verify_object(swift_source: SwiftSource, record: dict) -> dict:
+def verify_object(swift_source: SwiftSource, obj: StoredObject) -> dict:
     """Read an object back and check its size, segments and SHA-256."""
-    settings = swift_source.settings()
-    result = verify.check_plain(swift.connect(settings), settings.container, record)
-    _log(result, f"{record['name']}: size and checksums as recorded")
+    store, container = _store(swift_source)
+    result = verify.check_plain(store, container, obj)
+    _log(result, f"{obj.name}: size and checksums as recorded")
     return result
 
 

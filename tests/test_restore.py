@@ -16,9 +16,17 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, backup_cli, describe_tree
-from test_verify import database_sql, run_sql
+from test_verify import (
+    archive_of,
+    database_sql,
+    get_manifest,
+    plant_backup,
+    planted_dumps,
+    run_sql,
+    swift_store,
+)
 
-from undercloud_backup import config, restore, sample, swift, verify
+from undercloud_backup import dumpstream, restore, restoredb, sample, upload, verify
 from undercloud_backup.scratchdb import ScratchServer, scratch_mariadb
 
 
@@ -57,12 +65,12 @@ def shared_backup(os_env, private_mariadb, tmp_path_factory) -> Iterator[tuple[d
     try:
         yield make_backup(root, container, private_mariadb), root
     finally:
-        conn = swift.connect(config.swift_settings_from_env())
+        store = swift_store()
         for name in (container, f"{container}_segments"):
             try:
-                for obj in conn.get_container(name, full_listing=True)[1]:
-                    conn.delete_object(name, obj["name"])
-                conn.delete_container(name)
+                for obj in store.list(name):
+                    store.delete(name, obj["name"])
+                store.delete_container(name)
             except Exception:  # noqa: BLE001 - cleanup must not hide the outcome
                 pass
 
@@ -170,15 +178,13 @@ def test_only_some_paths_and_never_over_slash_without_the_flag(shared_backup, tm
 def test_a_damaged_segment_stops_the_restore_before_its_bytes_are_written(
         sample_root, container, private_mariadb, tmp_path):
     files_backup = make_backup(sample_root, container, private_mariadb)
-    conn = swift.connect(config.swift_settings_from_env())
-    manifest = swift.get_manifest(conn, files_backup["container"], files_backup["backup_id"])
-    archive = verify.find_object(manifest, "filesystem.tar.zst")
-    segment = archive["segments"][-1]
-    conn.put_object(archive["segment_container"], segment["name"], os.urandom(segment["size"]))
+    archive = archive_of(get_manifest(files_backup["container"], files_backup["backup_id"]))
+    segment = archive.segments[-1]
+    swift_store().put(archive.segment_container, segment.name, os.urandom(segment.size))
     result = cli("restore", "--container", files_backup["container"], "--target",
                  str(tmp_path / "t"))
     assert result.returncode == restore.RestoreFailed.exit_code
-    assert segment["name"] in result.stderr and "sha256" in result.stderr
+    assert segment.name in result.stderr and "sha256" in result.stderr
 
 
 @pytest.mark.slow
@@ -188,7 +194,7 @@ def test_a_segment_damaged_on_its_way_into_swift_is_caught_before_restore_uses_i
     is what catches them."""
     from flows.backup import undercloud_backup
 
-    original = swift.StreamUploader._put_segment
+    original = upload.StreamUploader._put_segment
 
     def damaged_on_the_way(self, index, spool):
         if self.name.endswith("filesystem.tar.zst") and index == 1:
@@ -198,23 +204,21 @@ def test_a_segment_damaged_on_its_way_into_swift_is_caught_before_restore_uses_i
             spool.file.write(bytes([first[0] ^ 0xFF]))  # after it was hashed
         return original(self, index, spool)
 
-    monkeypatch.setattr(swift.StreamUploader, "_put_segment", damaged_on_the_way)
+    monkeypatch.setattr(upload.StreamUploader, "_put_segment", damaged_on_the_way)
     summary = undercloud_backup(root=str(sample_root), container=container,
                                 db_socket=private_mariadb.socket, db_user="root",
                                 segment_size="1MiB", prune=False)
     monkeypatch.undo()
-    segment = verify.find_object(swift.get_manifest(
-        swift.connect(config.swift_settings_from_env()), container, summary["backup_id"]),
-        "filesystem.tar.zst")["segments"][1]
+    segment = archive_of(get_manifest(container, summary["backup_id"])).segments[1]
 
     checked = cli("verify", "--container", container, "--skip-database", "--json")
     assert checked.returncode == verify.VerificationFailed.exit_code, checked.stderr
-    assert any(segment["name"] in p and "sha256" in p
+    assert any(segment.name in p and "sha256" in p
                for p in json.loads(checked.stdout)["problems"])
     target = tmp_path / "t"
     result = cli("restore", "--container", container, "--target", str(target))
     assert result.returncode == restore.RestoreFailed.exit_code
-    assert segment["name"] in result.stderr and "sha256" in result.stderr
+    assert segment.name in result.stderr and "sha256" in result.stderr
 
 
 # ----------------------------------------------------------------------------- databases
@@ -277,8 +281,9 @@ def test_databases_dropped_and_restored_have_identical_checksums(db_backup, two_
 
     again = cli("restore", "--container", db_backup["container"], "--no-files", "--database",
                 first, *target)
-    assert again.returncode == restore.DatabasesExist.exit_code
-    assert f"Database(s) {first} already exist" in again.stderr
+    assert again.returncode == restoredb.DatabasesExist.exit_code
+    assert f"Database(s) {first} (4 tables, views, routines or events) already exist" in \
+        again.stderr.strip().splitlines()[-1]
     replaced = cli("restore", "--container", db_backup["container"], "--no-files",
                    "--database", first, "--overwrite", *target)
     assert replaced.returncode == 0, replaced.stderr
@@ -314,7 +319,7 @@ def test_database_filter_keeps_only_the_named_database_whatever_the_chunking(two
                            "--events", "--triggers", "--add-drop-database", "--hex-blob",
                            "--databases", first, second], capture_output=True,
                           check=True).stdout
-    whole = restore.DatabaseFilter([second])
+    whole = dumpstream.DatabaseFilter([second])
     expected = whole.feed(dump) + whole.finish()
     assert whole.seen == [first, second]
     text = expected.decode()
@@ -324,7 +329,7 @@ def test_database_filter_keeps_only_the_named_database_whatever_the_chunking(two
     assert text.rstrip().endswith(dump.decode().rstrip().splitlines()[-1])  # footer kept
     rng = random.Random(4)
     for _ in range(5):
-        chunked = restore.DatabaseFilter([second])
+        chunked = dumpstream.DatabaseFilter([second])
         out, position = bytearray(), 0
         while position < len(dump):
             size = rng.choice((1, 7, 100, 1023, 1024, 1025, 5000))
@@ -370,3 +375,23 @@ def test_files_and_databases_are_restored_side_by_side(two_databases, private_ma
     databases = next(t for name, t in tasks.items() if name.startswith("restore_databases"))
     # each started before the other ended
     assert files.start_time < databases.end_time and databases.start_time < files.end_time
+
+
+@pytest.mark.parametrize("kind", ["bare", "disguised"])
+def test_restore_never_runs_shell_lines_of_a_planted_dump(kind, private_mariadb, container,
+                                                          os_env, tmp_path):
+    """Whoever can write the container can plant a dump; the root restore must not run it."""
+    marker = tmp_path / "ran"
+    backup_id = plant_backup(container, planted_dumps(marker)[kind])
+    result = cli("restore", "--container", container, "--backup-id", backup_id, "--no-files",
+                 "--all-databases", "--db-socket", private_mariadb.socket, "--db-user", "root")
+    last = result.stderr.strip().splitlines()[-1]
+    if kind == "bare":  # refused before a byte reached the server
+        assert result.returncode == dumpstream.NotADump.exit_code == 49, result.stderr
+        assert last.startswith(f"undercloud-restore: error: {backup_id}/mariadb-all-databases"
+                               ".sql.zst does not begin the way mariadb-dump's output begins")
+        assert "planted" not in run_sql(private_mariadb, "SHOW DATABASES").split()
+    else:  # it looked like a dump: the client's sandbox refused the shell line
+        assert result.returncode == restore.RestoreFailed.exit_code, result.stderr
+        assert "Not allowed in the sandbox mode" in last
+    assert not marker.exists() and not Path(f"{marker}.system").exists()

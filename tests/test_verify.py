@@ -20,8 +20,10 @@ from pathlib import Path
 import pytest
 from conftest import PREFECT_API_URL, REPO, backup_cli
 
-from undercloud_backup import config, swift, verify
+from undercloud_backup import catalogue, config, swift, tarlist, verify
+from undercloud_backup.manifest import Manifest, StoredObject
 from undercloud_backup.scratchdb import ScratchServer, scratch_mariadb
+from undercloud_backup.store import SwiftStore
 
 SCRATCH_PREFIX = "undercloud-verify-db-"
 
@@ -88,8 +90,26 @@ def archived_entries(root: Path) -> int:
     return sum(1 + sum(len(d) + len(f) for _, d, f in os.walk(top)) for top in tops)
 
 
-def swift_conn():
-    return swift.connect(config.swift_settings_from_env())
+def swift_store() -> SwiftStore:
+    return SwiftStore.connect(config.swift_settings_from_env())
+
+
+def get_manifest(container: str, backup_id: str) -> Manifest:
+    return catalogue.get_manifest(swift_store(), container, backup_id)
+
+
+def archive_of(manifest: Manifest) -> StoredObject:
+    obj = manifest.object("filesystem.tar.zst")
+    assert obj is not None
+    return obj
+
+
+def put_plain(store: SwiftStore, container: str, obj: StoredObject, body: bytes) -> None:
+    """Store ``body`` as ``obj`` (a plain object) and make ``obj`` record it truthfully."""
+    obj.sha256 = hashlib.sha256(body).hexdigest()
+    obj.etag = store.put(container, obj.name, body,
+                         headers={swift.SHA256_HEADER: obj.sha256})
+    obj.size, obj.segments, obj.segment_container = len(body), [], None
 
 
 def scratch_dirs() -> set[str]:
@@ -152,11 +172,11 @@ def test_without_table_checksums_row_counts_are_recorded_and_verified(
                         "--no-table-checksums", "--no-prune", "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    manifest = swift.get_manifest(swift_conn(), container, summary["backup_id"])
-    tables = manifest["mariadb"]["databases"][test_database]["tables"]
+    manifest = get_manifest(container, summary["backup_id"])
+    tables = manifest.mariadb.databases[test_database]
     # 5 updated items fired the trigger into log
-    assert {t["table"]: t["rows"] for t in tables} == {"counters": 2, "items": 300, "log": 5}
-    assert all(t["checksum"] is None for t in tables)
+    assert {t.table: t.rows for t in tables} == {"counters": 2, "items": 300, "log": 5}
+    assert all(t.checksum is None for t in tables)
 
     report = json.loads(cli("verify", "--container", container, "--json").stdout)
     assert report["ok"] is True, report["problems"]
@@ -166,39 +186,39 @@ def test_without_table_checksums_row_counts_are_recorded_and_verified(
 
 def test_a_manifest_from_before_segment_sha256_still_verifies_by_swift_md5(backup):
     """Manifests written before per-segment SHA-256 carry Swift's MD5 (the ETag) only."""
-    conn = swift_conn()
-    manifest = swift.get_manifest(conn, backup["container"], backup["backup_id"])
-    archive = verify.find_object(manifest, "filesystem.tar.zst")
-    assert archive["segments"] and all(len(s["sha256"]) == 64 for s in archive["segments"])
-    for record in manifest["objects"]:
+    store = swift_store()
+    manifest = get_manifest(backup["container"], backup["backup_id"])
+    archive = archive_of(manifest)
+    assert archive.segments and all(len(s.sha256) == 64 for s in archive.segments)
+    data = manifest.to_dict()  # as an older version wrote it: no segment SHA-256
+    for record in data["objects"]:
         for segment in record["segments"]:
             del segment["sha256"]
-    swift.put_manifest(conn, backup["container"], manifest)
+    catalogue.put_manifest_body(store, backup["container"], backup["backup_id"],
+                                json.dumps(data).encode())
     result = cli("verify", "--container", backup["container"], "--skip-database", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["ok"] is True
     # ... and a damaged segment is still found, by its MD5
-    segment = archive["segments"][1]
-    conn.put_object(archive["segment_container"], segment["name"], os.urandom(segment["size"]))
+    segment = archive.segments[1]
+    store.put(archive.segment_container, segment.name, os.urandom(segment.size))
     result = cli("verify", "--container", backup["container"], "--skip-database", "--json")
     assert result.returncode == verify.VerificationFailed.exit_code
     problems = json.loads(result.stdout)["problems"]
-    assert any(segment["name"] in p and "md5" in p for p in problems), problems
+    assert any(segment.name in p and "md5" in p for p in problems), problems
 
 
-def _segment(backup: dict, index: int) -> tuple[str, str, dict]:
-    conn = swift_conn()
-    manifest = swift.get_manifest(conn, backup["container"], backup["backup_id"])
-    archive = verify.find_object(manifest, "filesystem.tar.zst")
-    segment = archive["segments"][index]
-    return archive["segment_container"], segment["name"], segment
+def _segment(backup: dict, index: int):
+    archive = archive_of(get_manifest(backup["container"], backup["backup_id"]))
+    segment = archive.segments[index]
+    return archive.segment_container, segment.name, segment
 
 
 @pytest.mark.slow
 def test_an_overwritten_segment_fails_verification_naming_object_and_segment(backup):
     segment_container, name, segment = _segment(backup, 1)
     # Same size, different bytes, written with plain swiftclient.
-    swift_conn().put_object(segment_container, name, os.urandom(segment["size"]))
+    swift_store().put(segment_container, name, os.urandom(segment.size))
 
     result = cli("verify", "--container", backup["container"], "--backup-id",
                  backup["backup_id"], "--skip-database", "--json")
@@ -209,9 +229,8 @@ def test_an_overwritten_segment_fails_verification_naming_object_and_segment(bac
     assert "segment 00000001" in first and name in first and "sha256" in first
     archive = next(o for o in report["objects"] if o["name"].endswith("filesystem.tar.zst"))
     assert archive["ok"] is False and archive["segments_read"] == len(
-        verify.find_object(swift.get_manifest(swift_conn(), backup["container"],
-                                              backup["backup_id"]),
-                           "filesystem.tar.zst")["segments"])  # all still checked
+        archive_of(get_manifest(backup["container"], backup["backup_id"])).segments)
+    # all still checked
     dump = next(o for o in report["objects"] if o["name"].endswith(".sql.zst"))
     assert dump["ok"] is True  # the rest of the backup is still judged, and intact
     errors = result.stderr.strip().splitlines()
@@ -224,7 +243,7 @@ def test_an_overwritten_segment_fails_verification_naming_object_and_segment(bac
 @pytest.mark.slow
 def test_a_deleted_object_fails_verification_naming_it(backup):
     name = f"{backup['backup_id']}/mariadb-all-databases.sql.zst"
-    swift_conn().delete_object(backup["container"], name)
+    swift_store().delete(backup["container"], name)
 
     result = cli("verify", "--container", backup["container"], "--json")
     assert result.returncode == verify.VerificationFailed.exit_code, result.stderr
@@ -237,14 +256,13 @@ def test_a_deleted_object_fails_verification_naming_it(backup):
 @pytest.mark.slow
 def test_a_dump_that_does_not_load_fails_verification(backup, tmp_path):
     """A truncated dump whose manifest record is consistent: only loading it can tell."""
-    conn = swift_conn()
+    store = swift_store()
     container, backup_id = backup["container"], backup["backup_id"]
-    manifest = swift.get_manifest(conn, container, backup_id)
-    record = verify.find_object(manifest, "mariadb-all-databases.sql.zst")
+    manifest = get_manifest(container, backup_id)
+    record = manifest.object("mariadb-all-databases.sql.zst")
     dump = tmp_path / "dump.sql.zst"
     with open(dump, "wb") as out:
-        out.write(b"".join(conn.get_object(container, record["name"],
-                                           resp_chunk_size=1 << 20)[1]))
+        out.write(b"".join(store.get(container, record.name)[1]))
     # Everything up to the first INSERT, and half of it: what a dump cut short looks like.
     head = bytearray()
     with subprocess.Popen(["zstd", "-dc", str(dump)], stdout=subprocess.PIPE) as unzstd:
@@ -256,13 +274,9 @@ def test_a_dump_that_does_not_load_fails_verification(backup, tmp_path):
         unzstd.kill()
     broken = subprocess.run(["zstd", "-q", "-c"], input=bytes(head), capture_output=True,
                             check=True).stdout
-    sha256 = hashlib.sha256(broken).hexdigest()
-    etag = conn.put_object(container, record["name"], broken,
-                           headers={swift.SHA256_HEADER: sha256})
     # Stored as a plain object now, whether or not the dump had been segmented.
-    record.update(size=len(broken), sha256=sha256, etag=etag, segments=[],
-                  segment_container=None)
-    conn.put_object(container, swift.manifest_name(backup_id), json.dumps(manifest))
+    put_plain(store, container, record, broken)
+    catalogue.put_manifest(store, container, manifest)
 
     result = cli("verify", "--container", container, "--json")
     assert result.returncode == verify.VerificationFailed.exit_code, result.stderr
@@ -270,11 +284,71 @@ def test_a_dump_that_does_not_load_fails_verification(backup, tmp_path):
     assert all(o["ok"] for o in report["objects"])  # intact as stored...
     assert report["database"]["loaded"] is False  # ...but it does not restore
     problem = report["problems"][0]
-    assert problem.startswith("loading the dump into a scratch MariaDB failed: mariadb")
+    assert problem.startswith("loading mariadb-all-databases.sql.zst into a scratch MariaDB "
+                              "failed: mariadb")
     assert "ERROR" in problem
 
 
 def test_member_names_are_unescaped_as_tar_prints_them():
-    assert verify.unescape_member(rb"home/stack/\303\234berschrift \303\274/") == \
+    assert tarlist.unescape_member(rb"home/stack/\303\234berschrift \303\274/") == \
         "home/stack/Überschrift ü/"
-    assert verify.unescape_member(rb"a\\b\nc") == "a\\b\nc"
+    assert tarlist.unescape_member(rb"a\\b\nc") == "a\\b\nc"
+
+
+# ------------------------------------------------------------------- planted dumps (#10.4)
+def planted_dumps(marker: Path) -> dict[str, bytes]:
+    """Dumps that run shell commands if a client executes them: one that does not even look
+    like a dump, one that wears mariadb-dump's older banner (no sandbox line of its own)."""
+    shell = (f"\\! id > {marker}\nsystem touch {marker}.system\n"
+             "CREATE DATABASE planted;\n").encode()
+    return {"bare": shell,
+            "disguised": b"-- MariaDB dump 10.19  Distrib 10.11.19-MariaDB, for debian-linux-gnu"
+                         b" (x86_64)\n--\n-- Host: localhost    Database: \n" + shell}
+
+
+def plant_backup(container: str, dump: bytes, users: bytes | None = None) -> str:
+    """A complete-looking backup written straight into Swift with the store: a zstd dump
+    (and users object) and a manifest that records them truthfully."""
+    from undercloud_backup.manifest import (
+        DB_OBJECT,
+        USERS_OBJECT,
+        DatabaseSection,
+    )
+
+    store = swift_store()
+    store.ensure_container(container)
+    backup_id = f"planted-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    objects = []
+    for leaf, body in ((DB_OBJECT, dump), (USERS_OBJECT, users)):
+        if body is None:
+            continue
+        packed = subprocess.run(["zstd", "-q", "-c"], input=body, capture_output=True,
+                                check=True).stdout
+        obj = StoredObject(name=f"{backup_id}/{leaf}", size=0, sha256="", compression="zstd",
+                           content="mariadb-dump")
+        put_plain(store, container, obj, packed)
+        objects.append(obj)
+    manifest = Manifest(backup_id=backup_id, created_at="2026-11-30T22:00:00+00:00",
+                        mariadb=DatabaseSection(
+                            version="10.11.19-MariaDB", object=objects[0].name,
+                            system_tables=[], databases={"planted": []},
+                            users_object=objects[1].name if users is not None else None),
+                        objects=objects)
+    catalogue.put_manifest(store, container, manifest)
+    return backup_id
+
+
+@pytest.mark.parametrize("kind", ["bare", "disguised"])
+def test_verify_never_runs_shell_lines_of_a_planted_dump(kind, container, os_env, tmp_path):
+    marker = tmp_path / "ran"
+    backup_id = plant_backup(container, planted_dumps(marker)[kind])
+
+    result = cli("verify", "--container", container, "--backup-id", backup_id)
+    assert result.returncode == verify.VerificationFailed.exit_code, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"undercloud-verify: error: Backup {backup_id} failed verification")
+    if kind == "bare":  # refused before a byte reached the client
+        assert "does not begin the way mariadb-dump's output begins" in last
+    else:  # it looked like a dump: the client's sandbox refused the shell line
+        assert "sandbox" in last.lower(), last
+    assert not marker.exists() and not Path(f"{marker}.system").exists()

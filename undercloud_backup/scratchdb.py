@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pymysql
 
+from undercloud_backup.dumpstream import sandboxed
 from undercloud_backup.errors import BackupError
 from undercloud_backup.execute import Command, Pipeline, run
 
@@ -104,10 +105,12 @@ class ScratchServer:
     session: pymysql.connections.Connection
 
     def client_command(self, *extra: str) -> Command:
-        """``mariadb`` connected to this server only: no option file is read."""
-        return Command(argv=(_tool("mariadb", "mysql"), "--no-defaults",
-                             f"--socket={self.socket}", f"--user={os_user()}", "--batch",
-                             "--max-allowed-packet=1G", *extra), name="mariadb (scratch)")
+        """``mariadb --sandbox`` connected to this server only: no option file is read, and
+        no ``\\!``/``system`` line of what it loads runs (a dump may have been planted)."""
+        return Command(argv=sandboxed((_tool("mariadb", "mysql"), "--no-defaults",
+                                       f"--socket={self.socket}", f"--user={os_user()}",
+                                       "--batch", "--max-allowed-packet=1G", *extra)),
+                       name="mariadb (scratch)")
 
     @property
     def where(self) -> str:

@@ -1,0 +1,75 @@
+"""Comparing a server's tables with what a manifest recorded (verify and restore).
+
+Moved out of verify.py; it belongs beside the database code (H-db may fold it into
+database.py: import it from wherever it ends up, never copy it).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from undercloud_backup import database as db
+from undercloud_backup.manifest import TableRecord
+
+
+@dataclass
+class TableComparison:
+    """Per-table row counts and checksums, as recorded in a manifest and as found."""
+
+    compared: int = 0
+    matching: int = 0
+    # False when the backup recorded row counts only (--no-table-checksums)
+    checksums: bool = True
+    differences: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def check(self, name: str, table: TableRecord, found: tuple[int, int | None]) -> None:
+        rows, checksum = found
+        if rows != table.rows:
+            self.differences.append(f"table {name}: {rows} rows, the manifest records "
+                                    f"{table.rows}")
+        elif table.checksum is not None and checksum != table.checksum:
+            self.differences.append(f"table {name}: checksum {checksum}, the manifest "
+                                    f"records {table.checksum}")
+        else:
+            self.matching += 1
+
+
+def compare_tables(session, recorded: dict[str, list[TableRecord]], *,
+                   ignore: Sequence[str] = ()) -> TableComparison:
+    """Compare every table the manifest recorded with what ``session`` sees now.
+
+    ``ignore`` holds ``db.table`` patterns (fnmatch) of tables known to change between the
+    manifest's snapshot and the dump's on a live server (heartbeats, for instance).
+    """
+    result = TableComparison(checksums=any(t.checksum is not None
+                                           for tables in recorded.values() for t in tables))
+    with session.cursor() as cursor:
+        cursor.execute("SHOW DATABASES")
+        present = {row[0] for row in cursor.fetchall()}
+    found = {f"{t.database}.{t.table}": (t.rows, t.checksum) for t in db.table_stats(
+        session, tuple(d for d in recorded if d in present), result.checksums)}
+    expected: set[str] = set()
+    for database, tables in sorted(recorded.items()):
+        if database not in present:
+            result.differences.append(f"database {database}: missing after the load")
+            continue
+        for table in tables:
+            name = f"{database}.{table.table}"
+            expected.add(name)
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in ignore):
+                result.ignored.append(name)
+                continue
+            result.compared += 1
+            if name not in found:
+                result.differences.append(f"table {name}: missing after the load")
+            else:
+                result.check(name, table, found[name])
+    result.extra = sorted(set(found) - expected)
+    return result
