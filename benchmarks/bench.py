@@ -80,7 +80,9 @@ def make_context(args: argparse.Namespace) -> Context:
     try:
         os_env = read_env_file(args.os_env)
     except OSError as error:
-        sys.exit(f"bench: cannot read --os-env {args.os_env}: {error.strerror}")
+        sys.exit(f"bench: --os-env: {error}")
+    if "OS_AUTH_URL" not in os_env:
+        sys.exit(f"bench: --os-env {args.os_env} sets no OS_AUTH_URL (not a Swift user's file)")
     workdir = args.workdir.resolve()
     ctx = Context(args=args, workdir=workdir, root=workdir / "root",
                   staging=workdir / "staging", logs=workdir / "logs", python=args.python,

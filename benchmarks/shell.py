@@ -17,6 +17,7 @@ from typing import IO
 REPO = Path(__file__).resolve().parent.parent
 STATE = Path(os.environ.get("UCB_DEV_STATE", "/var/lib/undercloud-backup-dev"))
 MiB = 1024**2
+BASH_OWN = {"PWD", "OLDPWD", "SHLVL", "_"}  # set by bash itself, not by an env file
 
 
 def log(message: str) -> None:
@@ -76,15 +77,18 @@ def wait_ready(proc: subprocess.Popen, ready: Callable[[], bool], what: str, log
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """The variables an ``export A=b C=d`` env file sets (services.sh writes keystone.env)."""
-    values: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line.startswith("export "):
-            for word in shlex.split(line[len("export "):]):
-                key, _, value = word.partition("=")
-                values[key] = value
-    return values
+    """The variables an env file sets (services.sh writes keystone.env), as bash sources it.
+
+    OSError with the reason if bash cannot; its stderr is dropped, it may quote a secret.
+    """
+    if not os.access(path, os.R_OK):
+        raise OSError(f"{path} is not readable")
+    done = run(["bash", "-c", 'set -ae; . "$1" >/dev/null; exec env -0', "_", str(path)],
+               env={}, check=False)
+    if done.returncode != 0:
+        raise OSError(f"bash could not source {path} (exit {done.returncode})")
+    pairs = (item.decode().partition("=") for item in done.stdout.split(b"\0") if item)
+    return {k: v for k, _, v in pairs if k not in BASH_OWN}
 
 
 def base_env(os_env: dict[str, str]) -> dict[str, str]:
