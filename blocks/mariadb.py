@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
@@ -17,23 +19,28 @@ class MariaDBConnection(Block):
     _block_type_slug = "mariadb-connection"
     _description = "MariaDB connection for undercloud database dumps (password kept secret)."
 
-    host: str = Field("127.0.0.1", description="Server host name or address (TCP).")
-    port: int = Field(3306, description="Server TCP port.")
+    host: str | None = Field(None, description="Server host name or address (TCP); default "
+                                               "127.0.0.1, or the option file's.")
+    port: int | None = Field(None, description="Server TCP port; default 3306, or the option "
+                                               "file's.")
     socket: str | None = Field(None, description="Unix socket path; used instead of host/port.")
-    user: str = Field("root", description="Database user; needs SELECT, SHOW VIEW, TRIGGER, "
-                                          "EVENT, LOCK TABLES, RELOAD, PROCESS, SHOW DATABASES.")
+    user: str | None = Field(None, description="Database user (default root, or the option "
+                                               "file's); needs SELECT, SHOW VIEW, TRIGGER, "
+                                               "EVENT, SHOW DATABASES on *.* (checked before "
+                                               "every dump).")
     password: SecretStr | None = Field(None, description="Password of that user.")
     defaults_file: str | None = Field(
         None, description="A MariaDB option file on the worker host ([client] group); the "
                           "fields above, where set, override it.")
 
     def settings(self) -> DatabaseSettings:
-        """Plain settings for the dump; the password is only read here."""
-        if self.defaults_file:
-            base = database_settings(self.defaults_file)
-            password = self.password.get_secret_value() if self.password else base.password
-            return DatabaseSettings(host=self.host, port=self.port, socket=self.socket,
-                                    user=self.user, password=password)
-        return DatabaseSettings(
-            host=self.host, port=self.port, socket=self.socket, user=self.user,
-            password=self.password.get_secret_value() if self.password else None)
+        """Plain settings for the dump: the option file (if any), the fields set over it.
+
+        The password is only read here.
+        """
+        base = database_settings(self.defaults_file) if self.defaults_file \
+            else DatabaseSettings()
+        overrides = {"host": self.host, "port": self.port, "socket": self.socket,
+                     "user": self.user,
+                     "password": self.password.get_secret_value() if self.password else None}
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})

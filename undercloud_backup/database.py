@@ -1,35 +1,58 @@
-"""MariaDB: connection settings, introspection through PyMySQL, and the dump command line.
+"""MariaDB: connection settings, introspection, the dump commands, and the access chosen once.
 
-The password reaches ``mariadb-dump`` through an anonymous pipe read as
-``--defaults-extra-file=/dev/fd/N`` (borgmatic's technique): never on argv, never on disk.
+A run reaches the server one way, chosen once by :func:`access`: directly with an account
+(:class:`DirectAccess`; the password reaches ``mariadb-dump`` through an anonymous pipe read as
+``--defaults-extra-file=/dev/fd/N``, borgmatic's technique: never on argv, never on disk), or
+as root through the sudo wrapper (:class:`privileged.PrivilegedAccess`). Both give the same
+methods; nothing else asks which one it is.
+
+Two dumps: the databases (``| mariadb`` and ``| mariadb --one-database NAME`` both work with
+the stock client), and users and grants on their own (loaded after the databases).
 """
 
 from __future__ import annotations
 
 import configparser
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import pymysql
 
+from undercloud_backup.dbdump import SYSTEM_DUMP as SYSTEM_DUMP  # re-exported
+from undercloud_backup.dbdump import (
+    Dumps,
+    DumpSpec,
+    dump_command,
+    dump_tool,
+    option_pipe,
+    users_dump_command,
+)
+from undercloud_backup.dbpreflight import (
+    ER_LOCK_WAIT_TIMEOUT,
+    LOCK_WAIT_S,
+    PrivilegeReport,
+    check_locks,
+    check_privileges,
+    locked_error,
+    require,
+    schema_object_counts,
+    set_lock_wait,
+)
 from undercloud_backup.errors import (
     ConfigError,
     DatabaseAuthError,
     DatabaseUnreachable,
-    DumpFailed,
     redact,
 )
-from undercloud_backup.execute import Command
 
 # Schemas that are not data: information_schema/performance_schema/sys are views of the server,
 # and `mysql` is dumped portably through --system (dumping its tables directly is not restorable
 # across versions).
 SYSTEM_SCHEMAS = frozenset({"information_schema", "performance_schema", "sys", "mysql"})
-SYSTEM_DUMP = "users,plugins,udfs,servers"
 
 
 @dataclass(frozen=True)
@@ -153,17 +176,20 @@ def server_info(connection: pymysql.connections.Connection) -> ServerInfo:
     return ServerInfo(version=version, databases=databases, size_bytes=size)
 
 
-def table_stats(connection: pymysql.connections.Connection,
-                databases: tuple[str, ...], checksums: bool = True) -> list[TableStats]:
+def table_stats(connection: pymysql.connections.Connection, databases: tuple[str, ...],
+                checksums: bool = True, lock_wait_s: int = LOCK_WAIT_S,
+                where: str = "MariaDB") -> list[TableStats]:
     """Exact row counts and ``CHECKSUM TABLE`` (unless not wanted) of every base table.
 
     They are read in a consistent-snapshot transaction opened as the dump starts its own; on a
-    busy server the two snapshots can differ by the writes in between.
+    busy server the two snapshots can differ by the writes in between. A table locked for
+    longer than ``lock_wait_s`` raises :class:`DatabaseLocked`.
     """
     stats: list[TableStats] = []
     if not databases:
         return stats
     with connection.cursor() as cursor:
+        set_lock_wait(cursor, lock_wait_s)
         cursor.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
         cursor.execute(
             "SELECT table_schema, table_name, engine FROM information_schema.tables"
@@ -172,21 +198,31 @@ def table_stats(connection: pymysql.connections.Connection,
             (databases,),
         )
         for schema, table, engine in cursor.fetchall():
-            quoted = f"`{schema.replace('`', '``')}`.`{table.replace('`', '``')}`"
-            cursor.execute(f"SELECT COUNT(*) FROM {quoted}")
-            rows = int(cursor.fetchone()[0])
-            checksum = None
-            if checksums:
-                cursor.execute(f"CHECKSUM TABLE {quoted} EXTENDED")
-                checksum = cursor.fetchone()[1]
-            stats.append(TableStats(schema, table, engine, rows,
-                                    int(checksum) if checksum is not None else None))
+            try:
+                stats.append(_table_stats(cursor, schema, table, engine, checksums))
+            except pymysql.err.OperationalError as error:
+                if error.args and error.args[0] == ER_LOCK_WAIT_TIMEOUT:
+                    raise locked_error(connection, schema, table, where, lock_wait_s) from None
+                raise
         cursor.execute("COMMIT")
     return stats
 
 
+def _table_stats(cursor, schema: str, table: str, engine: str | None,
+                 checksums: bool) -> TableStats:
+    quoted = f"`{schema.replace('`', '``')}`.`{table.replace('`', '``')}`"
+    cursor.execute(f"SELECT COUNT(*) FROM {quoted}")
+    rows = int(cursor.fetchone()[0])
+    checksum = None
+    if checksums:
+        cursor.execute(f"CHECKSUM TABLE {quoted} EXTENDED")
+        checksum = cursor.fetchone()[1]
+    return TableStats(schema, table, engine, rows,
+                      int(checksum) if checksum is not None else None)
+
+
 def table_stats_beside(settings: DatabaseSettings, databases: tuple[str, ...],
-                       checksums: bool = True
+                       checksums: bool = True, lock_wait_s: int = LOCK_WAIT_S
                        ) -> tuple[Callable[[], list[TableStats]], Callable[[], None]]:
     """:func:`table_stats` on a connection of its own, and a way to stop it from elsewhere.
 
@@ -197,7 +233,7 @@ def table_stats_beside(settings: DatabaseSettings, databases: tuple[str, ...],
     def read() -> list[TableStats]:
         with connect(settings) as connection:
             thread_id.append(connection.thread_id())
-            return table_stats(connection, databases, checksums)
+            return table_stats(connection, databases, checksums, lock_wait_s, settings.where)
 
     def stop() -> None:
         if thread_id:
@@ -207,35 +243,91 @@ def table_stats_beside(settings: DatabaseSettings, databases: tuple[str, ...],
     return read, stop
 
 
-def dump_tool() -> str:
-    """The server's own dump tool: ``mariadb-dump``, or ``mysqldump`` on older installs."""
-    for name in ("mariadb-dump", "mysqldump"):
-        path = shutil.which(name)
-        if path:
-            return path
-    raise DumpFailed(reason="neither mariadb-dump nor mysqldump is installed")
+# ---------------------------------------------------------------------------- access
+StatsBeside = tuple[Callable[[], list[TableStats]], Callable[[], None] | None]
 
 
-def dump_command(databases: tuple[str, ...], options_fd: int, tool: str = "mariadb-dump",
-                 prefix: tuple[str, ...] = ()) -> Command:
-    """The consistent dump of ``databases`` plus users and grants, as portable SQL."""
-    argv = (
-        *prefix,
-        tool,
-        f"--defaults-extra-file=/dev/fd/{options_fd}",  # must stay the first option
-        "--single-transaction",
-        "--quick",
-        "--routines",
-        "--events",
-        "--triggers",
-        "--hex-blob",
-        "--add-drop-database",
-        "--max-allowed-packet=1G",
-        f"--system={SYSTEM_DUMP}",
-        # users load as CREATE USER IF NOT EXISTS, so loading into a live server never aborts on
-        # the account it runs as; tables are dropped and recreated, so no row is ignored.
-        "--insert-ignore",
-    )
-    if databases:
-        argv += ("--databases", *databases)
-    return Command(argv=argv, name="mariadb-dump")
+class DatabaseAccess(Protocol):
+    """How a run reaches MariaDB, chosen once (:func:`access`)."""
+
+    where: str
+    lock_wait_s: int
+
+    def server_info(self) -> ServerInfo: ...
+    def table_stats(self, databases: tuple[str, ...],
+                    checksums: bool = True) -> list[TableStats]: ...
+    def table_stats_beside(self, databases: tuple[str, ...],
+                           checksums: bool = True) -> StatsBeside: ...
+    def check_privileges(self, databases: tuple[str, ...],
+                         allow_partial: bool = False) -> PrivilegeReport: ...
+    def check_locks(self, databases: tuple[str, ...]) -> None: ...
+    def schema_objects(self, databases: tuple[str, ...]) -> dict[str, dict[str, int]]: ...
+    def privileges(self) -> list[str]: ...
+    def dump_commands(self, databases: tuple[str, ...]) -> Dumps: ...
+
+
+@dataclass
+class DirectAccess:
+    """The server reached with the settings' account (PyMySQL, and the dump tool)."""
+
+    settings: DatabaseSettings
+    lock_wait_s: int = LOCK_WAIT_S
+
+    @property
+    def where(self) -> str:
+        return self.settings.where
+
+    def server_info(self) -> ServerInfo:
+        with connect(self.settings) as connection:
+            return server_info(connection)
+
+    def table_stats(self, databases: tuple[str, ...], checksums: bool = True
+                    ) -> list[TableStats]:
+        with connect(self.settings) as connection:
+            return table_stats(connection, databases, checksums, self.lock_wait_s, self.where)
+
+    def table_stats_beside(self, databases: tuple[str, ...], checksums: bool = True
+                           ) -> StatsBeside:
+        return table_stats_beside(self.settings, databases, checksums, self.lock_wait_s)
+
+    def check_privileges(self, databases: tuple[str, ...], allow_partial: bool = False
+                         ) -> PrivilegeReport:
+        with connect(self.settings) as connection:
+            report = check_privileges(connection, databases)
+        return require(report, self.where, allow_partial)
+
+    def check_locks(self, databases: tuple[str, ...]) -> None:
+        with connect(self.settings) as connection:
+            check_locks(connection, databases, self.where, self.lock_wait_s)
+
+    def schema_objects(self, databases: tuple[str, ...]) -> dict[str, dict[str, int]]:
+        with connect(self.settings) as connection:
+            return schema_object_counts(connection, databases)
+
+    def privileges(self) -> list[str]:
+        with connect(self.settings) as connection:
+            return check_privileges(connection, ()).grants
+
+    def dump_commands(self, databases: tuple[str, ...]) -> Dumps:
+        tool, secrets = dump_tool(), [self.settings.password]
+        text = self.settings.option_file_text()
+        first = option_pipe(text)
+        try:
+            second = option_pipe(text)
+        except BaseException:
+            os.close(first)
+            raise
+        return Dumps(databases=DumpSpec(dump_command(databases, first, tool), secrets, (first,)),
+                     users=DumpSpec(users_dump_command(second, tool), secrets, (second,)))
+
+
+def access(settings: DatabaseSettings | None, privileged: bool,
+           lock_wait_s: int = LOCK_WAIT_S) -> DatabaseAccess:
+    """The database access for this run: root through the sudo wrapper, or ``settings``."""
+    if privileged:
+        from undercloud_backup.privileged import PrivilegedAccess
+
+        return PrivilegedAccess(lock_wait_s=lock_wait_s)
+    if settings is None:
+        raise ConfigError(detail="no database connection settings")
+    return DirectAccess(settings, lock_wait_s)

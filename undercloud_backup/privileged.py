@@ -14,11 +14,21 @@ into :class:`SudoRefused`, naming the sudoers file to install.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from undercloud_backup.archive import PathPlan
-from undercloud_backup.database import ServerInfo, TableStats
+from undercloud_backup.database import ServerInfo, StatsBeside, TableStats
+from undercloud_backup.dbdump import SYSTEM_DUMP, Dumps, DumpSpec
+from undercloud_backup.dbpreflight import (
+    LOCK_WAIT_S,
+    DatabaseLocked,
+    PrivilegeReport,
+    evaluate,
+    require,
+)
 from undercloud_backup.errors import (
     CommandFailed,
     DatabaseAuthError,
@@ -38,7 +48,10 @@ STATS_TIMEOUT_S = 3600.0
 # The wrappers' exit statuses (sysexits.h) that mean something to the retry logic.
 EX_UNAVAILABLE = 69
 EX_AUTH = 71
+EX_TEMPFAIL = 75  # a table stayed locked
 WHERE = "the local MariaDB socket (as root, through sudo)"
+_LOCKED = re.compile(r"table (.+?) is locked by another session \((.*)\); gave up after "
+                     r"([0-9]+) s")
 
 
 def _sudo(*argv: str) -> tuple[str, ...]:
@@ -62,8 +75,13 @@ def archive_command(plan: PathPlan, extra_excludes: Iterable[str] = ()) -> Comma
 
 
 def dump_command(databases: tuple[str, ...]) -> Command:
-    """``ucb-mariadb dump``: :func:`database.dump_command`'s dump, as root over the socket."""
+    """``ucb-mariadb dump``: :func:`dbdump.dump_command`'s dump, as root over the socket."""
     return Command(argv=_sudo(MARIADB_WRAPPER, "dump", *databases), name="mariadb-dump")
+
+
+def users_dump_command() -> Command:
+    """``ucb-mariadb dump-users``: :func:`dbdump.users_dump_command`'s, as root."""
+    return Command(argv=_sudo(MARIADB_WRAPPER, "dump-users"), name="mariadb-dump --system")
 
 
 def _query(*args: str, timeout: float) -> object:
@@ -76,6 +94,10 @@ def _query(*args: str, timeout: float) -> object:
             raise DatabaseUnreachable(where=WHERE, reason=stderr) from None
         if status == EX_AUTH:
             raise DatabaseAuthError(where=WHERE, user="root", reason=stderr) from None
+        locked = _LOCKED.search(stderr) if status == EX_TEMPFAIL else None
+        if locked:
+            raise DatabaseLocked(table=locked.group(1), where=WHERE, holder=locked.group(2),
+                                 waited=int(locked.group(3))) from None
         raise
 
 
@@ -87,12 +109,63 @@ def server_info() -> ServerInfo:
                       size_bytes=int(info["size_bytes"]))
 
 
-def table_stats(databases: tuple[str, ...], checksums: bool = True) -> list[TableStats]:
+def table_stats(databases: tuple[str, ...], checksums: bool = True,
+                lock_wait_s: int = LOCK_WAIT_S) -> list[TableStats]:
     """Row counts and checksums of every base table, as :func:`database.table_stats`."""
     if not databases:
         return []
-    rows = _query("stats", *(() if checksums else ("--rows-only",)), *databases,
-                  timeout=STATS_TIMEOUT_S)
+    rows = _query("stats", *(() if checksums else ("--rows-only",)),
+                  f"--lock-wait={int(lock_wait_s)}", *databases, timeout=STATS_TIMEOUT_S)
     assert isinstance(rows, list)
     return [TableStats(row["database"], row["table"], row["engine"], int(row["rows"]),
                        row["checksum"]) for row in rows]
+
+
+def check(databases: tuple[str, ...], lock_wait_s: int = LOCK_WAIT_S) -> dict:
+    """``ucb-mariadb check``: tables opened once (bounded wait), root's grants, object counts."""
+    answer = _query("check", f"--lock-wait={int(lock_wait_s)}", *databases,
+                    timeout=INFO_TIMEOUT_S + len(databases) * lock_wait_s)
+    assert isinstance(answer, dict)
+    return answer
+
+
+@dataclass
+class PrivilegedAccess:
+    """root through the unix socket, via the sudo wrapper: no password involved.
+
+    The table statistics are not cancellable (root's client, under sudo): on failure they run
+    to their end (or their timeout), killed with the process the caller tracks.
+    """
+
+    lock_wait_s: int = LOCK_WAIT_S
+    where: str = WHERE
+
+    def server_info(self) -> ServerInfo:
+        return server_info()
+
+    def table_stats(self, databases: tuple[str, ...], checksums: bool = True
+                    ) -> list[TableStats]:
+        return table_stats(databases, checksums, self.lock_wait_s)
+
+    def table_stats_beside(self, databases: tuple[str, ...], checksums: bool = True
+                           ) -> StatsBeside:
+        return (lambda: table_stats(databases, checksums, self.lock_wait_s)), None
+
+    def check_privileges(self, databases: tuple[str, ...], allow_partial: bool = False
+                         ) -> PrivilegeReport:
+        answer = check(databases, self.lock_wait_s)
+        return require(evaluate(answer["user"], answer["grants"], databases), self.where,
+                       allow_partial)
+
+    def check_locks(self, databases: tuple[str, ...]) -> None:
+        check(databases, self.lock_wait_s)
+
+    def schema_objects(self, databases: tuple[str, ...]) -> dict[str, dict[str, int]]:
+        return check(databases, self.lock_wait_s)["schema_objects"]
+
+    def privileges(self) -> list[str]:
+        return list(check((), self.lock_wait_s)["grants"])
+
+    def dump_commands(self, databases: tuple[str, ...]) -> Dumps:
+        return Dumps(databases=DumpSpec(dump_command(databases)),
+                     users=DumpSpec(users_dump_command()), system_tables=SYSTEM_DUMP)
