@@ -183,7 +183,7 @@ step_privileged() {
 }
 
 render() {  # render TEMPLATE DEST GROUP: fill in @...@ once (0640 root:GROUP); DEST is kept
-  local template=$1 dest=$2 group=$3 auth_line="" server_auth_line="" done
+  local template=$1 dest=$2 group=$3 auth_line="" server_auth_line="" result
   if [ "$UCB_LOCAL_SERVER" = 1 ]; then
     # Generated and passed on through pipes and the environment only, never an argv.
     [ -n "$AUTH" ] || AUTH=admin:$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
@@ -192,12 +192,12 @@ render() {  # render TEMPLATE DEST GROUP: fill in @...@ once (0640 root:GROUP); 
   else
     auth_line="#PREFECT_API_AUTH_STRING=user:password"
   fi
-  done=$(UCB_SUBST_PREFECT_API_URL=$PREFECT_API_URL UCB_SUBST_STATE=$UCB_STATE \
+  result=$(UCB_SUBST_PREFECT_API_URL=$PREFECT_API_URL UCB_SUBST_STATE=$UCB_STATE \
          UCB_SUBST_PORT=$UCB_PORT UCB_SUBST_AUTH_LINE=$auth_line \
          UCB_SUBST_SERVER_AUTH_LINE=$server_auth_line fs render "$template" "$dest" root "$group" 0640)
   # Kept files too: the group is the service's own (older installations: the worker's group).
   fs touch "$dest" root "$group" 0640
-  say "config: $dest $done"
+  say "config: $dest $result"
 }
 
 step_config() {
