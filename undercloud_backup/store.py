@@ -339,9 +339,21 @@ def translate(error: BaseException, operation: str, target: str, url: str,
         return SwiftUnreachable(service="Keystone", url=url or target,
                                 reason=_first_line(error))
     if isinstance(error, _CONNECTION_ERRORS):
+        where = operation if target == url else f"{operation} of {target}"
         return SwiftUnreachable(service="Swift", url=url or target,
-                                reason=f"{operation} of {target}: {_first_line(error)}")
+                                reason=f"{where}: {_what_went_wrong(error, settings)}")
     raise error
+
+
+def _what_went_wrong(error: BaseException, settings: SwiftSettings | None) -> str:
+    """requests' words for a timeout are a repr of its pool; say it plainly."""
+    connect, read = settings.timeouts if settings else (None, None)
+    if isinstance(error, requests.exceptions.ConnectTimeout):
+        return f"no connection within {connect:g} s" if connect else "connect timeout"
+    if isinstance(error, requests.exceptions.Timeout | urllib3.exceptions.TimeoutError
+                  | TimeoutError):
+        return f"no answer within {read:g} s" if read else "read timeout"
+    return _first_line(error)
 
 
 def _keystone_session(settings: SwiftSettings) -> ks_session.Session:

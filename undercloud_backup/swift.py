@@ -2,15 +2,13 @@
 
 The requests themselves are in :mod:`undercloud_backup.store` (one store, one retry policy),
 the uploader in :mod:`undercloud_backup.upload`, the backup listing and manifests in
-:mod:`undercloud_backup.catalogue`. The names at the end of this module are transitional
-shims for callers not yet switched to those; they go once nothing imports them.
+:mod:`undercloud_backup.catalogue`. The three names before ``env_settings`` are transitional,
+for tests not yet switched to those; they go once nothing imports them.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from undercloud_backup.errors import ConfigError
@@ -101,10 +99,10 @@ class SwiftSettings:
 
 
 # ------------------------------------------------------------------------------------------
-# Transitional shims, for callers not yet switched to store/upload/catalogue (remove after).
-# They take a raw swiftclient connection from connect() and do the work through a SwiftStore.
+# Transitional, for tests not yet on the store (conftest, test_faults, test_tempurl): remove
+# once nothing imports them. Production code uses store/catalogue.
 def connect(settings: SwiftSettings):
-    """Transitional: a raw swiftclient connection (swiftclient's retries) for old callers."""
+    """A raw swiftclient connection (swiftclient's own retries), for old tests only."""
     from undercloud_backup.store import SwiftStore
 
     conn = SwiftStore.connect(settings)._conn
@@ -112,107 +110,16 @@ def connect(settings: SwiftSettings):
     return conn
 
 
-def _adopt(conn, settings: SwiftSettings | None = None):
-    from swiftclient.client import Connection
-
-    from undercloud_backup.store import SwiftStore
-
-    if isinstance(conn, SwiftStore):
-        return conn
-    settings = settings or SwiftSettings(auth_url="")
-    raw = Connection(session=conn.session, retries=0, starting_backoff=0.5,
-                     timeout=settings.timeouts, os_options=dict(conn.os_options))
-    return SwiftStore(raw, settings, storage_url(conn))
-
-
-def storage_url(conn) -> str:
-    return conn.os_options.get("object_storage_url") or conn.url or ""
-
-
-@contextmanager
-def swift_errors(operation: str, target: str, url: str = "") -> Iterator[None]:
-    from undercloud_backup.store import translate
-
-    try:
-        yield
-    except Exception as error:  # noqa: BLE001 - translated (unknown ones re-raised as they are)
-        raise translate(error, operation, target, url) from None
-
-
-def ensure_containers(conn, settings: SwiftSettings) -> None:
-    store = _adopt(conn, settings)
-    for container in (settings.container, settings.segment_container):
-        store.ensure_container(container)
-
-
-def StoredObject(**record):  # noqa: N802 - was a class
-    from undercloud_backup.manifest import StoredObject as Typed
-
-    return Typed.from_dict(record)
-
-
-def verify_stored(conn, container: str, record) -> None:
-    from undercloud_backup import upload
-
-    upload.verify_stored(_adopt(conn), container, record)
-
-
 def manifest_name(backup_id: str) -> str:
     return f"{backup_id}/{MANIFEST_NAME}"
 
 
-def put_manifest(conn, container: str, manifest: dict) -> str:
-    import json
-
-    from undercloud_backup import catalogue
-
-    body = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    return catalogue.put_manifest_body(_adopt(conn), container, manifest["backup_id"], body)
-
-
-def list_backups(conn, container: str):
-    from undercloud_backup import catalogue
-
-    return catalogue.list_backups(_adopt(conn), container)
-
-
 def get_manifest(conn, container: str, backup_id: str) -> dict:
+    """The manifest as a dict, read with a raw connection (old tests only)."""
     import json
 
-    return json.loads(_adopt(conn).get_bytes(container, manifest_name(backup_id)))
+    return json.loads(conn.get_object(container, manifest_name(backup_id))[1])
 
-
-def _uploader_class():
-    from undercloud_backup import manifest, upload
-
-    class _Recorded(manifest.StoredObject):
-        def as_dict(self) -> dict:
-            return self.to_dict()
-
-    class StreamUploader(upload.StreamUploader):
-        """Transitional: the old (conn, settings, name) signature; ``commit()`` gives an
-        object with the old ``as_dict()``."""
-
-        def __init__(self, conn, settings: SwiftSettings, name: str, **kwargs) -> None:
-            super().__init__(_adopt(conn, settings), settings.container, name,
-                             segment_size=settings.segment_size or DEFAULT_SEGMENT_SIZE,
-                             **kwargs)
-
-        def commit(self, extra_headers: dict[str, str] | None = None):
-            return _Recorded(**vars(super().commit(extra_headers)))
-
-    return StreamUploader
-
-
-def __getattr__(name: str):
-    if name == "StreamUploader":  # imported late: upload imports this module
-        globals()[name] = _uploader_class()
-        return globals()[name]
-    if name == "ProgressCallback":
-        from undercloud_backup.upload import ProgressCallback
-
-        return ProgressCallback
-    raise AttributeError(name)
 
 def env_settings(environ: os._Environ | dict[str, str] | None = None) -> dict[str, str]:
     """The ``OS_*`` variables OpenStack tools read, by our field names."""
