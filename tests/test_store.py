@@ -296,3 +296,23 @@ def test_a_full_staging_disk_is_insufficient_space(store, container, small_stagi
     filler.unlink()
     assert os.listdir(small_staging) == [] and open_spools(small_staging) == 0
     assert catalogue.listing(store, f"{container}_segments") == []
+
+
+# ------------------------------------------------------------------ classification
+def test_retryable_follows_the_status_and_survives_pickling():
+    """Prefect pickles task exceptions; its retry condition reads ``retryable``."""
+    import pickle
+
+    def failed(status):
+        return SwiftRequestFailed(operation="PUT", target="c/o", reason="x",
+                                  transaction_id="tx", status=status)
+
+    transient = [None, 408, 429, 498, 500, 503, 599]
+    permanent = [400, 401, 403, 404, 405, 409, 411, 412, 413, 416, 422]
+    assert [failed(s).retryable for s in transient] == [True] * len(transient)
+    assert [failed(s).retryable for s in permanent] == [False] * len(permanent)
+    again = pickle.loads(pickle.dumps(failed(503)))
+    assert again.status == 503 and again.retryable and str(again) == str(failed(503))
+    gone = pickle.loads(pickle.dumps(NotFound(operation="HEAD", target="c/o", reason="HTTP 404",
+                                              transaction_id="tx", status=404)))
+    assert isinstance(gone, NotFound) and not gone.retryable
