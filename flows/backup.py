@@ -16,14 +16,25 @@ import time
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
+from prefect.exceptions import TerminationSignal
 
-from blocks.sources import DatabaseSource, SwiftSource
-from flows import cli
+from blocks.sources import SwiftSource
+from flows import cli, interrupt, logs, params
+from flows.params import (
+    AdvancedParams,
+    DatabaseParams,
+    RetentionParams,
+    SwiftParams,
+    WhatToBackUp,
+)
 from tasks import backup as stages
 from tasks.prune import apply_retention
 from undercloud_backup import backup
+from undercloud_backup.errors import BackupError
 from undercloud_backup.retention import RetentionPolicy
-from undercloud_backup.sizes import format_size, parse_size
+from undercloud_backup.sizes import format_size
+
+logs.quiet_expected_errors()
 
 
 def _run_name() -> str:
@@ -40,125 +51,102 @@ def _backup_identity() -> tuple[str, str]:
 
 @flow(name="undercloud_backup", flow_run_name=_run_name, validate_parameters=True)
 def undercloud_backup(
-    container: str | None = None,
-    add_paths: list[str] | None = None,
-    exclude_paths: list[str] | None = None,
-    db_only: bool = False,
-    root: str = "/",
-    segment_size: str | None = None,
-    db_block: str | None = None,
-    db_defaults_file: str | None = None,
-    db_host: str | None = None,
-    db_port: int | None = None,
-    db_user: str | None = None,
-    db_socket: str | None = None,
-    swift_block: str | None = None,
-    staging_dir: str = "/var/tmp",
-    allow_unreadable: bool = False,
-    compression_level: int = 3,
-    table_checksums: bool = True,
-    swift_retries: int | None = None,
-    task_retries: int = 2,
-    privileged: bool = False,
-    prune: bool = True,
-    keep_last: int = 3,
-    keep_daily: int = 7,
-    keep_weekly: int = 4,
     dry_run: bool = False,
+    what: WhatToBackUp = WhatToBackUp(),  # noqa: B008 - immutable defaults the UI shows
+    database: DatabaseParams = DatabaseParams(),  # noqa: B008
+    swift: SwiftParams = SwiftParams(),  # noqa: B008
+    retention: RetentionParams = RetentionParams(),  # noqa: B008
+    advanced: AdvancedParams = AdvancedParams(),  # noqa: B008
 ) -> dict:
     """Back up the undercloud's databases and files into Swift, manifest last.
 
     Args:
-        container: Swift container for the backup (default: the Swift block's, or
-            undercloud-backups); segments go to <container>_segments.
-        add_paths: Extra absolute paths to archive, besides /etc, /root, /home/stack,
-            /srv/node and /var/lib/glance/images. A missing added path is an error.
-        exclude_paths: Absolute paths or patterns (anchored at root) to leave out,
-            e.g. /home/stack/.cache or /srv/node/*/tmp.
-        db_only: Only dump the databases; archive no files.
-        root: Directory the paths are resolved under: / on the undercloud, a scratch tree
-            in tests.
-        segment_size: Objects larger than this become Static Large Objects of segments this
-            big, e.g. 64MiB or 1GiB (default: the Swift block's, or chosen per stream from
-            its estimated size: 64MiB, more for a stream that would need over 900 segments).
-        db_block: Name of a saved MariaDB Connection block (otherwise the option file).
-        db_defaults_file: MariaDB option file with a [client] group (default ~/.my.cnf).
-        db_host: Database host, over the block or option file.
-        db_port: Database TCP port, over the block or option file.
-        db_user: Database user, over the block or option file.
-        db_socket: Database unix socket, over the block or option file.
-        swift_block: Name of a saved Swift Backup Target block (otherwise the OS_* environment).
-        staging_dir: Where segments are spooled on their way to Swift (two per stream).
-        allow_unreadable: Complete the backup even if some files could not be read; they are
-            listed in the manifest.
-        compression_level: zstd level (1-19) of both streams; 3 is the zstd default, 1 takes
-            about half the CPU for 10-20 % more bytes on text (images do not compress).
-        table_checksums: Record CHECKSUM TABLE of every table besides its row count, read
-            while the dump runs (on a second connection: the database user needs two);
-            verify then compares both. Off: row counts only.
-        swift_retries: Retries of one Swift request before a stage fails (default 5).
-        task_retries: Retries of a stage after a transient failure (Swift or database down).
-        privileged: Run tar and the dump as root through the project's sudo wrappers (a
-            worker running as an unprivileged user); the database is then reached as root
-            through its unix socket.
-        prune: Once the backup is complete, delete the backups the retention policy below
-            no longer keeps (manifest first), and incomplete ones untouched for a day.
-        keep_last: Retention: keep the N most recent complete backups.
-        keep_daily: Retention: keep the newest backup of each of the last N days that have
-            backups (UTC).
-        keep_weekly: Retention: keep the newest backup of each of the last N ISO weeks that
-            have backups.
         dry_run: Plan and check space only; nothing is written.
+        what: What to back up: the default paths, plus and minus yours; or the databases only.
+        database: Which MariaDB, and how to log in (default: the option file ~/.my.cnf).
+        swift: Where the backup goes: the Swift container, and how long Swift may take.
+        retention: What to delete once the backup is complete (manifest first).
+        advanced: Staging, privileges, compression and retries: the defaults suit most runs.
     """
+    run = _Run()
+    try:
+        return _backup(run, dry_run, what, database, swift, retention, advanced)
+    except BackupError as error:
+        if not cli.FROM_CLI:  # the UI's words: add_paths, not --add-path
+            error.args = (params.ui_language(str(error)),)
+        raise
+    except (KeyboardInterrupt, TerminationSignal) as signalled:
+        why = "SIGINT" if isinstance(signalled, KeyboardInterrupt) else "SIGTERM"
+        get_run_logger().error(interrupt.stop(why, run.futures, run.swift_source,
+                                              run.backup_id))
+        raise
+
+
+class _Run:
+    """What an interruption needs to clean up after this run."""
+
+    def __init__(self) -> None:
+        self.futures: list = []
+        self.swift_source: SwiftSource | None = None
+        self.backup_id: str | None = None
+
+
+def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabaseParams,
+            swift: SwiftParams, retention: RetentionParams, advanced: AdvancedParams) -> dict:
     logger = get_run_logger()
     started = time.monotonic()
     backup_id, created_at = _backup_identity()
     request = backup.BackupRequest(
         backup_id=backup_id, created_at=created_at, hostname=socket.gethostname(),
-        root=root, add_paths=tuple(add_paths or ()), exclude_paths=tuple(exclude_paths or ()),
-        include_files=not db_only, staging_dir=staging_dir, allow_unreadable=allow_unreadable,
-        compression_level=compression_level, table_checksums=table_checksums,
-        privileged=privileged)
-    db_source = DatabaseSource(block=db_block, defaults_file=db_defaults_file, host=db_host,
-                               port=db_port, user=db_user, socket=db_socket)
-    swift_source = SwiftSource(block=swift_block, container=container,
-                               segment_size=segment_size, retries=swift_retries)
-    retry = {"retries": task_retries}
+        root=what.root, add_paths=tuple(what.add_paths),
+        exclude_paths=tuple(what.exclude_paths), include_files=not what.db_only,
+        staging_dir=advanced.staging_dir, allow_unreadable=advanced.allow_unreadable,
+        allow_partial_database=advanced.allow_partial_database,
+        compression_level=advanced.compression_level,
+        table_checksums=advanced.table_checksums, privileged=advanced.privileged,
+        segment_size=params.segment_size_bytes(swift.segment_size))
+    db_source = database.source()
+    swift_source = SwiftSource(block=swift.swift_block, container=swift.container,
+                               segment_size=swift.segment_size, retries=swift.swift_retries,
+                               timeout=swift.swift_timeout,
+                               retry_budget_s=swift.swift_retry_budget)
+    settings = swift_source.settings()  # a bad container name fails here, before anything
+    retry = {"retries": advanced.task_retries}
     # An impossible policy fails now, before anything is written.
-    policy = RetentionPolicy(keep_last=keep_last, keep_daily=keep_daily,
-                             keep_weekly=keep_weekly) if prune else None
+    policy = RetentionPolicy(keep_last=retention.keep_last, keep_daily=retention.keep_daily,
+                             keep_weekly=retention.keep_weekly) if retention.prune else None
 
     plan = backup.plan_files(request)
     for path in plan.absent:
         logger.warning("not present, not archived: %s (under %s)", path, plan.root)
     space = stages.check_space.with_options(**retry)(request, plan, db_source, swift_source)
-    settings = swift_source.settings()
+    request = request.with_space(space)  # the segment sizes, decided once
     summary = {"backup_id": backup_id, "container": settings.container,
                "manifest": None, "objects": [], "dry_run": dry_run,
                "paths": list(plan.included), "absent": list(plan.absent)}
     if dry_run:
         logger.info("dry run: would write %s/%s/ (%s of data), nothing written",
                     settings.container, backup_id,
-                    format_size(space["database_bytes"] + space["files_bytes"]))
-        summary["space"] = space
+                    format_size(space.database_bytes + space.files_bytes))
+        summary["space"] = space.as_dict()
         return summary
 
-    db_future = stages.dump_databases.with_options(**retry).submit(
-        request, db_source, swift_source, space.get("database_segment_size"))
-    fs_future = (stages.archive_paths.with_options(**retry).submit(
-        request, plan, swift_source, space.get("files_segment_size"))
-        if request.include_files else None)
-    database = db_future.result()
-    files = fs_future.result() if fs_future is not None else None
+    run.swift_source, run.backup_id = swift_source, backup_id
+    run.futures.append(stages.dump_databases.with_options(**retry).submit(
+        request, db_source, swift_source))
+    if request.include_files:
+        run.futures.append(stages.archive_paths.with_options(**retry).submit(
+            request, plan, swift_source))
+    results = [future.result() for future in run.futures]
+    files = results[1] if request.include_files else None
 
-    manifest = backup.build_manifest(request, plan, backup.SpaceReport(
-        **{k: v for k, v in space.items() if k != "server_version"}), database, files,
-        flow_run_id=str(get_run_context().flow_run.id))
+    manifest = backup.build_manifest(request, space, results[0], files,
+                                     flow_run_id=str(get_run_context().flow_run.id))
     name = stages.write_manifest.with_options(**retry)(manifest, swift_source)
-    summary.update(manifest=name, objects=manifest["objects"])
+    summary.update(manifest=name, objects=[o.to_dict() for o in manifest.objects])
     if policy is not None:
         summary["pruned"] = _prune(swift_source, policy, backup_id, retry)
-    _summary_artifact(summary, manifest, time.monotonic() - started)
+    _summary_artifact(summary, manifest.to_dict(), time.monotonic() - started)
     return summary
 
 
@@ -216,57 +204,22 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m flows.backup",
         description="Back up this undercloud (MariaDB and files) into Swift.")
-    p.add_argument("--add-path", action="append", default=[], metavar="PATH",
-                   help="also archive PATH (repeatable; must exist)")
-    p.add_argument("--exclude-path", action="append", default=[], metavar="PATTERN",
-                   help="leave out PATH or pattern, anchored at --root (repeatable)")
-    p.add_argument("--db-only", action="store_true", help="only dump the databases")
-    p.add_argument("--container", help="Swift container (default undercloud-backups)")
-    p.add_argument("--segment-size", type=_size,
-                   help="SLO segment size, e.g. 64MiB, 1GiB (default: per stream, 64MiB or more "
-                        "so that no object needs over 900 segments)")
-    p.add_argument("--root", default="/", help="resolve every path under this directory")
     p.add_argument("--dry-run", action="store_true",
                    help="show the plan and check space; write nothing")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (backup_id, container, manifest, objects)")
     p.add_argument("--list", action="store_true", help="list complete backups and exit")
-    cli.add_database_arguments(p)
-    p.add_argument("--swift-block", help="saved Swift Backup Target block (default: OS_* env)")
-    p.add_argument("--staging-dir", default="/var/tmp", help="where segments are spooled")
-    p.add_argument("--allow-unreadable", action="store_true",
-                   help="complete even if some files cannot be read (they are listed)")
-    p.add_argument("--compression-level", type=int, default=3, choices=range(1, 20),
-                   metavar="1-19", help="zstd level of both streams (default 3)")
-    p.add_argument("--no-table-checksums", action="store_true",
-                   help="record row counts only, not CHECKSUM TABLE (less database CPU; "
-                        "verify then compares counts only)")
-    p.add_argument("--swift-retries", type=int, help="retries of one Swift request")
-    p.add_argument("--task-retries", type=int, default=2,
-                   help="retries of a stage after a transient failure")
-    p.add_argument("--no-prune", action="store_true",
-                   help="do not apply the retention policy after the backup")
-    p.add_argument("--keep-last", type=int, default=3, metavar="N",
-                   help="retention: keep the N most recent backups (default 3)")
-    p.add_argument("--keep-daily", type=int, default=7, metavar="D",
-                   help="retention: keep the newest backup of each of the last D days (7)")
-    p.add_argument("--keep-weekly", type=int, default=4, metavar="W",
-                   help="retention: keep the newest backup of each of the last W weeks (4)")
-    p.add_argument("--privileged", action="store_true",
-                   help="run tar and the dump through the sudo wrappers (unprivileged worker)")
+    for group in params.GROUPS.values():
+        params.add_arguments(p, group)
     return p
 
 
-def _size(text: str) -> str:
-    parse_size(text)  # reject bad sizes at parse time, with argparse's message
-    return text
-
-
 def _list(args: argparse.Namespace) -> int:
-    from undercloud_backup import swift
+    from undercloud_backup import catalogue
+    from undercloud_backup.store import SwiftStore
 
     settings = SwiftSource(block=args.swift_block, container=args.container).settings()
-    entries = swift.list_backups(swift.connect(settings), settings.container)
+    entries = catalogue.list_backups(SwiftStore.connect(settings), settings.container)
     if args.json:
         print(json.dumps({"container": settings.container,
                           "backups": [e.as_dict() for e in entries]}))
@@ -281,16 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         _, status = cli.run("undercloud-backup", lambda: _list(args))
         return status
-    summary, status = cli.run("undercloud-backup", lambda: undercloud_backup(
-        container=args.container, add_paths=args.add_path, exclude_paths=args.exclude_path,
-        db_only=args.db_only, root=args.root, segment_size=args.segment_size,
-        **cli.database_arguments(args), swift_block=args.swift_block,
-        staging_dir=args.staging_dir, allow_unreadable=args.allow_unreadable,
-        compression_level=args.compression_level, table_checksums=not args.no_table_checksums,
-        swift_retries=args.swift_retries, task_retries=args.task_retries,
-        privileged=args.privileged, prune=not args.no_prune, keep_last=args.keep_last,
-        keep_daily=args.keep_daily, keep_weekly=args.keep_weekly, dry_run=args.dry_run),
-        interrupted="nothing was committed")
+    groups = {key: params.from_args(args, group) for key, group in params.GROUPS.items()}
+    summary, status = cli.run("undercloud-backup",
+                              lambda: undercloud_backup(dry_run=args.dry_run, **groups))
     if summary is None:
         return status
     if args.json:

@@ -1,36 +1,41 @@
-"""What every ``python -m flows.<name>`` shares: database flags, and one-line errors with the
-stable exit status of the error (a traceback helps no operator at 3 a.m.)."""
+"""What every ``python -m flows.<name>`` shares: database flags, a temporary Prefect server that
+dies with us, and one-line errors with the stable exit status of the error, printed last (a
+traceback helps no operator at 3 a.m.).
+
+Exit statuses besides the errors' own: 130 after SIGINT (Ctrl-C), 143 after SIGTERM, 1 for an
+unexpected error.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
+from flows import params
+from flows.server import temporary_server
 from undercloud_backup.errors import BackupError
 
 T = TypeVar("T")
+# True while a flow is run from ``python -m flows.*``: its errors then name CLI flags
+# (--add-path); a run from the UI or a deployment names parameters (add_paths).
+FROM_CLI = False
+SIGNAL_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def add_database_arguments(parser: argparse.ArgumentParser, role: str = "") -> None:
-    """``--db-block``, ``--db-defaults-file`` and the host/port/user/socket overrides."""
-    parser.add_argument("--db-block", help=f"{role}saved MariaDB Connection block")
-    parser.add_argument("--db-defaults-file",
-                        help=f"{role}MariaDB option file (default ~/.my.cnf)")
-    parser.add_argument("--db-host")
-    parser.add_argument("--db-port", type=int)
-    parser.add_argument("--db-user")
-    parser.add_argument("--db-socket")
+    """``--db-block``, ``--db-defaults-file`` and the host/port/user/socket overrides, from
+    :class:`flows.params.DatabaseParams` (the flows' ``db_*`` parameters)."""
+    params.add_arguments(parser, params.DatabaseParams, role=role)
 
 
 def database_arguments(args: argparse.Namespace) -> dict:
-    """The flow parameters of :func:`add_database_arguments`."""
-    return {"db_block": args.db_block, "db_defaults_file": args.db_defaults_file,
-            "db_host": args.db_host, "db_port": args.db_port, "db_user": args.db_user,
-            "db_socket": args.db_socket}
+    """The flow parameters of :func:`add_database_arguments`, flat."""
+    return params.from_args(args, params.DatabaseParams).model_dump()
 
 
 # Equal to PREFECT_FLOWS_HEARTBEAT_FREQUENCY of prefect.yaml's deployments and to HEARTBEAT_S
@@ -60,24 +65,60 @@ def _heartbeats() -> Iterator[None]:
 
 def run(prog: str, call: Callable[[], T], *, interrupted: str = "",
         on_backup_error: Callable[[BackupError], None] | None = None) -> tuple[T | None, int]:
-    """Call ``call``; on failure print one line to stderr and return the exit status."""
+    """Call ``call``; on failure print one line to stderr, last, and return the exit status."""
+    from prefect.exceptions import TerminationSignal
+
+    global FROM_CLI
+    FROM_CLI = True
+    line, status = "", 0
     try:
-        with _heartbeats():
-            return call(), 0
+        with _heartbeats(), temporary_server():
+            try:
+                return call(), 0
+            finally:
+                _drain_prefect()  # its log and event workers speak before our last line
     except BackupError as error:
         if on_backup_error is not None:
             on_backup_error(error)
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return None, error.exit_code
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted{'; ' + interrupted if interrupted else ''}", file=sys.stderr)
-        return None, 130
+        line, status = f"error: {error}", error.exit_code
+    except (KeyboardInterrupt, TerminationSignal) as signalled:
+        signum = signal.SIGINT if isinstance(signalled, KeyboardInterrupt) else signal.SIGTERM
+        from flows import interrupt
+
+        line = interrupt.outcome or (f"interrupted by {signal.Signals(signum).name}"
+                                     f"{'; ' + interrupted if interrupted else ''}")
+        status = SIGNAL_STATUS[signum]
     except Exception as error:  # noqa: BLE001 - one line, not a traceback, for the operator
-        print(f"{prog}: error: {type(error).__name__}: {error}", file=sys.stderr)
-        return None, 1
+        line, status = f"error: {type(error).__name__}: {error}", 1
+    finally:
+        FROM_CLI = False
+    sys.stdout.flush()
+    print(f"{prog}: {line}", file=sys.stderr, flush=True)
+    return None, status
+
+
+def _drain_prefect() -> None:
+    """Send what Prefect's log and event workers still hold, now rather than at exit."""
+    try:
+        from prefect._internal.concurrency.services import QueueService
+
+        QueueService.drain_all(timeout=10)
+    except Exception:  # noqa: BLE001 - best effort; the run's outcome does not depend on it
+        pass
+
+
+def _sigterm_as_exception(signum: int, frame: object) -> None:
+    from prefect.exceptions import TerminationSignal
+
+    raise TerminationSignal(signal=signum)
 
 
 def entry_point(main: Callable[[], int]) -> None:
-    """``if __name__ == "__main__"``: Prefect's telemetry off (no network here), then exit."""
+    """``if __name__ == "__main__"``: Prefect's telemetry off (no network here), SIGTERM an
+    exception (outside a flow too, so that clean-up runs), then exit."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    signal.signal(signal.SIGTERM, _sigterm_as_exception)
+    # Even when started in the background by a script (which ignores SIGINT for its jobs):
+    # `kill -INT` is an operator asking for a stop.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

@@ -1,4 +1,8 @@
-"""Prefect tasks of the backup: thin wrappers over ``undercloud_backup.backup``."""
+"""Prefect tasks of the backup: thin wrappers over ``undercloud_backup``'s stages.
+
+Stage results are typed (``SpaceReport``, ``DumpResult``, ``ArchiveResult``, the manifest);
+Prefect persists them as JSON and gives them back typed to a retried flow run.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,12 @@ from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
 from blocks.sources import DatabaseSource, SwiftSource
-from undercloud_backup import backup, database, swift
-from undercloud_backup.archive import PathPlan
+from undercloud_backup import backup, database, space, stages
+from undercloud_backup.archive import PathPlan, estimate_bytes
 from undercloud_backup.errors import BackupError
+from undercloud_backup.manifest import Manifest
+from undercloud_backup.request import BackupRequest
+from undercloud_backup.store import SwiftStore
 
 
 def transient(task, task_run, state) -> bool:
@@ -44,57 +51,73 @@ _stage = {
 }
 
 
-@task(name="check_space", **_stage)
-def check_space(request: backup.BackupRequest, plan: PathPlan, db_source: DatabaseSource,
-                swift_source: SwiftSource) -> dict:
-    """Estimate the backup's size and fail before any work if it cannot fit."""
-    logger = get_run_logger()
-    database_bytes = 0
-    server_version = None
-    if request.include_databases:
-        if request.privileged:
-            from undercloud_backup import privileged
+def database_access(request: BackupRequest,
+                    db_source: DatabaseSource) -> database.DatabaseAccess:
+    """How this run reaches MariaDB, chosen once (secrets read here, inside the task)."""
+    return database.access(None if request.privileged else db_source.settings(),
+                           request.privileged)
 
-            info = privileged.server_info()
-        else:
-            with database.connect(db_source.settings()) as connection:
-                info = database.server_info(connection)
-        database_bytes, server_version = info.size_bytes, info.version
+
+def check_database(request: BackupRequest, access: database.DatabaseAccess,
+                   logger) -> database.ServerInfo:
+    """What there is to dump, whether the account can dump all of it, and no table locked."""
+    info = access.server_info()
+    report = access.check_privileges(info.databases, request.allow_partial_database)
+    for missing in report.missing:  # only when allowed: the run goes on, loudly
+        logger.warning("INCOMPLETE database dump (allowed by allow_partial_database): %s; "
+                       "fix: %s", missing, report.fix)
+    access.check_locks(info.databases)
+    return info
+
+
+@task(name="check_space", **_stage)
+def check_space(request: BackupRequest, plan: PathPlan, db_source: DatabaseSource,
+                swift_source: SwiftSource) -> space.SpaceReport:
+    """Estimate the backup's size, decide each stream's segment size, and fail before any
+    work if the run cannot fit."""
+    logger = get_run_logger()
+    streams: dict[str, int] = {}
+    version = None
+    if request.include_databases:
+        info = check_database(request, database_access(request, db_source), logger)
+        streams[space.DATABASE_STREAM], version = info.size_bytes, info.version
+    if plan.included:
+        streams[space.FILES_STREAM] = estimate_bytes(plan.root, plan.included, plan.excluded)
     settings = swift_source.settings()
-    conn = swift.connect(settings)
-    report = backup.check_space(request, plan, database_bytes, settings.segment_size,
-                                backup.swift_quota_left(conn), backup.swift_limits(conn))
+    store = SwiftStore.connect(settings)
+    try:
+        report = space.check_space(request.staging_dir, streams, request.segment_size
+                                   or settings.segment_size, store.quota_left(), store.limits())
+    finally:
+        store.close()
     for line in report.checks:
         logger.info("space: %s", line)
-    return {**report.as_dict(), "server_version": server_version}
-
-
-def _swift_settings(swift_source: SwiftSource, segment_size: int | None) -> swift.SwiftSettings:
-    settings = swift_source.settings()
-    return replace(settings, segment_size=segment_size) if segment_size else settings
+    return replace(report, server_version=version)
 
 
 @task(name="dump_databases", **_stage)
-def dump_databases(request: backup.BackupRequest, db_source: DatabaseSource,
-                   swift_source: SwiftSource, segment_size: int | None = None) -> dict:
+def dump_databases(request: BackupRequest, db_source: DatabaseSource,
+                   swift_source: SwiftSource) -> stages.DumpResult:
     """Dump every MariaDB database, users and grants consistently, streamed into Swift."""
-    settings = None if request.privileged else db_source.settings()
-    return backup.dump_databases(request, settings, _swift_settings(swift_source, segment_size),
-                                 get_run_logger())
+    return stages.dump_databases(request, database_access(request, db_source),
+                                 swift_source.settings(), get_run_logger())
 
 
 @task(name="archive_paths", **_stage)
-def archive_paths(request: backup.BackupRequest, plan: PathPlan,
-                  swift_source: SwiftSource, segment_size: int | None = None) -> dict:
+def archive_paths(request: BackupRequest, plan: PathPlan,
+                  swift_source: SwiftSource) -> stages.ArchiveResult:
     """Archive the planned paths with owners, modes, ACLs and xattrs, streamed into Swift."""
-    return backup.archive_paths(request, plan, _swift_settings(swift_source, segment_size),
-                                get_run_logger())
+    return stages.archive_paths(request, plan, swift_source.settings(), get_run_logger())
 
 
 @task(name="write_manifest", **_stage)
-def write_manifest(manifest: dict, swift_source: SwiftSource) -> str:
+def write_manifest(manifest: Manifest, swift_source: SwiftSource) -> str:
     """Verify every object and write the manifest, the commit point of the backup."""
     settings = swift_source.settings()
-    name = backup.write_manifest(swift.connect(settings), settings.container, manifest)
+    store = SwiftStore.connect(settings)
+    try:
+        name = backup.write_manifest(store, settings.container, manifest)
+    finally:
+        store.close()
     get_run_logger().info("manifest written: %s/%s", settings.container, name)
     return name

@@ -22,9 +22,17 @@ from prefect.client.schemas.filters import (
 from prefect.utilities.callables import parameter_schema
 
 from blocks import MariaDBConnection, SwiftTarget
-from flows.backup import undercloud_backup
-from undercloud_backup import backup, config, swift
+from flows import params
+from flows.backup import _parser, undercloud_backup
+from flows.params import grouped
+from undercloud_backup import backup, catalogue, config, stages
 from undercloud_backup.errors import SwiftRequestFailed
+from undercloud_backup.manifest import DB_OBJECT, FS_OBJECT, USERS_OBJECT
+from undercloud_backup.store import SwiftStore
+
+
+def store() -> SwiftStore:
+    return SwiftStore.connect(config.swift_settings_from_env())
 
 
 @pytest.fixture
@@ -37,14 +45,69 @@ def small_root(tmp_path) -> Path:
     return root
 
 
-def test_every_parameter_is_described_for_the_ui_form():
+def test_the_ui_form_has_sections_every_field_described_and_nothing_required():
     schema = parameter_schema(undercloud_backup).model_dump_for_openapi()
     properties = schema["properties"]
-    assert {"container", "add_paths", "exclude_paths", "db_only", "root", "segment_size",
-            "dry_run", "db_block", "swift_block"} <= set(properties)
-    for name, prop in properties.items():
-        assert prop.get("description"), f"parameter {name} has no description"
+    assert list(properties) == ["dry_run", "what", "database", "swift", "retention", "advanced"]
+    assert properties["dry_run"]["position"] == 0  # first, not last and lost
     assert schema.get("required", []) == []
+    definitions = schema["definitions"]
+    titles = {d["title"] for d in definitions.values()}
+    assert titles == {"What to back up", "Database", "Swift", "Retention", "Advanced"}
+    fields = {}
+    for definition in definitions.values():
+        assert definition.get("required", []) == [], definition["title"]
+        fields.update(definition["properties"])
+    for name, prop in properties.items():  # a section's description is its model's docstring
+        if "$ref" in prop:
+            properties[name] = definitions[prop["$ref"].rsplit("/", 1)[1]]
+    for name, prop in {**properties, **fields}.items():
+        assert prop.get("description"), f"parameter {name} has no description"
+        # the classic UI takes <container> for an HTML tag and shows nothing
+        assert "<" not in prop["description"] and ">" not in prop["description"], name
+    assert {"add_paths", "exclude_paths", "db_only", "root", "container", "segment_size",
+            "db_block", "swift_block", "staging_dir", "keep_last"} <= set(fields)
+
+
+def test_every_flow_parameter_is_a_cli_flag_with_its_default():
+    """One definition: each field of each group is a flag of python -m flows.backup."""
+    args = _parser().parse_args([])
+    for group in params.GROUPS.values():
+        for name, field in group.model_fields.items():
+            assert getattr(args, name) == field.default, name
+    args = _parser().parse_args(["--add-path", "/a", "--add-path", "/b", "--no-prune",
+                                 "--no-table-checksums", "--keep-last", "5", "--db-port", "3307",
+                                 "--segment-size", "2MiB", "--swift-timeout", "7"])
+    groups = {k: params.from_args(args, g) for k, g in params.GROUPS.items()}
+    assert groups["what"].add_paths == ["/a", "/b"]
+    assert groups["retention"].prune is False and groups["retention"].keep_last == 5
+    assert groups["advanced"].table_checksums is False
+    assert groups["database"].db_port == 3307 and groups["swift"].swift_timeout == 7
+
+
+@pytest.mark.parametrize("value", ["0", "0MiB", "-1"])
+def test_a_zero_segment_size_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(["--segment-size", value])
+    assert exit_.value.code == 2
+    assert "segment-size" in capsys.readouterr().err
+    with pytest.raises(ValueError):
+        params.SwiftParams(segment_size=value)
+
+
+def test_errors_name_flags_on_the_cli_and_parameters_in_the_ui(os_env, db_cnf, small_root,
+                                                               container):
+    result = backup_cli("--root", str(small_root), "--container", container,
+                        "--db-defaults-file", db_cnf, "--add-path", "/not/there")
+    assert result.returncode == 3
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("undercloud-backup: error: ") and "--add-path /not/there" in last
+    assert "Traceback" not in result.stderr
+    state = undercloud_backup(**grouped(root=str(small_root), container=container,
+                                        db_defaults_file=db_cnf, add_paths=["/not/there"]),
+                              return_state=True)
+    assert state.is_failed()
+    assert "add_paths /not/there" in state.message and "--add-path" not in state.message
 
 
 def test_blocks_save_load_and_drive_a_backup(os_env, services, small_root, container):
@@ -65,8 +128,7 @@ def test_blocks_save_load_and_drive_a_backup(os_env, services, small_root, conta
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["container"] == container
-    conn = loaded.get_connection()
-    assert conn.head_object(container, summary["manifest"])
+    assert store().head(container, summary["manifest"])
 
 
 def test_settings_from_clouds_yaml_with_env_over_it(tmp_path, monkeypatch, os_env):
@@ -83,7 +145,7 @@ def test_settings_from_clouds_yaml_with_env_over_it(tmp_path, monkeypatch, os_en
     assert (settings.username, settings.region_name, settings.container) == (
         "backup", "RegionOne", "c1")
     assert settings.password == os_env["OS_PASSWORD"]
-    swift.connect(settings)  # and it authenticates against the real Keystone
+    SwiftStore.connect(settings)  # and it authenticates against the real Keystone
 
 
 def test_dry_run_writes_nothing(os_env, db_cnf, small_root, container, tmp_path):
@@ -92,14 +154,15 @@ def test_dry_run_writes_nothing(os_env, db_cnf, small_root, container, tmp_path)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["dry_run"] is True and summary["manifest"] is None
-    conn = swift.connect(config.swift_settings_from_env())
-    containers = [c["name"] for c in conn.get_account(full_listing=True)[1]]
-    assert container not in containers and f"{container}_segments" not in containers
+    for name in (container, f"{container}_segments"):
+        with pytest.raises(Exception, match="404|[Nn]ot [Ff]ound"):
+            store().list(name)
 
 
 def test_run_name_artifact_and_summary(os_env, db_cnf, small_root, container):
-    summary = undercloud_backup(root=str(small_root), container=container,
-                                db_defaults_file=db_cnf, exclude_paths=["/etc/keystone"])
+    summary = undercloud_backup(**grouped(root=str(small_root), container=container,
+                                          db_defaults_file=db_cnf,
+                                          exclude_paths=["/etc/keystone"]))
     assert summary["manifest"].startswith(summary["backup_id"])
     with get_client(sync_client=True) as client:
         artifact = client.read_latest_artifacts()
@@ -110,18 +173,17 @@ def test_run_name_artifact_and_summary(os_env, db_cnf, small_root, container):
             id=FlowRunFilterId(any_=[ours[0].flow_run_id])))
     host = socket.gethostname()
     assert runs[0].name.startswith(f"backup-{host}-2")
-    manifest = swift.get_manifest(swift.connect(config.swift_settings_from_env()), container,
-                                  summary["backup_id"])
-    assert manifest["paths"]["excluded"] == ["/etc/keystone"]
-    assert manifest["paths"]["included"] == ["/etc", "/home/stack"]
-    assert manifest["paths"]["absent"] == ["/root", "/srv/node", "/var/lib/glance/images"]
+    manifest = catalogue.get_manifest(store(), container, summary["backup_id"])
+    assert manifest.paths.excluded == ["/etc/keystone"]
+    assert manifest.paths.included == ["/etc", "/home/stack"]
+    assert manifest.paths.absent == ["/root", "/srv/node", "/var/lib/glance/images"]
 
 
 def test_retrying_a_failed_flow_run_reuses_completed_stages(os_env, db_cnf, small_root,
                                                             container, monkeypatch):
     """The manifest step fails once; the flow run's retry must not dump or archive again."""
     calls = {"dump": 0, "archive": 0, "manifest": 0}
-    real = {"dump": backup.dump_databases, "archive": backup.archive_paths,
+    real = {"dump": stages.dump_databases, "archive": stages.archive_paths,
             "manifest": backup.write_manifest}
 
     def counting(name):
@@ -133,17 +195,21 @@ def test_retrying_a_failed_flow_run_reuses_completed_stages(os_env, db_cnf, smal
             return real[name](*args, **kwargs)
         return wrapper
 
-    for name, attr in (("dump", "dump_databases"), ("archive", "archive_paths"),
-                       ("manifest", "write_manifest")):
-        monkeypatch.setattr(backup, attr, counting(name))
+    for module, name, attr in ((stages, "dump", "dump_databases"),
+                               (stages, "archive", "archive_paths"),
+                               (backup, "manifest", "write_manifest")):
+        monkeypatch.setattr(module, attr, counting(name))
     flow_with_retry = undercloud_backup.with_options(retries=1, retry_delay_seconds=0)
-    summary = flow_with_retry(root=str(small_root), container=container,
-                              db_defaults_file=db_cnf, task_retries=0)
+    summary = flow_with_retry(**grouped(root=str(small_root), container=container,
+                                        db_defaults_file=db_cnf, task_retries=0))
     assert calls == {"dump": 1, "archive": 1, "manifest": 2}
-    conn = swift.connect(config.swift_settings_from_env())
-    assert swift.list_backups(conn, container)[-1].backup_id == summary["backup_id"]
+    assert catalogue.list_backups(store(), container)[-1].backup_id == summary["backup_id"]
+    manifest = catalogue.get_manifest(store(), container, summary["backup_id"])
+    # the reused (persisted, JSON) stage results came back typed and whole
+    assert [o.leaf for o in manifest.objects] == [DB_OBJECT, USERS_OBJECT, FS_OBJECT]
+    assert manifest.mariadb is not None and manifest.mariadb.databases
     with get_client(sync_client=True) as client:
-        run_id = swift.get_manifest(conn, container, summary["backup_id"])["flow_run_id"]
+        run_id = manifest.flow_run_id
         tasks = client.read_task_runs(task_run_filter=TaskRunFilter(
             flow_run_id=TaskRunFilterFlowRunId(any_=[run_id])))
     states = sorted((t.name.rsplit("-", 1)[0], t.state.name) for t in tasks)
@@ -152,15 +218,15 @@ def test_retrying_a_failed_flow_run_reuses_completed_stages(os_env, db_cnf, smal
 
 def test_prune_after_a_successful_backup_keeps_the_policy(os_env, db_cnf, small_root,
                                                           container):
-    first = undercloud_backup(root=str(small_root), container=container,
-                              db_defaults_file=db_cnf, db_only=True, prune=False)
-    second = undercloud_backup(root=str(small_root), container=container,
-                               db_defaults_file=db_cnf, db_only=True, keep_last=1,
-                               keep_daily=0, keep_weekly=0)
+    first = undercloud_backup(**grouped(root=str(small_root), container=container,
+                                        db_defaults_file=db_cnf, db_only=True, prune=False))
+    second = undercloud_backup(**grouped(root=str(small_root), container=container,
+                                         db_defaults_file=db_cnf, db_only=True, keep_last=1,
+                                         keep_daily=0, keep_weekly=0))
     assert second["pruned"] == [first["backup_id"]]
-    conn = swift.connect(config.swift_settings_from_env())
-    assert [b.backup_id for b in swift.list_backups(conn, container)] == [second["backup_id"]]
-    _, objects = conn.get_container(container, full_listing=True)
+    assert [b.backup_id for b in catalogue.list_backups(store(), container)] == [
+        second["backup_id"]]
+    objects = store().list(container)
     assert not [o["name"] for o in objects if o["name"].startswith(first["backup_id"])]
 
 
@@ -193,10 +259,9 @@ def test_an_ad_hoc_run_sends_heartbeats_to_the_server(os_env, db_cnf, small_root
                         "--db-defaults-file", db_cnf, "--db-only", "--no-prune", "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    manifest = swift.get_manifest(swift.connect(config.swift_settings_from_env()), container,
-                                  summary["backup_id"])
+    manifest = catalogue.get_manifest(store(), container, summary["backup_id"])
     query = {"filter": {"event": {"name": ["prefect.flow-run.heartbeat"]},
-                        "resource": {"id": [f"prefect.flow-run.{manifest['flow_run_id']}"]}},
+                        "resource": {"id": [f"prefect.flow-run.{manifest.flow_run_id}"]}},
              "limit": 5}
     deadline, events = time.monotonic() + 20, []
     while not events and time.monotonic() < deadline:  # events are ingested asynchronously

@@ -98,9 +98,10 @@ def test_dump_command_is_consistent_and_keeps_the_password_off_argv():
     command = database.dump_command(("keystone", "nova"), options_fd=9, tool="mariadb-dump")
     argv = command.argv
     assert argv[1] == "--defaults-extra-file=/dev/fd/9"
-    for option in ("--single-transaction", "--routines", "--events", "--triggers",
-                   "--system=users,plugins,udfs,servers"):
+    for option in ("--single-transaction", "--routines", "--events", "--triggers"):
         assert option in argv
+    # users and grants go to an object of their own (mariadb --one-database loads this one)
+    assert not any(a.startswith("--system") for a in argv)
     assert argv[-3:] == ("--databases", "keystone", "nova")
     assert not any("password" in a for a in argv)
 
@@ -181,7 +182,7 @@ def test_capture_returns_output():
 
 
 def test_segment_limits_are_checked_before_anything_is_written():
-    from undercloud_backup.backup import SwiftLimits, check_segments
+    from undercloud_backup.space import SwiftLimits, check_segments
 
     limits = SwiftLimits(max_object_bytes=5 * 1024**3, max_manifest_segments=1000)
     check_segments({"filesystem archive": 1000 * 1024**2}, 1024**2, limits)  # exactly 1000
@@ -193,7 +194,7 @@ def test_segment_limits_are_checked_before_anything_is_written():
 
 
 def test_segment_size_is_chosen_per_stream_from_its_size():
-    from undercloud_backup.backup import SwiftLimits, auto_segment_size
+    from undercloud_backup.space import SwiftLimits, auto_segment_size
 
     mib, limits = 1024**2, SwiftLimits(max_object_bytes=5 * 1024**3, max_manifest_segments=1000)
     # small and medium streams: 64 MiB, so the upload starts early and spools stay small
@@ -207,25 +208,61 @@ def test_segment_size_is_chosen_per_stream_from_its_size():
     assert auto_segment_size(10 * 1024**4, limits) == 5 * 1024**3
 
 
-def test_space_check_stages_two_segments_per_stream_of_its_own_size(tmp_path):
-    from undercloud_backup.backup import BackupRequest, SwiftLimits, check_space, plan_files
+def test_space_check_counts_the_uploaders_spools_per_stream_of_its_own_size(tmp_path):
+    from undercloud_backup.space import (
+        DATABASE_STREAM,
+        FILES_STREAM,
+        STAGING_MARGIN,
+        SwiftLimits,
+        check_space,
+    )
+    from undercloud_backup.upload import SPOOLS_PER_STREAM
 
     mib = 1024**2
-    (tmp_path / "etc").mkdir()
-    (tmp_path / "etc/small").write_bytes(b"x" * 4096)
     staging = tmp_path / "staging"
     staging.mkdir()
-    request = BackupRequest(backup_id="b", created_at="t", hostname="h", root=str(tmp_path),
-                            staging_dir=str(staging))
-    plan = plan_files(request)
     limits = SwiftLimits(max_object_bytes=5 * 1024**3, max_manifest_segments=1000)
-    database = 200 * 1024**3  # 200 GiB of database: 228 MiB segments, two of them spooled
-    report = check_space(request, plan, database, None, limits=limits)
+    # 200 GiB of database: 228 MiB segments; a 4 KiB file stream
+    streams = {DATABASE_STREAM: 200 * 1024**3, FILES_STREAM: 4096}
+    report = check_space(str(staging), streams, None, limits=limits)
     assert report.database_segment_size == 228 * mib
     assert report.files_segment_size == 64 * mib
-    # the tiny file stream never spools more than it produces
-    assert report.staging_needed == 2 * 228 * mib + (report.files_bytes + 8 * mib + 1) + 64 * mib
-    fixed = check_space(request, plan, database, 1024**3, limits=limits)
+    # the uploader's own bound of spools; the tiny file stream never spools more than it makes
+    assert report.staging_needed == (SPOOLS_PER_STREAM * 228 * mib + (4096 + 8 * mib + 1)
+                                     + STAGING_MARGIN)
+    assert f"up to {SPOOLS_PER_STREAM} segments per stream" in report.checks[0]
+    fixed = check_space(str(staging), streams, 1024**3, limits=limits)
     assert fixed.database_segment_size == fixed.files_segment_size == 1024**3
     with pytest.raises(ConfigError, match="would need more than Swift's 1000 segments"):
-        check_space(request, plan, database, 64 * mib, limits=limits)
+        check_space(str(staging), streams, 64 * mib, limits=limits)
+    with pytest.raises(ConfigError, match="more than 0 bytes"):
+        check_space(str(staging), streams, 0, limits=limits)
+
+
+def test_inside_is_the_one_path_in_path_helper():
+    assert archive.inside("/etc/keystone", "/etc") and archive.inside("/etc", "/etc")
+    assert not archive.inside("/etc2", "/etc") and archive.inside("/anything", "/")
+    assert archive.inside("etc/pki", "etc") and archive.inside("etc", "")
+
+
+@pytest.mark.parametrize("pattern,path,expected", [
+    ("/*", "/etc", True), ("/", "/home/stack", True), ("/etc", "/etc/keystone", True),
+    ("/home/*", "/home/stack", True), ("/et*", "/etc", True), ("/e", "/etc", False),
+    ("/srv/node/*/tmp", "/srv/node", False), ("/etc/keystone", "/etc", False),
+])
+def test_excludes_follows_tars_anchored_patterns(pattern, path, expected):
+    assert archive.excludes(pattern, path) is expected
+
+
+@pytest.mark.parametrize("exclude", ["/*", "/", "/etc", "/e*"])
+def test_excluding_every_path_is_an_error_not_an_empty_archive(tmp_path, exclude):
+    from undercloud_backup.backup import BackupRequest, plan_files
+
+    (tmp_path / "etc").mkdir()
+    request = BackupRequest(backup_id="b", created_at="t", hostname="h", root=str(tmp_path),
+                            exclude_paths=(exclude,))
+    with pytest.raises(ConfigError, match="leaves out every path to back up"):
+        plan_files(request)
+    (tmp_path / "root").mkdir()
+    if exclude in ("/etc", "/e*"):  # /root is left: the plan says only what tar archives
+        assert plan_files(request).included == ("/root",)

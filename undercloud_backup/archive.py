@@ -37,8 +37,21 @@ def normalize(path: str) -> str:
     return "/" + "/".join(parts)
 
 
-def _inside(path: str, parent: str) -> bool:
-    return parent == "/" or path == parent or path.startswith(parent.rstrip("/") + "/")
+def inside(path: str, parent: str) -> bool:
+    """``path`` is ``parent`` or below it: both absolute, or both relative to one root ("" and
+    "/" hold everything). The one helper for this; a bare ``startswith`` takes /etc2 for /etc."""
+    parent = parent.rstrip("/")
+    return not parent or path == parent or path.startswith(parent + "/")
+
+
+def excludes(pattern: str, path: str) -> bool:
+    """Whether tar (``--anchored --no-wildcards-match-slash``) leaves ``path`` out, with all it
+    holds, for ``--exclude`` ``pattern``: the pattern matches the path or one of its parents."""
+    if pattern == "/":
+        return True
+    pure = PurePosixPath(path)
+    return any(candidate.match(pattern) for candidate in (pure, *pure.parents)
+               if str(candidate) != "/")
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,8 @@ class PathPlan:
     excluded: tuple[str, ...]
     estimated_bytes: int = 0
     warnings: tuple[str, ...] = field(default=())
+    # Present paths an exclusion leaves out entirely: not in ``included``, not in the archive.
+    excluded_whole: tuple[str, ...] = field(default=())
 
     def as_dict(self) -> dict:
         return {"root": self.root, "included": list(self.included), "absent": list(self.absent),
@@ -72,14 +87,13 @@ def plan_paths(root: str, add_paths: Iterable[str] = (), exclude_paths: Iterable
     absent = tuple(p for p in candidates if not os.path.lexists(under(root, p)))
     present = [p for p in candidates if p not in absent]
     # A path inside another included path would be archived twice.
-    included = tuple(
-        p for p in present if not any(q != p and _inside(p, q) for q in present)
-    )
-    # Excluding a whole included path removes it from the list (tar would still descend into
-    # an excluded top-level argument).
-    included = tuple(p for p in included if not any(_inside(p, x) and "*" not in x
-                                                    for x in excluded))
-    return PathPlan(root=root, included=included, absent=absent, excluded=excluded)
+    top = tuple(p for p in present if not any(q != p and inside(p, q) for q in present))
+    # An included path an exclusion matches (itself or a parent: /etc, /*, /) is left out of the
+    # list, so that the manifest says what the archive holds.
+    whole = tuple(p for p in top if any(excludes(x, p) for x in excluded))
+    included = tuple(p for p in top if p not in whole)
+    return PathPlan(root=root, included=included, absent=absent, excluded=excluded,
+                    excluded_whole=whole)
 
 
 def under(root: str, path: str) -> str:

@@ -4,16 +4,20 @@ Commands arrive as data (:class:`Command`, built by pure functions elsewhere). A
 joins them stdout-to-stdin like a shell pipe with ``pipefail``: every stage's exit status is
 checked, the whole tree lives in one process group that is killed on timeout, error or
 cancellation, stderr is collected per stage and secrets are redacted from everything that leaves.
+Every child also dies with this process (``PR_SET_PDEATHSIG``), and :func:`kill_all` stops every
+live pipeline at once (an interrupted run).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -21,6 +25,56 @@ from undercloud_backup.errors import CommandFailed, CommandTimedOut, SudoRefused
 
 KILL_GRACE_SECONDS = 5.0
 MAX_STDERR_LINES = 10_000
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+# Every pipeline between __enter__ and its reaping; kill_all() stops them on an interruption.
+_LIVE: set[Pipeline] = set()
+_LIVE_LOCK = threading.Lock()
+_TRACKERS = threading.local()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the thread that started us ends, whatever killed
+    it. The kernel drops this on a set-uid exec (sudo): such a child ends by SIGPIPE once the
+    stage reading its output (zstd, or us) is gone."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def kill_all() -> int:
+    """Stop every live pipeline (SIGTERM, then SIGKILL after a grace); return how many."""
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    threads = [threading.Thread(target=p.kill, daemon=True) for p in live]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(KILL_GRACE_SECONDS + 1)
+    return len(live)
+
+
+class Tracker:
+    """The pipelines started by one thread inside :func:`tracked`, to stop from another."""
+
+    def __init__(self) -> None:
+        self.pipelines: list[Pipeline] = []
+        self.stopped = False
+
+    def kill(self) -> None:
+        self.stopped = True
+        for pipeline in list(self.pipelines):
+            pipeline.kill()
+
+
+@contextmanager
+def tracked() -> Iterator[Tracker]:
+    """Record the pipelines this thread starts in the block, so another thread can stop them."""
+    tracker = Tracker()
+    stack = getattr(_TRACKERS, "stack", None) or []
+    _TRACKERS.stack = [*stack, tracker]
+    try:
+        yield tracker
+    finally:
+        _TRACKERS.stack = stack
 
 
 @dataclass(frozen=True)
@@ -82,8 +136,11 @@ class Pipeline:
         stdout: int | IO[bytes] | None = subprocess.PIPE,
         on_stderr: dict[int, Callable[[str], None]] | None = None,
         env: dict[str, str] | None = None,
+        survive_interrupt: bool = False,
     ) -> None:
         self.commands = list(commands)
+        # kill_all() leaves it running (a server the interrupted run still reports to)
+        self.survive_interrupt = survive_interrupt
         self.timeout = timeout
         self.secrets = [s for s in secrets if s]
         for command in self.commands:
@@ -105,12 +162,20 @@ class Pipeline:
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> Pipeline:
+        if not self.survive_interrupt:
+            with _LIVE_LOCK:
+                _LIVE.add(self)
+        trackers = getattr(_TRACKERS, "stack", None) or ()
+        for tracker in trackers:
+            tracker.pipelines.append(self)
         try:
             self._start()
         except BaseException:
             self.kill()
             self._reap()
             raise
+        if any(tracker.stopped for tracker in trackers):
+            self.kill()  # stopped while starting
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -135,6 +200,7 @@ class Pipeline:
                 process_group=0 if self.pgid is None else self.pgid,
                 env=self.env,
                 close_fds=True,
+                preexec_fn=_die_with_parent,
             )
             if self.pgid is None:
                 self.pgid = process.pid
@@ -182,6 +248,8 @@ class Pipeline:
             reader.join(timeout=10)
         if self._timer is not None:
             self._timer.cancel()
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
 
     # -- outcome ---------------------------------------------------------------------------
     def wait(self) -> list[StageResult]:

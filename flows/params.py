@@ -1,0 +1,242 @@
+"""The backup's parameters, written once: the UI form's sections and the CLI's flags.
+
+Each group is a pydantic model; Prefect renders a model parameter as a section of the run form,
+with each field's description under its name. :func:`add_arguments` builds the argparse flags of
+a group from the same fields, and :func:`from_args` turns parsed flags back into the groups, so
+``python -m flows.backup`` and a run started from the UI take the same parameters.
+
+Defaults are ``Field([])``, never ``default_factory``: the UI marks a factory field required.
+Descriptions contain no angle brackets: the classic UI takes them for HTML tags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from blocks.sources import DatabaseSource
+from undercloud_backup.sizes import parse_size
+
+
+def segment_size_bytes(text: str | None) -> int | None:
+    """The bytes of a ``--segment-size``/``segment_size`` value; 0 and nonsense are refused."""
+    if text is None or text == "":
+        return None
+    size = parse_size(text)
+    if size <= 0:
+        raise ValueError(f"segment size must be more than 0 bytes, not {text!r} "
+                         "(leave it unset for the automatic size)")
+    return size
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WhatToBackUp(_Group):
+    """What to back up: the default paths, plus and minus yours; or the databases only."""
+    model_config = ConfigDict(extra="forbid", title="What to back up")
+
+    add_paths: list[str] = Field(
+        [], description="Extra absolute paths to archive, besides /etc, /root, /home/stack, "
+                        "/srv/node and /var/lib/glance/images. A missing added path is an error.")
+    exclude_paths: list[str] = Field(
+        [], description="Absolute paths or patterns (anchored at root) to leave out, e.g. "
+                        "/home/stack/.cache or /srv/node/*/tmp. Excluding everything is an "
+                        "error.")
+    db_only: bool = Field(False, description="Only dump the databases; archive no files.")
+    root: str = Field("/", description="Directory the paths are resolved under: / on the "
+                                       "undercloud, a scratch tree in tests.")
+
+
+class DatabaseParams(_Group):
+    """Which MariaDB, and how to log in (default: the option file ~/.my.cnf)."""
+    model_config = ConfigDict(extra="forbid", title="Database")
+
+    db_block: str | None = Field(None, description="Name of a saved MariaDB Connection block "
+                                                   "(otherwise the option file).")
+    db_defaults_file: str | None = Field(
+        None, description="MariaDB option file with a [client] group (default ~/.my.cnf).")
+    db_host: str | None = Field(None, description="Database host, over the block or option "
+                                                  "file.")
+    db_port: int | None = Field(None, description="Database TCP port, over the block or "
+                                                  "option file.")
+    db_user: str | None = Field(None, description="Database user, over the block or option "
+                                                  "file.")
+    db_socket: str | None = Field(None, description="Database unix socket, over the block or "
+                                                    "option file.")
+
+    def source(self) -> DatabaseSource:
+        return DatabaseSource(block=self.db_block, defaults_file=self.db_defaults_file,
+                              host=self.db_host, port=self.db_port, user=self.db_user,
+                              socket=self.db_socket)
+
+
+class SwiftParams(_Group):
+    """Where the backup goes: the Swift container, and how long Swift may take."""
+    model_config = ConfigDict(extra="forbid", title="Swift")
+
+    container: str | None = Field(
+        None, description="Swift container for the backup (default: the Swift block's, or "
+                          "undercloud-backups); segments go to the container of the same name "
+                          "with _segments appended.")
+    swift_block: str | None = Field(
+        None, description="Name of a saved Swift Backup Target block (otherwise the OS_* "
+                          "environment).")
+    segment_size: str | None = Field(
+        None, description="Objects larger than this become Static Large Objects of segments "
+                          "this big, e.g. 64MiB or 1GiB (default: the Swift block's, or chosen "
+                          "per stream from its estimated size: 64MiB, more for a stream that "
+                          "would need over 900 segments).")
+    swift_retries: int | None = Field(
+        None, ge=0, description="Retries of one Swift request before a stage fails (default 5).")
+    swift_timeout: float | None = Field(
+        None, gt=0, description="Seconds one Swift request may wait for an answer before it "
+                                "is retried (default 60).")
+    swift_retry_budget: float | None = Field(
+        None, ge=0, description="Seconds one Swift request may spend retrying: a dead Swift "
+                                "fails after about this plus the timeout (default 120).")
+
+    @field_validator("segment_size")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        segment_size_bytes(value)
+        return value
+
+
+class RetentionParams(_Group):
+    """What to delete once the backup is complete (manifest first)."""
+    model_config = ConfigDict(extra="forbid", title="Retention")
+
+    prune: bool = Field(True, description="Once the backup is complete, delete the backups "
+                                          "the policy below no longer keeps, and incomplete "
+                                          "ones untouched for a day.")
+    keep_last: int = Field(3, ge=0, description="Keep the N most recent complete backups.")
+    keep_daily: int = Field(7, ge=0, description="Keep the newest backup of each of the last "
+                                                 "N days that have backups (UTC).")
+    keep_weekly: int = Field(4, ge=0, description="Keep the newest backup of each of the last "
+                                                  "N ISO weeks that have backups.")
+
+
+class AdvancedParams(_Group):
+    """Staging, privileges, compression and retries: the defaults suit most runs."""
+    model_config = ConfigDict(extra="forbid", title="Advanced")
+
+    staging_dir: str = Field("/var/tmp", description="Where segments are spooled on their way "
+                                                     "to Swift (up to two per stream).")
+    privileged: bool = Field(False, description="Run tar and the dump as root through the "
+                                                "project's sudo wrappers (a worker running as "
+                                                "an unprivileged user); the database is then "
+                                                "reached as root through its unix socket.")
+    allow_unreadable: bool = Field(False, description="Complete the backup even if some files "
+                                                      "could not be read; they are listed in "
+                                                      "the manifest.")
+    allow_partial_database: bool = Field(
+        False, description="Back up what the database account can see even when its grants "
+                           "leave something out (a database, triggers, views); the run warns "
+                           "and the manifest records the grants. Off: such a run fails first.")
+    compression_level: int = Field(3, ge=1, le=19, description="zstd level (1-19) of both "
+                                   "streams; 3 is the zstd default, 1 takes about half the CPU "
+                                   "for 10-20 % more bytes on text.")
+    table_checksums: bool = Field(True, description="Record CHECKSUM TABLE of every table "
+                                  "besides its row count, read while the dump runs (on a "
+                                  "second connection: the database user needs two). Off: row "
+                                  "counts only.")
+    task_retries: int = Field(2, ge=0, description="Retries of a stage after a transient "
+                                                   "failure (Swift or database down).")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a field is written on the command line (``invert``: a --no-x flag for x)."""
+
+    flag: str
+    metavar: str | None = None
+    invert: bool = False
+    help: str | None = None  # shorter than the description, where that is too long
+
+
+FLAGS: dict[str, Flag] = {
+    "add_paths": Flag("--add-path", "PATH"), "exclude_paths": Flag("--exclude-path", "PATTERN"),
+    "db_only": Flag("--db-only"), "root": Flag("--root", "DIR"),
+    "db_block": Flag("--db-block", "NAME"), "db_defaults_file": Flag("--db-defaults-file", "FILE"),
+    "db_host": Flag("--db-host", "HOST"), "db_port": Flag("--db-port", "PORT"),
+    "db_user": Flag("--db-user", "USER"), "db_socket": Flag("--db-socket", "PATH"),
+    "container": Flag("--container", "NAME"), "swift_block": Flag("--swift-block", "NAME"),
+    "segment_size": Flag("--segment-size", "SIZE"), "swift_retries": Flag("--swift-retries", "N"),
+    "swift_timeout": Flag("--swift-timeout", "SECONDS"),
+    "swift_retry_budget": Flag("--swift-retry-budget", "SECONDS"),
+    "prune": Flag("--no-prune", invert=True, help="do not apply the retention policy"),
+    "keep_last": Flag("--keep-last", "N"), "keep_daily": Flag("--keep-daily", "D"),
+    "keep_weekly": Flag("--keep-weekly", "W"), "staging_dir": Flag("--staging-dir", "DIR"),
+    "privileged": Flag("--privileged"), "allow_unreadable": Flag("--allow-unreadable"),
+    "allow_partial_database": Flag("--allow-partial-database"),
+    "compression_level": Flag("--compression-level", "1-19"),
+    "table_checksums": Flag("--no-table-checksums", invert=True,
+                            help="record row counts only, not CHECKSUM TABLE (less database "
+                                 "CPU; verify then compares counts only)"),
+    "task_retries": Flag("--task-retries", "N"),
+}
+GROUPS: dict[str, type[_Group]] = {
+    "what": WhatToBackUp, "database": DatabaseParams, "swift": SwiftParams,
+    "retention": RetentionParams, "advanced": AdvancedParams}
+
+
+def _cli_type(name: str, annotation: object):
+    if name == "segment_size":
+        def size(text: str) -> str:
+            try:
+                segment_size_bytes(text)
+            except ValueError as error:
+                raise argparse.ArgumentTypeError(str(error)) from None
+            return text
+        return size
+    text = str(annotation)
+    return int if "int" in text else float if "float" in text else str
+
+
+def add_arguments(parser: argparse.ArgumentParser, group: type[_Group], role: str = "") -> None:
+    """The group's flags, with its fields' defaults and descriptions (``role`` before them)."""
+    section = parser.add_argument_group(str(group.model_config.get("title")))
+    for name, field in group.model_fields.items():
+        flag = FLAGS[name]
+        help_text = role + (flag.help or field.description or "").replace("%", "%%")
+        if field.annotation is bool:
+            section.add_argument(flag.flag, dest=name, help=help_text,
+                                 action="store_false" if flag.invert else "store_true")
+        elif "list" in str(field.annotation):
+            section.add_argument(flag.flag, dest=name, action="append", default=[],
+                                 metavar=flag.metavar, help=help_text + " (repeatable)")
+        else:
+            kind = _cli_type(name, field.annotation)
+            choices = range(1, 20) if name == "compression_level" else None
+            section.add_argument(flag.flag, dest=name, type=kind, default=field.default,
+                                 choices=choices, metavar=flag.metavar, help=help_text)
+
+
+def from_args(args: argparse.Namespace, group: type[_Group]) -> _Group:
+    return group(**{name: getattr(args, name) for name in group.model_fields})
+
+
+# --------------------------------------------------------------------- the errors' language
+_FLAG_WORD = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
+
+
+def ui_language(message: str) -> str:
+    """An error line for the UI: ``--add-path`` becomes ``add_paths``, as the form says it."""
+    names = {flag.flag: name for name, flag in FLAGS.items()}
+    return _FLAG_WORD.sub(lambda match: names.get(match.group(0), match.group(0)), message)
+
+
+def grouped(**flat: object) -> dict[str, _Group]:
+    """The flow's grouped parameters from flat names (``root=..., db_user=...``), for Python
+    callers: ``undercloud_backup(**grouped(root="/srv/x", prune=False))``."""
+    dry_run = flat.pop("dry_run", False)
+    groups = {key: group(**{k: flat.pop(k) for k in list(flat) if k in group.model_fields})
+              for key, group in GROUPS.items()}
+    if flat:
+        raise TypeError(f"unknown backup parameter(s): {', '.join(sorted(flat))}")
+    return {"dry_run": dry_run, **groups}
