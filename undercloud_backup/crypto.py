@@ -1,0 +1,320 @@
+"""Encryption to age recipients and signed manifests (issue 12).
+
+The undercloud holds public keys only: an age recipients file (one public key a line, ``#``
+comments) and the key that signs manifests. Identities (age private keys) stay offline, so a
+compromised undercloud cannot read its own older backups. Every stored object goes through
+``zstd | age -R FILE`` and is named ``<leaf>.age``; the manifest records the SHA-256 of the
+stored (encrypted) bytes and is signed with ``ssh-keygen -Y sign -n undercloud-backup``; the
+signature is ``<backup_id>/manifest.json.sig``, written before the manifest (the commit point).
+
+An operator checks everything with standard tools (docs/restore.md): ``ssh-keygen -Y verify``,
+``sha256sum -c``, ``age -d -i``. Identities and signing keys are only ever named by path: the
+tools read them from files, never from argv.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from undercloud_backup import execute
+from undercloud_backup.errors import BackupError, CommandFailed
+from undercloud_backup.execute import Command
+
+FORMAT = "age"
+SUFFIX = ".age"
+NAMESPACE = "undercloud-backup"  # ssh-keygen -Y namespace: a signature made for git won't do
+SIGNATURE_SUFFIX = ".sig"
+TOOL_TIMEOUT = 60.0
+
+# age's native X25519 recipients are Bech32 with the "age" prefix; plugin recipients are
+# "age1<plugin>1..."; both are lower-case Bech32 characters after "age1".
+_AGE_RECIPIENT = re.compile(r"age1[02-9ac-hj-np-z]{20,}(1[02-9ac-hj-np-z]+)?")
+_SSH_RECIPIENT = re.compile(r"(ssh-ed25519|ssh-rsa) [A-Za-z0-9+/]+={0,3}")
+
+
+class RecipientsInvalid(BackupError):
+    """Recipients file {path} is not an age recipients file: {detail}; put one public key (age1... or ssh-ed25519/ssh-rsa) a line."""  # noqa: E501
+
+    exit_code = 50
+
+
+class IdentityMissing(BackupError):
+    """Identity file {path} cannot be used: {detail}; pass the age identity (private key) that the backup was encrypted to with --identity."""  # noqa: E501
+
+    exit_code = 51
+
+
+class WrongIdentity(BackupError):
+    """Identity file {path} holds none of the keys backup {backup_id} was encrypted to (recipients {recipients}); use the operator's or the break-glass identity."""  # noqa: E501
+
+    exit_code = 52
+
+
+class ManifestUnsigned(BackupError):
+    """Backup {backup_id} has no manifest signature ({name}): refusing a manifest nobody vouches for; it may be forged."""  # noqa: E501
+
+    exit_code = 53
+
+
+class SignatureUntrusted(BackupError):
+    """The manifest of backup {backup_id} is signed by a key that is not in {allowed_signers}: refusing it; it may be forged."""  # noqa: E501
+
+    exit_code = 54
+
+
+class SignatureInvalid(BackupError):
+    """The manifest of backup {backup_id} does not match its signature ({detail}): it was altered after signing; refusing it."""  # noqa: E501
+
+    exit_code = 55
+
+
+class ObjectTampered(BackupError):
+    """Object {name} of backup {backup_id} is not what the signed manifest says: {detail}; refusing to use it."""  # noqa: E501
+
+    exit_code = 56
+
+
+class SigningFailed(BackupError):
+    """Cannot sign the manifest with signing key {path}: {detail}; the backup is not complete."""  # noqa: E501
+
+    exit_code = 57
+
+
+class EncryptionRequired(BackupError):
+    """{detail}: give --recipients-file FILE (age public keys), or --no-encryption to store this backup in plain text on purpose."""  # noqa: E501
+
+    exit_code = 58
+
+
+# -- recipients ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipients:
+    """A parsed recipients file: the path age reads and the public keys' fingerprints."""
+
+    path: str
+    keys: tuple[str, ...]
+
+    @property
+    def fingerprints(self) -> list[str]:
+        return [fingerprint(key) for key in self.keys]
+
+    def manifest_section(self) -> dict:
+        """``"encryption"`` of the manifest: fingerprints only, never the keys."""
+        return {"format": FORMAT, "recipients": self.fingerprints}
+
+
+def fingerprint(recipient: str) -> str:
+    """``sha256:<hex>`` of the recipient as written without its comment; an operator gets the
+    same with ``printf %s 'age1...' | sha256sum``."""
+    return "sha256:" + hashlib.sha256(recipient.encode()).hexdigest()
+
+
+def parse_recipient_line(line: str) -> str | None:
+    """The recipient on ``line`` (None for a blank or comment line); ValueError names why not.
+
+    The message never repeats the line: a private key pasted by mistake must not reach a log.
+    """
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    if text.upper().startswith("AGE-SECRET-KEY-") or "PRIVATE KEY" in text:
+        raise ValueError("it holds a private key, which must never be on the undercloud")
+    if _AGE_RECIPIENT.fullmatch(text):
+        return text
+    ssh = _SSH_RECIPIENT.match(text)
+    if ssh and (len(text) == ssh.end() or text[ssh.end()] == " "):
+        return ssh.group(0)
+    raise ValueError("it is not an age1... or ssh-ed25519/ssh-rsa public key")
+
+
+def load_recipients(path: str | os.PathLike) -> Recipients:
+    """Parse and check a recipients file; age itself confirms it (an empty encryption)."""
+    name = str(path)
+    try:
+        text = Path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipientsInvalid(path=name, detail=getattr(error, "strerror", None)
+                                or "not UTF-8 text") from None
+    keys: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            key = parse_recipient_line(line)
+        except ValueError as error:
+            raise RecipientsInvalid(path=name, detail=f"line {number}: {error}") from None
+        if key is not None and key not in keys:
+            keys.append(key)
+    if not keys:
+        raise RecipientsInvalid(path=name, detail="it lists no public key")
+    try:
+        execute.run(encrypt_command(name), timeout=TOOL_TIMEOUT)
+    except CommandFailed as error:
+        raise RecipientsInvalid(path=name, detail=f"age refuses it ({_age_said(error)})") from None
+    return Recipients(path=name, keys=tuple(keys))
+
+
+# -- commands, as data -----------------------------------------------------------------------
+def encrypt_command(recipients_file: str) -> Command:
+    """``age -R FILE``: stdin to stdout, encrypted to every key in the file."""
+    return Command(("age", "--encrypt", "-R", recipients_file), name="age -R")
+
+
+def decrypt_command(identity_file: str) -> Command:
+    """``age -d -i FILE``: the identity is a path (or ``/dev/fd/N``), never a key on argv."""
+    return Command(("age", "--decrypt", "-i", identity_file), name="age -d")
+
+
+def identity_recipients_commands(identity_file: str) -> tuple[Command, Command]:
+    """The public keys of an identity file: native age identities, else an SSH private key."""
+    return (Command(("age-keygen", "-y", identity_file), name="age-keygen -y"),
+            # -P "": a passphrase-protected key fails instead of prompting on a terminal
+            Command(("ssh-keygen", "-y", "-P", "", "-f", identity_file), name="ssh-keygen -y"))
+
+
+def sign_command(signing_key: str) -> Command:
+    """``ssh-keygen -Y sign``: the manifest on stdin, the signature on stdout."""
+    return Command(("ssh-keygen", "-Y", "sign", "-f", signing_key, "-n", NAMESPACE),
+                   name="ssh-keygen -Y sign")
+
+
+def find_principals_command(allowed_signers: str, signature_file: str) -> Command:
+    return Command(("ssh-keygen", "-Y", "find-principals", "-f", allowed_signers,
+                    "-s", signature_file), name="ssh-keygen -Y find-principals")
+
+
+def verify_command(allowed_signers: str, principal: str, signature_file: str) -> Command:
+    """``ssh-keygen -Y verify``: the manifest on stdin, exactly as an operator runs it."""
+    return Command(("ssh-keygen", "-Y", "verify", "-f", allowed_signers, "-I", principal,
+                    "-n", NAMESPACE, "-s", signature_file), name="ssh-keygen -Y verify")
+
+
+def signature_name(backup_id: str) -> str:
+    return f"{backup_id}/manifest.json{SIGNATURE_SUFFIX}"
+
+
+def encrypted_leaf(leaf: str) -> str:
+    """``filesystem.tar.zst`` -> ``filesystem.tar.zst.age``."""
+    return leaf if leaf.endswith(SUFFIX) else leaf + SUFFIX
+
+
+def _age_said(error: CommandFailed) -> str:
+    lines = [part.strip() for part in str(error.fields.get("stderr", "")).split(" | ")]
+    said = [line.removeprefix("age: error: ") for line in lines
+            if line and "report unexpected" not in line]
+    return "; ".join(said) or "no output"
+
+
+# -- signing and checking the signature ------------------------------------------------------
+def sign_manifest(manifest_json: bytes, signing_key: str) -> bytes:
+    """The ``ssh-keygen -Y sign`` signature of exactly these manifest bytes."""
+    if not os.access(signing_key, os.R_OK):
+        raise SigningFailed(path=signing_key, detail="the file is missing or unreadable")
+    with tempfile.TemporaryFile() as body:
+        body.write(manifest_json)
+        body.seek(0)
+        try:
+            with execute.Pipeline([sign_command(signing_key)], timeout=TOOL_TIMEOUT,
+                                  stdin=body) as pipe:
+                assert pipe.stdout is not None
+                signature = pipe.stdout.read()
+                pipe.wait()
+        except CommandFailed as error:
+            raise SigningFailed(path=signing_key, detail=error.fields.get("stderr")) from None
+    if b"BEGIN SSH SIGNATURE" not in signature:
+        raise SigningFailed(path=signing_key, detail="ssh-keygen wrote no signature")
+    return signature
+
+
+def verify_signature(manifest_json: bytes, signature: bytes | None, *, backup_id: str,
+                     allowed_signers: str) -> str:
+    """Check the manifest's signature against an allowed-signers file; return the principal.
+
+    ``signature`` None means the ``.sig`` object is absent. find-principals tells a key that
+    is not allowed (54) from a manifest altered after signing (55).
+    """
+    if signature is None:
+        raise ManifestUnsigned(backup_id=backup_id, name=signature_name(backup_id))
+    if not os.access(allowed_signers, os.R_OK):
+        raise SignatureUntrusted(backup_id=backup_id,
+                                 allowed_signers=f"{allowed_signers} (missing or unreadable)")
+    with tempfile.TemporaryDirectory(prefix="ucb-sig-") as scratch:
+        sig_file = os.path.join(scratch, "manifest.json.sig")
+        Path(sig_file).write_bytes(signature)
+        try:
+            found = execute.capture(find_principals_command(allowed_signers, sig_file),
+                                    timeout=TOOL_TIMEOUT)
+        except CommandFailed:
+            raise SignatureUntrusted(backup_id=backup_id,
+                                     allowed_signers=allowed_signers) from None
+        principal = found.decode("utf-8", "replace").splitlines()[0].strip() if found else ""
+        if not principal:
+            raise SignatureUntrusted(backup_id=backup_id, allowed_signers=allowed_signers)
+        with tempfile.TemporaryFile() as body:
+            body.write(manifest_json)
+            body.seek(0)
+            try:
+                with execute.Pipeline([verify_command(allowed_signers, principal, sig_file)],
+                                      timeout=TOOL_TIMEOUT, stdin=body,
+                                      stdout=subprocess.DEVNULL) as pipe:
+                    pipe.wait()
+            except CommandFailed as error:
+                raise SignatureInvalid(backup_id=backup_id,
+                                       detail=error.fields.get("stderr")) from None
+    return principal
+
+
+# -- identities ------------------------------------------------------------------------------
+def identity_fingerprints(identity_file: str) -> set[str]:
+    """Fingerprints of the public keys an identity file decrypts for (nothing is decrypted)."""
+    if not os.path.isfile(identity_file) or not os.access(identity_file, os.R_OK):
+        raise IdentityMissing(path=identity_file, detail="the file is missing or unreadable")
+    native, ssh = identity_recipients_commands(identity_file)
+    for command in (native, ssh):
+        try:
+            output = execute.capture(command, timeout=TOOL_TIMEOUT)
+        except CommandFailed:
+            continue
+        return {fingerprint(key) for key in _recipients_in(output.decode("utf-8", "replace"))}
+    raise IdentityMissing(path=identity_file,
+                          detail="it holds no age identity or unencrypted SSH private key")
+
+
+def _recipients_in(text: str) -> list[str]:
+    keys = []
+    for line in text.splitlines():
+        try:
+            key = parse_recipient_line(line)
+        except ValueError:
+            continue  # a key type age cannot encrypt to (ecdsa): it matches no recipient
+        if key:
+            keys.append(key)
+    return keys
+
+
+def check_identity(identity_file: str, *, backup_id: str, recipients: list[str]) -> None:
+    """Refuse, before any download, an identity the backup was not encrypted to."""
+    if not identity_fingerprints(identity_file) & set(recipients):
+        raise WrongIdentity(path=identity_file, backup_id=backup_id,
+                            recipients=", ".join(recipients) or "none recorded")
+
+
+def decryption_error(error: CommandFailed, *, name: str, backup_id: str,
+                     identity_file: str) -> BackupError:
+    """The error for a failed ``age -d`` stage: wrong key, or an object that is not intact."""
+    said = _age_said(error)
+    if "no identity matched" in said:
+        return WrongIdentity(path=identity_file, backup_id=backup_id, recipients="see manifest")
+    if "reading" in said and "failed to open" in said:
+        return IdentityMissing(path=identity_file, detail="age cannot open it")
+    return ObjectTampered(name=name, backup_id=backup_id, detail=f"age: {said}")
+
+
+def check_sha256(name: str, backup_id: str, expected: str, actual: str) -> None:
+    if expected and expected != actual:
+        raise ObjectTampered(name=name, backup_id=backup_id,
+                             detail=f"SHA-256 {actual} where the manifest says {expected}")
