@@ -121,6 +121,9 @@ class Deployment:
             cwd=str(self.state), env=env, stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True)
 
+    def worker_log_tail(self) -> str:
+        return (self.state / "worker.log").read_text(errors="replace")[-3000:]
+
     def deployment(self, name: str) -> dict:
         return self.api("GET", f"/deployments/name/{DEPLOYMENT.format(name)}")  # type: ignore
 
@@ -198,7 +201,10 @@ def archive_members(os_env: dict[str, str], container: str, backup_id: str) -> l
 
 
 def run_parameters(root: Path, container: str) -> dict:
-    return {"root": str(root), "container": container, "segment_size": "1MiB"}
+    """The run form's sections as the UI posts them (flows/params.py); the groups left out
+    keep the deployment's values (advanced: privileged)."""
+    return {"what": {"root": str(root)},
+            "swift": {"container": container, "segment_size": "1MiB"}}
 
 
 # --------------------------------------------------------------------------------- the tests
@@ -212,7 +218,7 @@ def test_deployments_carry_schedule_limits_and_defaults(deployed):
     for deployment in (nightly, on_demand):
         assert deployment["global_concurrency_limit"]["limit"] == 1
         assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
-        assert deployment["parameters"]["privileged"] is True
+        assert deployment["parameters"]["advanced"]["privileged"] is True
         assert deployment["work_pool_name"] == "undercloud"
         assert deployment["work_queue_name"] == "backups"
         assert deployment["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
@@ -234,7 +240,8 @@ def test_run_from_the_ui_backs_up_root_only_files(deployed, os_env, container):
     started = time.monotonic()
     run_id = deployed.create_run("on-demand", **run_parameters(root, container))
     run = deployed.api.wait_final(run_id, timeout=120)
-    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["state"]["type"] == "COMPLETED", (run["state"]["message"],
+                                                 deployed.worker_log_tail())
     assert time.monotonic() - started < 90
 
     [manifest] = manifests(os_env, container)
