@@ -324,3 +324,47 @@ def test_block_keeps_the_option_file_and_overrides_only_what_is_set(tmp_path):
         "db.example", 3308, "other", "s3cret")
     plain = MariaDBConnection(user="u").settings()
     assert (plain.host, plain.port, plain.user, plain.socket) == ("127.0.0.1", 3306, "u", None)
+
+
+def test_saved_block_keeps_the_option_file_fields(tmp_path, services):
+    cnf = tmp_path / "my.cnf"
+    cnf.write_text("[client]\nsocket=/run/other.sock\nuser=backup\npassword=pw\n")
+    name = f"ucb-dbt-{time.monotonic_ns()}"
+    MariaDBConnection(defaults_file=str(cnf), user="svc").save(name)
+    try:
+        settings = MariaDBConnection.load(name).settings()
+    finally:
+        MariaDBConnection.delete(name)
+    assert (settings.socket, settings.user, settings.password) == ("/run/other.sock", "svc", "pw")
+
+
+@pytest.fixture
+def through_sudo(monkeypatch):
+    """PrivilegedAccess running this checkout's wrapper through `sudo -n` (the tests are root)."""
+    from undercloud_backup import privileged
+
+    monkeypatch.setattr(privileged, "MARIADB_WRAPPER", str(WRAPPER))
+    return database.access(None, True, lock_wait_s=2)
+
+
+def test_privileged_access_checks_counts_and_dumps(schema, through_sudo, tmp_path):
+    access = through_sudo
+    info = access.server_info()
+    assert set(schema) <= set(info.databases)
+    report = access.check_privileges(info.databases)
+    assert report.complete and report.user == "'root'@'localhost'"
+    assert access.schema_objects(schema)["ucb_dbt_b"] == {"views": 1, "triggers": 1,
+                                                          "routines": 1, "events": 1}
+    dumps = access.dump_commands(schema)
+    assert "CREATE DEFINER" in _run_dump(dumps.databases, tmp_path / "db.sql")
+    assert "CREATE USER IF NOT EXISTS `ucb_dbt_svc`" in _run_dump(dumps.users,
+                                                                 tmp_path / "users.sql")
+
+
+def test_privileged_access_gives_up_on_a_locked_table(held_lock, schema, through_sudo):
+    started = time.monotonic()
+    with pytest.raises(DatabaseLocked, match=r"`ucb_dbt_c`.`t`.*gave up after 2 s"):
+        through_sudo.check_locks(schema)
+    with pytest.raises(DatabaseLocked, match=r"`ucb_dbt_c`.`t`"):
+        through_sudo.table_stats(schema)
+    assert time.monotonic() - started < 15
