@@ -409,3 +409,149 @@ def test_segment_size_too_small_for_swift_is_refused_up_front(earlier, staging, 
                         "--segment-size", "1KiB", "--task-retries", "0")
     assert_failed_cleanly(result, earlier, staging, before, exit_code=2,
                           says="more than Swift's 1000 segments per object")
+
+
+# ------------------------------------------------------------------ signals (issue 15 item 3)
+def _stalling_zstd(directory: Path, marker: int) -> dict[str, str]:
+    """A `zstd` first in PATH that compresses, closes its output, then hangs: the run is
+    mid-stream (segments uploaded, the pipe not finished) for as long as the test wants."""
+    directory.mkdir()
+    shim = directory / "zstd"
+    shim.write_text(f"#!/bin/bash\n/usr/bin/zstd \"$@\"\nexec sleep {marker} >&-\n")
+    shim.chmod(0o755)
+    return {"PATH": f"{directory}:{os.environ['PATH']}"}
+
+
+def _processes(pattern: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True).stdout
+    return [line for line in found.splitlines() if "pgrep" not in line]
+
+
+def _start_stalled_run(tmp_path: Path, container: str, db_cnf: str, env: dict[str, str]):
+    root = tmp_path / "uc"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/random").write_bytes(os.urandom(3 * 1024**2))  # 3+ segments of 1 MiB
+    command = [sys.executable, "-m", "flows.backup", "--root", str(root), "--container",
+               container, "--db-defaults-file", db_cnf, "--segment-size", "1MiB", "--no-prune"]
+    return subprocess.Popen(command, cwd=Path(__file__).parent.parent, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # its own group: the test's Ctrl-C
+
+
+def _wait_for_segments(container: str, process, at_least: int = 3) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if len([n for n in _objects(container) if "_segments/" in n]) >= at_least:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"the run never got mid-stream: {process.poll()}")
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to the process group"])
+def test_a_signal_stops_every_child_and_deletes_what_the_run_uploaded(tmp_path, container,
+                                                                       db_cnf, how):
+    marker = 600 + int(uuid.uuid4().int % 300)
+    env = dict(os.environ, **_stalling_zstd(tmp_path / "bin", marker))
+    process = _start_stalled_run(tmp_path, container, db_cnf, env)
+    try:
+        _wait_for_segments(container, process)
+        assert _processes(f"sleep {marker}"), "the stalled pipe is not running"
+        started = time.monotonic()
+        if how == "SIGTERM":
+            process.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(process.pid, signal.SIGINT)  # what a Ctrl-C in its terminal sends
+        _, stderr = process.communicate(timeout=60)
+        stopped_after = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == (143 if how == "SIGTERM" else 130), stderr
+    assert stopped_after < 15, f"took {stopped_after:.1f} s to stop"
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"undercloud-backup: interrupted by {how.split()[0]}: "), stderr
+    assert "no manifest was written and nothing of backup" in last
+    assert "Traceback" not in stderr
+    assert _processes(f"sleep {marker}") == [], "a child outlived the run"
+    assert [n for n in _objects(container)] == [], "the run left objects in Swift"
+
+
+def test_a_killed_run_leaves_no_child_and_no_temporary_prefect_server(tmp_path, container,
+                                                                      db_cnf):
+    """SIGKILL: nothing can be cleaned up, but nothing may keep running either (children and
+    the ad hoc run's own Prefect server die with it); what it uploaded has no manifest."""
+    marker = 600 + int(uuid.uuid4().int % 300)
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(_stalling_zstd(tmp_path / "bin", marker), PREFECT_HOME=str(home),
+               PREFECT_SERVER_EPHEMERAL_ENABLED="true")
+    process = _start_stalled_run(tmp_path, container, db_cnf, env)
+    try:
+        _wait_for_segments(container, process)
+        servers = [p for p in _processes("uvicorn") if _environ_has(p, f"PREFECT_HOME={home}")]
+        assert servers, "no temporary Prefect server found"
+        process.kill()
+        process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    time.sleep(1)
+    assert _processes(f"sleep {marker}") == [], "a child outlived the killed run"
+    assert not [p for p in _processes("uvicorn") if _environ_has(p, f"PREFECT_HOME={home}")]
+    listing = backup_cli("--list", "--json", "--container", container)
+    assert json.loads(listing.stdout)["backups"] == []  # incomplete: prune's to delete
+
+
+def _environ_has(ps_line: str, entry: str) -> bool:
+    try:
+        return entry.encode() in Path(f"/proc/{ps_line.split()[0]}/environ").read_bytes()
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------- staging bound (issue 15 item 4)
+def test_staging_the_space_check_asks_for_is_enough(tmp_path, container, db_cnf):
+    """The check counts what the uploader really spools (upload.SPOOLS_PER_STREAM segments per
+    stream): a staging filesystem just that big completes a run of many segments, and one a
+    little smaller is refused before anything is written."""
+    import math
+    import re
+
+    root = tmp_path / "uc"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/random").write_bytes(os.urandom(24 * 1024**2))  # 6 segments of 4 MiB
+    small = tmp_path / "staging"
+    small.mkdir()
+    args = ("--root", str(root), "--container", container, "--db-defaults-file", db_cnf,
+            "--segment-size", "4MiB", "--no-prune", "--staging-dir", str(small))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400m", "tmpfs", str(small)], check=True)
+    try:
+        planned = backup_cli(*args, "--dry-run")
+        assert planned.returncode == 0, planned.stderr
+        need_mib = float(re.search(rf"staging {small}: need ([\d.]+) MiB", planned.stderr)[1])
+        subprocess.run(["mount", "-o", f"remount,size={math.ceil(need_mib) + 1}m", str(small)],
+                       check=True)
+        done = backup_cli(*args, "--json")
+        assert done.returncode == 0, done.stderr
+        files = json.loads(done.stdout)["objects"][-1]
+        assert len(files["segments"]) >= 6
+        subprocess.run(["mount", "-o", f"remount,size={math.floor(need_mib) - 2}m", str(small)],
+                       check=True)
+        refused = backup_cli(*args)
+        assert refused.returncode == 14, refused.stderr
+        assert f"Not enough space on {small}" in refused.stderr.strip().splitlines()[-1]
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+# ---------------------------------------------------- excluding everything (issue 15 item 7)
+@pytest.mark.parametrize("pattern", ["/*", "/"])
+def test_excluding_everything_is_an_error_not_an_empty_backup(earlier, staging, db_cnf,
+                                                              pattern):
+    before = _objects(earlier.container)
+    result = run_backup(earlier, staging, "--db-defaults-file", db_cnf,
+                        "--exclude-path", pattern)
+    assert_failed_cleanly(result, earlier, staging, before, exit_code=2,
+                          says=f"--exclude-path {pattern} leaves out every path to back up")
+    assert result.stderr.strip().splitlines()[-1].startswith("undercloud-backup: error:")
