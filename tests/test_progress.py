@@ -157,3 +157,18 @@ def test_progress_artifact_in_a_flow_run(prefect_server):
     assert ours[0].data == 100.0
     assert ours[0].description.startswith("Backup progress: 100.0% · 6.0 MiB of 10.0 MiB")
     assert progress.for_run(1, console=io.StringIO()).sinks[1:] == []   # no flow: no artifact
+
+
+def test_run_reporter_fed_by_stream_name():
+    out = io.StringIO()
+    progress.feed("database dump", 5)                      # no run started: ignored
+    assert progress.finish_run() is None
+    reporter = progress.start_run(100, console=out, artifact=False)
+    progress.feed("database dump", 30)
+    progress.feed("filesystem archive", 20)
+    assert sum(reporter.done.values()) == 50
+    final = progress.finish_run()
+    assert final is not None and final.done == 50 and final.percent == 100.0
+    assert out.getvalue().splitlines()[-1].startswith("progress: 100.0% · 50 B of 100 B")
+    progress.feed("database dump", 99)                     # after the run: ignored
+    assert sum(reporter.done.values()) == 50

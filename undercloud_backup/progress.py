@@ -241,3 +241,29 @@ def for_run(estimate: int, console: TextIO | None = None, artifact: bool | None 
         except Exception as error:  # noqa: BLE001 - no artifact is no reason to stop
             log.warning("no progress artifact: %s", error)
     return Reporter(estimate, sinks)
+
+
+# One reporter per process for the run under way: the flow starts it once the space check has
+# its estimate, the streams (in their own tasks and threads) feed it by name, the flow ends it.
+_current: Reporter | None = None
+
+
+def start_run(estimate: int, **options) -> Reporter:
+    """The run's reporter (see :func:`for_run`), which :func:`feed` then reaches."""
+    global _current
+    _current = for_run(estimate, **options)
+    return _current
+
+
+def feed(stream: str, done: int) -> None:
+    """``done`` bytes of ``stream`` so far, to the run's reporter if one is started."""
+    reporter = _current
+    if reporter is not None:
+        reporter.update(stream, done)
+
+
+def finish_run() -> Snapshot | None:
+    """100 % and the last line; None when no reporter was started."""
+    global _current
+    reporter, _current = _current, None
+    return reporter.finish() if reporter is not None else None
