@@ -13,12 +13,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import sample_undercloud as sample
 from conftest import backup_cli, describe_tree, mariadb
 from keystoneauth1 import session
 from keystoneauth1.identity import v3
 from swiftclient.client import Connection
-
-from undercloud_backup import sample
 
 
 def plain_swift(os_env: dict[str, str]) -> Connection:
@@ -85,7 +84,9 @@ def test_backup_restores_with_standard_tools(sample_root, sample_databases, cont
     assert recorded == before_tables
 
     objects = {Path(o["name"]).name: o for o in manifest["objects"]}
-    assert set(objects) == {"filesystem.tar.zst", "mariadb-all-databases.sql.zst"}
+    assert set(objects) == {"filesystem.tar.zst", "mariadb-all-databases.sql.zst",
+                            "mariadb-users-grants.sql.zst"}
+    assert manifest["mariadb"]["users_object"] == objects["mariadb-users-grants.sql.zst"]["name"]
     archive = objects["filesystem.tar.zst"]
     assert len(archive["segments"]) >= 3  # the 3 MiB image of random bytes spans segments
     headers = conn.head_object(container, archive["name"])
@@ -106,12 +107,23 @@ def test_backup_restores_with_standard_tools(sample_root, sample_databases, cont
     assert (secret.stat().st_uid, stat.S_IMODE(secret.stat().st_mode)) == (0, 0o600)
     assert (restored / "home/stack/empty dir/inner").is_dir()
 
-    # Databases: drop them and the service user, load the dump, compare.
+    # Databases: drop them and the service user. One database alone with the stock client's
+    # --one-database (issue 9 bug 1: users and grants in the same stream broke this), then
+    # everything, then users and grants.
     user, host = sample.SAMPLE_USER
     mariadb("".join(f"DROP DATABASE {d};" for d in sample_databases)
             + f"DROP USER '{user}'@'{host}';")
-    subprocess.run(f"zstd -dc {tmp_path / 'mariadb-all-databases.sql.zst'} | mariadb",
-                   shell=True, check=True, executable="/bin/bash")
+    mariadb(f"CREATE DATABASE {nova};")
+    subprocess.run(f"zstd -dc {tmp_path / 'mariadb-all-databases.sql.zst'} | "
+                   f"mariadb --one-database {nova}", shell=True, check=True,
+                   executable="/bin/bash")
+    assert {k: v for k, v in table_checksums([nova]).items()} == {
+        k: v for k, v in before_tables.items() if k.startswith(f"{nova}.")}
+    assert mariadb(f"SHOW TRIGGERS FROM {nova}").count("instances_audit") == 1
+    assert sample.SAMPLE_DATABASES[1] not in mariadb("SHOW DATABASES")
+    for leaf in ("mariadb-all-databases.sql.zst", "mariadb-users-grants.sql.zst"):
+        subprocess.run(f"zstd -dc {tmp_path / leaf} | mariadb", shell=True, check=True,
+                       executable="/bin/bash")
     assert table_checksums(sample_databases) == before_tables
     assert mariadb(f"SELECT COUNT(*) FROM {nova}.active") == active_before
     assert mariadb(f"SHOW TRIGGERS FROM {nova}").count("instances_audit") == 1

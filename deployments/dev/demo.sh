@@ -12,7 +12,7 @@ STATE=${UCB_DEV_STATE:-/var/lib/undercloud-backup-dev}
 SAMPLE=${UCB_SAMPLE_ROOT:-/var/tmp/undercloud-sample}
 bash deployments/dev/services.sh start
 VENV=$(bash deployments/dev/venv.sh)
-"$VENV/bin/python" -m undercloud_backup.sample "$SAMPLE" --images-mib 40 8 --db >/dev/null
+"$VENV/bin/python" tests/sample_undercloud.py "$SAMPLE" --images-mib 40 8 --db >/dev/null
 # shellcheck disable=SC1091
 . "$STATE/keystone.env"
 export PREFECT_HOME=${PREFECT_HOME:-$STATE/prefect} PREFECT_SERVER_ANALYTICS_ENABLED=false
