@@ -193,6 +193,7 @@ def test_a_segment_damaged_on_its_way_into_swift_is_caught_before_restore_uses_i
     """Swift took the damaged bytes (its ETag is their MD5): our SHA-256 of what was read
     is what catches them."""
     from flows.backup import undercloud_backup
+    from flows.params import grouped
 
     original = upload.StreamUploader._put_segment
 
@@ -205,9 +206,9 @@ def test_a_segment_damaged_on_its_way_into_swift_is_caught_before_restore_uses_i
         return original(self, index, spool)
 
     monkeypatch.setattr(upload.StreamUploader, "_put_segment", damaged_on_the_way)
-    summary = undercloud_backup(root=str(sample_root), container=container,
-                                db_socket=private_mariadb.socket, db_user="root",
-                                segment_size="1MiB", prune=False)
+    summary = undercloud_backup(**grouped(root=str(sample_root), container=container,
+                                          db_socket=private_mariadb.socket, db_user="root",
+                                          segment_size="1MiB", prune=False))
     monkeypatch.undo()
     segment = archive_of(get_manifest(container, summary["backup_id"])).segments[1]
 
@@ -282,7 +283,7 @@ def test_databases_dropped_and_restored_have_identical_checksums(db_backup, two_
     again = cli("restore", "--container", db_backup["container"], "--no-files", "--database",
                 first, *target)
     assert again.returncode == restoredb.DatabasesExist.exit_code
-    assert f"Database(s) {first} (4 tables, views, routines or events) already exist" in \
+    assert f"Database(s) {first} (5 tables, views, routines or events) already exist" in \
         again.stderr.strip().splitlines()[-1]
     replaced = cli("restore", "--container", db_backup["container"], "--no-files",
                    "--database", first, "--overwrite", *target)

@@ -183,6 +183,7 @@ def restore_databases(store, container: str, manifest: Manifest,
             return {**result, "dry_run": True}
         logger.info("loading %s into MariaDB at %s%s", ", ".join(plan.load) or "no database",
                     settings.where, " with users and grants" if everything else "")
+        _drop(session, plan.replaced)
         whole = everything and not plan.skipped
         checks = [_load(store, container, obj, settings,
                         None if whole else DatabaseFilter(plan.load,
@@ -195,6 +196,14 @@ def restore_databases(store, container: str, manifest: Manifest,
                 len(plan.load), loaded_in, comparison.matching, comparison.compared)
     return {**result, "dry_run": False, "object_check": checks[0], "object_checks": checks,
             **comparison.as_dict(), "seconds": round(time.monotonic() - started, 2)}
+
+
+def _drop(session, names: Sequence[str]) -> None:
+    """Drop the databases being replaced: the dump recreates what it holds (it carries no
+    DROP DATABASE, see dbdump.py), and nothing of the old ones may survive beside it."""
+    with session.cursor() as cursor:
+        for name in names:
+            cursor.execute(f"DROP DATABASE `{name.replace('`', '``')}`")
 
 
 def _compare(session, manifest: Manifest, loaded: list[str],
