@@ -82,6 +82,13 @@ check_group() {
   [ ${#others[@]} -eq 0 ] || die "group $GROUP has members other than $UCB_USER (${others[*]}),\
  and every member may run the backup wrappers as root: remove them (gpasswd -d USER $GROUP,\
  or give them another primary group), then run the installer again"
+  # A group password lets whoever knows it join with newgrp.
+  local password
+  password=$(getent gshadow "$GROUP" | cut -d: -f2) || true
+  case $password in ''|'!'*|'*'*) ;; *)
+    die "group $GROUP has a password (newgrp would let anyone who knows it run the wrappers as\
+ root): remove it with 'gpasswd -r $GROUP', then run the installer again" ;;
+  esac
 }
 
 # ------------------------------------------------------------------------------------- steps

@@ -94,6 +94,7 @@ def status_field(pid: int, field: str) -> str:
 
 # ---------------------------------------------------------------- 1: root acts on root's paths
 def test_install_leaves_only_root_owned_directories_above_what_root_writes(full):
+    print(f"\ninstall.sh user privileged config services prefect: {full.install_seconds:.1f} s")
     assert full.install_seconds < 120, full.install_seconds
     assert owner(full.state) == ("root", "root", 0o755)
     assert owner(full.state / "worker") == (WORKER, GROUP, 0o700)
@@ -230,6 +231,14 @@ def test_installer_refuses_a_group_with_other_members(full):
         assert full.run("user").returncode == 1
         subprocess.run(["usermod", "-g", intruder, intruder], check=True)
         assert full.run("user").returncode == 0
+    # A group password: anyone who knows it joins with newgrp.
+    subprocess.run(["groupmod", "--password", "$6$salt$notarealhash", GROUP], check=True)
+    try:
+        result = full.run("user")
+        assert result.returncode == 1 and f"group {GROUP} has a password" in result.stderr
+    finally:
+        subprocess.run(["gpasswd", "-r", GROUP], check=True)
+    assert full.run("user").returncode == 0
 
 
 def test_accounts_that_tests_create_are_removed_with_their_processes():
