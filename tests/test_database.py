@@ -368,3 +368,33 @@ def test_privileged_access_gives_up_on_a_locked_table(held_lock, schema, through
     with pytest.raises(DatabaseLocked, match=r"`ucb_dbt_c`.`t`"):
         through_sudo.table_stats(schema)
     assert time.monotonic() - started < 15
+
+
+def test_locked_table_names_a_holder_running_a_statement_on_it(held_lock, schema):
+    holder = pymysql.connect(unix_socket=SOCKET, user="root")
+    with holder.cursor() as cursor:
+        cursor.execute("LOCK TABLES ucb_dbt_b.v READ")  # a second holder, busy on another table
+    busy = threading.Thread(target=lambda: holder.cursor().execute(
+        "SELECT SLEEP(4) FROM ucb_dbt_b.v LIMIT 1"))
+    busy.start()
+    try:
+        time.sleep(0.5)
+        with pytest.raises(DatabaseLocked) as failed:
+            database.access(ROOT, False, lock_wait_s=1).check_locks(schema)
+        # the idle LOCK TABLES on ucb_dbt_c.t is not named; nothing else is named in its place
+        assert "not in the processlist" in str(failed.value)
+        assert "SLEEP" not in str(failed.value)
+    finally:
+        busy.join()
+        holder.close()
+
+
+def test_name_pattern_matches_whole_words_only():
+    import re
+
+    from undercloud_backup.dbpreflight import name_pattern
+
+    pattern = re.compile(name_pattern("t"), re.I)
+    assert pattern.search("ALTER TABLE `t` ADD c INT") and pattern.search("DELETE FROM db.t")
+    assert not pattern.search("SELECT SLEEP(200)") and not pattern.search("SELECT * FROM t2")
+    assert re.search(name_pattern("a.b$c"), "UPDATE `a.b$c` SET x = 1")

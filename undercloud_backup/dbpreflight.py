@@ -170,6 +170,11 @@ def quoted(schema: str, table: str) -> str:
     return f"`{schema.replace('`', '``')}`.`{table.replace('`', '``')}`"
 
 
+def name_pattern(name: str) -> str:
+    """A regular expression (PCRE) matching ``name`` as a whole word of a statement."""
+    return rf"(^|[^0-9A-Za-z_$]){re.escape(name)}([^0-9A-Za-z_$]|$)"
+
+
 def lock_holders(cursor, schema: str, table: str) -> str:
     """Who holds a lock on the table, as far as the server tells this account.
 
@@ -189,8 +194,8 @@ def lock_holders(cursor, schema: str, table: str) -> str:
     else:
         cursor.execute(
             "SELECT id, user, host, command, time, LEFT(info, 80), '' FROM"
-            " information_schema.processlist WHERE id <> CONNECTION_ID() AND info LIKE %s"
-            " AND state NOT LIKE 'Waiting for%%lock%%' LIMIT 3", (f"%{table}%",))
+            " information_schema.processlist WHERE id <> CONNECTION_ID() AND info REGEXP %s"
+            " AND state NOT LIKE 'Waiting for%%lock%%' LIMIT 3", (name_pattern(table),))
     rows = cursor.fetchall()
     if not rows:
         return ("the holder is not in the processlist: an idle session that ran LOCK TABLES or "
