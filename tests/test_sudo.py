@@ -197,9 +197,13 @@ def test_worker_reads_the_database_as_root_through_sudo(installed, sample_databa
     dump = as_user(WORKER, list(privileged.dump_command(sample_databases).argv), timeout=120)
     assert dump.returncode == 0, dump.stderr
     assert f"CREATE DATABASE /*!32312 IF NOT EXISTS*/ `{sample_databases[0]}`" in dump.stdout
-    assert "CREATE USER IF NOT EXISTS" in dump.stdout  # --system=users --insert-ignore
     assert "CREATE DEFINER" in dump.stdout  # routines/triggers
     assert dump.stdout.rstrip().splitlines()[-1].startswith("-- Dump completed")
+    # Users and grants in a dump of their own (--system=users --insert-ignore).
+    users = as_user(WORKER, list(privileged.users_dump_command().argv), timeout=120)
+    assert users.returncode == 0, users.stderr
+    assert "CREATE USER IF NOT EXISTS" in users.stdout
+    assert "CREATE USER IF NOT EXISTS" not in dump.stdout
 
 
 # ------------------------------------------------------------------------ escalation attempts
