@@ -14,7 +14,12 @@ from pathlib import Path
 
 import pytest
 from conftest import backup_cli
-from test_restore import cli, make_backup, private_mariadb  # noqa: F401 - a fixture
+from test_restore import (  # noqa: F401 - private_mariadb is a fixture
+    cli,
+    make_backup,
+    private_mariadb,
+    remove_container,
+)
 from test_verify import database_sql, run_sql, swift_store
 
 from undercloud_backup import restore, restoredb, sample
@@ -35,15 +40,10 @@ def node_backup(os_env, private_mariadb, tmp_path_factory):  # noqa: F811
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text(text)
     container = f"ucbtest-{uuid.uuid4().hex[:10]}"
-    yield make_backup(root, container, private_mariadb), root
-    store = swift_store()
-    for name in (container, f"{container}_segments"):
-        try:
-            for obj in store.list(name):
-                store.delete(name, obj["name"])
-            store.delete_container(name)
-        except Exception:  # noqa: BLE001 - cleanup must not hide the outcome
-            pass
+    try:
+        yield make_backup(root, container, private_mariadb), root
+    finally:
+        remove_container(container)
 
 
 def reinstalled(target: Path) -> dict[str, str]:
