@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from swift_proxy import swift_proxy_fixture  # noqa: F401 - the fault proxy, for every test
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = REPO / "deployments/dev/services.sh"
@@ -116,25 +117,35 @@ def db_cnf(services) -> str:
     return str(STATE / "mariadb-backup.cnf")
 
 
+def swift_store():
+    """A store for the backup user, from the test bed's OS_* variables (no retries)."""
+    from undercloud_backup import config
+    from undercloud_backup.store import SwiftStore
+
+    return SwiftStore.connect(config.swift_settings_from_env(retries=0))
+
+
+def remove_container(container: str) -> None:
+    """Delete a test's container and its segments container, whatever is in them."""
+    try:
+        store = swift_store()
+    except Exception:  # noqa: BLE001 - cleanup must not hide the test's own outcome
+        return
+    for name in (container, f"{container}_segments"):
+        try:
+            for obj in store.list(name):
+                store.delete(name, obj["name"])
+            store.delete_container(name)
+        except Exception:  # noqa: BLE001 - the test may never have created it
+            pass
+
+
 @pytest.fixture
 def container(os_env):
     """A fresh container name per test; its objects are deleted afterwards."""
     name = f"ucbtest-{uuid.uuid4().hex[:10]}"
     yield name
-    from undercloud_backup import config, swift
-
-    try:
-        conn = swift.connect(config.swift_settings_from_env(retries=0))
-        for c in (name, f"{name}_segments"):
-            try:
-                _, objects = conn.get_container(c, full_listing=True)
-            except Exception:  # noqa: BLE001 - the test may never have created it
-                continue
-            for obj in objects:
-                conn.delete_object(c, obj["name"])
-            conn.delete_container(c)
-    except Exception:  # noqa: BLE001 - cleanup must not hide the test's own outcome
-        pass
+    remove_container(name)
 
 
 def mariadb(sql: str) -> str:
@@ -147,7 +158,7 @@ def mariadb(sql: str) -> str:
 @pytest.fixture
 def sample_databases(services):
     """The sample databases (InnoDB, MyISAM, view, routine, trigger, event, user)."""
-    from undercloud_backup import sample
+    import sample_undercloud as sample
 
     mariadb(sample.database_sql())
     yield sample.SAMPLE_DATABASES
@@ -159,7 +170,7 @@ def sample_databases(services):
 @pytest.fixture
 def sample_root(tmp_path) -> Path:
     """A small sample undercloud tree: every file kind a restore must bring back."""
-    from undercloud_backup import sample
+    import sample_undercloud as sample
 
     return sample.make_files(tmp_path / "undercloud", sample.SampleSize(images_mib=(3,)))
 
