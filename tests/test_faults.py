@@ -324,7 +324,8 @@ def test_passwords_never_reach_argv_logs_or_results(earlier, staging, db_cnf, os
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(
             like_="backup-")))
-        run = next(r for r in runs if r.parameters.get("container") == earlier.container
+        run = next(r for r in runs
+                   if r.parameters.get("swift", {}).get("container") == earlier.container
                    and r.state.is_completed() and r.start_time is not None
                    and backup_id.split("-")[-1] == r.id.hex[:6])
         logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [run.id]}))
