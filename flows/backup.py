@@ -29,7 +29,7 @@ from flows.params import (
 )
 from tasks import backup as stages
 from tasks.prune import apply_retention
-from undercloud_backup import backup
+from undercloud_backup import backup, crypto
 from undercloud_backup.errors import BackupError
 from undercloud_backup.retention import RetentionPolicy
 from undercloud_backup.sizes import format_size
@@ -104,7 +104,9 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
         allow_partial_database=advanced.allow_partial_database,
         compression_level=advanced.compression_level,
         table_checksums=advanced.table_checksums, privileged=advanced.privileged,
-        segment_size=params.segment_size_bytes(swift.segment_size))
+        segment_size=params.segment_size_bytes(swift.segment_size),
+        recipients_file=advanced.recipients_file, signing_key=advanced.signing_key)
+    _check_keys(request)  # a bad recipients file or signing key fails before anything
     db_source = database.source()
     swift_source = SwiftSource(block=swift.swift_block, container=swift.container,
                                segment_size=swift.segment_size, retries=swift.swift_retries,
@@ -142,12 +144,23 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
 
     manifest = backup.build_manifest(request, space, results[0], files,
                                      flow_run_id=str(get_run_context().flow_run.id))
-    name = stages.write_manifest.with_options(**retry)(manifest, swift_source)
+    name = stages.write_manifest.with_options(**retry)(manifest, swift_source,
+                                                       request.signing_key)
     summary.update(manifest=name, objects=[o.to_dict() for o in manifest.objects])
     if policy is not None:
         summary["pruned"] = _prune(swift_source, policy, backup_id, retry)
     _summary_artifact(summary, manifest.to_dict(), time.monotonic() - started)
     return summary
+
+
+def _check_keys(request: backup.BackupRequest) -> None:
+    """Parse the recipients file (exit 50) and sign a probe with the key (exit 57) now."""
+    if request.recipients_file is not None:
+        crypto.load_recipients(request.recipients_file)
+    else:
+        get_run_logger().warning("no --recipients-file: this backup is stored in plain text")
+    if request.signing_key is not None:
+        crypto.sign_manifest(b"probe", request.signing_key)
 
 
 def _prune(swift_source: SwiftSource, policy: RetentionPolicy, backup_id: str,
@@ -183,6 +196,7 @@ Complete: manifest `{container}/{summary['manifest']}` written in {seconds:.0f} 
 {', '.join(paths.get('excluded', [])) or 'none'}
 - Changed or vanished while read: {len(paths.get('changed', [])) + len(paths.get('vanished', []))}
 - Pruned: {_pruned_text(summary.get('pruned', []))}
+- Encryption: {_encryption_text(manifest.get('encryption'))}
 
 Restore without this tool (see README): `swift download {container} --prefix \
 {summary['backup_id']}/`, then `zstd -dc filesystem.tar.zst | tar -x --xattrs \
@@ -191,6 +205,13 @@ Restore without this tool (see README): `swift download {container} --prefix \
 """
     create_markdown_artifact(key="undercloud-backup", markdown=markdown,
                              description=f"Backup {summary['backup_id']}")
+
+
+def _encryption_text(section: dict | None) -> str:
+    if not section or section.get("format") != "age":
+        return "**NONE: stored in plain text** (no --recipients-file)"
+    return ("age, to " + ", ".join(f"`{r}`" for r in section["recipients"])
+            + " (decrypt as docs/restore.md says)")
 
 
 def _pruned_text(pruned: list[str] | None) -> str:

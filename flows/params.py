@@ -147,6 +147,13 @@ class AdvancedParams(_Group):
                                   "counts only.")
     task_retries: int = Field(2, ge=0, description="Retries of a stage after a transient "
                                                    "failure (Swift or database down).")
+    recipients_file: str | None = Field(
+        None, description="age recipients file (one public key a line, age1... or ssh-ed25519): "
+                          "every object is encrypted to all of them and named .age. Unset: "
+                          "stored in plain text, and the manifest says so.")
+    signing_key: str | None = Field(
+        None, description="SSH private key file that signs the manifest (ssh-keygen -Y sign, "
+                          "namespace undercloud-backup) into manifest.json.sig.")
 
 
 @dataclass(frozen=True)
@@ -179,6 +186,8 @@ FLAGS: dict[str, Flag] = {
                             help="record row counts only, not CHECKSUM TABLE (less database "
                                  "CPU; verify then compares counts only)"),
     "task_retries": Flag("--task-retries", "N"),
+    "recipients_file": Flag("--recipients-file", "FILE"),
+    "signing_key": Flag("--signing-key", "FILE"),
 }
 GROUPS: dict[str, type[_Group]] = {
     "what": WhatToBackUp, "database": DatabaseParams, "swift": SwiftParams,

@@ -21,12 +21,14 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 
 from blocks.sources import DatabaseSource, SwiftSource
-from flows import cli
+from flows import cli, logs
 from tasks import restore as steps
 from tasks import verify as checks
-from undercloud_backup import restore
+from undercloud_backup import crypto, restore
 from undercloud_backup.errors import ConfigError
 from undercloud_backup.manifest import Manifest
+
+logs.quiet_expected_errors()  # a refused signature is one line, not a traceback
 
 
 def _run_name() -> str:
@@ -60,6 +62,7 @@ def undercloud_restore(
     swift_block: str | None = None,
     staging_dir: str = "/var/tmp",
     timeout_hours: float = 12.0,
+    allowed_signers: str | None = None,
 ) -> dict:
     """Restore an undercloud backup: files into a target root, databases into a MariaDB.
 
@@ -102,13 +105,17 @@ def undercloud_restore(
             the default target is created.
         timeout_hours: Longest the files or the databases may take before the restore's
             processes are killed.
+        allowed_signers: ssh-keygen allowed-signers file: restore only from a manifest
+            signed by a key in it (checked before anything is written).
     """
     want_databases = _check_choices(files, all_databases, databases, overwrite, skip_existing)
     swift_source = SwiftSource(block=swift_block, container=container)
     db_source = DatabaseSource(block=db_block, defaults_file=db_defaults_file, host=db_host,
                                port=db_port, user=db_user, socket=db_socket)
-    manifest = checks.load_manifest(swift_source, backup_id)
+    manifest = checks.load_manifest(swift_source, backup_id, allowed_signers)
     backup_id = manifest.backup_id
+    if crypto.is_encrypted(manifest):
+        raise crypto.DecryptionUnsupported(backup_id=backup_id)
     request = restore.RestoreRequest(
         backup_id=backup_id, target=target or restore.default_target(staging_dir, backup_id),
         paths=tuple(paths or ()), exclude_paths=tuple(exclude_paths or ()),
@@ -264,6 +271,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--staging-dir", default="/var/tmp",
                    help="where segments are checked before use, and the default target goes")
     p.add_argument("--timeout-hours", type=float, default=12.0)
+    p.add_argument("--allowed-signers", metavar="FILE",
+                   help="ssh-keygen allowed-signers file: restore only from a manifest signed "
+                        "by a key in it (exit 53 unsigned, 54 other key, 55 altered)")
     return p
 
 
@@ -277,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         skip_existing=args.skip_existing, overwrite_empty=args.overwrite_empty,
         dry_run=args.dry_run, **cli.database_arguments(args),
         swift_block=args.swift_block, staging_dir=args.staging_dir,
-        timeout_hours=args.timeout_hours),
+        timeout_hours=args.timeout_hours, allowed_signers=args.allowed_signers),
         interrupted="what was written so far stays in place")
     if result is None:
         return status

@@ -111,12 +111,14 @@ def archive_paths(request: BackupRequest, plan: PathPlan,
 
 
 @task(name="write_manifest", **_stage)
-def write_manifest(manifest: Manifest, swift_source: SwiftSource) -> str:
-    """Verify every object and write the manifest, the commit point of the backup."""
+def write_manifest(manifest: Manifest, swift_source: SwiftSource,
+                   signing_key: str | None = None) -> str:
+    """Verify every object and write the manifest (signed first, if a key is given), the
+    commit point of the backup."""
     settings = swift_source.settings()
     store = SwiftStore.connect(settings)
     try:
-        name = backup.write_manifest(store, settings.container, manifest)
+        name = backup.write_manifest(store, settings.container, manifest, signing_key)
     finally:
         store.close()
     get_run_logger().info("manifest written: %s/%s", settings.container, name)

@@ -25,10 +25,14 @@ def _store(swift_source: SwiftSource) -> tuple[SwiftStore, str]:
 
 
 @task(name="load_manifest", **_check)
-def load_manifest(swift_source: SwiftSource, backup_id: str | None) -> Manifest:
-    """Fetch the manifest of the backup (default: the latest complete one)."""
+def load_manifest(swift_source: SwiftSource, backup_id: str | None,
+                  allowed_signers: str | None = None) -> Manifest:
+    """Fetch the manifest of the backup (default: the latest complete one); with an
+    allowed-signers file, only if its ssh-keygen -Y signature passes."""
     store, container = _store(swift_source)
-    manifest = reader.load_manifest(store, container, backup_id)
+    manifest = reader.load_manifest(store, container, backup_id, allowed_signers)
+    if allowed_signers is not None:
+        get_run_logger().info("manifest signature good (allowed signers %s)", allowed_signers)
     get_run_logger().info("backup %s of %s (created %s): %d object(s)", manifest.backup_id,
                           manifest.hostname, manifest.created_at, len(manifest.objects))
     return manifest

@@ -217,6 +217,7 @@ def test_unsigned_foreign_and_altered_manifests_are_refused_each_with_its_status
         crypto.verify_signature(altered, signature, backup_id="b1",
                                 allowed_signers=keys["allowed"])
     assert invalid.value.exit_code == 55 and "incorrect signature" in str(invalid.value)
+    assert "\r" not in str(invalid.value) and "\n" not in str(invalid.value)  # one line
     with pytest.raises(crypto.SignatureUntrusted):  # garbage where the signature should be
         crypto.verify_signature(MANIFEST, b"not a signature", backup_id="b1",
                                 allowed_signers=keys["allowed"])
@@ -242,6 +243,47 @@ def test_signing_with_a_missing_or_unusable_key_is_exit_57(keys, tmp_path):
 def test_exit_statuses_are_distinct_and_in_the_50s():
     classes = [crypto.RecipientsInvalid, crypto.IdentityMissing, crypto.WrongIdentity,
                crypto.ManifestUnsigned, crypto.SignatureUntrusted, crypto.SignatureInvalid,
-               crypto.ObjectTampered, crypto.SigningFailed, crypto.EncryptionRequired]
+               crypto.ObjectTampered, crypto.SigningFailed, crypto.EncryptionRequired,
+               crypto.DecryptionUnsupported]
     statuses = [c.exit_code for c in classes]
     assert len(set(statuses)) == len(statuses) and all(50 <= s < 60 for s in statuses)
+
+
+# -- wiring (pure) ---------------------------------------------------------------------------
+def test_an_encrypted_request_pipes_zstd_into_age_and_names_objects_age(keys):
+    from undercloud_backup import backup, stages
+    from undercloud_backup.manifest import Manifest
+    from undercloud_backup.request import BackupRequest
+
+    plain = BackupRequest(backup_id="h-1", created_at="now", hostname="h")
+    assert [c.name for c in stages.compress_commands(plain)] == ["zstd"]
+    assert stages.stored_leaf(plain, "filesystem.tar.zst") == "filesystem.tar.zst"
+    assert backup.encryption_section(plain)["format"] == "none"  # said, not implied
+    sealed = BackupRequest(backup_id="h-1", created_at="now", hostname="h",
+                           recipients_file=keys["recipients"])
+    commands = stages.compress_commands(sealed)
+    assert [c.argv for c in commands][1] == ("age", "--encrypt", "-R", keys["recipients"])
+    assert stages.stored_leaf(sealed, "filesystem.tar.zst") == "filesystem.tar.zst.age"
+    section = backup.encryption_section(sealed)
+    manifest = Manifest(backup_id="h-1", created_at="now", encryption=section)
+    again = Manifest.from_json(manifest.to_json())
+    assert again.encryption == section and crypto.is_encrypted(again)
+    assert not crypto.is_encrypted(Manifest.from_json(Manifest("h-1", "now").to_json()))
+
+
+def test_sha256sums_is_what_sha256sum_c_reads(tmp_path):
+    from undercloud_backup.manifest import Manifest, StoredObject
+
+    body = b"encrypted bytes"
+    (tmp_path / "h-1").mkdir()
+    (tmp_path / "h-1/filesystem.tar.zst.age").write_bytes(body)
+    manifest = Manifest("h-1", "now", objects=[StoredObject(
+        name="h-1/filesystem.tar.zst.age", size=len(body),
+        sha256=hashlib.sha256(body).hexdigest(), compression="zstd", content="tar")])
+    (tmp_path / "SUMS").write_bytes(crypto.sha256sums(manifest))
+    done = subprocess.run(["sha256sum", "--strict", "-c", "SUMS"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "h-1/filesystem.tar.zst.age: OK" in done.stdout
+    (tmp_path / "h-1/filesystem.tar.zst.age").write_bytes(body + b"x")
+    assert subprocess.run(["sha256sum", "-c", "SUMS"], cwd=tmp_path,
+                          capture_output=True).returncode == 1

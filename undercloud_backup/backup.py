@@ -12,7 +12,7 @@ import datetime as dt
 import os
 import platform
 
-from undercloud_backup import __version__
+from undercloud_backup import __version__, crypto
 from undercloud_backup import archive as fs
 from undercloud_backup.catalogue import put_manifest
 from undercloud_backup.errors import ConfigError
@@ -54,11 +54,28 @@ def build_manifest(request: BackupRequest, space: SpaceReport | None,
         platform={"python": platform.python_version(), "kernel": platform.release()},
         mariadb=database.section if database else None,
         paths=files.section if files else None,
-        space=space.as_dict() if space else None, objects=objects)
+        space=space.as_dict() if space else None, objects=objects,
+        encryption=encryption_section(request))
 
 
-def write_manifest(store: SwiftStore, container: str, manifest: Manifest) -> str:
-    """Check every object is still there as recorded, then write the manifest: the commit."""
+def encryption_section(request: BackupRequest) -> dict:
+    """The manifest's ``encryption``: recipient fingerprints, or plain text said plainly."""
+    if request.recipients_file is None:
+        return {"format": "none", "recipients": [],
+                "reason": "no recipients file given: the objects are stored in plain text"}
+    return crypto.load_recipients(request.recipients_file).manifest_section()
+
+
+def write_manifest(store: SwiftStore, container: str, manifest: Manifest,
+                   signing_key: str | None = None) -> str:
+    """Check every object is still there as recorded, then write the manifest: the commit.
+
+    With a signing key, ``SHA256SUMS``, its signature and ``manifest.json.sig`` (of exactly
+    the bytes stored) go first: a manifest is never there without its signature."""
     for stored in manifest.objects:
         verify_stored(store, container, stored)
+    if signing_key is not None:
+        for name, body in crypto.signed_objects(manifest, signing_key):
+            store.put(container, name, body, content_type="text/plain",
+                      operation="PUT signature")
     return put_manifest(store, container, manifest)

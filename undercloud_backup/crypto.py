@@ -23,13 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from undercloud_backup import execute
-from undercloud_backup.errors import BackupError, CommandFailed
+from undercloud_backup.errors import BackupError, CommandFailed, NotFound
 from undercloud_backup.execute import Command
+from undercloud_backup.manifest import MANIFEST_NAME, Manifest
 
 FORMAT = "age"
 SUFFIX = ".age"
 NAMESPACE = "undercloud-backup"  # ssh-keygen -Y namespace: a signature made for git won't do
 SIGNATURE_SUFFIX = ".sig"
+SUMS = "SHA256SUMS"
 TOOL_TIMEOUT = 60.0
 
 # age's native X25519 recipients are Bech32 with the "age" prefix; plugin recipients are
@@ -90,6 +92,16 @@ class EncryptionRequired(BackupError):
     """{detail}: give --recipients-file FILE (age public keys), or --no-encryption to store this backup in plain text on purpose."""  # noqa: E501
 
     exit_code = 58
+
+
+class DecryptionUnsupported(BackupError):
+    """Backup {backup_id} is encrypted (age): this version's restore does not decrypt; restore it by hand as docs/restore.md says (ssh-keygen -Y verify, sha256sum -c, age -d)."""  # noqa: E501
+
+    exit_code = 59
+
+
+def is_encrypted(manifest: Manifest) -> bool:
+    return (manifest.encryption or {}).get("format") == FORMAT
 
 
 # -- recipients ------------------------------------------------------------------------------
@@ -197,16 +209,40 @@ def signature_name(backup_id: str) -> str:
     return f"{backup_id}/manifest.json{SIGNATURE_SUFFIX}"
 
 
+def sums_name(backup_id: str) -> str:
+    return f"{backup_id}/{SUMS}"
+
+
+def sha256sums(manifest: Manifest) -> bytes:
+    """``sha256sum -c`` input for every stored object (names as ``swift download`` writes
+    them under its output directory): the by-hand check needs no JSON parser."""
+    return "".join(f"{o.sha256}  {o.name}\n" for o in manifest.objects).encode()
+
+
+def signed_objects(manifest: Manifest, signing_key: str) -> list[tuple[str, bytes]]:
+    """What goes to Swift before the manifest: SHA256SUMS, its signature, the manifest's."""
+    sums = sha256sums(manifest)
+    return [(sums_name(manifest.backup_id), sums),
+            (sums_name(manifest.backup_id) + SIGNATURE_SUFFIX, sign_manifest(sums, signing_key)),
+            (signature_name(manifest.backup_id),
+             sign_manifest(manifest.to_json(), signing_key))]
+
+
 def encrypted_leaf(leaf: str) -> str:
     """``filesystem.tar.zst`` -> ``filesystem.tar.zst.age``."""
     return leaf if leaf.endswith(SUFFIX) else leaf + SUFFIX
+
+
+def _one_line(text: object) -> str:
+    """A tool's message on one line (ssh-keygen ends some with a carriage return)."""
+    return " ".join(str(text or "").split()) or "no output"
 
 
 def _age_said(error: CommandFailed) -> str:
     lines = [part.strip() for part in str(error.fields.get("stderr", "")).split(" | ")]
     said = [line.removeprefix("age: error: ") for line in lines
             if line and "report unexpected" not in line]
-    return "; ".join(said) or "no output"
+    return _one_line("; ".join(said))
 
 
 # -- signing and checking the signature ------------------------------------------------------
@@ -224,7 +260,8 @@ def sign_manifest(manifest_json: bytes, signing_key: str) -> bytes:
                 signature = pipe.stdout.read()
                 pipe.wait()
         except CommandFailed as error:
-            raise SigningFailed(path=signing_key, detail=error.fields.get("stderr")) from None
+            raise SigningFailed(path=signing_key,
+                                detail=_one_line(error.fields.get("stderr"))) from None
     if b"BEGIN SSH SIGNATURE" not in signature:
         raise SigningFailed(path=signing_key, detail="ssh-keygen wrote no signature")
     return signature
@@ -264,7 +301,7 @@ def verify_signature(manifest_json: bytes, signature: bytes | None, *, backup_id
                     pipe.wait()
             except CommandFailed as error:
                 raise SignatureInvalid(backup_id=backup_id,
-                                       detail=error.fields.get("stderr")) from None
+                                       detail=_one_line(error.fields.get("stderr"))) from None
     return principal
 
 
@@ -318,3 +355,24 @@ def check_sha256(name: str, backup_id: str, expected: str, actual: str) -> None:
     if expected and expected != actual:
         raise ObjectTampered(name=name, backup_id=backup_id,
                              detail=f"SHA-256 {actual} where the manifest says {expected}")
+
+
+def load_signed_manifest(store, container: str, backup_id: str,
+                         allowed_signers: str) -> Manifest:
+    """The manifest of ``backup_id``, parsed from exactly the bytes whose signature passed.
+
+    A validly signed manifest stored under another backup's name (a replay) is refused too.
+    NotFound for the manifest itself is the caller's (no such backup).
+    """
+    body = store.get_bytes(container, f"{backup_id}/{MANIFEST_NAME}")
+    try:
+        signature = store.get_bytes(container, signature_name(backup_id))
+    except NotFound:
+        signature = None
+    verify_signature(body, signature, backup_id=backup_id, allowed_signers=allowed_signers)
+    manifest = Manifest.from_json(body)
+    strays = [o.name for o in manifest.objects if not o.name.startswith(f"{backup_id}/")]
+    if manifest.backup_id != backup_id or strays:
+        raise SignatureInvalid(backup_id=backup_id, detail=(
+            f"it is the signed manifest of {manifest.backup_id}, stored under {backup_id}"))
+    return manifest

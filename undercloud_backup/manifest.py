@@ -183,6 +183,9 @@ class Manifest:
     objects: list[StoredObject] = field(default_factory=list)
     format: str = FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
+    # {"format": "age", "recipients": [fingerprints]} or {"format": "none", "reason": ...};
+    # None in manifests written before issue 12 (plain text). See undercloud_backup/crypto.py.
+    encryption: dict[str, Any] | None = None
 
     def object(self, leaf: str) -> StoredObject | None:
         """The object named ``<backup_id>/<leaf>``, if the backup has one."""
@@ -201,6 +204,8 @@ class Manifest:
             mariadb=self.mariadb.to_dict() if self.mariadb else None,
             paths=self.paths.to_dict() if self.paths else None, space=self.space,
             objects=[o.to_dict() for o in self.objects])
+        if self.encryption is not None:
+            data["encryption"] = self.encryption
         return data
 
     def to_json(self) -> bytes:
@@ -225,7 +230,7 @@ class Manifest:
             paths=PathsSection.from_dict(known["paths"]) if known.get("paths") else None,
             space=known.get("space"),
             objects=[StoredObject.from_dict(o) for o in known.get("objects") or []],
-            format=version, extra=extra)
+            format=version, extra=extra, encryption=known.get("encryption"))
 
     @classmethod
     def from_json(cls, body: bytes | str) -> Manifest:

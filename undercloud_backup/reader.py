@@ -25,7 +25,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import IO
 
-from undercloud_backup import catalogue
+from undercloud_backup import catalogue, crypto
 from undercloud_backup.errors import BackupError, BackupNotFound, NotFound
 from undercloud_backup.manifest import MANIFEST_NAME, Manifest, StoredObject
 from undercloud_backup.swift import SHA256_HEADER
@@ -39,10 +39,14 @@ class ObjectDamaged(BackupError):
     exit_code = 43
 
 
-def load_manifest(store, container: str, backup_id: str | None) -> Manifest:
-    """The manifest of ``backup_id``, or of the latest complete backup when it is None."""
+def load_manifest(store, container: str, backup_id: str | None,
+                  allowed_signers: str | None = None) -> Manifest:
+    """The manifest of ``backup_id``, or of the latest complete backup when it is None;
+    with ``allowed_signers``, only if its signature passes (issue 12, exit 53-55)."""
     backup_id = backup_id or catalogue.latest_backup(store, container)
     try:
+        if allowed_signers is not None:
+            return crypto.load_signed_manifest(store, container, backup_id, allowed_signers)
         return catalogue.get_manifest(store, container, backup_id)
     except NotFound:
         raise BackupNotFound(backup_id=backup_id, container=container) from None

@@ -40,6 +40,10 @@ class BackupRequest:
     segment_size: int | None = None
     database_segment_size: int | None = None
     files_segment_size: int | None = None
+    # Issue 12: an age recipients file (public keys; None: stored in plain text, said so in
+    # the manifest) and the SSH key that signs the manifest (paths only, never key text).
+    recipients_file: str | None = None
+    signing_key: str | None = None
 
     def object_name(self, leaf: str) -> str:
         return f"{self.backup_id}/{leaf}"

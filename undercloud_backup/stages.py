@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from undercloud_backup import archive as fs
+from undercloud_backup import crypto
 from undercloud_backup import database as db
 from undercloud_backup.errors import (
     ArchiveFailed,
@@ -67,6 +68,19 @@ def zstd_command(level: int) -> Command:
                    name="zstd")
 
 
+def compress_commands(request: BackupRequest) -> list[Command]:
+    """``zstd``, then ``age -R recipients`` when the backup is encrypted (issue 12)."""
+    if request.recipients_file is None:
+        return [zstd_command(request.compression_level)]
+    return [zstd_command(request.compression_level),
+            crypto.encrypt_command(request.recipients_file)]
+
+
+def stored_leaf(request: BackupRequest, leaf: str) -> str:
+    """``filesystem.tar.zst``, or ``filesystem.tar.zst.age`` when encrypted."""
+    return leaf if request.recipients_file is None else crypto.encrypted_leaf(leaf)
+
+
 class Progress:
     """Log a stream's progress at most every ``every`` seconds."""
 
@@ -93,7 +107,8 @@ def stream_to_swift(request: BackupRequest, swift_settings: SwiftSettings, leaf:
     store = SwiftStore.connect(swift_settings)
     store.ensure_container(swift_settings.container)
     store.ensure_container(segment_container(swift_settings.container))
-    uploader = StreamUploader(store, swift_settings.container, request.object_name(leaf),
+    uploader = StreamUploader(store, swift_settings.container,
+                              request.object_name(stored_leaf(request, leaf)),
                               segment_size=segment_size or DEFAULT_SEGMENT_SIZE,
                               staging_dir=request.staging_dir, compression="zstd",
                               content=content, progress=progress)
@@ -141,7 +156,7 @@ def dump_databases(request: BackupRequest, access: db.DatabaseAccess,
             objects.append(stream_to_swift(
                 request, swift_settings, DB_OBJECT, "mariadb-dump",
                 request.database_segment_size,
-                Pipeline([dump.command, zstd_command(request.compression_level)],
+                Pipeline([dump.command, *compress_commands(request)],
                          timeout=request.dump_timeout_s, secrets=dump.secrets,
                          pass_fds=dump.pass_fds),
                 on_failure=DumpFailed, progress=progressed,
@@ -153,7 +168,7 @@ def dump_databases(request: BackupRequest, access: db.DatabaseAccess,
                 objects.append(stream_to_swift(
                     request, swift_settings, USERS_OBJECT, "mariadb-dump --system",
                     request.database_segment_size,
-                    Pipeline([users.command, zstd_command(request.compression_level)],
+                    Pipeline([users.command, *compress_commands(request)],
                              timeout=request.dump_timeout_s, secrets=users.secrets,
                              pass_fds=users.pass_fds),
                     on_failure=DumpFailed, progress=progress, after_start=users.started))
@@ -199,7 +214,7 @@ def archive_paths(request: BackupRequest, plan: fs.PathPlan, swift_settings: Swi
     logger.info("archiving %s under %s", ", ".join(plan.included), plan.root)
     stored = stream_to_swift(
         request, swift_settings, FS_OBJECT, "tar", request.files_segment_size,
-        Pipeline([tar, zstd_command(request.compression_level)],
+        Pipeline([tar, *compress_commands(request)],
                  timeout=request.archive_timeout_s, on_stderr={0: report.add}),
         on_failure=ArchiveFailed, progress=Progress(logger, "filesystem archive"), judge=judge)
     for kind in ("changed", "vanished", "unreadable"):
