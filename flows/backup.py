@@ -29,7 +29,7 @@ from flows.params import (
 )
 from tasks import backup as stages
 from tasks.prune import apply_retention
-from undercloud_backup import backup, crypto
+from undercloud_backup import backup, crypto, progress
 from undercloud_backup.errors import BackupError
 from undercloud_backup.retention import RetentionPolicy
 from undercloud_backup.sizes import format_size
@@ -91,12 +91,10 @@ class _Run:
         self.backup_id: str | None = None
 
 
-def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabaseParams,
-            swift: SwiftParams, retention: RetentionParams, advanced: AdvancedParams) -> dict:
-    logger = get_run_logger()
-    started = time.monotonic()
+def _request(what: WhatToBackUp, swift: SwiftParams,
+             advanced: AdvancedParams) -> backup.BackupRequest:
     backup_id, created_at = _backup_identity()
-    request = backup.BackupRequest(
+    return backup.BackupRequest(
         backup_id=backup_id, created_at=created_at, hostname=socket.gethostname(),
         root=what.root, add_paths=tuple(what.add_paths),
         exclude_paths=tuple(what.exclude_paths), include_files=not what.db_only,
@@ -106,6 +104,14 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
         table_checksums=advanced.table_checksums, privileged=advanced.privileged,
         segment_size=params.segment_size_bytes(swift.segment_size),
         recipients_file=advanced.recipients_file, signing_key=advanced.signing_key)
+
+
+def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabaseParams,
+            swift: SwiftParams, retention: RetentionParams, advanced: AdvancedParams) -> dict:
+    logger = get_run_logger()
+    started = time.monotonic()
+    request = _request(what, swift, advanced)
+    backup_id = request.backup_id
     _check_keys(request)  # a bad recipients file or signing key fails before anything
     db_source = database.source()
     swift_source = SwiftSource(block=swift.swift_block, container=swift.container,
@@ -134,12 +140,16 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
         return summary
 
     run.swift_source, run.backup_id = swift_source, backup_id
+    # Fed by the streams with what they have stored (compressed), against the uncompressed
+    # estimate: a lower bound until the end, which is 100 %.
+    progress.start_run(space.database_bytes + space.files_bytes)
     run.futures.append(stages.dump_databases.with_options(**retry).submit(
         request, db_source, swift_source))
     if request.include_files:
         run.futures.append(stages.archive_paths.with_options(**retry).submit(
             request, plan, swift_source))
     results = [future.result() for future in run.futures]
+    progress.finish_run()
     files = results[1] if request.include_files else None
 
     manifest = backup.build_manifest(request, space, results[0], files,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from undercloud_backup import archive as fs
-from undercloud_backup import crypto
+from undercloud_backup import crypto, progress
 from undercloud_backup import database as db
 from undercloud_backup.errors import (
     ArchiveFailed,
@@ -89,6 +89,7 @@ class Progress:
         self._next = time.monotonic() + every
 
     def __call__(self, sent: int, elapsed: int) -> None:
+        progress.feed(self.what, sent)  # the run's progress artifact and terminal line
         now = time.monotonic()
         if now < self._next:
             return
