@@ -44,9 +44,12 @@ class SwiftSource:
     container: str | None = None
     segment_size: str | None = None
     retries: int | None = None
+    timeout: float | None = None
+    retry_budget_s: float | None = None
 
     def settings(self) -> SwiftSettings:
         overrides = {"container": self.container, "retries": self.retries,
+                     "timeout": self.timeout, "retry_budget_s": self.retry_budget_s,
                      "segment_size": parse_size(self.segment_size) if self.segment_size else None}
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if self.block:
