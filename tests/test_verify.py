@@ -208,6 +208,23 @@ def test_a_manifest_from_before_segment_sha256_still_verifies_by_swift_md5(backu
     assert any(segment.name in p and "md5" in p for p in problems), problems
 
 
+@pytest.mark.slow
+def test_schema_objects_are_compared_with_what_the_backup_recorded(backup, test_database):
+    """Rows alone would pass a dump without its triggers (an account without TRIGGER)."""
+    store = swift_store()
+    manifest = get_manifest(backup["container"], backup["backup_id"])
+    assert manifest.mariadb.schema_objects[test_database] == {
+        "views": 1, "triggers": 1, "routines": 1, "events": 0}
+    # The manifest says one more trigger than the dump holds: verify must notice.
+    manifest.mariadb.schema_objects[test_database]["triggers"] = 2
+    catalogue.put_manifest(store, backup["container"], manifest)
+    result = cli("verify", "--container", backup["container"], "--json")
+    assert result.returncode == verify.VerificationFailed.exit_code, result.stderr
+    problems = json.loads(result.stdout)["problems"]
+    assert problems == [f"database {test_database}: 1 triggers after the load, the manifest "
+                        "records 2"]
+
+
 def _segment(backup: dict, index: int):
     archive = archive_of(get_manifest(backup["container"], backup["backup_id"]))
     segment = archive.segments[index]

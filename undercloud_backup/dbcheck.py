@@ -1,7 +1,9 @@
-"""Comparing a server's tables with what a manifest recorded (verify and restore).
+"""Comparing a server's tables and schema objects with what a manifest recorded.
 
-Moved out of verify.py; it belongs beside the database code (H-db may fold it into
-database.py: import it from wherever it ends up, never copy it).
+Verify loads a dump into a throwaway server and asks: does every table hold the rows (and
+checksum) it held at backup time, and does every database hold as many views, triggers,
+routines and events? Rows alone would pass a dump taken by an account that could not see the
+triggers.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from undercloud_backup import database as db
+from undercloud_backup.dbpreflight import schema_object_counts
 from undercloud_backup.manifest import TableRecord
 
 
@@ -73,3 +76,15 @@ def compare_tables(session, recorded: dict[str, list[TableRecord]], *,
                 result.check(name, table, found[name])
     result.extra = sorted(set(found) - expected)
     return result
+
+
+def compare_schema_objects(session, recorded: dict[str, dict[str, int]]) -> list[str]:
+    """What differs between the views, triggers, routines and events per database that the
+    manifest recorded and what ``session`` sees now (nothing for manifests that recorded
+    none: format 1)."""
+    found = schema_object_counts(session, tuple(recorded))
+    return [f"database {database}: {found[database].get(kind, 0)} {kind} after the load, "
+            f"the manifest records {count}"
+            for database, kinds in sorted(recorded.items())
+            for kind, count in sorted(kinds.items())
+            if found[database].get(kind, 0) != count]

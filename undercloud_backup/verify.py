@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import pymysql
 
-from undercloud_backup.dbcheck import TableComparison, compare_tables
+from undercloud_backup.dbcheck import TableComparison, compare_schema_objects, compare_tables
 from undercloud_backup.dumpstream import DumpGate
 from undercloud_backup.errors import BackupError
 from undercloud_backup.manifest import DB_OBJECT, FS_OBJECT, USERS_OBJECT, Manifest, StoredObject
@@ -164,9 +164,11 @@ def check_database(store, container: str, manifest: Manifest, *, staging_dir: st
                      loaded_in, len(recorded))
             try:
                 comparison = compare_tables(server.session, recorded, ignore=ignore_tables)
+                schema = compare_schema_objects(server.session, manifest.mariadb.schema_objects)
             except pymysql.err.MySQLError as error:
                 problems.append(f"comparing the loaded tables failed: {error}")
-            problems += comparison.differences
+                schema = []
+            problems += comparison.differences + schema
     warnings = [f"table {name} was loaded but the manifest has no record of it"
                 for name in comparison.extra]
     backup_version = manifest.mariadb.version if manifest.mariadb else ""
