@@ -159,8 +159,27 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
     summary.update(manifest=name, objects=[o.to_dict() for o in manifest.objects])
     if policy is not None:
         summary["pruned"] = _prune(swift_source, policy, backup_id, retry)
-    _summary_artifact(summary, manifest.to_dict(), time.monotonic() - started)
+    _summary_artifact(summary, manifest.to_dict(), time.monotonic() - started,
+                      _download_links(swift_source, manifest))
     return summary
+
+
+def _download_links(swift_source: SwiftSource, manifest) -> str:
+    """The artifact's TempURLs (24 h); a failure costs the links, never the backup."""
+    from undercloud_backup import tempurl
+    from undercloud_backup.store import SwiftStore
+
+    settings = swift_source.settings()
+    try:
+        store = SwiftStore.connect(settings)
+        try:
+            return tempurl.links_markdown(
+                tempurl.download_links(store, settings.container, manifest))
+        finally:
+            store.close()
+    except BackupError as error:
+        get_run_logger().warning("no download links in the artifact: %s", error)
+        return ""
 
 
 def _check_keys(request: backup.BackupRequest) -> None:
@@ -185,7 +204,8 @@ def _prune(swift_source: SwiftSource, policy: RetentionPolicy, backup_id: str,
     return [b["backup_id"] for b in result["deleted"] + result["incomplete_deleted"]]
 
 
-def _summary_artifact(summary: dict, manifest: dict, seconds: float) -> None:
+def _summary_artifact(summary: dict, manifest: dict, seconds: float,
+                      downloads: str = "") -> None:
     container = summary["container"]
     rows = "\n".join(
         f"| `{o['name']}` | {format_size(o['size'])} | {len(o['segments']) or 'plain'} "
@@ -213,7 +233,7 @@ Restore without this tool (see README): `swift download {container} --prefix \
 --xattrs-include='*' --acls --numeric-owner -C /target` and \
 `zstd -dc mariadb-all-databases.sql.zst | mariadb`.
 """
-    create_markdown_artifact(key="undercloud-backup", markdown=markdown,
+    create_markdown_artifact(key="undercloud-backup", markdown=markdown + "\n" + downloads,
                              description=f"Backup {summary['backup_id']}")
 
 
