@@ -28,7 +28,7 @@ EVENTS, INSTANCES, BLOBS = 1_200_000, 300_000, 8_000  # rows of ucb_bench's tabl
 DATA_VERSION = 1  # bump when the generator changes, so a kept tree is regenerated
 ATTEMPTS = 3  # on a shared server other users' tests may kill a connection: try again
 # The project's sample generator (test and demo data), run through its CLI, not imported.
-SAMPLE_MODULE = "undercloud_backup.sample"
+SAMPLE_MODULE = "tests.sample_undercloud"
 
 
 def scaled(n: int, scale: float) -> int:

@@ -218,7 +218,7 @@ def sample_root(images_mib: tuple[int, ...] = (3,)) -> Path:
     pytest's tmp_path is private to root, but the worker plans the backup (it must see that
     the paths exist) before root reads them through the wrapper.
     """
-    from undercloud_backup import sample
+    import sample_undercloud as sample
 
     top = Path(tempfile.mkdtemp(prefix="ucb-sample-", dir=SCRATCH))
     top.chmod(0o755)

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import sample_undercloud as sample
 import swiftclient
 from deploy_helpers import (
     INSTALL,
@@ -42,8 +43,6 @@ from deploy_helpers import (
 )
 from keystoneauth1 import session
 from keystoneauth1.identity import v3
-
-from undercloud_backup import sample
 
 pytestmark = pytest.mark.slow
 

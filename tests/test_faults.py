@@ -23,7 +23,9 @@ import pymysql
 import pytest
 from conftest import SERVICES, STATE, backup_cli, mariadb
 
-from undercloud_backup import config, swift
+from undercloud_backup import catalogue, config
+from undercloud_backup.errors import NotFound
+from undercloud_backup.store import SwiftStore
 
 DB_PASSWORD = "backuppass"  # the dev test bed's `backup` user (deployments/dev/services.sh)
 
@@ -33,17 +35,17 @@ class Earlier:
         self.container, self.root, self.summary, self.manifest = container, root, summary, manifest
 
 
-def _conn():
-    return swift.connect(config.swift_settings_from_env(retries=1))
+def _store() -> SwiftStore:
+    return SwiftStore.connect(config.swift_settings_from_env(retries=1))
 
 
 def _objects(container: str) -> dict[str, str]:
-    conn = _conn()
+    store = _store()
     found = {}
     for c in (container, f"{container}_segments"):
         try:
-            _, listing = conn.get_container(c, full_listing=True)
-        except Exception:  # noqa: BLE001 - not created yet
+            listing = store.list(c)
+        except NotFound:  # not created yet
             continue
         found.update({f"{c}/{o['name']}": o["hash"] for o in listing})
     return found
@@ -62,15 +64,15 @@ def earlier(os_env, db_cnf, tmp_path_factory):
                         "--db-defaults-file", db_cnf, "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    manifest = _conn().get_object(container, summary["manifest"])[1]
+    manifest = _store().get_bytes(container, summary["manifest"])
     yield Earlier(container, root, summary, manifest)
-    conn = _conn()
+    store = _store()
     for name in _objects(container):
         c, _, obj = name.partition("/")
-        conn.delete_object(c, obj)
+        store.delete(c, obj)
     for c in (container, f"{container}_segments"):
         try:
-            conn.delete_container(c)
+            store.delete_container(c)
         except Exception:  # noqa: BLE001
             pass
 
@@ -93,8 +95,7 @@ def assert_failed_cleanly(result, earlier: Earlier, staging: Path, before: dict[
     listing = backup_cli("--list", "--json", "--container", earlier.container)
     backups = json.loads(listing.stdout)["backups"]
     assert [b["backup_id"] for b in backups] == [earlier.summary["backup_id"]]
-    conn = _conn()
-    assert conn.get_object(earlier.container, earlier.summary["manifest"])[1] == earlier.manifest
+    assert _store().get_bytes(earlier.container, earlier.summary["manifest"]) == earlier.manifest
     after = _objects(earlier.container)
     for name, etag in before.items():
         assert after.get(name) == etag, f"{name} of the earlier backup changed"
@@ -105,7 +106,7 @@ def assert_failed_cleanly(result, earlier: Earlier, staging: Path, before: dict[
 
 def forget(earlier: Earlier, backup_id: str) -> None:
     """Un-commit a backup a test made, so the earlier one stays the latest complete one."""
-    _conn().delete_object(earlier.container, swift.manifest_name(backup_id))
+    _store().delete(earlier.container, catalogue.manifest_name(backup_id))
 
 
 def run_backup(earlier: Earlier, staging: Path, *args: str, env: dict | None = None):
@@ -391,8 +392,8 @@ def test_unreadable_files_are_named_and_fail_unless_allowed(earlier, open_tmp, d
         return
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    manifest = swift.get_manifest(_conn(), earlier.container, summary["backup_id"])
-    assert manifest["paths"]["unreadable"] == ["etc/shadow (Permission denied)"]
+    manifest = catalogue.get_manifest(_store(), earlier.container, summary["backup_id"])
+    assert manifest.paths.unreadable == ["etc/shadow (Permission denied)"]
     assert "tar: unreadable while archiving: etc/shadow" in result.stderr
     forget(earlier, summary["backup_id"])
 

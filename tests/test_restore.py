@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sample_undercloud as sample
 from conftest import REPO, backup_cli, describe_tree
 from test_verify import (
     archive_of,
@@ -26,7 +27,7 @@ from test_verify import (
     swift_store,
 )
 
-from undercloud_backup import dumpstream, restore, restoredb, sample, upload, verify
+from undercloud_backup import dumpstream, restore, restoredb, upload, verify
 from undercloud_backup.scratchdb import ScratchServer, scratch_mariadb
 
 

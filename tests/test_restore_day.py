@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import sample_undercloud as sample
 from conftest import backup_cli
 from test_restore import (  # noqa: F401 - private_mariadb is a fixture
     cli,
@@ -22,7 +23,7 @@ from test_restore import (  # noqa: F401 - private_mariadb is a fixture
 )
 from test_verify import database_sql, run_sql, swift_store
 
-from undercloud_backup import restore, restoredb, sample
+from undercloud_backup import restore, restoredb
 from undercloud_backup.scratchdb import ScratchServer, os_user, scratch_mariadb
 
 IDENTITY = {"etc/fstab": "UUID=old / xfs defaults 0 0\n", "etc/machine-id": "old-machine\n",
