@@ -33,11 +33,6 @@ def add_database_arguments(parser: argparse.ArgumentParser, role: str = "") -> N
     params.add_arguments(parser, params.DatabaseParams, role=role)
 
 
-def database_arguments(args: argparse.Namespace) -> dict:
-    """The flow parameters of :func:`add_database_arguments`, flat."""
-    return params.from_args(args, params.DatabaseParams).model_dump()
-
-
 # Equal to PREFECT_FLOWS_HEARTBEAT_FREQUENCY of prefect.yaml's deployments and to HEARTBEAT_S
 # of deployments/prefect/zombie_automation.py.
 HEARTBEAT_S = 30

@@ -21,7 +21,8 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 
 from blocks.sources import DatabaseSource, SwiftSource
-from flows import cli, logs
+from flows import cli, logs, params
+from flows.params import DatabaseParams
 from tasks import restore as steps
 from tasks import verify as checks
 from undercloud_backup import crypto, restore
@@ -53,12 +54,7 @@ def undercloud_restore(
     skip_existing: bool = False,
     overwrite_empty: bool = False,
     dry_run: bool = False,
-    db_block: str | None = None,
-    db_defaults_file: str | None = None,
-    db_host: str | None = None,
-    db_port: int | None = None,
-    db_user: str | None = None,
-    db_socket: str | None = None,
+    database: DatabaseParams = DatabaseParams(),  # noqa: B008 - a pydantic group (UI section)
     swift_block: str | None = None,
     staging_dir: str = "/var/tmp",
     timeout_hours: float = 12.0,
@@ -93,13 +89,8 @@ def undercloud_restore(
         overwrite_empty: Replace existing databases that are empty (no tables, views,
             routines or events), e.g. the test database of a fresh install.
         dry_run: Say what would be written where (every file, every database); write nothing.
-        db_block: Target MariaDB: name of a saved MariaDB Connection block.
-        db_defaults_file: Target MariaDB: an option file with a [client] group (default
-            ~/.my.cnf).
-        db_host: Target MariaDB host, over the block or option file.
-        db_port: Target MariaDB TCP port, over the block or option file.
-        db_user: Target MariaDB user (needs to create databases, users and grants).
-        db_socket: Target MariaDB unix socket, over the block or option file.
+        database: The target MariaDB and how to log in (the backup's Database group; its
+            user needs to create databases, users and grants).
         swift_block: Name of a saved Swift Backup Target block (otherwise the OS_* environment).
         staging_dir: Where each segment is spooled and checked before it is used, and where
             the default target is created.
@@ -110,8 +101,7 @@ def undercloud_restore(
     """
     want_databases = _check_choices(files, all_databases, databases, overwrite, skip_existing)
     swift_source = SwiftSource(block=swift_block, container=container)
-    db_source = DatabaseSource(block=db_block, defaults_file=db_defaults_file, host=db_host,
-                               port=db_port, user=db_user, socket=db_socket)
+    db_source = database.source()
     manifest = checks.load_manifest(swift_source, backup_id, allowed_signers)
     backup_id = manifest.backup_id
     if crypto.is_encrypted(manifest):
@@ -285,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         exclude_paths=args.exclude_path, reinstalled_host=args.reinstalled_host,
         all_databases=args.all_databases, databases=args.database, overwrite=args.overwrite,
         skip_existing=args.skip_existing, overwrite_empty=args.overwrite_empty,
-        dry_run=args.dry_run, **cli.database_arguments(args),
+        dry_run=args.dry_run, database=params.from_args(args, DatabaseParams),
         swift_block=args.swift_block, staging_dir=args.staging_dir,
         timeout_hours=args.timeout_hours, allowed_signers=args.allowed_signers),
         interrupted="what was written so far stays in place")

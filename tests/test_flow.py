@@ -85,6 +85,21 @@ def test_every_flow_parameter_is_a_cli_flag_with_its_default():
     assert groups["database"].db_port == 3307 and groups["swift"].swift_timeout == 7
 
 
+def test_restore_takes_the_backups_database_group_and_its_flags():
+    """The db_* group is defined once: the restore's form section and flags are the backup's."""
+    from flows.restore import _parser as restore_parser
+    from flows.restore import undercloud_restore
+
+    backup_schema = parameter_schema(undercloud_backup).model_dump_for_openapi()
+    restore_schema = parameter_schema(undercloud_restore).model_dump_for_openapi()
+    assert not any(name.startswith("db_") for name in restore_schema["properties"])
+    assert (restore_schema["definitions"]["DatabaseParams"]
+            == backup_schema["definitions"]["DatabaseParams"])
+    args = restore_parser().parse_args(["--db-socket", "/run/m.sock", "--db-user", "root"])
+    database = params.from_args(args, params.DatabaseParams)
+    assert (database.db_socket, database.db_user) == ("/run/m.sock", "root")
+
+
 @pytest.mark.parametrize("value", ["0", "0MiB", "-1"])
 def test_a_zero_segment_size_is_refused(value, capsys):
     with pytest.raises(SystemExit) as exit_:
