@@ -15,7 +15,8 @@
 #   config      /etc/undercloud-backup/{server,worker}.env (once; then they are yours)
 #   services    systemd units (enabled, started) or, without systemd, start-stop-daemon
 #   prefect     work pool "undercloud", queue "backups" (limit 1), `prefect deploy --all`,
-#               the automation that crashes runs without heartbeats
+#               the automation that crashes runs without heartbeats, the alerts (a failed or
+#               crashed run; no backup completed in 26 h) through the notification target below
 #   stop        (not part of the default) stop the worker and server started without systemd
 #
 # Environment (defaults in brackets):
@@ -26,6 +27,9 @@
 #   UCB_PORT [4200]       the local server's port
 #   PREFECT_API_URL [http://127.0.0.1:$UCB_PORT/api]  (PREFECT_API_AUTH_STRING if it needs one)
 #   UCB_ZOMBIE_AFTER [90] seconds without a heartbeat before a run is marked CRASHED
+#   UCB_ALERT_BLOCK []    alerts through this existing Prefect notification block (TYPE/NAME);
+#                         else through a webhook whose URL is in $ETC/alert-webhook-url (root's,
+#                         0600: the URL is a secret); else no alerts (one line says how to add them)
 #
 # Root never creates, changes or removes anything through a path another user can change:
 # every directory root writes in is checked to be root's alone (deployments/installfs.py walks
@@ -321,6 +325,20 @@ PY
   die "the Prefect API at $PREFECT_API_URL did not answer within 120 s"
 }
 
+setup_alerts() {
+  # The webhook URL carries its token: alerts.py reads it from the file, never from argv.
+  local alerts="$SRC/deployments/prefect/alerts.py" url_file="$ETC/alert-webhook-url"
+  if [ -n "${UCB_ALERT_BLOCK:-}" ]; then
+    "$UCB_VENV/bin/python" "$alerts" --block "$UCB_ALERT_BLOCK"
+  elif [ -f "$url_file" ] && [ ! -L "$url_file" ] && [ -r "$url_file" ]; then
+    [ "$(stat -c %u "$url_file")" = 0 ] && [ $((0$(stat -c %a "$url_file") & 022)) = 0 ] \
+      || die "$url_file must be root's and writable by root only"
+    "$UCB_VENV/bin/python" "$alerts" --url-file "$url_file"
+  else
+    say "alerts: not configured; put the webhook URL in $url_file (root's, mode 0600) or set UCB_ALERT_BLOCK=TYPE/NAME, then run: $0 prefect"
+  fi
+}
+
 step_prefect() {
   # Every prefect command needs the API (else it starts a throwaway server) and a PREFECT_HOME.
   export PREFECT_API_URL
@@ -340,6 +358,7 @@ step_prefect() {
   fi
   (cd "$UCB_APP" && "$prefect" --no-prompt deploy --all >/dev/null)
   "$UCB_VENV/bin/python" "$SRC/deployments/prefect/zombie_automation.py" --after "$UCB_ZOMBIE_AFTER"
+  setup_alerts
   say "prefect: pool $POOL, queue $QUEUE (limit 1), deployments of $UCB_APP/prefect.yaml at $PREFECT_API_URL"
 }
 

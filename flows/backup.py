@@ -11,6 +11,7 @@ import argparse
 import datetime as dt
 import json
 import socket
+import sys
 import time
 
 from prefect import flow, get_run_logger
@@ -30,7 +31,7 @@ from flows.params import (
 from tasks import backup as stages
 from tasks.prune import apply_retention
 from undercloud_backup import backup, crypto, progress
-from undercloud_backup.errors import BackupError
+from undercloud_backup.errors import BackupError, ConfigError
 from undercloud_backup.retention import RetentionPolicy
 from undercloud_backup.sizes import format_size
 
@@ -160,12 +161,12 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
     if policy is not None:
         summary["pruned"] = _prune(swift_source, policy, backup_id, retry)
     _summary_artifact(summary, manifest.to_dict(), time.monotonic() - started,
-                      _download_links(swift_source, manifest))
+                      _download_links(swift_source, manifest, swift.link_lifetime_hours))
     return summary
 
 
-def _download_links(swift_source: SwiftSource, manifest) -> str:
-    """The artifact's TempURLs (24 h); a failure costs the links, never the backup."""
+def _download_links(swift_source: SwiftSource, manifest, hours: float = 24) -> str:
+    """The artifact's TempURLs, valid ``hours``; a failure costs the links, never the backup."""
     from undercloud_backup import tempurl
     from undercloud_backup.store import SwiftStore
 
@@ -174,7 +175,8 @@ def _download_links(swift_source: SwiftSource, manifest) -> str:
         store = SwiftStore.connect(settings)
         try:
             return tempurl.links_markdown(
-                tempurl.download_links(store, settings.container, manifest))
+                tempurl.download_links(store, settings.container, manifest,
+                                       lifetime=max(1, round(hours * 3600))))
         finally:
             store.close()
     except BackupError as error:
@@ -285,7 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         _, status = cli.run("undercloud-backup", lambda: _list(args))
         return status
-    groups = {key: params.from_args(args, group) for key, group in params.GROUPS.items()}
+    try:  # a value out of range (--link-lifetime-hours 0): one line, as argparse's
+        groups = {key: params.from_args(args, group) for key, group in params.GROUPS.items()}
+    except ConfigError as error:
+        print(f"undercloud-backup: error: {error}", file=sys.stderr)
+        return error.exit_code
     summary, status = cli.run("undercloud-backup",
                               lambda: undercloud_backup(dry_run=args.dry_run, **groups))
     if summary is None:

@@ -15,9 +15,10 @@ import argparse
 import re
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from blocks.sources import DatabaseSource
+from undercloud_backup.errors import ConfigError
 from undercloud_backup.sizes import parse_size
 
 
@@ -99,6 +100,9 @@ class SwiftParams(_Group):
     swift_retry_budget: float | None = Field(
         None, ge=0, description="Seconds one Swift request may spend retrying: a dead Swift "
                                 "fails after about this plus the timeout (default 120).")
+    link_lifetime_hours: float = Field(
+        24, gt=0, le=366 * 24, description="Hours the download links (Swift TempURLs) in the "
+                                           "run's artifact work, e.g. 0.5 or 168 (default 24).")
 
     @field_validator("segment_size")
     @classmethod
@@ -176,6 +180,7 @@ FLAGS: dict[str, Flag] = {
     "segment_size": Flag("--segment-size", "SIZE"), "swift_retries": Flag("--swift-retries", "N"),
     "swift_timeout": Flag("--swift-timeout", "SECONDS"),
     "swift_retry_budget": Flag("--swift-retry-budget", "SECONDS"),
+    "link_lifetime_hours": Flag("--link-lifetime-hours", "HOURS"),
     "prune": Flag("--no-prune", invert=True, help="do not apply the retention policy"),
     "keep_last": Flag("--keep-last", "N"), "keep_daily": Flag("--keep-daily", "D"),
     "keep_weekly": Flag("--keep-weekly", "W"), "staging_dir": Flag("--staging-dir", "DIR"),
@@ -227,7 +232,15 @@ def add_arguments(parser: argparse.ArgumentParser, group: type[_Group], role: st
 
 
 def from_args(args: argparse.Namespace, group: type[_Group]) -> _Group:
-    return group(**{name: getattr(args, name) for name in group.model_fields})
+    """The group from parsed flags; a value out of range is one line naming its flag."""
+    values = {name: getattr(args, name) for name in group.model_fields}
+    try:
+        return group(**values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else ""
+        flag = FLAGS[name].flag if name in FLAGS else name
+        raise ConfigError(detail=f"{flag} {values.get(name)}: {first['msg'].lower()}") from None
 
 
 # --------------------------------------------------------------------- the errors' language

@@ -305,3 +305,39 @@ def test_the_installed_server_serves_both_uis_from_its_state(full):
     assert settings["available_uis"] == ["v1", "v2"] and settings["auth"] == "BASIC"
     assert "Failed to create" not in (LOG_DIR / "server.log").read_text()
 
+
+
+# --------------------------------------------------------------- issue 11.6: alerts at install
+def test_install_sets_up_the_alerts_from_a_root_owned_url_file_and_no_argv_holds_it(full):
+    url_file = ETC / "alert-webhook-url"
+    secret = "http://127.0.0.1:9/hook/T0K3N-" + os.urandom(8).hex()
+    url_file.write_text(secret + "\n")
+    url_file.chmod(0o600)
+    trace = scratch_dir("ucb-alerts-trace-", 0o700) / "prefect"
+    try:
+        done = full.run("prefect", trace=trace)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "alerts: not configured" not in done.stdout
+        traced = trace.read_bytes()
+        assert b"alerts.py" in traced and b"--url-file" in traced
+        assert secret.encode() not in traced  # on no argv of the installer or its children
+        assert secret not in done.stdout + done.stderr
+        api = full.api()
+        names = {a["name"]: a for a in api("POST", "/automations/filter", {})}
+        failed = names["undercloud-backup: backup failed"]
+        silent = names["undercloud-backup: no backup completed"]
+        assert failed["enabled"] and silent["enabled"]
+        assert silent["trigger"]["posture"] == "Proactive"
+        assert silent["trigger"]["within"] == 26 * 3600
+        block_id = failed["actions"][0]["block_document_id"]
+        assert silent["actions"][0]["block_document_id"] == block_id
+        block = api("GET", f"/block_documents/{block_id}")
+        assert secret not in str(block)  # kept as a secret: the API shows it obfuscated
+        # Without a target the install still succeeds and says how to add one.
+        url_file.unlink()
+        done = full.run("prefect")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "alerts: not configured" in done.stdout and str(url_file) in done.stdout
+    finally:
+        url_file.unlink(missing_ok=True)
+        remove_tree(trace.parent)

@@ -22,49 +22,43 @@ from undercloud_backup.manifest import Manifest, Segment, StoredObject
 
 
 @pytest.fixture
-def conn(os_env):
-    """swiftclient, to build a backup-shaped container independently of the uploader."""
-    from undercloud_backup import swift
-
-    return swift.connect(config.swift_settings_from_env(retries=0))
-
-
-@pytest.fixture
 def store(os_env):
     from undercloud_backup.store import SwiftStore
 
-    return SwiftStore.connect(config.swift_settings_from_env(retries=0))
+    store = SwiftStore.connect(config.swift_settings_from_env(retries=0))
+    yield store
+    store.close()
 
 
 @pytest.fixture
-def account_keys(conn):
+def account_keys(store):
     """Put the account's temp-url headers back as they were (the test account is shared)."""
     names = (*tempurl.KEY_HEADERS, tempurl.SLOT_HEADER)
-    before = {k: v for k, v in conn.head_account().items() if k in names}
+    before = {k: v for k, v in store.account().items() if k in names}
     yield before
-    conn.post_account({name: before.get(name, "") for name in names})
+    store.post_account({name: before.get(name, "") for name in names})
 
 
-def _backup(conn, container: str) -> tuple[Manifest, dict[str, bytes]]:
-    """A backup-shaped container: a 3-segment SLO and a plain object, and its manifest."""
+def _backup(store, container: str) -> tuple[Manifest, dict[str, bytes]]:
+    """A backup-shaped container, written object by object (not by the uploader): a 3-segment
+    SLO and a plain object, and its manifest."""
     backup_id = "undercloud-20261130T220000Z-t3mp"
     segments_container = f"{container}_segments"
-    conn.put_container(container)
-    conn.put_container(segments_container)
+    store.ensure_container(container)
+    store.ensure_container(segments_container)
     parts = [os.urandom(300_000), os.urandom(300_000), os.urandom(123_457)]
     segments = []
     for index, data in enumerate(parts):
         name = f"{backup_id}/filesystem.tar.zst/{index:08d}"
-        etag = conn.put_object(segments_container, name, data)
+        etag = store.put(segments_container, name, data)
         segments.append(Segment(name=name, size=len(data), etag=etag,
                                 sha256=hashlib.sha256(data).hexdigest()))
     slo = f"{backup_id}/filesystem.tar.zst"
-    conn.put_object(container, slo, swift_json([s.slo_entry(segments_container)
-                                                for s in segments]),
-                    query_string="multipart-manifest=put")
+    store.put(container, slo, swift_json([s.slo_entry(segments_container) for s in segments]),
+              query={"multipart-manifest": "put"})
     whole = b"".join(parts)
     plain = os.urandom(50_001)
-    conn.put_object(container, f"{backup_id}/mariadb-all-databases.sql.zst", plain)
+    store.put(container, f"{backup_id}/mariadb-all-databases.sql.zst", plain)
     objects = [StoredObject(name=slo, size=len(whole), sha256=hashlib.sha256(whole).hexdigest(),
                             compression="zstd", content="tar", segments=segments,
                             segment_container=segments_container),
@@ -72,7 +66,7 @@ def _backup(conn, container: str) -> tuple[Manifest, dict[str, bytes]]:
                             sha256=hashlib.sha256(plain).hexdigest(), compression="zstd",
                             content="sql")]
     manifest = Manifest(backup_id=backup_id, created_at="2026-11-30T22:00:00Z", objects=objects)
-    conn.put_object(container, f"{backup_id}/manifest.json", manifest.to_json())
+    store.put(container, f"{backup_id}/manifest.json", manifest.to_json())
     return manifest, {"filesystem.tar.zst": whole, "mariadb-all-databases.sql.zst": plain,
                       "manifest.json": manifest.to_json()}
 
@@ -92,13 +86,13 @@ def _status(url: str) -> int:
         return error.code
 
 
-def test_links_download_whole_objects_with_curl(conn, store, container, account_keys,
+def test_links_download_whole_objects_with_curl(store, container, account_keys,
                                                 tmp_path):
-    manifest, contents = _backup(conn, container)
+    manifest, contents = _backup(store, container)
     links = tempurl.download_links(store, container, manifest)
     assert [link.leaf for link in links] == [
         "filesystem.tar.zst", "mariadb-all-databases.sql.zst", "manifest.json"]
-    key = tempurl.plan_key(conn.head_account(), "unused").key
+    key = tempurl.plan_key(store.account(), "unused").key
     for link in links:
         assert link.expires - time.time() == pytest.approx(24 * 3600, abs=60)
         assert key not in link.url and "temp_url_sig=" in link.url
@@ -117,21 +111,21 @@ def test_links_download_whole_objects_with_curl(conn, store, container, account_
     assert _status(links[0].url.split("?")[0]) == 401
 
 
-def test_links_stop_working_after_their_lifetime(conn, store, container, account_keys):
-    manifest, contents = _backup(conn, container)
+def test_links_stop_working_after_their_lifetime(store, container, account_keys):
+    manifest, contents = _backup(store, container)
     links = tempurl.download_links(store, container, manifest, lifetime=3)
     assert _status(links[1].url) == 200
     time.sleep(max(0.0, links[1].expires - time.time()) + 1.5)
     assert [_status(link.url) for link in links] == [401, 401, 401]
 
 
-def test_someone_elses_key_is_never_overwritten(conn, store, container, account_keys):
+def test_someone_elses_key_is_never_overwritten(store, container, account_keys):
     """An account key set by someone else stays; the tool takes the second slot."""
-    manifest, contents = _backup(conn, container)
-    conn.post_account({tempurl.KEY_HEADERS[0]: "someone-elses-key",
+    manifest, contents = _backup(store, container)
+    store.post_account({tempurl.KEY_HEADERS[0]: "someone-elses-key",
                        tempurl.KEY_HEADERS[1]: "", tempurl.SLOT_HEADER: ""})
     links = tempurl.download_links(store, container, manifest)
-    headers = conn.head_account()
+    headers = store.account()
     assert headers[tempurl.KEY_HEADERS[0]] == "someone-elses-key"
     ours = headers[tempurl.KEY_HEADERS[1]]
     assert len(ours) >= 40 and headers[tempurl.SLOT_HEADER] == "2"
@@ -139,7 +133,7 @@ def test_someone_elses_key_is_never_overwritten(conn, store, container, account_
         assert response.read() == contents["mariadb-all-databases.sql.zst"]
     # a second run signs with the same key of ours: earlier links stay valid
     again = tempurl.download_links(store, container, manifest)
-    assert conn.head_account()[tempurl.KEY_HEADERS[1]] == ours
+    assert store.account()[tempurl.KEY_HEADERS[1]] == ours
     assert _status(links[0].url) == 200 and _status(again[0].url) == 200
 
 
@@ -189,3 +183,54 @@ def test_digest_and_lifetime_checks():
         tempurl.check_lifetime(0)
     assert tempurl.info_url("http://h:8080/v1/AUTH_x") == "http://h:8080/info"
     assert tempurl.info_url("https://h/swift/v1/AUTH_x") == "https://h/swift/info"
+
+
+def test_a_real_runs_artifact_links_download_its_objects(os_env, db_cnf, store, container,
+                                                         account_keys, tmp_path):
+    """`python -m flows.backup --link-lifetime-hours`: the links in the run's `undercloud-backup`
+    artifact, read back through the Prefect API as the UI reads it, download every object
+    byte-identical to what the manifest records, and expire when the parameter says."""
+    import json
+    import re
+
+    from conftest import PREFECT_API_URL, backup_cli
+
+    from undercloud_backup import catalogue
+
+    started = time.time()
+    result = backup_cli("--db-only", "--container", container, "--db-defaults-file", db_cnf,
+                        "--no-prune", "--link-lifetime-hours", "0.05", "--json")
+    assert result.returncode == 0, result.stderr
+    backup_id = json.loads(result.stdout)["backup_id"]
+    with urllib.request.urlopen(f"{PREFECT_API_URL}/artifacts/undercloud-backup/latest",
+                                timeout=30) as response:
+        artifact = json.loads(response.read())
+    markdown = artifact["data"]
+    assert backup_id in markdown
+    links = dict(re.findall(r"\[([\w.-]+)\]\((https?://[^)\s]+)\)", markdown))
+    manifest = catalogue.get_manifest(store, container, backup_id)
+    assert set(links) == {o.leaf for o in manifest.objects} | {"manifest.json"}
+    for key in store.account().get(tempurl.KEY_HEADERS[0]), store.account().get(
+            tempurl.KEY_HEADERS[1]):
+        assert not key or key not in markdown  # only signed URLs, never the key
+    for leaf, url in links.items():
+        expires = int(re.search(r"temp_url_expires=(\d+)", url).group(1))
+        assert expires - started == pytest.approx(0.05 * 3600, abs=60)
+        with urllib.request.urlopen(url, timeout=30) as response:
+            body = response.read()
+        obj = manifest.object(leaf)
+        if obj is None:
+            assert body == store.get_bytes(container, f"{backup_id}/manifest.json")
+        else:
+            assert len(body) == obj.size and hashlib.sha256(body).hexdigest() == obj.sha256
+
+
+def test_a_link_lifetime_out_of_range_is_one_line_and_exit_2():
+    from conftest import backup_cli
+
+    for value in ("0", "-1", "9000"):
+        result = backup_cli("--db-only", "--link-lifetime-hours", value, timeout=60)
+        assert result.returncode == 2, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("undercloud-backup: error: ") and "--link-lifetime-hours" in last
+        assert "Traceback" not in result.stderr

@@ -2,8 +2,7 @@
 
 The requests themselves are in :mod:`undercloud_backup.store` (one store, one retry policy),
 the uploader in :mod:`undercloud_backup.upload`, the backup listing and manifests in
-:mod:`undercloud_backup.catalogue`. The three names before ``env_settings`` are transitional,
-for tests not yet switched to those; they go once nothing imports them.
+:mod:`undercloud_backup.catalogue`.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from undercloud_backup.errors import ConfigError
 
 READ_CHUNK = 1024 * 1024
 DEFAULT_SEGMENT_SIZE = 64 * 1024**2
-MANIFEST_NAME = "manifest.json"
 SHA256_HEADER = "X-Object-Meta-Backup-Sha256"
 CONNECT_TIMEOUT = 10.0
 MAX_CONTAINER_NAME = 256  # bytes of UTF-8: Swift's constraints.MAX_CONTAINER_NAME_LENGTH
@@ -96,29 +94,6 @@ class SwiftSettings:
     @property
     def who(self) -> str:
         return self.username or self.application_credential_id or "?"
-
-
-# ------------------------------------------------------------------------------------------
-# Transitional, for tests not yet on the store (conftest, test_faults, test_tempurl): remove
-# once nothing imports them. Production code uses store/catalogue.
-def connect(settings: SwiftSettings):
-    """A raw swiftclient connection (swiftclient's own retries), for old tests only."""
-    from undercloud_backup.store import SwiftStore
-
-    conn = SwiftStore.connect(settings)._conn
-    conn.retries = settings.retries
-    return conn
-
-
-def manifest_name(backup_id: str) -> str:
-    return f"{backup_id}/{MANIFEST_NAME}"
-
-
-def get_manifest(conn, container: str, backup_id: str) -> dict:
-    """The manifest as a dict, read with a raw connection (old tests only)."""
-    import json
-
-    return json.loads(conn.get_object(container, manifest_name(backup_id))[1])
 
 
 def env_settings(environ: os._Environ | dict[str, str] | None = None) -> dict[str, str]:
