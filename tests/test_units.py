@@ -266,3 +266,20 @@ def test_excluding_every_path_is_an_error_not_an_empty_archive(tmp_path, exclude
     (tmp_path / "root").mkdir()
     if exclude in ("/etc", "/e*"):  # /root is left: the plan says only what tar archives
         assert plan_files(request).included == ("/root",)
+
+
+def test_a_pipeline_tells_how_much_a_stage_has_read():
+    """Progress counts what the compressor took in (the estimate is of uncompressed bytes)."""
+    size = 3 * 1024 * 1024
+    producer = Command(("sh", "-c", f"head -c {size} /dev/zero; sleep 2"), "producer")
+    with Pipeline([producer, Command(("zstd", "-q", "-c"), "zstd")], timeout=30) as pipe:
+        deadline = time.monotonic() + 5
+        while (pipe.bytes_read(1) or 0) < size and time.monotonic() < deadline:
+            time.sleep(0.01)
+        read = pipe.bytes_read(1)
+        assert pipe.stdout is not None
+        compressed = pipe.stdout.read()
+        pipe.wait()
+    assert read is not None and size <= read < size + 64 * 1024
+    assert len(compressed) < size // 100
+    assert pipe.bytes_read(1) is None and pipe.bytes_read(5) is None

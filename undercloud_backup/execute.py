@@ -221,6 +221,21 @@ class Pipeline:
             self._timer.daemon = True
             self._timer.start()
 
+    def bytes_read(self, index: int) -> int | None:
+        """Bytes stage ``index`` has read so far (``rchar`` of ``/proc/PID/io``), e.g. what the
+        compressor took in: progress in uncompressed bytes without a copy through Python.
+        None once it has exited, or where /proc does not tell (another user's process)."""
+        if index >= len(self.processes) or self.processes[index].poll() is not None:
+            return None  # (a reaped pid may already be someone else's)
+        try:
+            with open(f"/proc/{self.processes[index].pid}/io", encoding="ascii") as io:
+                for line in io:
+                    if line.startswith("rchar:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return None
+
     def _on_timeout(self) -> None:
         self.timed_out = True
         self.kill()
