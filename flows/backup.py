@@ -31,6 +31,7 @@ from flows.params import (
 from tasks import backup as stages
 from tasks.prune import apply_retention
 from undercloud_backup import backup, crypto, progress
+from undercloud_backup import stages as stages_lib
 from undercloud_backup.errors import BackupError, ConfigError
 from undercloud_backup.retention import RetentionPolicy
 from undercloud_backup.sizes import format_size
@@ -104,7 +105,8 @@ def _request(what: WhatToBackUp, swift: SwiftParams,
         compression_level=advanced.compression_level,
         table_checksums=advanced.table_checksums, privileged=advanced.privileged,
         segment_size=params.segment_size_bytes(swift.segment_size),
-        recipients_file=advanced.recipients_file, signing_key=advanced.signing_key)
+        recipients_file=advanced.recipients_file, signing_key=advanced.signing_key,
+        full=what.full, full_every_s=params.duration_seconds(what.full_every))
 
 
 def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabaseParams,
@@ -132,8 +134,12 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
     request = request.with_space(space)  # the segment sizes, decided once
     summary = {"backup_id": backup_id, "container": settings.container,
                "manifest": None, "objects": [], "dry_run": dry_run,
-               "paths": list(plan.included), "absent": list(plan.absent)}
+               "paths": list(plan.included), "absent": list(plan.absent),
+               "kind": "full", "parent": None}
     if dry_run:
+        if plan.included:  # which level it would be, said in the log
+            level, _ = stages_lib.decide_level(request, plan, settings, logger)
+            summary.update(kind=level.kind, parent=level.parent, chain=list(level.chain))
         logger.info("dry run: would write %s/%s/ (%s of data), nothing written",
                     settings.container, backup_id,
                     format_size(space.database_bytes + space.files_bytes))
@@ -157,7 +163,9 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
                                      flow_run_id=str(get_run_context().flow_run.id))
     name = stages.write_manifest.with_options(**retry)(manifest, swift_source,
                                                        request.signing_key)
-    summary.update(manifest=name, objects=[o.to_dict() for o in manifest.objects])
+    summary.update(manifest=name, objects=[o.to_dict() for o in manifest.objects],
+                   kind=manifest.kind, parent=manifest.parent, chain=list(manifest.chain),
+                   level=manifest.level, full_reason=manifest.full_reason)
     if policy is not None:
         summary["pruned"] = _prune(swift_source, policy, backup_id, retry)
     _summary_artifact(summary, manifest.to_dict(), time.monotonic() - started,
@@ -272,13 +280,17 @@ def _list(args: argparse.Namespace) -> int:
     from undercloud_backup.store import SwiftStore
 
     settings = SwiftSource(block=args.swift_block, container=args.container).settings()
-    entries = catalogue.list_backups(SwiftStore.connect(settings), settings.container)
+    store = SwiftStore.connect(settings)
+    entries = catalogue.describe(store, settings.container,
+                                 catalogue.list_backups(store, settings.container))
     if args.json:
         print(json.dumps({"container": settings.container,
                           "backups": [e.as_dict() for e in entries]}))
     else:
         for entry in entries:
-            print(f"{entry.last_modified}  {entry.backup_id}")
+            kind = entry.kind or "?"
+            parent = f"  parent {entry.parent}" if entry.parent else ""
+            print(f"{entry.last_modified}  {entry.backup_id}  {kind}{parent}")
     return 0
 
 
@@ -298,10 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         return status
     if args.json:
         print(json.dumps({**{k: summary[k] for k in
-                             ("backup_id", "container", "manifest", "objects", "dry_run")},
+                             ("backup_id", "container", "manifest", "objects", "dry_run",
+                              "kind", "parent")},
                           "pruned": summary.get("pruned")}))
     elif summary["manifest"]:
-        print(f"backup {summary['backup_id']} complete: "
+        kind = summary["kind"] if not summary["parent"] else \
+            f"incremental on {summary['parent']}"
+        print(f"backup {summary['backup_id']} ({kind}) complete: "
               f"{summary['container']}/{summary['manifest']}")
     else:
         print(f"dry run: backup {summary['backup_id']} would go to {summary['container']}")

@@ -33,6 +33,13 @@ def segment_size_bytes(text: str | None) -> int | None:
     return size
 
 
+def duration_seconds(text: str) -> float:
+    """``full_every``: 7d, 36h, 90m, 2w or 0 in seconds; nonsense is a ValueError."""
+    from undercloud_backup.chain import parse_duration
+
+    return parse_duration(text)
+
+
 class _Group(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -51,6 +58,19 @@ class WhatToBackUp(_Group):
     db_only: bool = Field(False, description="Only dump the databases; archive no files.")
     root: str = Field("/", description="Directory the paths are resolved under: / on the "
                                        "undercloud, a scratch tree in tests.")
+    full: bool = Field(False, description="Take a full backup of the files (tar level 0) even "
+                                          "when an incremental would do. The database is "
+                                          "always dumped in full.")
+    full_every: str = Field(
+        "7d", description="Files: take an incremental (only what changed since this host's "
+                          "previous backup) while the chain's full is younger than this, e.g. "
+                          "7d, 36h; then a full. 0: every backup is a full.")
+
+    @field_validator("full_every")
+    @classmethod
+    def _full_every(cls, value: str) -> str:
+        duration_seconds(value)
+        return value
 
 
 class DatabaseParams(_Group):
@@ -173,6 +193,9 @@ class Flag:
 FLAGS: dict[str, Flag] = {
     "add_paths": Flag("--add-path", "PATH"), "exclude_paths": Flag("--exclude-path", "PATTERN"),
     "db_only": Flag("--db-only"), "root": Flag("--root", "DIR"),
+    "full": Flag("--full", help="take a full backup of the files (tar level 0), not an "
+                               "incremental"),
+    "full_every": Flag("--full-every", "AGE"),
     "db_block": Flag("--db-block", "NAME"), "db_defaults_file": Flag("--db-defaults-file", "FILE"),
     "db_host": Flag("--db-host", "HOST"), "db_port": Flag("--db-port", "PORT"),
     "db_user": Flag("--db-user", "USER"), "db_socket": Flag("--db-socket", "PATH"),

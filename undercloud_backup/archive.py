@@ -124,13 +124,18 @@ def estimate_bytes(root: str, paths: Iterable[str], excluded: Iterable[str] = ()
 
 
 def tar_command(plan: PathPlan, *, prefix: tuple[str, ...] = (),
-                extra_excludes: Iterable[str] = ()) -> Command:
-    """``tar`` writing the plan's paths to stdout with owners, modes, ACLs, xattrs and labels."""
+                extra_excludes: Iterable[str] = (), snapshot: str | None = None) -> Command:
+    """``tar`` writing the plan's paths to stdout with owners, modes, ACLs, xattrs and labels.
+
+    ``snapshot``: GNU tar's ``--listed-incremental`` file (absolute; empty for a level 0, the
+    parent's snapshot for the next level), which tar rewrites for the level after this one."""
     argv: list[str] = [
         *prefix, "tar", "--create", "--file=-", f"--directory={plan.root}",
         "--numeric-owner", "--acls", "--xattrs", "--xattrs-include=*", "--selinux", "--sparse",
         "--anchored", "--no-wildcards-match-slash",
     ]
+    if snapshot is not None:
+        argv.append(f"--listed-incremental={snapshot}")
     # Exclusions are anchored at root, like the paths themselves.
     for pattern in (*plan.excluded, *extra_excludes):
         argv.append(f"--exclude={pattern.lstrip('/') or '.'}")

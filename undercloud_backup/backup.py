@@ -16,7 +16,15 @@ from undercloud_backup import __version__, crypto
 from undercloud_backup import archive as fs
 from undercloud_backup.catalogue import put_manifest
 from undercloud_backup.errors import ConfigError
-from undercloud_backup.manifest import DB_OBJECT, FS_OBJECT, Manifest
+from undercloud_backup.manifest import (
+    DB_OBJECT,
+    FORMAT,
+    FS_OBJECT,
+    FULL,
+    INCREMENTAL,
+    INCREMENTAL_FORMAT,
+    Manifest,
+)
 from undercloud_backup.request import BackupRequest, new_backup_id
 from undercloud_backup.space import SpaceReport
 from undercloud_backup.stages import ArchiveResult, DumpResult
@@ -45,7 +53,10 @@ def plan_files(request: BackupRequest) -> fs.PathPlan:
 def build_manifest(request: BackupRequest, space: SpaceReport | None,
                    database: DumpResult | None, files: ArchiveResult | None, *,
                    flow_run_id: str | None = None) -> Manifest:
-    objects = [*(database.objects if database else []), *([files.object] if files else [])]
+    objects = [*(database.objects if database else []), *([files.object] if files else []),
+               *([files.snapshot] if files and files.snapshot else [])]
+    level = files.level if files else {}
+    kind = level.get("kind", FULL)
     return Manifest(
         backup_id=request.backup_id, created_at=request.created_at,
         completed_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -55,7 +66,13 @@ def build_manifest(request: BackupRequest, space: SpaceReport | None,
         mariadb=database.section if database else None,
         paths=files.section if files else None,
         space=space.as_dict() if space else None, objects=objects,
-        encryption=encryption_section(request))
+        encryption=encryption_section(request),
+        # An incremental is format 3: older tools refuse it rather than restore one level.
+        format=INCREMENTAL_FORMAT if kind == INCREMENTAL else FORMAT,
+        kind=kind, parent=level.get("parent"), chain=list(level.get("chain") or []),
+        level=int(level.get("level") or 0),
+        snapshot=files.snapshot_record if files else None,
+        full_reason=level.get("full_reason") if kind == FULL and files else None)
 
 
 def encryption_section(request: BackupRequest) -> dict:

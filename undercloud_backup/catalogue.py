@@ -7,7 +7,7 @@ is written last (:func:`put_manifest` is the commit point) and read back by name
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from undercloud_backup.errors import BackupNotFound, NotFound, UploadVerifyFailed
 from undercloud_backup.manifest import MANIFEST_NAME, Manifest
@@ -23,6 +23,10 @@ class BackupEntry:
     backup_id: str
     manifest: str
     last_modified: str
+    # From the manifest (:func:`describe`): "full" or "incremental" (None: not read, or a
+    # manifest that cannot be read), and the backup an incremental builds on.
+    kind: str | None = None
+    parent: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -45,6 +49,21 @@ def list_backups(store: SwiftStore, container: str) -> list[BackupEntry]:
         if o["name"].endswith("/" + MANIFEST_NAME) and o["name"].count("/") == 1
     ]
     return sorted(entries, key=lambda e: (e.last_modified, e.backup_id))
+
+
+def describe(store: SwiftStore, container: str,
+             entries: list[BackupEntry]) -> list[BackupEntry]:
+    """``entries`` with each manifest's kind and parent (backups from before issue 13 are
+    fulls)."""
+    described = []
+    for entry in entries:
+        try:
+            manifest = get_manifest(store, container, entry.backup_id)
+        except (BackupNotFound, ValueError):
+            described.append(entry)
+            continue
+        described.append(replace(entry, kind=manifest.kind or "full", parent=manifest.parent))
+    return described
 
 
 def latest_backup(store: SwiftStore, container: str) -> str:

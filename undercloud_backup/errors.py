@@ -160,3 +160,16 @@ class BackupNotFound(BackupError):
     """No complete backup {backup_id} in container {container}."""
 
     exit_code = 40
+
+
+# ----------------------------------------------------------- issue 13: incremental chains
+class ChainBroken(BackupError):
+    """Backup {backup_id} is an incremental that needs every backup before it, and its chain is broken: {problems}. Restore an earlier complete chain (python -m flows.backup --list) or a full."""  # noqa: E501
+
+    exit_code = 60
+
+
+class ChainTargetNotEmpty(BackupError):
+    """Backup {backup_id} is an incremental: restoring its chain makes every archived directory under {target} exactly as it was, deleting files the backup did not hold; restore into an empty --target, or pass --overwrite to accept that."""  # noqa: E501
+
+    exit_code = 61

@@ -4,7 +4,11 @@
 Inside the code it is a :class:`Manifest`; it becomes JSON only where it leaves the process
 (the object in Swift, ``--json``, Prefect results and artifacts).
 
-Format versions: ``undercloud-backup/2`` adds the users-and-grants object, the privileges the
+Format versions: ``undercloud-backup/3`` is an incremental backup (issue 13): its archive holds
+only what changed since its parent and restores only after the full and every level before it
+(``chain``), so tools that read at most version 2 refuse it rather than restore one level alone.
+Fulls stay version 2, with ``kind``, ``level`` and ``snapshot`` as fields older tools keep.
+``undercloud-backup/2`` adds the users-and-grants object, the privileges the
 dump ran with and per-database counts of views, triggers, routines and events. Version 1
 manifests still read: their missing fields take the defaults below, and fields this code does
 not know are kept in ``extra`` and written back unchanged.
@@ -17,12 +21,16 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 FORMAT = "undercloud-backup/2"
-READABLE_FORMATS = ("undercloud-backup/1", FORMAT)
+INCREMENTAL_FORMAT = "undercloud-backup/3"
+READABLE_FORMATS = ("undercloud-backup/1", FORMAT, INCREMENTAL_FORMAT)
 
 MANIFEST_NAME = "manifest.json"
 DB_OBJECT = "mariadb-all-databases.sql.zst"
 USERS_OBJECT = "mariadb-users-grants.sql.zst"
 FS_OBJECT = "filesystem.tar.zst"
+SNAPSHOT_OBJECT = "filesystem.snar.zst"  # GNU tar's --listed-incremental snapshot, zstd
+FULL = "full"
+INCREMENTAL = "incremental"
 
 
 class ManifestError(ValueError):
@@ -186,6 +194,21 @@ class Manifest:
     # {"format": "age", "recipients": [fingerprints]} or {"format": "none", "reason": ...};
     # None in manifests written before issue 12 (plain text). See undercloud_backup/crypto.py.
     encryption: dict[str, Any] | None = None
+    # Issue 13. ``kind`` "full" (level 0) or "incremental"; ``parent`` the backup this level
+    # was taken against; ``chain`` every backup from the level-0 full to the parent, in order;
+    # ``snapshot`` the tar snapshot object after this level ({object, size, sha256 of the stored
+    # bytes, plain_size, plain_sha256}); ``full_reason`` why a full was taken. None: a backup
+    # from before issue 13 (a full without a snapshot: no incremental can build on it).
+    kind: str | None = None
+    parent: str | None = None
+    chain: list[str] = field(default_factory=list)
+    level: int | None = None
+    snapshot: dict[str, Any] | None = None
+    full_reason: str | None = None
+
+    @property
+    def incremental(self) -> bool:
+        return self.kind == INCREMENTAL or bool(self.chain)
 
     def object(self, leaf: str) -> StoredObject | None:
         """The object named ``<backup_id>/<leaf>``, if the backup has one."""
@@ -206,6 +229,11 @@ class Manifest:
             objects=[o.to_dict() for o in self.objects])
         if self.encryption is not None:
             data["encryption"] = self.encryption
+        if self.kind is not None:
+            data.update(kind=self.kind, parent=self.parent, chain=list(self.chain),
+                        level=self.level, snapshot=self.snapshot)
+            if self.full_reason is not None:
+                data["full_reason"] = self.full_reason
         return data
 
     def to_json(self) -> bytes:
@@ -230,7 +258,10 @@ class Manifest:
             paths=PathsSection.from_dict(known["paths"]) if known.get("paths") else None,
             space=known.get("space"),
             objects=[StoredObject.from_dict(o) for o in known.get("objects") or []],
-            format=version, extra=extra, encryption=known.get("encryption"))
+            format=version, extra=extra, encryption=known.get("encryption"),
+            kind=known.get("kind"), parent=known.get("parent"),
+            chain=[str(b) for b in known.get("chain") or []], level=known.get("level"),
+            snapshot=known.get("snapshot"), full_reason=known.get("full_reason"))
 
     @classmethod
     def from_json(cls, body: bytes | str) -> Manifest:

@@ -42,6 +42,7 @@ ARCHIVE_WRAPPER = f"{LIBEXEC}/ucb-archive"
 MARIADB_WRAPPER = f"{LIBEXEC}/ucb-mariadb"
 SUDOERS_FILE = "/etc/sudoers.d/undercloud-backup"
 CONFIG_FILE = "/etc/undercloud-backup/privileged.conf"
+SNAPSHOT_DIR = "/var/lib/undercloud-backup/snapshots"  # ucb-archive's, root 0700
 
 INFO_TIMEOUT_S = 120.0
 STATS_TIMEOUT_S = 3600.0
@@ -60,18 +61,34 @@ def _sudo(*argv: str) -> tuple[str, ...]:
     return ("sudo", "-n", *argv)
 
 
-def archive_command(plan: PathPlan, extra_excludes: Iterable[str] = ()) -> Command:
+def archive_command(plan: PathPlan, extra_excludes: Iterable[str] = (),
+                    snapshot_id: str | None = None) -> Command:
     """``ucb-archive``: the same tar stream as :func:`archive.tar_command`, read as root.
 
     Paths go as the plan's absolute paths (the wrapper checks them against its allowed list);
-    exclusions as tar_command anchors them, relative to root.
+    exclusions as tar_command anchors them, relative to root. ``snapshot_id`` (32 hex digits):
+    an incremental level; the parent snapshot goes on the command's stdin (empty: level 0)
+    and the new one is collected with :func:`take_snapshot_command`.
     """
     argv = [ARCHIVE_WRAPPER, plan.root]
+    if snapshot_id is not None:
+        argv.append(f"--snapshot={snapshot_id}")
     argv += [f"--exclude={pattern.lstrip('/') or '.'}"
              for pattern in (*plan.excluded, *extra_excludes)]
     argv += ["--", *plan.included]
     # tar's own statuses, judged as for tar_command; the wrapper's refusals are 64 and 77.
     return Command(argv=_sudo(*argv), name="tar", ok_statuses=frozenset({0, 1, 2}))
+
+
+def take_snapshot_command(root: str, snapshot_id: str) -> Command:
+    """``ucb-archive ROOT --take-snapshot=ID``: the snapshot tar left, to stdout, then removed."""
+    return Command(argv=_sudo(ARCHIVE_WRAPPER, root, f"--take-snapshot={snapshot_id}"),
+                   name="ucb-archive --take-snapshot")
+
+
+def wrapper_snapshot_path(uid: int, snapshot_id: str) -> str:
+    """Where the wrapper keeps a snapshot while tar runs (root's own directory)."""
+    return f"{SNAPSHOT_DIR}/{uid}-{snapshot_id}.snar"
 
 
 def dump_command(databases: tuple[str, ...]) -> Command:

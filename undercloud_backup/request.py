@@ -44,6 +44,10 @@ class BackupRequest:
     # the manifest) and the SSH key that signs the manifest (paths only, never key text).
     recipients_file: str | None = None
     signing_key: str | None = None
+    # Issue 13: force a level-0 full; otherwise an incremental against this host's newest
+    # complete backup while its chain's full is younger than full_every_s (0: always full).
+    full: bool = False
+    full_every_s: float = 7 * 86400
 
     def object_name(self, leaf: str) -> str:
         return f"{self.backup_id}/{leaf}"

@@ -4,6 +4,13 @@ Everything streams: Swift -> one checked segment at a time (the strict reader) -
 -> ``tar -x``. Each segment is spooled to an anonymous file and its SHA-256 checked before any
 of its bytes go on, so a damaged backup stops the restore before it writes damaged data.
 
+An incremental backup (issue 13) restores with its chain: the level-0 full, then each level
+in order, each extracted with ``--listed-incremental=/dev/null`` so that tar applies the
+deletions each level records (exactly the by-hand procedure). That makes every archived
+directory what it was at backup time, deleting files the backup did not hold: such a restore
+into a target that holds anything needs ``overwrite``. The database is a full dump in every
+backup and restores from the requested backup alone (:mod:`restoredb`).
+
 Nothing existing is replaced unless asked: files that would be overwritten are named and the
 restore refuses (``overwrite``). Writing over ``/`` takes an explicit flag of its own. Every
 requested path is looked up in the archive's listing before anything is written. Excluded
@@ -22,7 +29,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 from undercloud_backup import archive as fs
-from undercloud_backup.errors import BackupError, ConfigError
+from undercloud_backup import chain
+from undercloud_backup.errors import (
+    BackupError,
+    ChainBroken,
+    ChainTargetNotEmpty,
+    ConfigError,
+)
 from undercloud_backup.execute import Command
 from undercloud_backup.manifest import Manifest, StoredObject
 from undercloud_backup.reader import ObjectDamaged
@@ -214,7 +227,8 @@ class FilesPlan:
         return asdict(self)
 
 
-def plan_files(store, container: str, manifest: Manifest, request: RestoreRequest) -> FilesPlan:
+def plan_files(store, container: str, manifest: Manifest, request: RestoreRequest,
+               check_found: bool = True) -> FilesPlan:
     """Read the archive's listing; compare it with what exists under the target, and check
     that every requested path is in it (before anything is written)."""
     obj = archive_object(manifest)
@@ -242,22 +256,31 @@ def plan_files(store, container: str, manifest: Manifest, request: RestoreReques
         timeout=request.timeout_s, strict=True, spool_dir=request.staging_dir)
     if outcome.first_failure is not None:
         raise RestoreFailed(what=f"the listing of {obj.name}", reason=outcome.reason())
-    missing = [m for m in selection.members if m != "." and m not in plan.found]
+    if check_found:
+        _check_found(manifest, selection, plan.found)
+    return plan
+
+
+def _check_found(manifest: Manifest, selection: Selection, found: list[str]) -> None:
+    missing = [m for m in selection.members if m != "." and m not in found]
     if missing:
         raise NotInBackup(what="Path(s)", backup_id=manifest.backup_id,
                           names=", ".join("/" + m for m in missing),
                           available=", ".join(manifest.paths.included if manifest.paths
                                               else []))
-    return plan
 
 
-def extract_command(target: str, selection: Selection, overwrite: bool) -> Command:
+def extract_command(target: str, selection: Selection, overwrite: bool,
+                    incremental: bool = False) -> Command:
     """``tar -x`` keeping numeric owners, modes, ACLs, xattrs and SELinux labels; exclusions
-    anchored at the archive's root, as the backup's are."""
+    anchored at the archive's root, as the backup's are. ``incremental``: a level of a chain,
+    whose recorded deletions tar applies (``--listed-incremental=/dev/null``)."""
     argv = ["tar", "--extract", "--file=-", f"--directory={target}", "--verbose",
             "--xattrs", "--xattrs-include=*", "--acls", "--selinux", "--numeric-owner",
             "--same-permissions", "--keep-directory-symlink", "--anchored",
             "--no-wildcards-match-slash"]
+    if incremental:
+        argv.append("--listed-incremental=/dev/null")
     if os.geteuid() == 0:
         argv.append("--same-owner")
     if not overwrite:
@@ -279,7 +302,11 @@ def make_target(target: str, explicit: bool) -> None:
 
 def restore_files(store, container: str, manifest: Manifest, request: RestoreRequest,
                   logger: logging.Logger | logging.LoggerAdapter) -> dict:
-    """Extract the archive (or some paths of it) into the target; refuse to overwrite."""
+    """Extract the archive (or some paths of it) into the target; refuse to overwrite. An
+    incremental backup's chain is applied in order (:func:`restore_chain`)."""
+    levels = chain_of(store, container, manifest)
+    if len(levels) > 1:
+        return restore_chain(store, container, levels, request, logger)
     started = time.monotonic()
     obj = archive_object(manifest)
     selection = select(manifest, request)
@@ -308,20 +335,27 @@ def restore_files(store, container: str, manifest: Manifest, request: RestoreReq
 
 def _extract(store, container: str, obj: StoredObject, selection: Selection, target: str,
              request: RestoreRequest, logger: logging.Logger | logging.LoggerAdapter,
-             started: float) -> dict:
+             started: float, *, incremental: bool = False,
+             overwrite: bool | None = None) -> dict:
     written: list[str] = []
+    deleted: list[str] = []
 
     def record(stream) -> None:
         for raw in iter(stream.readline, b""):
-            if len(written) < DRY_RUN_LIST_LIMIT:
-                written.append(raw.decode("utf-8", "replace").rstrip("\n"))
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if line.startswith("tar: Deleting "):
+                deleted.append(line[len("tar: Deleting "):])
+            elif len(written) < DRY_RUN_LIST_LIMIT:
+                written.append(line)
 
     logger.info("extracting %s (%s) into %s%s%s", obj.name, format_size(obj.size), target,
                 f" (only {', '.join(selection.members)})" if selection.members else "",
                 f" (excluding {', '.join(selection.excluded)})" if selection.excluded else "")
     try:
         outcome = stream_object(store, container, obj, Consumer(
-            [extract_command(target, selection, request.overwrite)], read_output=record),
+            [extract_command(target, selection,
+                             request.overwrite if overwrite is None else overwrite,
+                             incremental)], read_output=record),
             timeout=request.timeout_s, strict=True, spool_dir=request.staging_dir)
     except ObjectDamaged as error:
         raise RestoreFailed(what=f"files into {target}",
@@ -335,11 +369,111 @@ def _extract(store, container: str, obj: StoredObject, selection: Selection, tar
     logger.info("restored %d entries into %s in %.1f s", len(written), target, seconds)
     return {"target": target, "dry_run": False, "entries": len(written),
             "paths": list(selection.members), "excluded": list(selection.excluded),
-            "object": outcome.check.as_dict(), "seconds": round(seconds, 2)}
+            "object": outcome.check.as_dict(), "seconds": round(seconds, 2),
+            "deleted": len(deleted)}
+
+
+# ---------------------------------------------------------------------- incremental chains
+def chain_of(store, container: str, manifest: Manifest) -> list[Manifest]:
+    """The backups whose archives make ``manifest``'s files, level 0 first; ChainBroken when
+    one is missing, another host's, or lacks its objects."""
+    if not manifest.incremental:
+        return [manifest]
+    if not manifest.chain:
+        raise ChainBroken(backup_id=manifest.backup_id, problems="it records no chain")
+    ancestors, problems = chain.load_ancestors(store, container, manifest)
+    if problems:
+        raise ChainBroken(backup_id=manifest.backup_id, problems="; ".join(problems[:3]))
+    return [*ancestors, manifest]
+
+
+def _merge_plans(target: str, plans: list[FilesPlan]) -> FilesPlan:
+    """One dry-run listing of a chain: each path once, as its last level has it."""
+    merged = FilesPlan(target=target)
+    listed: dict[str, dict] = {}
+    for plan in plans:
+        for entry in plan.listed:
+            listed[entry["path"]] = entry
+        merged.truncated += plan.truncated
+        merged.kept_paths += [p for p in plan.kept_paths if p not in merged.kept_paths]
+        merged.found += [m for m in plan.found if m not in merged.found]
+    for entry in listed.values():
+        merged.entries += 1
+        action = entry["action"]
+        if action == "create":
+            merged.creates += 1
+        elif action == "merge":
+            merged.merges += 1
+        elif action == "keep":
+            merged.kept += 1
+        else:
+            merged.replaces += 1
+            if len(merged.conflicts) < CONFLICTS_LIMIT:
+                merged.conflicts.append(entry["path"])
+    merged.listed = list(listed.values())[:DRY_RUN_LIST_LIMIT]
+    return merged
+
+
+def restore_chain(store, container: str, levels: list[Manifest], request: RestoreRequest,
+                  logger: logging.Logger | logging.LoggerAdapter) -> dict:
+    """The full, then each incremental level, in order, deletions included."""
+    started = time.monotonic()
+    manifest = levels[-1]
+    ids = [m.backup_id for m in levels]
+    selection = select(manifest, request)
+    target = check_target(request.target, request.allow_root_target)
+    occupied = os.path.isdir(target) and bool(os.listdir(target))
+    if occupied and not request.overwrite and not request.dry_run:
+        raise ChainTargetNotEmpty(backup_id=manifest.backup_id, target=target)
+    logger.info("backup %s is incremental level %d: restoring its chain %s in this order",
+                manifest.backup_id, len(levels) - 1, " > ".join(ids))
+    plans: list[FilesPlan] = []
+    if request.dry_run or selection.members:
+        for level in levels:
+            logger.info("reading the listing of %s", archive_object(level).name)
+            plans.append(plan_files(store, container, level, request, check_found=False))
+        merged = _merge_plans(target, plans)
+        _check_found(manifest, selection, merged.found)
+    if request.dry_run:
+        logger.info("dry run: %d entries under %s from %d archives (%s): %d new, %d replacing "
+                    "existing files, %d existing directories kept, %d excluded", merged.entries,
+                    target, len(levels), " > ".join(ids), merged.creates, merged.replaces,
+                    merged.merges, merged.kept)
+        return {"target": target, "dry_run": True, "excluded": list(selection.excluded),
+                "chain": ids, **merged.as_dict()}
+    make_target(target, request.explicit_target)
+    if occupied:
+        logger.warning("restoring an incremental chain over %s (--overwrite): archived "
+                       "directories become exactly what they were, files the backup did not "
+                       "hold are deleted", target)
+    results = []
+    for index, level in enumerate(levels):
+        level_selection = selection
+        if plans and selection.members:  # a level holds only what changed: its own members
+            level_selection = Selection(
+                members=tuple(m for m in selection.members if m in plans[index].found),
+                excluded=selection.excluded)
+            if not level_selection.members:
+                continue
+        results.append(_extract(store, container, archive_object(level), level_selection,
+                                target, request, logger, time.monotonic(), incremental=True,
+                                overwrite=request.overwrite or index > 0))
+    seconds = time.monotonic() - started
+    logger.info("restored the chain %s into %s in %.1f s", " > ".join(ids), target, seconds)
+    return {"target": target, "dry_run": False,
+            "entries": sum(r["entries"] for r in results),
+            "deleted": sum(r["deleted"] for r in results),
+            "paths": list(selection.members), "excluded": list(selection.excluded),
+            "object": results[-1]["object"] if results else None,
+            "objects": [r["object"] for r in results], "chain": ids,
+            "seconds": round(seconds, 2)}
 
 
 def iter_plan_lines(plan: dict) -> Iterator[str]:
-    """A dry run's file list as the CLI prints it: action and destination."""
+    """A dry run's file list as the CLI prints it: action and destination (first, for an
+    incremental, the chain it applies)."""
+    if len(plan.get("chain") or []) > 1:
+        yield f"chain    {' > '.join(plan['chain'])} (full first, each level in order)"
     for entry in plan.get("listed", []):
         suffix = "/" if entry["kind"] == "dir" else ""
         yield f"{entry['action']:<8} {entry['path']}{suffix}"

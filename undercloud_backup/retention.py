@@ -3,7 +3,8 @@ interrupted prune can look like a complete backup.
 
 The policy speaks restic's vocabulary: keep the last N backups, the newest backup of each of
 the last D days that have backups, and of each of the last W ISO weeks that have backups (UTC).
-A backup is kept if any rule keeps it, and the newest complete backup is always kept. The
+A backup is kept if any rule keeps it, and the newest complete backup is always kept; so is
+every backup a kept incremental depends on (its ``chain``: "parent of X"). The
 policy applies to each backed-up host on its own (the manifest's ``hostname``), so underclouds
 sharing a container never prune each other's backups away. The clock is a parameter: backup
 times come from each manifest's ``created_at``.
@@ -69,6 +70,7 @@ class StoredBackup:
     last_modified: dt.datetime | None = None
     objects: list[str] = field(default_factory=list)
     segments: list[tuple[str, str]] = field(default_factory=list)
+    chain: list[str] = field(default_factory=list)  # what an incremental needs, full first
 
     def touch(self, stamp: dt.datetime) -> None:
         if self.last_modified is None or stamp > self.last_modified:
@@ -119,6 +121,7 @@ def inventory(store: SwiftStore, container: str) -> tuple[list[StoredBackup], li
             backup.created_at = _utc(manifest.created_at) if manifest.created_at \
                 else backup.last_modified
             backup.hostname = manifest.hostname
+            backup.chain = list(manifest.chain)
             # Segments kept in another container than <container>_segments are found through
             # the manifest.
             for record in manifest.objects:
@@ -155,6 +158,7 @@ def select(backups: Iterable[StoredBackup], policy: RetentionPolicy) -> dict[str
     For each host, newest first, each rule keeps the first backup of every new bucket (the
     backup itself, its day, its ISO week) until it has kept its count.
     """
+    backups = list(backups)
     hosts: dict[str, list[StoredBackup]] = {}
     for backup in backups:
         if backup.complete and backup.created_at:
@@ -162,6 +166,19 @@ def select(backups: Iterable[StoredBackup], policy: RetentionPolicy) -> dict[str
     kept: dict[str, list[str]] = {}
     for group in hosts.values():
         kept.update(_select_one_host(group, policy))
+    return keep_parents(backups, kept)
+
+
+def keep_parents(backups: Iterable[StoredBackup],
+                 kept: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Add every backup a kept incremental depends on, saying which ("parent of X")."""
+    complete = {b.backup_id: b for b in backups if b.complete}
+    for backup_id in list(kept):
+        backup = complete.get(backup_id)
+        for ancestor in backup.chain if backup else []:
+            if ancestor in complete:
+                reasons = kept.setdefault(ancestor, [])
+                reasons.append(f"parent of {backup_id}")
     return kept
 
 

@@ -7,14 +7,19 @@ fails aborts the upload, which deletes the segments it sent.
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import logging
 import os
+import secrets
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from undercloud_backup import archive as fs
-from undercloud_backup import crypto, progress
+from undercloud_backup import chain, crypto, progress
 from undercloud_backup import database as db
 from undercloud_backup.errors import (
     ArchiveFailed,
@@ -23,10 +28,11 @@ from undercloud_backup.errors import (
     DumpFailed,
     UnreadableFiles,
 )
-from undercloud_backup.execute import Command, Pipeline, StageResult
+from undercloud_backup.execute import Command, Pipeline, StageResult, capture
 from undercloud_backup.manifest import (
     DB_OBJECT,
     FS_OBJECT,
+    SNAPSHOT_OBJECT,
     USERS_OBJECT,
     DatabaseSection,
     PathsSection,
@@ -54,10 +60,15 @@ class DumpResult:
 
 @dataclass
 class ArchiveResult:
-    """The filesystem stage's outcome: what the archive holds, what tar said, the object."""
+    """The filesystem stage's outcome: what the archive holds, what tar said, the object;
+    which level it is (:class:`chain.Level` as a dict) and the snapshot tar left for the
+    next level (stored object, and the manifest's ``snapshot`` description)."""
 
     section: PathsSection
     object: StoredObject
+    level: dict = field(default_factory=dict)
+    snapshot: StoredObject | None = None
+    snapshot_record: dict | None = None
 
 
 def zstd_command(level: int) -> Command:
@@ -191,19 +202,114 @@ def dump_databases(request: BackupRequest, access: db.DatabaseAccess,
     return DumpResult(section=section, objects=objects)
 
 
+def decide_level(request: BackupRequest, plan: fs.PathPlan, swift_settings: SwiftSettings,
+                 logger: Logger) -> tuple[chain.Level, bytes]:
+    """Full or incremental (and against what), said in the log; a forced full warns."""
+    store = SwiftStore.connect(swift_settings)
+    try:
+        level, parent_snapshot = chain.decide(
+            store, swift_settings.container, hostname=request.hostname, plan=plan,
+            full=request.full, full_every_s=request.full_every_s,
+            now=dt.datetime.now(dt.UTC), encrypted=request.recipients_file is not None)
+    finally:
+        store.close()
+    if level.forced:
+        logger.warning("taking a FULL backup of the files: %s", level.full_reason)
+    elif level.kind == chain.FULL:
+        logger.info("taking a full backup of the files: %s", level.full_reason)
+    else:
+        logger.info("taking an incremental backup of the files: level %d against %s "
+                    "(chain %s)", level.level, level.parent, " > ".join(level.chain))
+    return level, parent_snapshot
+
+
+class _Snapshot:
+    """The ``--listed-incremental`` file of one archive run, and how to get it back.
+
+    Direct: a private temporary file tar reads and rewrites. Privileged: the parent goes to
+    the wrapper on stdin, which keeps it in root's own directory under a random ID; the new
+    one comes back from ``ucb-archive ROOT --take-snapshot=ID``."""
+
+    def __init__(self, request: BackupRequest, plan: fs.PathPlan, parent: bytes) -> None:
+        self.request, self.plan = request, plan
+        self.stdin = tempfile.TemporaryFile(dir=request.staging_dir)
+        self.path: str | None = None
+        self.ident = secrets.token_hex(16)
+        self.taken = False
+        if request.privileged:
+            self.stdin.write(parent)
+            self.stdin.seek(0)
+        else:
+            fd, self.path = tempfile.mkstemp(dir=request.staging_dir, prefix="ucb-snapshot-",
+                                             suffix=".snar")
+            with os.fdopen(fd, "wb") as out:
+                out.write(parent)
+
+    def tar(self, extra: tuple[str, ...]) -> Command:
+        if self.request.privileged:
+            from undercloud_backup import privileged
+
+            return privileged.archive_command(self.plan, extra_excludes=extra,
+                                              snapshot_id=self.ident)
+        return fs.tar_command(self.plan, extra_excludes=extra, snapshot=self.path)
+
+    def take(self) -> bytes:
+        if self.request.privileged:
+            from undercloud_backup import privileged
+
+            return capture(privileged.take_snapshot_command(self.plan.root, self.ident),
+                           timeout=600)
+        assert self.path is not None
+        with open(self.path, "rb") as source:
+            return source.read()
+
+    def close(self) -> None:
+        self.stdin.close()
+        if self.path is not None:
+            os.unlink(self.path)
+        elif not self.taken:  # the wrapper's file of a failed run: removed now, or after a day
+            try:
+                self.take()
+            except BackupError:
+                pass
+
+
+@contextmanager
+def _snapshot(request: BackupRequest, plan: fs.PathPlan, parent: bytes) -> Iterator[_Snapshot]:
+    snapshot = _Snapshot(request, plan, parent)
+    try:
+        yield snapshot
+    finally:
+        snapshot.close()
+
+
+def store_snapshot(request: BackupRequest, swift_settings: SwiftSettings, plain: bytes
+                   ) -> tuple[StoredObject, dict]:
+    """``filesystem.snar.zst`` (``.age``) into Swift; the manifest's ``snapshot`` record."""
+    with tempfile.TemporaryFile(dir=request.staging_dir) as source:
+        source.write(plain)
+        source.seek(0)
+        stored = stream_to_swift(
+            request, swift_settings, SNAPSHOT_OBJECT, chain.SNAPSHOT_CONTENT, None,
+            Pipeline(compress_commands(request), stdin=source, timeout=3600),
+            on_failure=ArchiveFailed, progress=lambda sent, elapsed: None)
+    record = {"object": stored.name, "size": stored.size, "sha256": stored.sha256,
+              "plain_size": len(plain), "plain_sha256": hashlib.sha256(plain).hexdigest()}
+    if request.recipients_file is not None:  # the node cannot decrypt it: keep it here too
+        chain.save_local_copy(swift_settings.container, request.backup_id, plain)
+    return stored, record
+
+
 def archive_paths(request: BackupRequest, plan: fs.PathPlan, swift_settings: SwiftSettings,
                   logger: Logger) -> ArchiveResult:
-    """Archive the planned paths through zstd into Swift; return what it holds and the object."""
+    """Archive the planned paths through zstd into Swift, as a full or an incremental level
+    (:mod:`chain`); then the snapshot for the next level. Return what it holds and both
+    objects."""
+    level, parent_snapshot = decide_level(request, plan, swift_settings, logger)
     report = fs.TarReport()
     # Never archive our own spools, should staging sit inside a backed-up path.
     staging = os.path.realpath(request.staging_dir)
     extra = (os.path.relpath(staging, plan.root),) if fs.inside(staging, plan.root) else ()
-    if request.privileged:
-        from undercloud_backup import privileged
-
-        tar = privileged.archive_command(plan, extra_excludes=extra)
-    else:
-        tar = fs.tar_command(plan, extra_excludes=extra)
 
     def judge(results: list[StageResult]) -> None:
         if results[0].status == 2 and report.other:
@@ -213,18 +319,29 @@ def archive_paths(request: BackupRequest, plan: fs.PathPlan, swift_settings: Swi
                                   examples=", ".join(report.unreadable[:3]))
 
     logger.info("archiving %s under %s", ", ".join(plan.included), plan.root)
-    stored = stream_to_swift(
-        request, swift_settings, FS_OBJECT, "tar", request.files_segment_size,
-        Pipeline([tar, *compress_commands(request)],
-                 timeout=request.archive_timeout_s, on_stderr={0: report.add}),
-        on_failure=ArchiveFailed, progress=Progress(logger, "filesystem archive"), judge=judge)
+    with _snapshot(request, plan, parent_snapshot) as snapshot:
+        stored = stream_to_swift(
+            request, swift_settings, FS_OBJECT, "tar", request.files_segment_size,
+            Pipeline([snapshot.tar(extra), *compress_commands(request)],
+                     timeout=request.archive_timeout_s, on_stderr={0: report.add},
+                     stdin=snapshot.stdin),
+            on_failure=ArchiveFailed, progress=Progress(logger, "filesystem archive"),
+            judge=judge)
+        plain = snapshot.take()
+        snapshot.taken = True
+    if not plain.startswith(b"GNU tar-"):
+        raise ArchiveFailed(reason=f"tar left no snapshot for the next level ({len(plain)} "
+                                   "bytes)")
+    snapshot_object, record = store_snapshot(request, swift_settings, plain)
     for kind in ("changed", "vanished", "unreadable"):
         for path in getattr(report, kind):
             logger.warning("tar: %s while archiving: %s", kind, path)
-    logger.info("filesystem archive stored as %s: %s compressed, sha256 %s", stored.name,
-                format_size(stored.size), stored.sha256)
+    logger.info("filesystem archive (%s) stored as %s: %s compressed, sha256 %s",
+                level.kind if level.kind == chain.FULL else f"incremental level {level.level}",
+                stored.name, format_size(stored.size), stored.sha256)
     section = PathsSection(root=plan.root, included=list(plan.included),
                            absent=list(plan.absent), excluded=list(plan.excluded),
                            changed=report.changed, vanished=report.vanished,
                            unreadable=report.unreadable, other=report.other)
-    return ArchiveResult(section=section, object=stored)
+    return ArchiveResult(section=section, object=stored, level=level.as_dict(),
+                         snapshot=snapshot_object, snapshot_record=record)
