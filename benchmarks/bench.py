@@ -29,16 +29,17 @@ import sys
 import time
 from pathlib import Path
 
+import incremental as incr
 from context import Context
 from report import ratios, render, summarize
 from runner import Results, rounds, run_variant
 from sampledata import drop_bench_db, prepare_data, remove_files
 from servers import prefect_server, scratch_mariadb
 from shell import REPO, STATE, base_env, exit_on_sigterm, log, read_env_file
-from variants import BACKUPS, OVERHEAD, RESTORE_SOURCES, RESTORES, first_run_variant
+from variants import BACKUPS, OVERHEAD, RESTORE_SOURCES, RESTORES, Variant, first_run_variant
 
 TOOLS = ("mariadb", "mariadb-dump", "zstd", "tar", "swift")
-PARTS = ("overhead", "backup", "restore")  # --only
+PARTS = ("overhead", "backup", "restore", "incremental")  # --only
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,7 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true",
                    help="keep the generated files and the ucb_bench database for the next run")
     p.add_argument("--only", default="",
-                   help="comma-separated subset: overhead,backup,restore (default all)")
+                   help="comma-separated subset: overhead,backup,restore,incremental "
+                        "(default all)")
+    p.add_argument("--variants", default="",
+                   help="comma-separated variant names: run only these of the parts chosen "
+                        "(e.g. reference_sequential,ours_running_server; default all)")
     p.add_argument("--python", type=Path, default=REPO / ".venv/bin/python",
                    help="interpreter with the project installed (default the repo's .venv)")
     p.add_argument("--os-env", type=Path, default=STATE / "keystone.env",
@@ -64,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--db-defaults-file", type=Path, default=STATE / "mariadb-backup.cnf",
                    help="option file of the MariaDB backup user (default: services.sh's)")
     args = p.parse_args(argv)
+    args.variants = set(filter(None, args.variants.split(",")))
     if args.runs < 1 or args.scale <= 0:
         p.error("--runs must be >= 1 and --scale > 0")
     if set(filter(None, args.only.split(","))) - set(PARTS):
@@ -95,7 +101,33 @@ def make_context(args: argparse.Namespace) -> Context:
                                capture_output=True, env=ctx.env, check=False)
         ctx.restore_available = help_.returncode == 0
         ctx.restore_help = help_.stdout.decode()
+    ctx.recipients_file = age_recipients(ctx)
+    ctx.incremental = incr.available(ctx)
     return ctx
+
+
+def age_recipients(ctx: Context) -> Path | None:
+    """A throwaway age key pair under the workdir (as tests/test_crypto.py makes them) for
+    the encrypted variant; None without age-keygen or --recipients-file in our CLI."""
+    keygen = shutil.which("age-keygen", path="/usr/bin:/bin")
+    help_ = subprocess.run([str(ctx.python), "-m", "flows.backup", "--help"], cwd=REPO,
+                           capture_output=True, env=ctx.env, check=False)
+    if keygen is None or "--recipients-file" not in help_.stdout.decode():
+        return None
+    keys = ctx.workdir / "age"
+    shutil.rmtree(keys, ignore_errors=True)
+    keys.mkdir(mode=0o700)
+    identity = keys / "identity.txt"  # never used: the benchmark does not decrypt
+    subprocess.run([keygen, "-o", str(identity)], check=True, capture_output=True)
+    public = subprocess.run([keygen, "-y", str(identity)], check=True, capture_output=True)
+    recipients = keys / "recipients.txt"
+    recipients.write_bytes(public.stdout)
+    return recipients
+
+
+def chosen(variants: list[Variant], names: set[str]) -> list[Variant]:
+    """The variants --variants names (all of them without --variants)."""
+    return [v for v in variants if not names or v.name in names]
 
 
 def run_overhead(ctx: Context, results: Results, labels: dict[str, str]) -> None:
@@ -105,8 +137,9 @@ def run_overhead(ctx: Context, results: Results, labels: dict[str, str]) -> None
     first = first_run_variant(first_home)
     labels[first.name] = first.label
     log("Prefect overhead on a tiny --db-only backup")
-    run_variant(ctx, first, 0, results)
-    rounds(ctx, OVERHEAD, ctx.args.runs, results)
+    if not ctx.args.variants or first.name in ctx.args.variants:
+        run_variant(ctx, first, 0, results)
+    rounds(ctx, chosen(OVERHEAD, ctx.args.variants), ctx.args.runs, results)
     for v in OVERHEAD[:3]:
         ctx.clean_container(ctx.container(v.name))
     shutil.rmtree(first_home, ignore_errors=True)
@@ -115,6 +148,7 @@ def run_overhead(ctx: Context, results: Results, labels: dict[str, str]) -> None
 def run_backups(ctx: Context, only: set[str], results: Results, report: dict) -> None:
     """The data, then the backups, each round followed by the restores of its backups."""
     log(f"preparing data at scale {ctx.args.scale} under {ctx.root}")
+    incr.Changes.recover(ctx.workdir, ctx.root)
     files, entries, dump = prepare_data(ctx.workdir, ctx.root, ctx.args.scale, ctx.cnf,
                                         ctx.python)
     ctx.source_bytes = files + dump
@@ -122,14 +156,22 @@ def run_backups(ctx: Context, only: set[str], results: Results, report: dict) ->
                       "dump_bytes": dump, "source_bytes": files + dump}
     log(f"data: {files / 1e6:.0f} MB in {entries} entries, dump {dump / 1e6:.0f} MB")
     with contextlib.ExitStack() as stack:
-        restores = []
-        if "restore" in only:
+        names = ctx.args.variants
+        restores = chosen(RESTORES, names) if "restore" in only else []
+        if restores:
             ctx.scratch_sock = stack.enter_context(scratch_mariadb(ctx.workdir))
-            restores = RESTORES
         # The restores read these two; with --only restore they are the only backups run.
         backups = BACKUPS if "backup" in only else [
-            v for v in BACKUPS if v.name in RESTORE_SOURCES]
-        rounds(ctx, backups, ctx.args.runs, results, then=restores)
+            v for v in BACKUPS if v.name in RESTORE_SOURCES and restores]
+        backups = [v for v in backups if not names or v.name in names
+                   or (v.name in RESTORE_SOURCES and restores)]
+        chain = None
+        if "incremental" in only and (not names or names & {v.name for v in incr.VARIANTS}):
+            if ctx.incremental is None:
+                chain = lambda r: incr.incremental_round(ctx, r, results)  # noqa: E731
+            else:
+                log(f"incremental: not available: {ctx.incremental}")
+        rounds(ctx, backups, ctx.args.runs, results, then=restores, after=chain)
     for v in BACKUPS:
         ctx.clean_container(ctx.container(v.name))
 
@@ -146,7 +188,7 @@ def run_all(ctx: Context, only: set[str], results: Results, labels: dict[str, st
             ctx.api_url, ctx.server_sid = url, sid
             if "overhead" in only:
                 run_overhead(ctx, results, labels)
-            if only & {"backup", "restore"}:
+            if only & {"backup", "restore", "incremental"}:
                 run_backups(ctx, only, results, report)
     finally:
         if not ctx.args.keep:
@@ -168,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     only = set(filter(None, args.only.split(","))) or set(PARTS)
     ctx = make_context(args)
     results: Results = {}
-    labels = {v.name: v.label for v in BACKUPS + RESTORES + OVERHEAD}
+    labels = {v.name: v.label for v in BACKUPS + RESTORES + OVERHEAD + incr.VARIANTS}
     report: dict = {"scale": args.scale, "runs": args.runs, "segment_mib": args.segment_mib,
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": {
                         "cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()[0]}}
@@ -179,8 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     variants = report["variants"] = summarize(results, labels, sources)
     report["ratios"] = ratios(variants)
     report["restore_ours"] = restore_status(ctx, variants)
+    report["incremental"] = ("measured" if any(v.name in variants for v in incr.VARIANTS)
+                             else f"not available: {ctx.incremental}" if ctx.incremental
+                             else "not run")
+    report["encrypted"] = ("measured" if "ours_encrypted" in variants else
+                           "not available: no age-keygen or no --recipients-file"
+                           if ctx.recipients_file is None else "not run")
     report["total_s"] = round(time.monotonic() - t0, 1)
-    print(render(report, [v.name for v in BACKUPS + RESTORES], ctx.logs))
+    print(render(report, [v.name for v in BACKUPS + RESTORES], ctx.logs,
+                 [v.name for v in incr.VARIANTS]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         log(f"JSON written to {args.json}")

@@ -28,6 +28,8 @@ class Context:
     restore_available: bool = False
     restore_help: str = ""
     last_backup: dict[str, dict] = field(default_factory=dict)  # variant -> our --json output
+    recipients_file: Path | None = None  # age recipients for the encrypted variant
+    incremental: str | None = "not run"  # None: the CLI has issue 13.1's contract
 
     @property
     def segment_bytes(self) -> int:

@@ -39,6 +39,9 @@ class RunResult:
     log_offset: int = 0
     timeline: dict[str, float] = field(default_factory=dict)
     stored_bytes: int = 0  # compressed bytes the backup wrote (backups that say)
+    stored_files_bytes: int = 0  # of which the filesystem archive
+    kind: str = ""  # our backup's --json kind (full, incremental) where it says
+    parent: str = ""
 
     def add_note(self, note: str) -> None:
         self.note = " ".join(filter(None, (self.note, note)))
@@ -144,6 +147,16 @@ RESTORE_PHASES = (
     ("databases_restored", "database(s) in "),
     ("flow_finished", "Finished in state"),
 )
+
+
+def error_line(result: RunResult) -> str:
+    """The failed run's own one-line reason (its last ``error:`` line), from its log."""
+    with open(result.log_path, "rb") as f:
+        f.seek(result.log_offset)
+        text = f.read().decode(errors="replace")
+    lines = [line.strip() for line in text.splitlines()
+             if "error:" in line and not line.startswith("=== ")]
+    return lines[-1][:300] if lines else ""
 
 
 def timeline(result: RunResult, phases: tuple[tuple[str, str], ...] = PHASES

@@ -163,9 +163,11 @@ class TreeSampler(threading.Thread):
         by_comm: dict[str, int] = {}
         for proc in procs.values():
             parent = procs.get(proc.ppid)
-            if (parent is not None and proc.comm == parent.comm
-                    and abs(proc.rss - parent.rss) <= parent.rss // 50):
-                # A child between (v)fork and exec shares its parent's pages: not new memory.
+            if parent is not None and proc.comm == parent.comm and (
+                    abs(proc.rss - parent.rss) <= parent.rss // 50
+                    or cmdline(proc.pid) == cmdline(parent.pid)):
+                # A child between (v)fork and exec shares its parent's pages: not new memory
+                # (its RSS can lag its parent's by more than 2 %, its command line cannot).
                 continue
             if in_server(proc):
                 servers += proc.rss

@@ -46,8 +46,12 @@ def _medians(good: list[RunResult], source_bytes: int | None) -> dict:
         rss_mib_at_peak=max(good, key=lambda r: r.rss_mib_tree).rss_mib_at_peak,
         timeline_median=_median_by_key([r.timeline for r in good]),
         cpu_s_median=_median(r.cpu_s for r in good),
-        stored_mb_median=(round(statistics.median(r.stored_bytes for r in good) / 1e6, 1)
+        stored_mb_median=(round(statistics.median(r.stored_bytes for r in good) / 1e6, 3)
                           if good[0].stored_bytes else None),
+        stored_files_mb_median=(
+            round(statistics.median(r.stored_files_bytes for r in good) / 1e6, 3)
+            if good[0].stored_files_bytes else None),
+        kinds=sorted({r.kind for r in good if r.kind}),
         cpu_by_command_median=_median_by_key([r.cpu_by_command for r in good]),
         cpu_servers_s_median=_median_by_key([r.cpu_servers_s for r in good]),
         cpu_other_s_median=_median(r.cpu_other_s for r in good),
@@ -74,8 +78,29 @@ def ratio(variants: dict[str, dict], a: str, b: str) -> float | None:
     return round(x / y, 3) if x and y else None
 
 
-def ratios(variants: dict[str, dict]) -> dict[str, float | None]:
-    return {key: ratio(variants, a, b) for key, (a, b) in RATIOS.items()}
+def _of(variants: dict[str, dict], a: str, b: str, key: str) -> float | None:
+    x, y = variants.get(a, {}).get(key), variants.get(b, {}).get(key)
+    return round(x / y, 4) if x is not None and y else None
+
+
+def ratios(variants: dict[str, dict]) -> dict:
+    """Ratios of medians: ours against the references; the incrementals against their full
+    (issue 13.3); encrypted against plain (issue 12.5)."""
+    out: dict = {key: ratio(variants, a, b) for key, (a, b) in RATIOS.items()}
+    out["incremental_vs_full"] = {
+        f"after_{pct}": {
+            "wall": ratio(variants, f"incr_nightly_{pct}", "incr_full"),
+            "stored": _of(variants, f"incr_nightly_{pct}", "incr_full", "stored_mb_median"),
+            "stored_files": _of(variants, f"incr_nightly_{pct}", "incr_full",
+                                "stored_files_mb_median")}
+        for pct in ("0pct", "1pct")}
+    out["chain_restore_vs_full_restore"] = ratio(variants, "restore_chain",
+                                                 "restore_equivalent_full")
+    out["encrypted_vs_plain"] = {
+        "wall": ratio(variants, "ours_encrypted", "ours_running_server"),
+        "rss_peak": _of(variants, "ours_encrypted", "ours_running_server", "rss_mib_peak"),
+        "cpu": _of(variants, "ours_encrypted", "ours_running_server", "cpu_s_median")}
+    return out
 
 
 def table(variants: dict[str, dict], names: list[str], ref: str | None) -> str:
@@ -91,12 +116,15 @@ def table(variants: dict[str, dict], names: list[str], ref: str | None) -> str:
             lines.append(f"| {label} | {v['runs']} | failed | | | | | | | |")
             continue
         vs = ratio(variants, name, ref) if ref else None
+        stored = f"{v['stored_mb_median']:.1f}" if v.get("stored_mb_median") else ""
+        if stored and name.startswith("incr") and v.get("stored_files_mb_median"):
+            stored += f" (files {v['stored_files_mb_median']:.1f})"
         lines.append(
             f"| {label} | {v['runs'] - v['failed']}/{v['runs']} | {v['wall_s_median']:.2f} "
             f"| {min(v['wall_s']):.2f}–{max(v['wall_s']):.2f} "
             f"| {v['throughput_mb_s'] or ''} | {v['rss_mib_peak']:.0f} "
             f"| {v['rss_mib_max_process']:.0f} ({v['max_process']}) | {v['cpu_s_median']:.1f} "
-            f"| {v.get('stored_mb_median') or ''} | {f'{vs:.2f}×' if vs else ''} |")
+            f"| {stored} | {f'{vs:.2f}×' if vs else ''} |")
     return "\n".join(lines)
 
 
@@ -158,22 +186,38 @@ def _heading(report: dict) -> list[str]:
     return lines
 
 
-def render(report: dict, names: list[str], logs: Path) -> str:
-    """The markdown the benchmark prints: ``names`` are the backups' and restores'."""
+def _ratio_text(value: object) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_ratio_text(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def render(report: dict, names: list[str], logs: Path, chain: list[str] = ()) -> str:
+    """The markdown the benchmark prints: ``names`` are the backups' and restores',
+    ``chain`` the incremental sequence's."""
     variants = report["variants"]
     ours = [n for n in names if n.startswith(("ref", "ours"))]
     out = [*_heading(report), table(variants, ours, "reference_sequential"), "",
            table(variants, ["restore_reference", "restore_ours"], "restore_reference")]
     if "restore_ours" not in variants:
         out.append(f"\nrestore, {report['restore_ours']}")
+    if any(n in variants for n in chain):
+        out += ["", table(variants, [n for n in chain if n.startswith("incr")], "incr_full"),
+                "", table(variants, [n for n in chain if n.startswith("restore")],
+                          "restore_equivalent_full")]
+    else:
+        out.append(f"\nincremental: {report.get('incremental', 'not run')}")
+    if "ours_encrypted" not in variants:
+        out.append(f"encrypted: {report.get('encrypted', 'not run')}")
     if any(n in variants for n in OVERHEAD_NAMES):
         out += ["", table(variants, OVERHEAD_NAMES, "overhead_tools_db_only")]
-    everything = names + OVERHEAD_NAMES
+    everything = names + list(chain) + OVERHEAD_NAMES
     out += ["", cpu_table(variants, everything), "", memory_table(variants, everything),
             "\nour flow's timeline (s since start, median):\n",
             timeline_table(variants, [n for n in everything if not n.startswith("restore")])]
     if "restore_ours" in variants:
         out += ["", timeline_table(variants, ["restore_ours"], RESTORE_PHASES)]
-    out += ["\nratios: " + ", ".join(f"{k} = {v}" for k, v in report["ratios"].items()),
+    out += ["\nratios: " + ", ".join(f"{k} = {_ratio_text(v)}"
+                                    for k, v in report["ratios"].items()),
             f"total {report['total_s']:.0f} s; logs in {logs}"]
     return "\n".join(out)

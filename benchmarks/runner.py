@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from context import Context
@@ -47,10 +47,13 @@ def run_variant(ctx: Context, variant: Variant, round_: int, results: Results) -
 
 
 def rounds(ctx: Context, variants: Sequence[Variant], runs: int, results: Results,
-           then: Sequence[Variant] = ()) -> None:
+           then: Sequence[Variant] = (), after: Callable[[int], None] | None = None) -> None:
     """Alternate: every variant once per round, the order rotated from round to round; then
-    the ``then`` variants (the restores of that round's backups), rotated too."""
+    the ``then`` variants (the restores of that round's backups), rotated too; then
+    ``after(round)`` (the incremental chain, whose steps have an order of their own)."""
     for r in range(runs):
         log(f"round {r + 1}/{runs}")
         for variant in rotated(variants, r) + rotated(then, r):
             run_variant(ctx, variant, r, results)
+        if after is not None:
+            after(r)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import references as ref
 from context import Context
-from measure import RESTORE_PHASES, RunResult, timeline
+from measure import RESTORE_PHASES, RunResult, error_line, timeline
 from sampledata import EVENTS, ensure_bench_db, events_rows, scaled, tree_bytes
 from servers import reset_scratch
 
@@ -86,6 +86,19 @@ def ours_argv(ctx: Context, c: str, *extra: str) -> list[str]:
             "--json", *extra]
 
 
+def parse_ours(ctx: Context, name: str, result: RunResult) -> None:
+    """Our flow's run: its phases and its --json (stored bytes); on failure, its one line."""
+    if not result.ok:
+        result.add_note(error_line(result))
+        return
+    result.timeline = timeline(result)
+    with contextlib.suppress(ValueError, IndexError, KeyError):
+        ctx.last_backup[name] = out = json.loads(result.stdout.splitlines()[-1])
+        result.stored_bytes = sum(o["size"] for o in out["objects"])
+        result.stored_files_bytes = sum(o["size"] for o in out["objects"]
+                                        if ".tar." in o["name"])
+
+
 def ours_variant(name: str, label: str, ephemeral: bool, *extra: str,
                  kind: str = "backup") -> Variant:
     """``python -m flows.backup`` with a running Prefect server, or its ephemeral one."""
@@ -94,13 +107,29 @@ def ours_variant(name: str, label: str, ephemeral: bool, *extra: str,
         return ours_argv(ctx, ctx.container(name), *extra), env
 
     def measured(ctx: Context, result: RunResult) -> None:
-        if result.ok:
-            result.timeline = timeline(result)
-            with contextlib.suppress(ValueError, IndexError, KeyError):
-                ctx.last_backup[name] = json.loads(result.stdout.splitlines()[-1])
-                result.stored_bytes = sum(o["size"] for o in ctx.last_backup[name]["objects"])
+        parse_ours(ctx, name, result)
 
     return _backup(name, label, kind, build, measured, lambda ctx: None,
+                   Context.server_sessions)
+
+
+def encrypted_variant(name: str, label: str) -> Variant:
+    """Ours with its defaults and ``--recipients-file`` (age, issue 12.5): every object
+    ``zstd | age -R``. Not run without ``age-keygen`` or without the option in --help."""
+    def build(ctx: Context, _round: int) -> Built:
+        if ctx.recipients_file is None:
+            return None
+        return (ours_argv(ctx, ctx.container(name), "--recipients-file",
+                          str(ctx.recipients_file)), ctx.running_env())
+
+    def measured(ctx: Context, result: RunResult) -> None:
+        parse_ours(ctx, name, result)
+        names = [o["name"] for o in ctx.last_backup.get(name, {}).get("objects", [])]
+        if result.ok and not all(n.endswith(".age") for n in names):
+            result.ok = False
+            result.add_note(f"objects not encrypted: {', '.join(names)}")
+
+    return _backup(name, label, "backup", build, measured, lambda ctx: None,
                    Context.server_sessions)
 
 
@@ -115,32 +144,47 @@ def first_run_variant(home: Path) -> Variant:
                    "overhead", build)
 
 
+def reset_restore_target(ctx: Context, name: str, database: bool = True) -> None:
+    """An empty target directory (and the emptied scratch server when ``database``)."""
+    target = ctx.restore_target(name)
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    if database:
+        assert ctx.scratch_sock is not None
+        reset_scratch(ctx.scratch_sock)
+
+
+def restore_check(ctx: Context, name: str, result: RunResult, database: bool = True) -> None:
+    """Untimed: the files (and the bench database) came back; the target is removed."""
+    got, got_entries = tree_bytes(ctx.restore_target(name))
+    want, want_entries = tree_bytes(ctx.root)
+    if database:
+        count = events_rows(f"--socket={ctx.scratch_sock}") or "missing"
+        if got != want or count != str(scaled(EVENTS, ctx.args.scale)):
+            result.ok = False
+            result.add_note(f"restore check failed: {got}/{want} bytes, events rows {count}")
+    elif (got, got_entries) != (want, want_entries):  # deletions must be applied too
+        result.ok = False
+        result.add_note(f"restore check failed: {got}/{want} bytes, "
+                        f"{got_entries}/{want_entries} entries")
+    shutil.rmtree(ctx.restore_target(name), ignore_errors=True)
+
+
 def restore_variant(name: str, label: str, build: Callable[[Context, int], Built],
                     phases: tuple[tuple[str, str], ...] | None = None,
                     sessions: Sessions = _no_sessions) -> Variant:
     """A restore into an empty target directory and the emptied scratch server, checked
     afterwards (untimed): the files and the bench database came back."""
-    def prepare(ctx: Context) -> None:
-        target = ctx.restore_target(name)
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
-        assert ctx.scratch_sock is not None
-        reset_scratch(ctx.scratch_sock)
-
     def after(ctx: Context, result: RunResult) -> None:
         if not result.ok:
+            result.add_note(error_line(result))
             return
         if phases:
             result.timeline = timeline(result, phases)
-        got, _ = tree_bytes(ctx.restore_target(name))
-        want, _ = tree_bytes(ctx.root)
-        count = events_rows(f"--socket={ctx.scratch_sock}") or "missing"
-        if got != want or count != str(scaled(EVENTS, ctx.args.scale)):
-            result.ok = False
-            result.add_note(f"restore check failed: {got}/{want} bytes, events rows {count}")
-        shutil.rmtree(ctx.restore_target(name), ignore_errors=True)
+        restore_check(ctx, name, result)
 
-    return Variant(name, label, "restore", build, prepare, after, sessions)
+    return Variant(name, label, "restore", build, lambda ctx: reset_restore_target(ctx, name),
+                   after, sessions)
 
 
 def restore_reference(ctx: Context, _round: int) -> Built:
@@ -179,6 +223,7 @@ BACKUPS = [
                  "--no-table-checksums", False, "--compression-level", "1",
                  "--no-table-checksums"),
     ours_variant("ours_ephemeral_server", "ours, ephemeral Prefect server", ephemeral=True),
+    encrypted_variant("ours_encrypted", "ours, running server, --recipients-file (age)"),
 ]
 RESTORES = [
     restore_variant("restore_reference",
