@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import shutil
 import socket
 import stat
 import subprocess
@@ -45,6 +46,9 @@ os.environ.update(
     PREFECT_SERVER_ANALYTICS_ENABLED="false",
     PREFECT_SERVER_EPHEMERAL_ENABLED="false",
     PREFECT_LOGGING_TO_API_BATCH_INTERVAL="0.3",
+    # Test-only: proactive automations (test_alerts' silence window) are evaluated every
+    # second instead of every 5, so a short window ends when it should.
+    PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY="PT1S",
 )
 
 
@@ -74,14 +78,43 @@ def services() -> dict[str, str]:
     return read_env_file(STATE / "keystone.env")
 
 
+_SERVER: list[subprocess.Popen] = []
+
+
+def _start_prefect_server() -> subprocess.Popen:
+    if not _SERVER:
+        log = open(Path(_PREFECT_HOME) / "server.log", "wb")
+        _SERVER.append(subprocess.Popen(
+            [str(Path(PYTHON).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+             "--port", str(_PREFECT_PORT), "--analytics-off"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=dict(os.environ)))
+        log.close()
+    return _SERVER[0]
+
+
+def _stop_prefect_server() -> None:
+    while _SERVER:
+        server = _SERVER.pop()
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Start the session's Prefect server before collecting: its first start (migrations of a
+    new database, about 10 s) overlaps with the collection and the services' start-up."""
+    if not session.config.option.collectonly:
+        _start_prefect_server()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server():
     """A real Prefect server for the session (SQLite under a temporary PREFECT_HOME)."""
-    log = open(Path(_PREFECT_HOME) / "server.log", "wb")
-    server = subprocess.Popen(
-        [str(Path(PYTHON).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-         "--port", str(_PREFECT_PORT), "--analytics-off"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dict(os.environ))
+    server = _start_prefect_server()
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -91,15 +124,55 @@ def prefect_server():
         except OSError:
             pass
         if server.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"Prefect server did not start; see {log.name}")
-        time.sleep(0.3)
+            raise RuntimeError(f"Prefect server did not start; see {_PREFECT_HOME}/server.log")
+        time.sleep(0.2)
     yield PREFECT_API_URL
-    server.terminate()
+    _stop_prefect_server()
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
+
+
+FULL_SYSTEM = "full_system"
+
+
+@pytest.fixture(scope="module")
+def full_system(os_env):
+    """The installed system that test_security, test_deploy and test_ui share (install_helpers:
+    SHARED): made for the first test that needs it, removed after the last one of a run of
+    such tests (pytest_runtest_teardown below)."""
+    from install_helpers import SHARED
+
+    return SHARED.get(os_env)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that need the installed system run one after the other (from where the first
+    of them was), so it is installed once; the others keep their order."""
+    users = [item for item in items if FULL_SYSTEM in getattr(item, "fixturenames", ())]
+    if not users:
+        return
+    first = items.index(users[0])
+    others = [item for item in items if FULL_SYSTEM not in getattr(item, "fixturenames", ())]
+    items[:] = others[:first] + users + others[first:]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """After the last test of a run of tests that need the installed system (their module
+    fixtures torn down first), remove it: no other test runs beside it."""
     try:
-        server.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log.close()
+        return (yield)
+    finally:
+        if nextitem is None or FULL_SYSTEM not in getattr(nextitem, "fixturenames", ()):
+            from install_helpers import SHARED
+
+            SHARED.close()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from install_helpers import SHARED
+
+    SHARED.close()  # after an interrupted run too
+    _stop_prefect_server()
 
 
 @pytest.fixture(scope="session")

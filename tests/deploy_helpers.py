@@ -45,15 +45,28 @@ MANAGED = (privileged.SUDOERS_FILE, privileged.ARCHIVE_WRAPPER, privileged.MARIA
            privileged.CONFIG_FILE)
 
 
+_LOCK_DEPTH = [0]
+
+
 @contextmanager
 def machine_lock() -> Iterator[None]:
-    """One test session at a time may own the machine-wide privileged files."""
-    LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with open(LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    """One test session at a time may own the machine-wide privileged files. Re-entrant within
+    the session (the shared installation holds it while its modules' fixtures take it again)."""
+    if _LOCK_DEPTH[0]:
+        _LOCK_DEPTH[0] += 1
         try:
             yield
         finally:
+            _LOCK_DEPTH[0] -= 1
+        return
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _LOCK_DEPTH[0] = 1
+        try:
+            yield
+        finally:
+            _LOCK_DEPTH[0] = 0
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
@@ -354,10 +367,12 @@ class Api:
         except OSError:
             return False
 
-    def wait_healthy(self, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    def wait_healthy(self, process: subprocess.Popen | None, log: Path,
+                     timeout: float = 120) -> None:
+        """Until the API answers (``process``: the server, if this session started it)."""
         deadline = time.monotonic() + timeout
         while not self.healthy():
-            assert process.poll() is None, f"Prefect server exited; see {log}"
+            assert process is None or process.poll() is None, f"Prefect server exited; see {log}"
             assert time.monotonic() < deadline, f"Prefect server not healthy; see {log}"
             time.sleep(0.3)
 

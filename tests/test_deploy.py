@@ -1,127 +1,57 @@
-"""The deployment on an undercloud, end to end: a Prefect server configured as
-deployments/env/server.env says, `install.sh user privileged prefect` (work pool, queue,
-`prefect deploy --all` from prefect.yaml, the zombie automation), a process worker running as
-an unprivileged user with the project's sudoers installed, runs created the way the UI creates
-them, and the backups checked in Swift with plain swiftclient, zstd and tar.
-
-The module runs its own Prefect server (not the session's): the shipped server settings
-(filesystem lease storage, API basic auth) must be in its environment from the start, and the
-last test restarts it.
+"""The deployment on an undercloud, end to end: the installation `install.sh` made with every
+step (shared with test_security and test_ui, conftest's full_system): its Prefect server
+configured as deployments/env/server.env says (filesystem lease storage, API basic auth, from
+the start), the work pool, queue, `prefect deploy --all` from prefect.yaml and the zombie
+automation, a process worker running as an unprivileged user with the project's sudoers; runs
+created the way the UI creates them, and the backups checked in Swift with plain swiftclient,
+zstd and tar. The last test kills the worker and restarts the server.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-import socket
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import sample_undercloud as sample
 import swiftclient
 from deploy_helpers import (
-    INSTALL,
     REPO,
-    VENV,
-    WORKER,
-    Api,
-    grant_traverse,
-    install_env,
-    kill_tree,
-    machine_lock,
-    privileged_install,
     remove_tree,
-    revoke_traverse,
     sample_root,
-    scratch_dir,
     scratch_mariadb,
-    stop,
-    user_argv,
 )
+from install_helpers import LOG_DIR, SHARED_SERVER_ENV, ZOMBIE_AFTER_S, FullInstall
 from keystoneauth1 import session
 from keystoneauth1.identity import v3
 
+from undercloud_backup import privileged
+
 pytestmark = pytest.mark.slow
 
-PREFECT = str(VENV / "bin/prefect")
 DEPLOYMENT = "undercloud_backup/{}"
-# Test-only speed-ups, each explained: a waiting run retries for the deployment's slot every
-# 2 s instead of 30; the automation crashes a run 40 s after its last heartbeat instead of
-# 90 (heartbeats stay at 30 s, as in prefect.yaml); the worker polls every second.
-SLOT_WAIT_S = "2"
-ZOMBIE_AFTER_S = "40"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server_environment(home: Path, port: int, auth: str) -> dict[str, str]:
-    """deployments/env/server.env as install.sh renders it, read like systemd reads it."""
-    text = (REPO / "deployments/env/server.env").read_text()
-    text = (text.replace("@STATE@/server", str(home)).replace("@PORT@", str(port))
-            .replace("@SERVER_AUTH_LINE@", f"PREFECT_SERVER_API_AUTH_STRING={auth}"))
-    env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8"}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            env[key] = value
-    env["PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"] = SLOT_WAIT_S
-    return env
+# The shared installation's test-only speed-ups (install_helpers): a waiting run retries for the
+# deployment's slot every 2 s instead of 30; the automation crashes a run 40 s after its last
+# heartbeat instead of 90 (heartbeats stay at 30 s, as in prefect.yaml); the worker polls every
+# second.
+SLOT_WAIT_S = SHARED_SERVER_ENV["PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"]
 
 
 class Deployment:
     """The running installation: server, worker, API, and where the samples are."""
 
-    def __init__(self, state: Path, roots: dict[str, Path], os_env: dict[str, str]) -> None:
-        self.state = state
+    def __init__(self, install: FullInstall, roots: dict[str, Path]) -> None:
+        self.install = install
         self.roots = roots
-        self.os_env = os_env
-        self.port = _free_port()
-        self.auth = f"admin:{secrets.token_hex(8)}"
-        self.url = f"http://127.0.0.1:{self.port}/api"
-        self.api = Api(self.url, self.auth)
-        self.server_home = scratch_dir("ucb-prefect-server-", 0o700)
-        self.server: subprocess.Popen | None = None
-        self.worker: subprocess.Popen | None = None
-        self.install_seconds = 0.0
-
-    def start_server(self) -> None:
-        log = self.server_home / "server.log"
-        self.server = subprocess.Popen(
-            [PREFECT, "server", "start", "--analytics-off"], cwd=self.server_home,
-            env=server_environment(self.server_home, self.port, self.auth),
-            stdin=subprocess.DEVNULL, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-        self.api.wait_healthy(self.server, log)
-
-    def stop_server(self) -> None:
-        if self.server is not None:
-            stop(self.server)
-
-    def start_worker(self) -> None:
-        """The worker as the unprivileged user, from Popen (a shell's `&` would make it ignore
-        SIGTERM), with what deployments/env/worker.env gives it, Swift's OS_* included."""
-        env = {"PATH": f"{VENV}/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-               "HOME": str(self.state / "worker"), "PREFECT_API_URL": self.url,
-               "PREFECT_API_AUTH_STRING": self.auth,
-               "PREFECT_HOME": str(self.state / "worker"),
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "PREFECT_WORKER_QUERY_SECONDS": "1",
-               "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1", **self.os_env}
-        log = open(self.state / "worker.log", "ab")
-        self.worker = subprocess.Popen(
-            user_argv(WORKER, [PREFECT, "worker", "start", "--pool", "undercloud",
-                               "--type", "process", "--name", f"test-{uuid.uuid4().hex[:6]}"]),
-            cwd=str(self.state), env=env, stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True)
+        self.url = install.url
+        self.api = install.api()
+        # `install.sh prefect` as the installation ran it (pool, queue, deploy, automations)
+        self.install_seconds = install.first_step_seconds["prefect"]
 
     def worker_log_tail(self) -> str:
-        return (self.state / "worker.log").read_text(errors="replace")[-3000:]
+        return (LOG_DIR / "worker.log").read_text(errors="replace")[-3000:]
 
     def deployment(self, name: str) -> dict:
         return self.api("GET", f"/deployments/name/{DEPLOYMENT.format(name)}")  # type: ignore
@@ -139,37 +69,26 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployed(os_env):
-    with machine_lock(), scratch_mariadb() as db_socket:
-        subprocess.run(["mariadb", f"--socket={db_socket}"], input=sample.database_sql(),
-                       text=True, check=True)
-        state = scratch_dir("ucb-worker-state-")
-        roots = {"small": sample_root((1,)), "large": sample_root((48,))}
-        deployment = Deployment(state, roots, os_env)
-        granted: list[Path] = []
-        try:
-            with privileged_install(state, list(roots.values()), socket=db_socket):
-                granted = grant_traverse(WORKER, [REPO, VENV])
-                deployment.start_server()
-                started = time.monotonic()
-                result = subprocess.run(
-                    ["bash", str(INSTALL), "prefect"], capture_output=True, text=True,
-                    env=install_env(state, PREFECT_API_URL=deployment.url,
-                                    PREFECT_API_AUTH_STRING=deployment.auth,
-                                    UCB_ZOMBIE_AFTER=ZOMBIE_AFTER_S), timeout=180)
-                assert result.returncode == 0, result.stdout + result.stderr
-                deployment.install_seconds = time.monotonic() - started
-                deployment.start_worker()
-                try:
-                    yield deployment
-                finally:  # before the worker's user is removed
-                    if deployment.worker is not None:
-                        stop(deployment.worker)
-        finally:
-            deployment.stop_server()
-            revoke_traverse(WORKER, granted)
-            for path in (*roots.values(), state, deployment.server_home):
-                remove_tree(path)
+def deployed(full_system):
+    """The shared installation, its privileged policy allowing two sample roots (small, large)
+    and dumping a private MariaDB; the policy put back afterwards."""
+    config = Path(privileged.CONFIG_FILE)
+    shipped = config.read_text()
+    roots = {"small": sample_root((1,)), "large": sample_root((48,))}
+    try:
+        with scratch_mariadb() as db_socket:
+            subprocess.run(["mariadb", f"--socket={db_socket}"], input=sample.database_sql(),
+                           text=True, check=True)
+            # The shipped policy with the sample roots in place of `/`.
+            config.write_text("".join(line for line in shipped.splitlines(keepends=True)
+                                      if not line.startswith("root ="))
+                              + "".join(f"root = {root}\n" for root in roots.values())
+                              + f"socket = {db_socket}\n")
+            yield Deployment(full_system, roots)
+    finally:
+        config.write_text(shipped)
+        for path in roots.values():
+            remove_tree(path)
 
 
 def swift_connection(os_env: dict[str, str]) -> swiftclient.Connection:
@@ -277,14 +196,13 @@ def test_killed_worker_does_not_block_later_backups(deployed, os_env, container)
                   for t in deployed.task_runs(killed_id)):
         assert time.monotonic() < deadline, "the backup never got to archiving"
         time.sleep(0.2)
-    kill_tree(deployed.worker)  # worker, flow run, sudo, tar: all gone at once
+    deployed.install.kill_worker()  # worker, flow run, sudo, tar: all gone at once
     state = deployed.api.flow_run(killed_id)["state"]
     assert state["type"] == "RUNNING", state
 
     # The server restarts too: the slot's lease must survive it (filesystem lease storage).
-    deployed.stop_server()
-    deployed.start_server()
-    deployed.start_worker()
+    # `install.sh stop`, then `install.sh services` starts the server and a new worker.
+    deployed.install.restart()
     started = time.monotonic()
     next_id = deployed.create_run("on-demand", **run_parameters(deployed.roots["small"],
                                                                 container))

@@ -1,5 +1,6 @@
 """The trust boundary on a real installation (issue 10, issue 11 item 1): `install.sh` run by the
-test with every step, a local Prefect server of its own user, its own prefix and state directory
+tests with every step (the installation they share with test_deploy and test_ui, conftest's
+full_system), a local Prefect server of its own user, its own prefix and state directory
 (deployments run from this checkout), no systemd (start-stop-daemon). Each attack is made the way
 a hostile worker or local user would make it; races are made deterministic by planting first and
 letting root act afterwards.
@@ -29,13 +30,11 @@ from deploy_helpers import (
     accounts_removed,
     as_user,
     descendants,
-    ensure_nosudo_user,
-    machine_lock,
     remove_tree,
     sample_root,
     scratch_dir,
 )
-from install_helpers import ETC, LOG_DIR, full_install
+from install_helpers import ETC, LOG_DIR
 
 from undercloud_backup import archive, privileged
 
@@ -44,10 +43,9 @@ LIBEXEC = REPO / "deployments/libexec"
 
 
 @pytest.fixture(scope="module")
-def full():
-    with machine_lock(), full_install(trace=True) as install:
-        ensure_nosudo_user()
-        yield install
+def full(full_system):
+    """The shared installation (conftest: full_system), every step traced."""
+    return full_system
 
 
 @pytest.fixture(scope="module")
@@ -341,3 +339,12 @@ def test_install_sets_up_the_alerts_from_a_root_owned_url_file_and_no_argv_holds
     finally:
         url_file.unlink(missing_ok=True)
         remove_tree(trace.parent)
+        # The installation is shared: take back the automations and block this test made.
+        api = full.api()
+        for made in api("POST", "/automations/filter", {}):
+            if made["name"] in ("undercloud-backup: backup failed",
+                                "undercloud-backup: no backup completed"):
+                api("DELETE", f"/automations/{made['id']}")
+        for block in api("POST", "/block_documents/filter", {
+                "block_documents": {"name": {"any_": ["undercloud-backup-alerts"]}}}):
+            api("DELETE", f"/block_documents/{block['id']}")

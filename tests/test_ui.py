@@ -2,7 +2,8 @@
 through Playwright; no browser download).
 
 `deployments/install.sh` installs everything (its own server user with API auth, the worker
-user, the sudo wrappers); the browser logs in, opens undercloud_backup/on-demand, starts a
+user, the sudo wrappers: the installation shared with test_security, conftest's full_system);
+the browser logs in, opens undercloud_backup/on-demand, starts a
 custom run (an added path, an excluded path) and a database-only one, follows each to
 Completed and opens its artifact, then starts a quick run with the deployment's defaults. What
 the operator sees is checked against the API and against Swift. Screenshots of every step are
@@ -19,12 +20,12 @@ import time
 from pathlib import Path
 
 import pytest
-from deploy_helpers import machine_lock, remove_tree, sample_root, scratch_mariadb
-from install_helpers import full_install
+import sample_undercloud as sample
+from deploy_helpers import remove_tree, sample_root, scratch_mariadb
 from playwright import sync_api as playwright_api
 from test_deploy import archive_members, manifests
 
-from undercloud_backup import privileged, sample
+from undercloud_backup import privileged
 
 pytestmark = pytest.mark.slow
 
@@ -38,27 +39,33 @@ EXCLUDED = "/home/stack/templates"
 
 
 @pytest.fixture(scope="module")
-def installed(os_env):
-    """A full install whose wrappers may read a sample undercloud and dump a private MariaDB."""
+def installed(full_system):
+    """The shared full install (conftest: full_system) whose wrappers may read a sample
+    undercloud and dump a private MariaDB; its policy and deployment defaults put back after."""
     root = sample_root((1,))
     (root / "opt/extra").mkdir(parents=True)
     (root / "opt/extra/notes.txt").write_text("not a default path\n")
     started = time.monotonic()
-    with machine_lock(), scratch_mariadb() as db_socket:
-        subprocess.run(["mariadb", f"--socket={db_socket}"], input=sample.database_sql(),
-                       text=True, check=True)
-        try:
-            with full_install(worker_env=os_env) as install:
-                Path(privileged.CONFIG_FILE).write_text(
-                    "".join(line for line in Path(privileged.CONFIG_FILE).read_text()
-                            .splitlines(keepends=True) if not line.startswith("root ="))
-                    # an added path is archived only where root's policy allows it
-                    + f"root = {root}\npath = {ADDED}\nsocket = {db_socket}\n")
-                install.root = root
-                install.setup_seconds = time.monotonic() - started
-                yield install
-        finally:
-            remove_tree(root)
+    config = Path(privileged.CONFIG_FILE)
+    shipped = config.read_text()
+    api = full_system.api()
+    on_demand = api("GET", "/deployments/name/undercloud_backup/on-demand")
+    try:
+        with scratch_mariadb() as db_socket:
+            subprocess.run(["mariadb", f"--socket={db_socket}"], input=sample.database_sql(),
+                           text=True, check=True)
+            config.write_text(
+                "".join(line for line in shipped.splitlines(keepends=True)
+                        if not line.startswith("root ="))
+                # an added path is archived only where root's policy allows it
+                + f"root = {root}\npath = {ADDED}\nsocket = {db_socket}\n")
+            full_system.root = root
+            full_system.setup_seconds = time.monotonic() - started
+            yield full_system
+    finally:
+        config.write_text(shipped)
+        api("PATCH", f"/deployments/{on_demand['id']}", {"parameters": on_demand["parameters"]})
+        remove_tree(root)
 
 
 @pytest.fixture(scope="module")
@@ -132,18 +139,19 @@ class Operator:
         return self.start(self.page.get_by_role("button", name="Submit").click, name)
 
     def follow(self, run_id: str, name: str, api, timeout: float = 240) -> str:
-        """Watch the run page until its state badge shows a final state; return it."""
+        """Wait (on the API, every 0.5 s) until the run is final, then open its page: return
+        the final state its badge shows. (Reloading the page meanwhile, as an operator might,
+        only takes CPU from the backup on a 2-core machine.)"""
+        final = ("Completed", "Failed", "Crashed", "Cancelled")
+        api_state = api.wait_final(run_id, timeout)["state"]
         self.page.goto(f"{self.base}/runs/flow-run/{run_id}")
         badge = self.page.locator(".state-badge").first
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        state = ""
+        while state not in final and time.monotonic() < deadline:
             state = badge.inner_text().strip() if badge.count() else ""
-            if state in ("Completed", "Failed", "Crashed", "Cancelled"):
-                break
-            time.sleep(2)
-            self.page.reload()
+            time.sleep(0.2)
         self.shot(f"{name}-state")
-        api_state = api.flow_run(run_id)["state"]
         assert state == "Completed", f"{name}: UI shows {state}; {api_state['message']}"
         assert api_state["type"] == "COMPLETED"
         return state

@@ -13,7 +13,12 @@ fi
 stamp="$VENV/.installed-$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   # stdout carries only the venv's path (callers capture it): pip talks on stderr
-  "$VENV/bin/pip" install -q --upgrade pip >&2
+  # Debian 12's venv brings pip 23.0: recent enough for an editable install from pyproject.toml;
+  # upgrade only an older one.
+  if ! "$VENV/bin/python" -c 'import sys, pip; sys.exit(int(pip.__version__.split(".")[0]) < 23)'
+  then
+    "$VENV/bin/pip" install -q --upgrade pip >&2
+  fi
   "$VENV/bin/pip" install -q -e "$REPO[dev]" >&2
   "$VENV/bin/python" -c 'import prefect, pymysql, swiftclient, keystoneauth1, pytest' >&2
   rm -f "$VENV"/.installed-*; touch "$stamp"
