@@ -25,7 +25,7 @@ from flows import cli, logs, params
 from flows.params import DatabaseParams
 from tasks import restore as steps
 from tasks import verify as checks
-from undercloud_backup import crypto, restore
+from undercloud_backup import crypto, restore, restoredb
 from undercloud_backup.errors import ConfigError
 from undercloud_backup.manifest import Manifest
 
@@ -59,6 +59,7 @@ def undercloud_restore(
     staging_dir: str = "/var/tmp",
     timeout_hours: float = 12.0,
     allowed_signers: str | None = None,
+    identity: str | None = None,
 ) -> dict:
     """Restore an undercloud backup: files into a target root, databases into a MariaDB.
 
@@ -98,14 +99,20 @@ def undercloud_restore(
             processes are killed.
         allowed_signers: ssh-keygen allowed-signers file: restore only from a manifest
             signed by a key in it (checked before anything is written).
+        identity: Path of the age identity file (private key; never its content) that
+            decrypts an encrypted backup: the operator's or the break-glass key, on the
+            machine that restores. Checked against the backup's recipients before anything
+            is read or written.
     """
     want_databases = _check_choices(files, all_databases, databases, overwrite, skip_existing)
     swift_source = SwiftSource(block=swift_block, container=container)
     db_source = database.source()
     manifest = checks.load_manifest(swift_source, backup_id, allowed_signers)
     backup_id = manifest.backup_id
-    if crypto.is_encrypted(manifest):
-        raise crypto.DecryptionUnsupported(backup_id=backup_id)
+    decryption = crypto.prepare_identity(identity, manifest, required=True)  # exit 51/52/59
+    warnings = _warnings(decryption, allowed_signers)
+    for warning in warnings:
+        get_run_logger().warning("%s", warning)
     request = restore.RestoreRequest(
         backup_id=backup_id, target=target or restore.default_target(staging_dir, backup_id),
         paths=tuple(paths or ()), exclude_paths=tuple(exclude_paths or ()),
@@ -116,7 +123,27 @@ def undercloud_restore(
     fresh_target = not files or _fresh(request)
     names = None if all_databases else list(databases or [])
     result: dict = {"backup_id": backup_id, "container": swift_source.settings().container,
-                    "dry_run": dry_run, "files": None, "databases": None}
+                    "dry_run": dry_run, "files": None, "databases": None,
+                    "decryption": decryption.describe() if decryption else "not encrypted",
+                    "warnings": warnings}
+    # Every object it will use is in Swift as recorded (HEAD) before anything is written.
+    checks.check_stored_objects(swift_source, manifest,
+                                _objects_used(manifest, files, want_databases, all_databases))
+    with crypto.decrypting(decryption):
+        _restore(swift_source, db_source, manifest, names, request, result, files=files,
+                 want_databases=want_databases, paths=paths, overwrite=overwrite,
+                 fresh_target=fresh_target)
+    _report_artifact(result)
+    _log_done(result)
+    return result
+
+
+def _restore(swift_source: SwiftSource, db_source: DatabaseSource, manifest: Manifest,
+             names: list[str] | None, request: restore.RestoreRequest, result: dict, *,
+             files: bool, want_databases: bool, paths: list[str] | None, overwrite: bool,
+             fresh_target: bool) -> None:
+    """Files and databases, side by side where they can be; ``result`` filled in."""
+    dry_run = request.dry_run
     if want_databases and not dry_run:
         # Check the databases can be loaded (and would not be replaced unasked) before any
         # file is written.
@@ -130,9 +157,24 @@ def undercloud_restore(
         if want_databases:
             result["databases"] = steps.restore_databases(swift_source, db_source, manifest,
                                                           names, request)
-    _report_artifact(result)
-    _log_done(result)
-    return result
+
+
+def _objects_used(manifest: Manifest, files: bool, want_databases: bool,
+                  all_databases: bool) -> list[str]:
+    used = [restore.archive_object(manifest)] if files else []
+    if want_databases:
+        used.append(restoredb.dump_object(manifest))
+        users = restoredb.users_object(manifest) if all_databases else None
+        used += [users] if users else []
+    return [o.name for o in used]
+
+
+def _warnings(decryption: crypto.Decryption | None, allowed_signers: str | None) -> list[str]:
+    warnings = crypto.identity_warnings(decryption)
+    if decryption is not None and not allowed_signers:
+        warnings.append("the manifest's signature was not checked (no --allowed-signers): "
+                        "anyone who knows the public recipients could have written this backup")
+    return warnings
 
 
 def _fresh(request: restore.RestoreRequest) -> bool:
@@ -217,6 +259,8 @@ def _report_artifact(result: dict) -> None:
             lines.append(f"- After the load {databases['matching']} of {databases['compared']} "
                          "table(s) match the manifest (rows and checksum)")
             lines += [f"  - {d}" for d in databases["differences"]]
+    lines.append(f"- Encryption: {result['decryption']}")
+    lines += [f"- Warning: {w}" for w in result["warnings"]]
     create_markdown_artifact(key="undercloud-restore", markdown="\n".join(lines) + "\n",
                              description=f"{title} of {result['backup_id']}")
 
@@ -264,6 +308,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-signers", metavar="FILE",
                    help="ssh-keygen allowed-signers file: restore only from a manifest signed "
                         "by a key in it (exit 53 unsigned, 54 other key, 55 altered)")
+    p.add_argument("--identity", metavar="FILE",
+                   help="age identity file (a path: the key is never an argument) that "
+                        "decrypts an encrypted backup (exit 51 unusable, 52 not a recipient of "
+                        "the backup, 56 an object is not what the manifest says, 59 none given)")
     return p
 
 
@@ -277,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         skip_existing=args.skip_existing, overwrite_empty=args.overwrite_empty,
         dry_run=args.dry_run, database=params.from_args(args, DatabaseParams),
         swift_block=args.swift_block, staging_dir=args.staging_dir,
-        timeout_hours=args.timeout_hours, allowed_signers=args.allowed_signers),
+        timeout_hours=args.timeout_hours, allowed_signers=args.allowed_signers,
+        identity=args.identity),
         interrupted="what was written so far stays in place")
     if result is None:
         return status
@@ -285,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     files, databases = result["files"], result["databases"]
+    for warning in result["warnings"]:
+        print(f"warning: {warning}")
     if files and files["dry_run"]:
         for line in restore.iter_plan_lines(files):
             print(line)

@@ -44,6 +44,7 @@ def verify_backup(
     timeout_hours: float = 6.0,
     task_retries: int = 2,
     allowed_signers: str | None = None,
+    identity: str | None = None,
 ) -> dict:
     """Prove a backup restores: objects, segments, archive entries and a test restore of the
     databases compared table by table with the manifest.
@@ -64,6 +65,11 @@ def verify_backup(
         task_retries: Retries of a check after a transient failure (Swift unreachable).
         allowed_signers: ssh-keygen allowed-signers file: the manifest must be signed by a
             key in it (manifest.json.sig), or nothing is checked.
+        identity: Path of an age identity file (private key; never its content) that
+            decrypts an encrypted backup, on a verify host or an operator's machine: with it
+            the archive is listed and the dump test-restored; without it an encrypted
+            backup's objects are only checked (presence, sizes, SHA-256), and the report
+            says so.
     """
     logger = get_run_logger()
     started = time.monotonic()
@@ -72,28 +78,34 @@ def verify_backup(
     timeout_s = timeout_hours * 3600
     manifest = checks.load_manifest.with_options(**retry)(swift_source, backup_id,
                                                           allowed_signers)
-    # Encrypted objects: presence, sizes and SHA-256 of the stored bytes; nothing decrypted.
-    encrypted = crypto.is_encrypted(manifest)
+    # Checked before anything is read: a missing or unusable identity 51, another key's 52.
+    decryption = crypto.prepare_identity(identity, manifest, required=False)
+    # Encrypted and no identity: presence, sizes and SHA-256 of the stored bytes only.
+    undecryptable = crypto.is_encrypted(manifest) and decryption is None
     futures = {}
-    for obj in manifest.objects:
-        kind = "encrypted" if encrypted else verify.kind_of(obj)
-        if kind == "archive":
-            futures[obj.name] = checks.verify_archive.with_options(**retry).submit(
-                swift_source, manifest, obj, timeout_s)
-        elif kind in ("database", "users") and check_database:
-            if "database" not in futures:  # one throwaway server loads both, in order
-                futures["database"] = checks.verify_database.with_options(**retry).submit(
-                    swift_source, manifest, staging_dir, timeout_s, list(ignore_tables or []))
-        else:
-            futures[obj.name] = checks.verify_object.with_options(**retry).submit(
-                swift_source, obj)
-    results = {name: future.result() for name, future in futures.items()}
+    with crypto.decrypting(decryption):  # the submitted tasks run in a copy of this context
+        for obj in manifest.objects:
+            kind = "encrypted" if undecryptable else verify.kind_of(obj)
+            if kind == "archive":
+                futures[obj.name] = checks.verify_archive.with_options(**retry).submit(
+                    swift_source, manifest, obj, timeout_s)
+            elif kind in ("database", "users") and check_database:
+                if "database" not in futures:  # one throwaway server loads both, in order
+                    futures["database"] = checks.verify_database.with_options(**retry).submit(
+                        swift_source, manifest, staging_dir, timeout_s,
+                        list(ignore_tables or []))
+            else:
+                futures[obj.name] = checks.verify_object.with_options(**retry).submit(
+                    swift_source, obj)
+        results = {name: future.result() for name, future in futures.items()}
     report = verify.summarize(manifest, swift_source.settings().container, results,
                               time.monotonic() - started)
     report["signature"] = "good" if allowed_signers else "not checked (no allowed_signers)"
-    if encrypted:
-        report["warnings"].append("encrypted backup: objects, sizes and SHA-256 checked, NOT "
-                                  "decrypted (no archive listing, no test restore)")
+    report["decrypted"] = decryption is not None
+    report["decryption"] = _decryption_text(manifest, decryption)
+    report["warnings"] += crypto.identity_warnings(decryption)
+    if undecryptable:
+        report["warnings"].append(f"encrypted backup: {report['decryption']}")
     _report_artifact(report, manifest)
     if not report["ok"]:
         raise verify.VerificationFailed(backup_id=report["backup_id"],
@@ -101,6 +113,16 @@ def verify_backup(
     logger.info("backup %s verified in %.0f s%s", report["backup_id"], report["seconds"],
                 f" ({len(report['warnings'])} warning(s))" if report["warnings"] else "")
     return report
+
+
+def _decryption_text(manifest: Manifest, decryption: crypto.Decryption | None) -> str:
+    if not crypto.is_encrypted(manifest):
+        return "not encrypted"
+    if decryption is None:
+        return ("objects, sizes and SHA-256 checked, NOT decrypted (no identity: no archive "
+                "listing, no test restore); run verify with --identity FILE where an identity "
+                "is (docs/restore.md)")
+    return decryption.describe() + ": archive listed and dump test-restored"
 
 
 def _report_artifact(report: dict, manifest: Manifest) -> None:
@@ -131,6 +153,8 @@ def _report_artifact(report: dict, manifest: Manifest) -> None:
                         if database["ignored"] else ""))
     else:
         lines.append("- Databases: not test-restored")
+    lines.append(f"- Encryption: {report['decryption']}")
+    lines.append(f"- Signature: {report['signature']}")
     if report["problems"]:
         lines += ["", "## What differed", ""] + [f"- {p}" for p in report["problems"]]
     if report["warnings"]:
@@ -158,6 +182,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-signers", metavar="FILE",
                    help="ssh-keygen allowed-signers file: refuse a manifest not signed by a key "
                         "in it (exit 53 unsigned, 54 other key, 55 altered)")
+    p.add_argument("--identity", metavar="FILE",
+                   help="age identity file (a path: the key is never an argument) to decrypt an "
+                        "encrypted backup and test-restore it; without it only the stored "
+                        "objects are checked (exit 51 unusable, 52 not a recipient)")
     p.add_argument("--json", action="store_true",
                    help="print the report as one JSON object (also when verification fails)")
     return p
@@ -178,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         backup_id=args.backup_id, container=args.container, swift_block=args.swift_block,
         check_database=not args.skip_database, ignore_tables=args.ignore_table,
         staging_dir=args.staging_dir, timeout_hours=args.timeout_hours,
-        allowed_signers=args.allowed_signers),
+        allowed_signers=args.allowed_signers, identity=args.identity),
         on_backup_error=print_report)
     if report is None:
         return status

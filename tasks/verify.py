@@ -78,3 +78,13 @@ def _log(result: dict, success: str) -> None:
         logger.warning("%s", warning)
     if not result["problems"]:
         logger.info("%s", success)
+
+
+@task(name="check_stored_objects", **_check)
+def check_stored_objects(swift_source: SwiftSource, manifest: Manifest,
+                         names: list[str]) -> None:
+    """HEAD every object a restore will use (and each segment) against the manifest, before
+    anything is written: a truncated or swapped object is refused naming it."""
+    store, container = _store(swift_source)
+    reader.precheck(store, container, [o for o in manifest.objects if o.name in names])
+    get_run_logger().info("%d object(s) in Swift as the manifest records them", len(names))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from pathlib import Path
 
@@ -244,7 +245,7 @@ def test_exit_statuses_are_distinct_and_in_the_50s():
     classes = [crypto.RecipientsInvalid, crypto.IdentityMissing, crypto.WrongIdentity,
                crypto.ManifestUnsigned, crypto.SignatureUntrusted, crypto.SignatureInvalid,
                crypto.ObjectTampered, crypto.SigningFailed, crypto.EncryptionRequired,
-               crypto.DecryptionUnsupported]
+               crypto.IdentityRequired]
     statuses = [c.exit_code for c in classes]
     assert len(set(statuses)) == len(statuses) and all(50 <= s < 60 for s in statuses)
 
@@ -287,3 +288,66 @@ def test_sha256sums_is_what_sha256sum_c_reads(tmp_path):
     (tmp_path / "h-1/filesystem.tar.zst.age").write_bytes(body + b"x")
     assert subprocess.run(["sha256sum", "-c", "SUMS"], cwd=tmp_path,
                           capture_output=True).returncode == 1
+
+
+# -- encryption required after install --------------------------------------------------------
+def test_once_installed_recipients_exist_a_run_naming_none_is_still_encrypted(tmp_path):
+    installed = tmp_path / "recipients"
+    assert crypto.installed_recipients(str(installed)) is None
+    installed.write_text("age1...\n")
+    assert crypto.installed_recipients(str(installed)) == str(installed)
+    choice = crypto.require_encryption(None, None, str(installed))
+    assert choice.recipients_file == str(installed) and choice.plain_reason is None
+    # the run's own recipients file wins over the installed one
+    assert crypto.require_encryption("/other", None, str(installed)).recipients_file == "/other"
+
+
+def test_plain_text_needs_an_opt_out_with_a_reason_that_the_manifest_records(tmp_path):
+    choice = crypto.require_encryption(None, "  restore drill,\n no keys yet ", "/installed")
+    assert choice.recipients_file is None and choice.opted_out
+    assert choice.plain_section() == {"format": "none", "recipients": [], "opted_out": True,
+                                      "reason": "opted out: restore drill, no keys yet"}
+    for blank in ("", "   "):
+        with pytest.raises(crypto.EncryptionRequired) as caught:
+            crypto.require_encryption(None, blank, "/installed")
+        assert caught.value.exit_code == 58 and "needs a reason" in str(caught.value)
+    with pytest.raises(crypto.ConfigError, match="not both"):
+        crypto.require_encryption("/r", "because", None)
+    with pytest.raises(crypto.ConfigError, match="longer than"):
+        crypto.require_encryption(None, "x" * 201, None)
+
+
+def test_without_installed_recipients_a_run_naming_none_is_plain_text_and_says_why():
+    choice = crypto.require_encryption(None, None, None)
+    assert choice.recipients_file is None and not choice.opted_out
+    assert "plain text" in choice.plain_section()["reason"]
+
+
+def test_an_identity_is_prepared_before_anything_is_read(keys, tmp_path, monkeypatch):
+    from undercloud_backup.manifest import Manifest
+
+    section = crypto.load_recipients(keys["recipients"]).manifest_section()
+    sealed = Manifest(backup_id="b1", created_at="now", encryption=section)
+    plain = Manifest(backup_id="b2", created_at="now", encryption={"format": "none"})
+    operator = str(keys["dir"] / "operator.key")
+    decryption = crypto.prepare_identity(operator, sealed, required=True)
+    assert decryption.identity_file == operator
+    assert decryption.recipient == section["recipients"][0]
+    assert "AGE-SECRET" not in decryption.describe() and operator not in decryption.describe()
+    assert crypto.prepare_identity(None, sealed, required=False) is None  # verify goes on
+    with pytest.raises(crypto.IdentityRequired) as required:
+        crypto.prepare_identity(None, sealed, required=True)
+    assert required.value.exit_code == 59 and section["recipients"][0] in str(required.value)
+    assert crypto.prepare_identity(operator, plain, required=True) is None
+    with pytest.raises(crypto.IdentityMissing):  # a bad file is refused even for plain text
+        crypto.prepare_identity(str(tmp_path / "absent"), plain, required=True)
+    with pytest.raises(crypto.WrongIdentity):
+        crypto.prepare_identity(str(keys["dir"] / "stranger.key"), sealed, required=True)
+    # age reads "-" as standard input (the object!): the identity is always a file's path
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(crypto.IdentityMissing):
+        crypto.prepare_identity("-", sealed, required=True)
+    os.chmod(operator, 0o644)
+    assert "readable by others" in crypto.identity_warnings(decryption)[0]
+    os.chmod(operator, 0o600)
+    assert crypto.identity_warnings(decryption) == []

@@ -17,15 +17,20 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
+import stat
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
 from undercloud_backup import execute
-from undercloud_backup.errors import BackupError, CommandFailed, NotFound
+from undercloud_backup.errors import BackupError, CommandFailed, ConfigError, NotFound
 from undercloud_backup.execute import Command
-from undercloud_backup.manifest import MANIFEST_NAME, Manifest
+from undercloud_backup.manifest import MANIFEST_NAME, Manifest, StoredObject
 
 FORMAT = "age"
 SUFFIX = ".age"
@@ -33,6 +38,10 @@ NAMESPACE = "undercloud-backup"  # ssh-keygen -Y namespace: a signature made for
 SIGNATURE_SUFFIX = ".sig"
 SUMS = "SHA256SUMS"
 TOOL_TIMEOUT = 60.0
+DECRYPT_STAGE = "age -d"
+# Installed once by install.sh (root-owned, public keys only): when it exists, every backup is
+# encrypted to it unless the run names other recipients or opts out with a reason.
+INSTALLED_RECIPIENTS = "/etc/undercloud-backup/recipients"
 
 # age's native X25519 recipients are Bech32 with the "age" prefix; plugin recipients are
 # "age1<plugin>1..."; both are lower-case Bech32 characters after "age1".
@@ -77,7 +86,7 @@ class SignatureInvalid(BackupError):
 
 
 class ObjectTampered(BackupError):
-    """Object {name} of backup {backup_id} is not what the signed manifest says: {detail}; refusing to use it."""  # noqa: E501
+    """Encrypted object {name} of backup {backup_id} is not what its manifest says: {detail}; refusing to use it."""  # noqa: E501
 
     exit_code = 56
 
@@ -89,13 +98,13 @@ class SigningFailed(BackupError):
 
 
 class EncryptionRequired(BackupError):
-    """{detail}: give --recipients-file FILE (age public keys), or --no-encryption to store this backup in plain text on purpose."""  # noqa: E501
+    """{detail}: give --recipients-file FILE (age public keys), or --no-encryption REASON to store this backup in plain text on purpose."""  # noqa: E501
 
     exit_code = 58
 
 
-class DecryptionUnsupported(BackupError):
-    """Backup {backup_id} is encrypted (age): this version's restore does not decrypt; restore it by hand as docs/restore.md says (ssh-keygen -Y verify, sha256sum -c, age -d)."""  # noqa: E501
+class IdentityRequired(BackupError):
+    """Backup {backup_id} is encrypted (age, to {recipients}): pass --identity FILE with the operator's or the break-glass age identity, or restore it by hand as docs/restore.md says."""  # noqa: E501
 
     exit_code = 59
 
@@ -177,8 +186,10 @@ def encrypt_command(recipients_file: str) -> Command:
 
 
 def decrypt_command(identity_file: str) -> Command:
-    """``age -d -i FILE``: the identity is a path (or ``/dev/fd/N``), never a key on argv."""
-    return Command(("age", "--decrypt", "-i", identity_file), name="age -d")
+    """``age -d -i FILE``: the identity is a path, never a key on argv. Killed by SIGPIPE
+    (whatever reads its output stopped) is not its failure: the reader's status says why."""
+    return Command(("age", "--decrypt", "-i", identity_file), name=DECRYPT_STAGE,
+                   ok_statuses=frozenset({0, -signal.SIGPIPE}))
 
 
 def identity_recipients_commands(identity_file: str) -> tuple[Command, Command]:
@@ -333,11 +344,99 @@ def _recipients_in(text: str) -> list[str]:
     return keys
 
 
-def check_identity(identity_file: str, *, backup_id: str, recipients: list[str]) -> None:
-    """Refuse, before any download, an identity the backup was not encrypted to."""
-    if not identity_fingerprints(identity_file) & set(recipients):
+def check_identity(identity_file: str, *, backup_id: str, recipients: list[str]) -> str:
+    """Refuse, before any download, an identity the backup was not encrypted to; return the
+    fingerprint of the recipient it matches."""
+    matching = sorted(identity_fingerprints(identity_file) & set(recipients))
+    if not matching:
         raise WrongIdentity(path=identity_file, backup_id=backup_id,
                             recipients=", ".join(recipients) or "none recorded")
+    return matching[0]
+
+
+@dataclass(frozen=True)
+class Decryption:
+    """How a run decrypts: the identity file (a path; age reads the key) and the recipient
+    fingerprint it matched, which is all a report or an artifact ever names."""
+
+    identity_file: str
+    recipient: str
+
+    def describe(self) -> str:
+        return f"decrypted with the identity of recipient {self.recipient}"
+
+
+def recipients_of(manifest: Manifest) -> list[str]:
+    return list((manifest.encryption or {}).get("recipients") or [])
+
+
+def prepare_identity(identity_file: str | None, manifest: Manifest, *,
+                     required: bool) -> Decryption | None:
+    """Check an ``--identity`` before anything is read or written.
+
+    The file must be readable and hold an age identity or an unencrypted SSH private key
+    (exit 51), one of the keys the backup was encrypted to (52). Without one, an encrypted
+    backup is refused when ``required`` (restore, exit 59); verify goes on without
+    decrypting. None: nothing to decrypt with (a plain backup, or no identity given).
+    """
+    path = os.path.abspath(identity_file) if identity_file else None  # never age's "-"
+    found = identity_fingerprints(path) if path else set()
+    if not is_encrypted(manifest):
+        return None
+    recipients = recipients_of(manifest)
+    if path is None:
+        if required:
+            raise IdentityRequired(backup_id=manifest.backup_id,
+                                   recipients=", ".join(recipients) or "no recipient recorded")
+        return None
+    matching = sorted(found & set(recipients))
+    if not matching:
+        raise WrongIdentity(path=path, backup_id=manifest.backup_id,
+                            recipients=", ".join(recipients) or "none recorded")
+    return Decryption(identity_file=path, recipient=matching[0])
+
+
+def identity_warnings(decryption: Decryption | None) -> list[str]:
+    """An identity others can read is a key others hold: say so (the path, never the key)."""
+    if decryption is None:
+        return []
+    mode = stat.S_IMODE(os.stat(decryption.identity_file).st_mode)
+    if mode & 0o077:
+        return [f"identity file {decryption.identity_file} is readable by others (mode "
+                f"{mode:04o}): chmod 600 it"]
+    return []
+
+
+# The decryption of the current flow run: set by the verify and restore flows around their
+# tasks (Prefect runs a submitted task in a copy of the submitting context), read where a
+# stored object is streamed (:mod:`undercloud_backup.streams`).
+_DECRYPTION: ContextVar[Decryption | None] = ContextVar("ucb_decryption", default=None)
+
+
+@contextmanager
+def decrypting(decryption: Decryption | None) -> Iterator[None]:
+    """Decrypt ``.age`` objects streamed inside the block with ``decryption``."""
+    token = _DECRYPTION.set(decryption)
+    try:
+        yield
+    finally:
+        _DECRYPTION.reset(token)
+
+
+def is_encrypted_object(obj: StoredObject) -> bool:
+    return obj.name.endswith(SUFFIX)
+
+
+def decrypt_commands(obj: StoredObject) -> list[Command]:
+    """The ``age -d`` stage in front of ``zstd -d`` for an encrypted object; none otherwise.
+    An encrypted object with no identity in force is refused before it is read."""
+    if not is_encrypted_object(obj):
+        return []
+    decryption = _DECRYPTION.get()
+    if decryption is None:
+        raise IdentityRequired(backup_id=obj.name.partition("/")[0],
+                               recipients="see the manifest")
+    return [decrypt_command(decryption.identity_file)]
 
 
 def decryption_error(error: CommandFailed, *, name: str, backup_id: str,
@@ -349,6 +448,67 @@ def decryption_error(error: CommandFailed, *, name: str, backup_id: str,
     if "reading" in said and "failed to open" in said:
         return IdentityMissing(path=identity_file, detail="age cannot open it")
     return ObjectTampered(name=name, backup_id=backup_id, detail=f"age: {said}")
+
+
+def stream_decryption_error(error: BackupError | None, obj: StoredObject) -> BackupError | None:
+    """The decryption error behind a failed ``age -d | zstd -d`` pipe, if age failed."""
+    if not isinstance(error, CommandFailed) or error.fields.get("name") != DECRYPT_STAGE:
+        return None
+    decryption = _DECRYPTION.get()
+    return decryption_error(error, name=obj.name, backup_id=obj.name.partition("/")[0],
+                            identity_file=decryption.identity_file if decryption else "?")
+
+
+# -- encryption required after install ---------------------------------------------------------
+@dataclass(frozen=True)
+class EncryptionChoice:
+    """What a backup encrypts to: a recipients file, or plain text and why (the manifest's
+    and the artifact's words)."""
+
+    recipients_file: str | None
+    plain_reason: str | None = None
+    opted_out: bool = False
+
+    def plain_section(self) -> dict:
+        """The manifest's ``encryption`` of a plain-text backup: said, with its reason."""
+        return {"format": "none", "recipients": [], "reason": self.plain_reason,
+                "opted_out": self.opted_out}
+
+
+MAX_REASON = 200
+
+
+def installed_recipients(path: str = INSTALLED_RECIPIENTS) -> str | None:
+    """The recipients file install.sh configured, if it did (its existence is the setting)."""
+    return path if os.path.lexists(path) else None
+
+
+def require_encryption(recipients_file: str | None, opt_out: str | None,
+                       installed_default: str | None) -> EncryptionChoice:
+    """Decide a backup's encryption before anything runs (pure; the files are parsed later).
+
+    ``recipients_file`` (the run's --recipients-file) wins; else the installed default, so
+    once install configured recipients a run that names none is still encrypted; plain text
+    then needs ``opt_out`` (--no-encryption REASON), whose reason the manifest records.
+    Without an installed default, a run without recipients is plain text, said so.
+    """
+    if opt_out is not None:
+        reason = " ".join(opt_out.split())
+        if recipients_file:
+            raise ConfigError(detail="choose --recipients-file or --no-encryption, not both")
+        if not reason:
+            raise EncryptionRequired(detail="--no-encryption needs a reason, which the "
+                                            "manifest and the artifact record")
+        if len(reason) > MAX_REASON:
+            raise ConfigError(detail=f"the --no-encryption reason is longer than {MAX_REASON} "
+                                     "characters")
+        return EncryptionChoice(None, f"opted out: {reason}", opted_out=True)
+    if recipients_file:
+        return EncryptionChoice(recipients_file)
+    if installed_default:
+        return EncryptionChoice(installed_default)
+    return EncryptionChoice(None, "no recipients file given and none installed: the objects "
+                                  "are stored in plain text")
 
 
 def check_sha256(name: str, backup_id: str, expected: str, actual: str) -> None:

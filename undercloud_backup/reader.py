@@ -272,3 +272,38 @@ def read_collecting(store, container: str, obj: StoredObject, out: IO[bytes] | N
                     *, stop: threading.Event | None = None) -> ObjectCheck:
     """Verify's reader: records every problem of every part and returns them."""
     return ObjectReader(store, container, obj, strict=False, stop=stop).read(out)
+
+
+def precheck(store, container: str, objects: list[StoredObject]) -> None:
+    """Before a restore writes anything: every object it will use is in Swift as the manifest
+    recorded it (size, ETag, SHA-256 metadata; an SLO's segment list and each segment's size
+    and ETag). A truncated, swapped or missing object is refused now (HEAD requests only),
+    not after part of it was written; the bytes' SHA-256 is still checked as they are read.
+    Raises :class:`ObjectDamaged` naming the object (an encrypted one:
+    :class:`crypto.ObjectTampered`, exit 56)."""
+    for obj in objects:
+        try:
+            _precheck(store, container, obj)
+        except ObjectDamaged as error:
+            if not crypto.is_encrypted_object(obj):
+                raise
+            raise crypto.ObjectTampered(name=obj.name, backup_id=obj.name.partition("/")[0],
+                                        detail=error.fields.get("detail")) from None
+
+
+def _precheck(store, container: str, obj: StoredObject) -> None:
+    check = ObjectReader(store, container, obj, strict=True)
+    check._head_ok()
+    if not obj.segmented:
+        return
+    check._check_slo_manifest()
+    for segment, part in zip(obj.segments, parts_of(container, obj), strict=True):
+        try:
+            headers = store.head(part.container, part.name)
+        except NotFound as error:
+            check.problem(f"{part.label}: missing ({_status(error)})")
+        size = int(headers.get("content-length", -1))
+        etag = headers.get("etag", "").strip('"')
+        if size != segment.size or etag != segment.etag:
+            check.problem(f"{part.label}: Swift has {size} bytes, etag {etag}; the manifest "
+                          f"records {segment.size} bytes, etag {segment.etag}")

@@ -1,7 +1,9 @@
-"""Plumbing a stored object into a consumer: Swift -> reader -> ``zstd -d`` -> [filter] -> consumer.
+"""Plumbing a stored object into a consumer: Swift -> reader -> [age -d] -> zstd -d -> consumer.
 
 The reader (:mod:`undercloud_backup.reader`) runs in a worker thread and writes checked bytes
-into the decompressor's stdin; this thread either hands the decompressed stream to the
+into the decompressor's stdin (an encrypted ``.age`` object's into ``age -d -i IDENTITY``
+first, with the identity of :func:`crypto.decrypting`: checked bytes only, so age never sees
+a byte the manifest does not vouch for); this thread either hands the decompressed stream to the
 consumer directly or pumps it through a line filter (the dump gate, a database filter), and
 optionally reads what the consumer prints. Every process is started by
 :mod:`undercloud_backup.execute`; memory stays bounded whatever the object's size.
@@ -17,11 +19,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO
 
+from undercloud_backup import crypto
 from undercloud_backup.dumpstream import LineFilter
 from undercloud_backup.errors import BackupError, CommandFailed, CommandTimedOut
 from undercloud_backup.execute import Command, Pipeline, StageResult
 from undercloud_backup.manifest import StoredObject
-from undercloud_backup.reader import READ_CHUNK, ObjectCheck, read_collecting, read_strict
+from undercloud_backup.reader import (
+    READ_CHUNK,
+    ObjectCheck,
+    ObjectDamaged,
+    read_collecting,
+    read_strict,
+)
 
 
 def unzstd_command() -> Command:
@@ -37,13 +46,16 @@ class StreamOutcome:
     consumer_error: BackupError | None
     results: list[StageResult]
     filter_error: BackupError | None = None  # the line filter refused the stream
+    decrypt_error: BackupError | None = None  # age refused the object (key, authentication)
 
     @property
     def first_failure(self) -> BackupError | None:
-        """A refusal by the filter first (the consumer then saw an empty stream, and the
-        decompressor a closed pipe); else the consumer's complaint, which usually says most
-        (e.g. the SQL error and line)."""
-        return self.filter_error or self.consumer_error or self.inflate_error
+        """A refusal by age first (what followed it saw a truncated stream), then by the
+        filter (the consumer then saw an empty stream, and the decompressor a closed pipe);
+        else the consumer's complaint, which usually says most (e.g. the SQL error and
+        line)."""
+        return (self.decrypt_error or self.filter_error or self.consumer_error
+                or self.inflate_error)
 
     def reason(self) -> str:
         """The failure in one line: for ``mariadb``, its ``ERROR ... at line N`` alone (it
@@ -94,16 +106,20 @@ def _feed(read: Callable[[IO[bytes]], ObjectCheck], fd: int) -> ObjectCheck:
 
 def stream_object(store, container: str, obj: StoredObject, consumer: Consumer, *,
                   timeout: float, strict: bool, spool_dir: str | None = None) -> StreamOutcome:
-    """Stream ``obj`` through ``zstd -d`` into ``consumer``.
+    """Stream ``obj`` through ``zstd -d`` (``age -d | zstd -d`` when encrypted) into
+    ``consumer``.
 
     ``strict`` reads as a restore does (a damaged part raises before its bytes go on);
     otherwise as a verification (every problem recorded in the outcome's check). Nothing is
     raised for a failing process: the outcome says who failed. Errors of the reader (Swift
     unreachable, a damaged object while restoring) and of the filter are raised after every
-    process is reaped.
+    process is reaped. Encrypted objects: no identity in force is exit 59 before a byte is
+    read; a damaged object, or one age refuses, raises (strict) :class:`crypto.ObjectTampered`
+    or :class:`crypto.WrongIdentity` naming it.
     """
     if consumer.line_filter is not None and consumer.read_output is not None:
         raise ValueError("a line filter and an output reader cannot be combined")
+    decrypt = crypto.decrypt_commands(obj)
     stop = threading.Event()
 
     def read(out: IO[bytes]) -> ObjectCheck:
@@ -114,7 +130,7 @@ def stream_object(store, container: str, obj: StoredObject, consumer: Consumer, 
     read_fd, write_fd = os.pipe()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"read-{obj.leaf}")
     try:
-        with Pipeline([unzstd_command()], timeout=timeout, stdin=read_fd) as inflate:
+        with Pipeline([*decrypt, unzstd_command()], timeout=timeout, stdin=read_fd) as inflate:
             os.close(read_fd)
             read_fd = -1
             reading = pool.submit(_feed, read, write_fd)
@@ -130,9 +146,19 @@ def stream_object(store, container: str, obj: StoredObject, consumer: Consumer, 
                 os.close(fd)
         # A verification keeps checking the parts after a damaged one: wait for those verdicts.
         pool.shutdown(wait=not stop.is_set())
-    return StreamOutcome(check=reading.result(), inflate_error=inflate_error,
+    try:
+        check = reading.result()
+    except ObjectDamaged as error:
+        if not decrypt:
+            raise
+        raise crypto.ObjectTampered(name=obj.name, backup_id=obj.name.partition("/")[0],
+                                    detail=error.fields.get("detail")) from None
+    decrypt_error = crypto.stream_decryption_error(inflate_error, obj) if decrypt else None
+    if decrypt_error is not None and strict:
+        raise decrypt_error
+    return StreamOutcome(check=check, inflate_error=inflate_error,
                          consumer_error=consumer_error, results=results,
-                         filter_error=filter_error)
+                         filter_error=filter_error, decrypt_error=decrypt_error)
 
 
 def _consume(inflate: Pipeline, consumer: Consumer, timeout: float
