@@ -100,7 +100,9 @@ def check_archive(store, container: str, manifest: Manifest, obj: StoredObject, 
     warnings = [f"{e} is not in the backup: {ESSENTIALS[e]}" for e in report.essentials_missing()]
     return {"object": outcome.check.as_dict(), "entries": report.entries,
             "directories": report.directories, "files": report.entries - report.directories,
-            "paths_found": report.found, "essentials_found": report.essentials_found,
+            # in the manifest's order, whatever order tar wrote them in (incrementals differ)
+            "paths_found": [p for p in report.included if p in report.found],
+            "essentials_found": report.essentials_found,
             "problems": problems, "warnings": warnings,
             "seconds": round(time.monotonic() - started, 2)}
 
