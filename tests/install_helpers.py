@@ -184,14 +184,19 @@ def full_install(worker_env: dict[str, str] | None = None, trace: bool = False,
 
 
 # Test-only speed-ups of the shared installation, each explained (the shipped values are the
-# templates' and prefect.yaml's): the worker polls every second instead of 5; a run waiting for
-# the deployment's slot retries every 2 s instead of 30; proactive automations are evaluated
-# every second instead of 5; a run without a heartbeat for 40 s is crashed (90 shipped;
-# heartbeats stay at 30 s, as in prefect.yaml).
-SHARED_WORKER_ENV = {"PREFECT_WORKER_QUERY_SECONDS": "1"}
+# templates' and prefect.yaml's):
+# - the worker polls for runs every second instead of 5, and syncs with the server every 5 s
+#   instead of 30: started beside a server that is not up yet, it takes no run before its
+#   first sync, which cost the first run up to half a minute;
+# - a run waiting for the deployment's slot retries every 2 s instead of 30;
+# - proactive automations are evaluated every second instead of every 5;
+# - a run without a heartbeat for 35 s is crashed (90 shipped; heartbeats stay at 30 s, as in
+#   prefect.yaml; no healthy run in the tests lasts 30 s).
+SHARED_WORKER_ENV = {"PREFECT_WORKER_QUERY_SECONDS": "1",
+                     "PREFECT_WORKER_HEARTBEAT_SECONDS": "5"}
 SHARED_SERVER_ENV = {"PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
                      "PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY": "PT1S"}
-ZOMBIE_AFTER_S = "40"
+ZOMBIE_AFTER_S = "35"
 
 
 class SharedInstall:

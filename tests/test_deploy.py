@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 DEPLOYMENT = "undercloud_backup/{}"
 # The shared installation's test-only speed-ups (install_helpers): a waiting run retries for the
-# deployment's slot every 2 s instead of 30; the automation crashes a run 40 s after its last
+# deployment's slot every 2 s instead of 30; the automation crashes a run 35 s after its last
 # heartbeat instead of 90 (heartbeats stay at 30 s, as in prefect.yaml); the worker polls every
 # second.
 SLOT_WAIT_S = SHARED_SERVER_ENV["PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"]
