@@ -50,7 +50,8 @@ def test_wrapper_and_library_build_the_same_incremental_tar_command():
     wrapped = privileged.archive_command(plan, extra_excludes=("var/tmp",),
                                          snapshot_id=snapshot).argv
     module = load_wrapper("ucb-archive")
-    root, excludes, paths, parsed = module.parse(list(wrapped[3:]))
+    request, parsed = module.split_snapshot(list(wrapped[3:]))
+    root, excludes, paths = module.parse(request)
     assert parsed == snapshot and module.SNAPSHOT_DIR == privileged.SNAPSHOT_DIR
     path = os.path.join(module.SNAPSHOT_DIR, module.snapshot_name(990, snapshot))
     assert path == privileged.wrapper_snapshot_path(990, snapshot)
