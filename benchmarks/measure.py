@@ -135,7 +135,7 @@ PHASES = (
     ("archive_started", "archiving "),
     ("dump_started", "dumping "),  # logged after the row counts and checksums
     ("dump_stored", "database dump stored"),
-    ("archive_stored", "filesystem archive stored"),
+    ("archive_stored", "filesystem archive"),  # "... stored" or "... (full) stored as"
     ("manifest_written", "manifest written"),
     ("flow_finished", "Finished in state"),
 )
@@ -171,7 +171,8 @@ def timeline(result: RunResult, phases: tuple[tuple[str, str], ...] = PHASES
         if line.startswith("=== "):
             break
         for phase, needle in phases:
-            if needle in line and (phase != "flow_finished" or "Flow run" in line):
+            if needle in line and (phase != "flow_finished" or "Flow run" in line) and (
+                    phase != "archive_stored" or " stored" in line):
                 with contextlib.suppress(ValueError):
                     stamp = time.mktime(time.strptime(day + line[:8], "%Y-%m-%d %H:%M:%S"))
                     marks[phase] = round(stamp + float("0" + line[8:12]) - result.started_at, 2)

@@ -83,6 +83,17 @@ def _of(variants: dict[str, dict], a: str, b: str, key: str) -> float | None:
     return round(x / y, 4) if x is not None and y else None
 
 
+def paired(variants: dict[str, dict], a: str, b: str) -> float | None:
+    """Median over the rounds where both succeeded of a's wall / b's in that round: on a
+    shared machine whose speed drifts from round to round, steadier than a ratio of medians."""
+    def walls(name: str) -> dict[int, float]:
+        return {r["round"]: r["wall_s"] for r in variants.get(name, {}).get("per_run", [])
+                if r["ok"]}
+    x, y = walls(a), walls(b)
+    pairs = [x[r] / y[r] for r in x if r in y and y[r]]
+    return round(statistics.median(pairs), 3) if pairs else None
+
+
 def ratios(variants: dict[str, dict]) -> dict:
     """Ratios of medians: ours against the references; the incrementals against their full
     (issue 13.3); encrypted against plain (issue 12.5)."""
@@ -98,6 +109,7 @@ def ratios(variants: dict[str, dict]) -> dict:
                                                  "restore_equivalent_full")
     out["encrypted_vs_plain"] = {
         "wall": ratio(variants, "ours_encrypted", "ours_running_server"),
+        "wall_paired": paired(variants, "ours_encrypted", "ours_running_server"),
         "rss_peak": _of(variants, "ours_encrypted", "ours_running_server", "rss_mib_peak"),
         "cpu": _of(variants, "ours_encrypted", "ours_running_server", "cpu_s_median")}
     return out
