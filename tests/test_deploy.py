@@ -23,7 +23,7 @@ from deploy_helpers import (
     sample_root,
     scratch_mariadb,
 )
-from install_helpers import LOG_DIR, SHARED_SERVER_ENV, ZOMBIE_AFTER_S, FullInstall
+from install_helpers import LOG_DIR, ZOMBIE_AFTER_S, FullInstall
 from keystoneauth1 import session
 from keystoneauth1.identity import v3
 
@@ -36,7 +36,6 @@ DEPLOYMENT = "undercloud_backup/{}"
 # deployment's slot every 2 s instead of 30; the automation crashes a run 35 s after its last
 # heartbeat instead of 90 (heartbeats stay at 30 s, as in prefect.yaml); the worker polls every
 # second.
-SLOT_WAIT_S = SHARED_SERVER_ENV["PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"]
 
 
 class Deployment:

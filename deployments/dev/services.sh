@@ -42,6 +42,13 @@
 set -euo pipefail
 
 CMD=${1:-start}
+# The daemons started here must not inherit the caller's descriptors: under
+# `flock /tmp/ucb-pytest.lock ...` (a test session whose `services` fixture starts them) every
+# daemon would keep the lock held after the caller is gone. (255: bash reads this script there.)
+for fd in /proc/$$/fd/*; do
+  fd=${fd##*/}
+  if [ "$fd" -gt 2 ] && [ "$fd" != 255 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+done
 STATE=${UCB_DEV_STATE:-/var/lib/undercloud-backup-dev}
 KS_URL=http://127.0.0.1:5000/v3
 PROXY=http://127.0.0.1:8080
