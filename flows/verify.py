@@ -83,6 +83,9 @@ def verify_backup(
     # Encrypted and no identity: presence, sizes and SHA-256 of the stored bytes only.
     undecryptable = crypto.is_encrypted(manifest) and decryption is None
     futures = {}
+    if manifest.incremental:  # its chain's links (issue 13), each one a problem
+        futures["chain"] = checks.verify_chain.with_options(**retry).submit(swift_source,
+                                                                           manifest)
     with crypto.decrypting(decryption):  # the submitted tasks run in a copy of this context
         for obj in manifest.objects:
             kind = "encrypted" if undecryptable else verify.kind_of(obj)
@@ -103,6 +106,7 @@ def verify_backup(
     report["signature"] = "good" if allowed_signers else "not checked (no allowed_signers)"
     report["decrypted"] = decryption is not None
     report["decryption"] = _decryption_text(manifest, decryption)
+    report["chain"] = [*manifest.chain, manifest.backup_id] if manifest.chain else None
     report["warnings"] += crypto.identity_warnings(decryption)
     if undecryptable:
         report["warnings"].append(f"encrypted backup: {report['decryption']}")
@@ -153,6 +157,8 @@ def _report_artifact(report: dict, manifest: Manifest) -> None:
                         if database["ignored"] else ""))
     else:
         lines.append("- Databases: not test-restored")
+    if report["chain"]:
+        lines.append(f"- Chain (incremental, full first): {' > '.join(report['chain'])}")
     lines.append(f"- Encryption: {report['decryption']}")
     lines.append(f"- Signature: {report['signature']}")
     if report["problems"]:

@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.sources import SwiftSource
 from tasks.backup import RETRY_TRANSIENT
-from undercloud_backup import reader, verify
+from undercloud_backup import chain, reader, verify
 from undercloud_backup.manifest import Manifest, StoredObject
 from undercloud_backup.store import SwiftStore
 
@@ -32,7 +32,13 @@ def load_manifest(swift_source: SwiftSource, backup_id: str | None,
     store, container = _store(swift_source)
     manifest = reader.load_manifest(store, container, backup_id, allowed_signers)
     if allowed_signers is not None:
-        get_run_logger().info("manifest signature good (allowed signers %s)", allowed_signers)
+        # An incremental is restored with its chain: every ancestor's manifest must be
+        # signed too, or a Swift-side writer could swap in a level of its own (53-55).
+        for ancestor in manifest.chain:
+            reader.load_manifest(store, container, ancestor, allowed_signers)
+        get_run_logger().info("manifest signature%s good (allowed signers %s)",
+                              f"s of {len(manifest.chain) + 1} chained backups"
+                              if manifest.chain else "", allowed_signers)
     get_run_logger().info("backup %s of %s (created %s): %d object(s)", manifest.backup_id,
                           manifest.hostname, manifest.created_at, len(manifest.objects))
     return manifest
@@ -88,3 +94,16 @@ def check_stored_objects(swift_source: SwiftSource, manifest: Manifest,
     store, container = _store(swift_source)
     reader.precheck(store, container, [o for o in manifest.objects if o.name in names])
     get_run_logger().info("%d object(s) in Swift as the manifest records them", len(names))
+
+
+@task(name="verify_chain", **_check)
+def verify_chain(swift_source: SwiftSource, manifest: Manifest) -> dict:
+    """An incremental's chain: every ancestor's manifest complete, of this host and chain,
+    its archive and snapshot present with their recorded sizes (nothing for a full)."""
+    store, container = _store(swift_source)
+    problems = chain.check_links(store, container, manifest)
+    result = {"chain": list(manifest.chain), "problems": problems, "warnings": [],
+              "checked": []}
+    _log(result, f"chain {' > '.join([*manifest.chain, manifest.backup_id])}: every link "
+                 "present")
+    return result

@@ -253,3 +253,69 @@ def test_the_decryption_argv_holds_the_identity_path_only(keys):
             content="tar")) == []
     assert command.argv == ("age", "--decrypt", "-i", keys["operator"])
     assert_no_secret(keys, " ".join(command.argv), decryption.describe())
+
+
+# ---------------------------------------------------------------- incremental chains (issue 13)
+@pytest.mark.slow
+def test_an_encrypted_signed_incremental_chain_verifies_and_restores_with_the_identity(
+        keys, source_mariadb, os_env, tmp_path):
+    """A full and an incremental, both encrypted and signed: verify with the identity checks
+    the chain's links and test-restores; restore brings the tree back as the incremental saw
+    it. A forged ancestor manifest stops both (its signature); a lost ancestor archive is a
+    verify problem naming it."""
+    root = sample.make_files(tmp_path / "undercloud", sample.SampleSize(images_mib=(1,)))
+    container = f"ucbtest-{uuid.uuid4().hex[:10]}"
+    common = ("--root", str(root), "--container", container, "--db-socket",
+              source_mariadb.socket, "--db-user", "root", "--no-prune", "--staging-dir",
+              str(tmp_path), "--recipients-file", keys["recipients"], "--signing-key",
+              keys["signing"], "--json")
+    try:
+        full = backup_cli(*common)
+        assert full.returncode == 0, full.stderr
+        full_id = json.loads(full.stdout)["backup_id"]
+        with open(root / "etc/keystone/keystone.conf", "a") as conf:
+            conf.write("[cache]\nenabled = true\n")
+        (root / "etc/keystone/added.yaml").write_text("added in level 1\n")
+        (root / "etc/hosts").unlink()
+        level = backup_cli(*common)
+        assert level.returncode == 0, level.stderr
+        summary = json.loads(level.stdout)
+        assert (summary["kind"], summary["parent"]) == ("incremental", full_id)
+        where = ("--container", container, "--backup-id", summary["backup_id"])
+        signed = ("--allowed-signers", keys["allowed"], "--identity", keys["operator"])
+
+        done = cli("verify", *where, *signed, "--json")
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads(done.stdout)
+        assert report["chain"] == [full_id, summary["backup_id"]] and report["decrypted"]
+        assert report["database"]["loaded"] and report["archive"]["entries"] > 0
+
+        target = tmp_path / "restored"
+        done = cli("restore", *where, *signed, "--target", str(target), "--json")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads(done.stdout)["files"]["chain"] == [full_id, summary["backup_id"]]
+        assert describe_tree(target) == describe_tree(root)
+
+        # A Swift-side writer alters the full's manifest: the chain's signatures stop both.
+        store = swift_store()
+        name = f"{full_id}/manifest.json"
+        body = store.get_bytes(container, name)
+        store.put(container, name, body.replace(b'"hostname": "', b'"hostname": "x'))
+        for flow, prog in (("verify", "undercloud-verify"), ("restore", "undercloud-restore")):
+            other = tmp_path / f"forged-{flow}"
+            done = cli(flow, *where, *signed, *(("--target", str(other))
+                                                if flow == "restore" else ()))
+            assert done.returncode == 55, done.stderr[-2000:]
+            line = one_line(done, prog)
+            assert f"The manifest of backup {full_id} does not match its signature" in line
+            assert not other.exists()
+        store.put(container, name, body)
+        # ... or deletes the full's archive: verify names it as a broken link.
+        archive = next(o["name"] for o in json.loads(full.stdout)["objects"]
+                       if o["name"].endswith("filesystem.tar.zst.age"))
+        store.delete(container, archive)
+        done = cli("verify", *where, *signed, "--json")
+        assert done.returncode == 41
+        assert any(archive in problem for problem in json.loads(done.stdout)["problems"])
+    finally:
+        remove_container(container)
