@@ -135,6 +135,7 @@ class TreeSampler(threading.Thread):
         self.ticks: ServerTicks = {}
         self._servers: set[tuple[int, int]] = set()
         self._seen: set[tuple[int, int]] = set()
+        self._previous: set[tuple[int, int]] = set()  # the processes of the last sample
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -165,9 +166,11 @@ class TreeSampler(threading.Thread):
             parent = procs.get(proc.ppid)
             if parent is not None and proc.comm == parent.comm and (
                     abs(proc.rss - parent.rss) <= parent.rss // 50
-                    or cmdline(proc.pid) == cmdline(parent.pid)):
-                # A child between (v)fork and exec shares its parent's pages: not new memory
-                # (its RSS can lag its parent's by more than 2 %, its command line cannot).
+                    or (proc.pid, proc.start) not in self._previous):
+                # A child between (v)fork and exec shares its parent's pages: not new memory.
+                # Its RSS can drift from its parent's as exec begins, so a child named as its
+                # parent counts only once it was there the sample before (a fork-to-exec
+                # lasts far less than the 50 ms between samples).
                 continue
             if in_server(proc):
                 servers += proc.rss
@@ -183,6 +186,7 @@ class TreeSampler(threading.Thread):
             self.peak_breakdown = {k: round(v / MiB, 1) for k, v in
                                    sorted(by_comm.items(), key=lambda kv: -kv[1])}
         self.peak_servers = max(self.peak_servers, servers)
+        self._previous = {(p.pid, p.start) for p in procs.values()}
         self.samples += 1
 
     def stop(self) -> None:
