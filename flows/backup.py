@@ -238,13 +238,42 @@ Complete: manifest `{container}/{summary['manifest']}` written in {seconds:.0f} 
 - Pruned: {_pruned_text(summary.get('pruned', []))}
 - Encryption: {_encryption_text(manifest.get('encryption'))}
 
-Restore without this tool (see README): `swift download {container} --prefix \
-{summary['backup_id']}/`, then `zstd -dc filesystem.tar.zst | tar -x --xattrs \
---xattrs-include='*' --acls --numeric-owner -C /target` and \
-`zstd -dc mariadb-all-databases.sql.zst | mariadb`.
+- Files: {_kind_text(manifest)}
+
+{_by_hand_text(container, summary['backup_id'], manifest)}
 """
     create_markdown_artifact(key="undercloud-backup", markdown=markdown + "\n" + downloads,
                              description=f"Backup {summary['backup_id']}")
+
+
+def _kind_text(manifest: dict) -> str:
+    if not manifest.get("paths"):
+        return "none (databases only)"
+    if manifest.get("kind") != "incremental":
+        reason = manifest.get("full_reason")
+        return "full (tar level 0)" + (f": {reason}" if reason else "")
+    return (f"incremental level {manifest['level']} on `{manifest['parent']}`; restores with "
+            f"its chain {' > '.join(f'`{b}`' for b in manifest['chain'])} first")
+
+
+def _by_hand_text(container: str, backup_id: str, manifest: dict) -> str:
+    """The artifact's restore without the tool: one download and tar per level of a chain."""
+    if manifest.get("kind") != "incremental":
+        return (f"Restore without this tool (see README): `swift download {container} --prefix "
+                f"{backup_id}/`, then `zstd -dc filesystem.tar.zst | tar -x --xattrs "
+                "--xattrs-include='*' --acls --numeric-owner -C /target` and "
+                "`zstd -dc mariadb-all-databases.sql.zst | mariadb`.")
+    levels = [*manifest["chain"], backup_id]
+    steps = "\n".join(
+        f"{n}. `swift download {container} --prefix {level}/`, then `zstd -dc "
+        f"{level}/filesystem.tar.zst | tar -x --listed-incremental=/dev/null --xattrs "
+        "--xattrs-include='*' --acls --numeric-owner -C /target`"
+        for n, level in enumerate(levels, 1))
+    return ("Restore without this tool (see README): the files are an incremental, so extract "
+            "the full and every level, in this order, into the same empty target (tar applies "
+            f"each level's deletions):\n\n{steps}\n\nthen the database from this backup "
+            f"alone (a full dump every time): `zstd -dc {backup_id}/mariadb-all-databases.sql.zst"
+            " | mariadb`.")
 
 
 def _encryption_text(section: dict | None) -> str:

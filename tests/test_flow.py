@@ -27,7 +27,7 @@ from flows.backup import _parser, undercloud_backup
 from flows.params import grouped
 from undercloud_backup import backup, catalogue, config, stages
 from undercloud_backup.errors import SwiftRequestFailed
-from undercloud_backup.manifest import DB_OBJECT, FS_OBJECT, USERS_OBJECT
+from undercloud_backup.manifest import DB_OBJECT, FS_OBJECT, SNAPSHOT_OBJECT, USERS_OBJECT
 from undercloud_backup.store import SwiftStore
 
 
@@ -221,7 +221,9 @@ def test_retrying_a_failed_flow_run_reuses_completed_stages(os_env, db_cnf, smal
     assert catalogue.list_backups(store(), container)[-1].backup_id == summary["backup_id"]
     manifest = catalogue.get_manifest(store(), container, summary["backup_id"])
     # the reused (persisted, JSON) stage results came back typed and whole
-    assert [o.leaf for o in manifest.objects] == [DB_OBJECT, USERS_OBJECT, FS_OBJECT]
+    assert [o.leaf for o in manifest.objects] == [DB_OBJECT, USERS_OBJECT, FS_OBJECT,
+                                                  SNAPSHOT_OBJECT]
+    assert manifest.kind == "full" and manifest.snapshot["object"].endswith(SNAPSHOT_OBJECT)
     assert manifest.mariadb is not None and manifest.mariadb.databases
     with get_client(sync_client=True) as client:
         run_id = manifest.flow_run_id

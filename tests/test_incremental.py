@@ -343,13 +343,11 @@ def test_an_encrypted_chain_uses_the_nodes_own_copy_of_the_snapshot(os_env, db_c
     plan = restore_plan(root)
     (cache / container / f"{first['backup_id']}.snar").write_bytes(b"GNU tar-1.34-2\nx")
     level, _ = chain.decide(swift_store(), container, hostname=m0.hostname, plan=plan,
-                            full=False, full_every_s=7 * 86400, now=dt.datetime.now(dt.UTC),
-                            encrypted=True)
+                            full=False, full_every_s=7 * 86400, now=dt.datetime.now(dt.UTC))
     assert level.forced and "does not match its manifest's sha256" in level.full_reason
     (cache / container / f"{first['backup_id']}.snar").unlink()
     level, _ = chain.decide(swift_store(), container, hostname=m0.hostname, plan=plan,
-                            full=False, full_every_s=7 * 86400, now=dt.datetime.now(dt.UTC),
-                            encrypted=True)
+                            full=False, full_every_s=7 * 86400, now=dt.datetime.now(dt.UTC))
     assert level.forced and "has no local copy of its snapshot" in level.full_reason
 
 

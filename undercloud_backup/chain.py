@@ -175,8 +175,7 @@ def check_links(store, container: str, manifest: Manifest) -> list[str]:
 
 # --------------------------------------------------------------------------- which level
 def decide(store, container: str, *, hostname: str, plan: PathPlan, full: bool,
-           full_every_s: float, now: dt.datetime, encrypted: bool,
-           ) -> tuple[Level, bytes]:
+           full_every_s: float, now: dt.datetime) -> tuple[Level, bytes]:
     """The level to take and the parent's snapshot (plain bytes; empty for a full)."""
     try:
         if full:

@@ -210,7 +210,7 @@ def decide_level(request: BackupRequest, plan: fs.PathPlan, swift_settings: Swif
         level, parent_snapshot = chain.decide(
             store, swift_settings.container, hostname=request.hostname, plan=plan,
             full=request.full, full_every_s=request.full_every_s,
-            now=dt.datetime.now(dt.UTC), encrypted=request.recipients_file is not None)
+            now=dt.datetime.now(dt.UTC))
     finally:
         store.close()
     if level.forced:
