@@ -319,3 +319,44 @@ def test_an_encrypted_signed_incremental_chain_verifies_and_restores_with_the_id
         assert any(archive in problem for problem in json.loads(done.stdout)["problems"])
     finally:
         remove_container(container)
+
+
+@pytest.mark.slow
+def test_an_object_altered_with_its_unsigned_manifest_is_refused_by_age_naming_it(
+        keys, encrypted, tmp_path):
+    """Without --allowed-signers nothing vouches for the manifest: a writer who alters a byte
+    of the dump and rewrites the manifest's size, ETag and SHA-256 to match passes every hash,
+    and age's authentication is what refuses the object (56 on restore, a verify problem)."""
+    import hashlib
+
+    from undercloud_backup import catalogue
+
+    dump = _dump(encrypted)
+    store = swift_store()
+    container, backup_id = encrypted["container"], encrypted["backup_id"]
+    body = store.get_bytes(container, dump.name)
+    manifest_body = store.get_bytes(container, catalogue.manifest_name(backup_id))
+    altered = bytearray(body)
+    altered[-100] ^= 1  # inside the last age chunk: nothing before it is a complete dump
+    store.put(container, dump.name, bytes(altered))
+    data = json.loads(manifest_body)
+    entry = next(o for o in data["objects"] if o["name"] == dump.name)
+    entry["sha256"] = hashlib.sha256(altered).hexdigest()
+    entry["etag"] = hashlib.md5(altered, usedforsecurity=False).hexdigest()
+    catalogue.put_manifest_body(store, container, backup_id, json.dumps(data).encode())
+    try:
+        done = cli("verify", *encrypted["where"], "--identity", keys["operator"], "--json")
+        assert done.returncode == 41
+        problems = json.loads(done.stdout)["problems"]
+        assert any(dump.name in p and "age:" in p for p in problems), problems
+        with scratch_mariadb("/var/tmp", lifetime_s=600) as server:
+            done = cli("restore", *encrypted["where"], "--identity", keys["operator"],
+                       "--no-files", "--database", encrypted["databases"][0],
+                       "--db-socket", server.socket, "--db-user", "root")
+            assert done.returncode == 56, done.stderr[-2000:]
+            line = one_line(done, "undercloud-restore")
+            assert f"Encrypted object {dump.name}" in line and "age:" in line
+            assert "signature was not checked" in done.stdout + done.stderr  # the warning
+    finally:
+        store.put(container, dump.name, body)
+        catalogue.put_manifest_body(store, container, backup_id, manifest_body)

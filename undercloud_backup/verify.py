@@ -115,7 +115,9 @@ def _load(store, container: str, obj: StoredObject, server: ScratchServer,
         [server.client_command()], line_filter=DumpGate(obj.name)), timeout=timeout,
         strict=False)
     problems = list(outcome.check.problems)
-    if outcome.check.ok and outcome.filter_error is not None:  # refused, not loaded at all
+    if outcome.check.ok and outcome.decrypt_error is not None:  # age said why (key, tampering)
+        problems.append(str(outcome.decrypt_error))
+    elif outcome.check.ok and outcome.filter_error is not None:  # refused, not loaded at all
         problems.append(str(outcome.filter_error))
     elif outcome.check.ok and outcome.first_failure is not None:
         problems.append(f"loading {obj.leaf} into a scratch MariaDB failed: {outcome.reason()}")
