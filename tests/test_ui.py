@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import sample_undercloud as sample
 from deploy_helpers import remove_tree, sample_root, scratch_mariadb
+from install_helpers import LOG_DIR
 from playwright import sync_api as playwright_api
 from test_deploy import archive_members, manifests
 
@@ -129,7 +130,14 @@ class Operator:
         """Do ``action`` (Submit, Quick run), then follow the toast's "View run" link;
         return the id of the flow run it created."""
         action()
-        self.page.get_by_role("button", name="View run").last.wait_for()
+        try:
+            self.page.get_by_role("button", name="View run").last.wait_for()
+        except playwright_api.TimeoutError:
+            shot = self.shot(f"{name}-no-run")
+            log = (LOG_DIR / "server.log").read_text(errors="replace")[-4000:]
+            raise AssertionError(f"{name}: no run was created (see {shot}); the page says "
+                                 f"{self.page.locator('body').inner_text()[-1500:]!r}; "
+                                 f"server log:\n{log}") from None
         self.shot(f"{name}-scheduled")
         self.page.get_by_role("button", name="View run").last.click()
         self.page.wait_for_url(re.compile(r".*/runs/flow-run/[0-9a-f-]{36}$"))
