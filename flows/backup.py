@@ -96,6 +96,9 @@ class _Run:
 def _request(what: WhatToBackUp, swift: SwiftParams,
              advanced: AdvancedParams) -> backup.BackupRequest:
     backup_id, created_at = _backup_identity()
+    # Once install configured recipients, plain text needs --no-encryption REASON (58 / 2 here)
+    encryption = crypto.require_encryption(advanced.recipients_file, advanced.no_encryption,
+                                           crypto.installed_recipients())
     return backup.BackupRequest(
         backup_id=backup_id, created_at=created_at, hostname=socket.gethostname(),
         root=what.root, add_paths=tuple(what.add_paths),
@@ -105,7 +108,8 @@ def _request(what: WhatToBackUp, swift: SwiftParams,
         compression_level=advanced.compression_level,
         table_checksums=advanced.table_checksums, privileged=advanced.privileged,
         segment_size=params.segment_size_bytes(swift.segment_size),
-        recipients_file=advanced.recipients_file, signing_key=advanced.signing_key,
+        recipients_file=encryption.recipients_file, plain_reason=encryption.plain_reason,
+        encryption_opted_out=encryption.opted_out, signing_key=advanced.signing_key,
         full=what.full, full_every_s=params.duration_seconds(what.full_every))
 
 
@@ -197,7 +201,7 @@ def _check_keys(request: backup.BackupRequest) -> None:
     if request.recipients_file is not None:
         crypto.load_recipients(request.recipients_file)
     else:
-        get_run_logger().warning("no --recipients-file: this backup is stored in plain text")
+        get_run_logger().warning("this backup is stored in plain text: %s", request.plain_reason)
     if request.signing_key is not None:
         crypto.sign_manifest(b"probe", request.signing_key)
 
@@ -278,7 +282,8 @@ def _by_hand_text(container: str, backup_id: str, manifest: dict) -> str:
 
 def _encryption_text(section: dict | None) -> str:
     if not section or section.get("format") != "age":
-        return "**NONE: stored in plain text** (no --recipients-file)"
+        why = (section or {}).get("reason") or "no --recipients-file"
+        return f"**NONE: stored in plain text** ({why})"
     return ("age, to " + ", ".join(f"`{r}`" for r in section["recipients"])
             + " (decrypt as docs/restore.md says)")
 

@@ -174,10 +174,16 @@ class AdvancedParams(_Group):
     recipients_file: str | None = Field(
         None, description="age recipients file (one public key a line, age1... or ssh-ed25519): "
                           "every object is encrypted to all of them and named .age. Unset: "
-                          "stored in plain text, and the manifest says so.")
+                          "the recipients install configured (/etc/undercloud-backup/"
+                          "recipients), if any; else plain text, said so in the manifest.")
     signing_key: str | None = Field(
         None, description="SSH private key file that signs the manifest (ssh-keygen -Y sign, "
                           "namespace undercloud-backup) into manifest.json.sig.")
+    no_encryption: str | None = Field(
+        None, description="Store this backup in plain text on purpose, giving the reason (the "
+                          "manifest and the artifact record it). Without it, a backup is "
+                          "encrypted to recipients_file, else to the recipients install "
+                          "configured (/etc/undercloud-backup/recipients) if any.")
 
 
 @dataclass(frozen=True)
@@ -216,6 +222,7 @@ FLAGS: dict[str, Flag] = {
     "task_retries": Flag("--task-retries", "N"),
     "recipients_file": Flag("--recipients-file", "FILE"),
     "signing_key": Flag("--signing-key", "FILE"),
+    "no_encryption": Flag("--no-encryption", "REASON"),
 }
 GROUPS: dict[str, type[_Group]] = {
     "what": WhatToBackUp, "database": DatabaseParams, "swift": SwiftParams,

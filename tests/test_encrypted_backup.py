@@ -16,10 +16,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import sample_undercloud as sample
 from conftest import PYTHON, REPO, backup_cli, describe_tree, mariadb
 from test_roundtrip import plain_swift, table_checksums
+from test_verify import get_manifest
 
-from undercloud_backup import sample
+from undercloud_backup import crypto
 
 PRINCIPAL = "undercloud@node"
 
@@ -194,3 +196,47 @@ def test_a_bad_recipients_file_or_signing_key_stops_the_backup_before_anything(
     listing = subprocess.run(["swift", "list"], capture_output=True, text=True,
                              env={**os.environ, **os_env}, check=True).stdout.split()
     assert container not in listing  # nothing was written
+
+
+@pytest.fixture
+def installed_recipients(keys):
+    """The recipients install.sh writes (UCB_RECIPIENTS_FILE), removed afterwards."""
+    path = Path(crypto.INSTALLED_RECIPIENTS)
+    made_dir = not path.parent.exists()
+    assert not path.exists(), f"{path} exists already: this machine has an installation"
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    path.write_text(Path(keys["recipients"]).read_text())
+    try:
+        yield path
+    finally:
+        path.unlink()
+        if made_dir:
+            path.parent.rmdir()
+
+
+def test_once_recipients_are_installed_every_backup_is_encrypted_unless_opted_out_with_a_reason(
+        installed_recipients, sample_databases, container, db_cnf, keys):
+    def backup(*extra: str) -> subprocess.CompletedProcess:
+        return backup_cli("--db-only", "--container", container, "--db-defaults-file", db_cnf,
+                          "--no-prune", "--json", *extra)
+
+    done = backup()  # names no recipients: the installed ones apply
+    assert done.returncode == 0, done.stderr
+    manifest = get_manifest(container, json.loads(done.stdout)["backup_id"])
+    assert manifest.encryption["format"] == "age"
+    assert sorted(manifest.encryption["recipients"]) == sorted(keys["fingerprints"])
+    assert all(o.name.endswith(".zst.age") for o in manifest.objects), manifest.objects
+
+    refused = backup("--no-encryption", " ")
+    assert refused.returncode == crypto.EncryptionRequired.exit_code == 58, refused.stderr
+    assert "--no-encryption needs a reason" in last_line(refused)
+    both = backup("--no-encryption", "drill", "--recipients-file", keys["recipients"])
+    assert both.returncode == 2 and "not both" in last_line(both)
+
+    plain = backup("--no-encryption", "restore drill on a test node")
+    assert plain.returncode == 0, plain.stderr
+    manifest = get_manifest(container, json.loads(plain.stdout)["backup_id"])
+    assert manifest.encryption == {"format": "none", "recipients": [], "opted_out": True,
+                                   "reason": "opted out: restore drill on a test node"}
+    assert not any(o.name.endswith(".age") for o in manifest.objects)
+    assert "stored in plain text: opted out: restore drill" in plain.stderr

@@ -78,8 +78,9 @@ def build_manifest(request: BackupRequest, space: SpaceReport | None,
 def encryption_section(request: BackupRequest) -> dict:
     """The manifest's ``encryption``: recipient fingerprints, or plain text said plainly."""
     if request.recipients_file is None:
-        return {"format": "none", "recipients": [],
-                "reason": "no recipients file given: the objects are stored in plain text"}
+        return crypto.EncryptionChoice(
+            None, request.plain_reason or "no recipients file given: the objects are stored "
+            "in plain text", request.encryption_opted_out).plain_section()
     return crypto.load_recipients(request.recipients_file).manifest_section()
 
 

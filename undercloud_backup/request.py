@@ -44,6 +44,10 @@ class BackupRequest:
     # the manifest) and the SSH key that signs the manifest (paths only, never key text).
     recipients_file: str | None = None
     signing_key: str | None = None
+    # Why a backup without recipients is plain text (the manifest's encryption.reason), and
+    # whether the run opted out on purpose (--no-encryption REASON).
+    plain_reason: str | None = None
+    encryption_opted_out: bool = False
     # Issue 13: force a level-0 full; otherwise an incremental against this host's newest
     # complete backup while its chain's full is younger than full_every_s (0: always full).
     full: bool = False
