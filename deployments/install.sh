@@ -27,6 +27,8 @@
 #   UCB_PORT [4200]       the local server's port
 #   PREFECT_API_URL [http://127.0.0.1:$UCB_PORT/api]  (PREFECT_API_AUTH_STRING if it needs one)
 #   UCB_ZOMBIE_AFTER [90] seconds without a heartbeat before a run is marked CRASHED
+#   UCB_RECIPIENTS_FILE [] age recipients (public keys) to encrypt every backup to, installed as
+#                         $ETC/recipients; a backup in plain text then needs --no-encryption REASON
 #   UCB_ALERT_BLOCK []    alerts through this existing Prefect notification block (TYPE/NAME);
 #                         else through a webhook whose URL is in $ETC/alert-webhook-url (root's,
 #                         0600: the URL is a secret); else no alerts (one line says how to add them)
@@ -221,6 +223,21 @@ step_config() {
     render "$SRC/deployments/env/server.env" "$ETC/server.env" "$API_GROUP"
   fi
   render "$SRC/deployments/env/worker.env" "$ETC/worker.env" "$GROUP"
+  install_recipients
+}
+
+# UCB_RECIPIENTS_FILE: the age recipients (public keys only: an operator's and a break-glass
+# key) every backup is encrypted to from now on, unless a run opts out with --no-encryption
+# REASON (undercloud_backup/crypto.py). Checked before it replaces the installed ones.
+install_recipients() {
+  [ -n "${UCB_RECIPIENTS_FILE:-}" ] || return 0
+  [ -r "$UCB_RECIPIENTS_FILE" ] || die "UCB_RECIPIENTS_FILE $UCB_RECIPIENTS_FILE is not readable"
+  (cd "$UCB_APP" && "$UCB_VENV/bin/python" -c \
+    'import sys; from undercloud_backup import crypto; crypto.load_recipients(sys.argv[1])' \
+    "$UCB_RECIPIENTS_FILE" 2>&1 | tail -1 >&2; exit "${PIPESTATUS[0]}") \
+    || die "UCB_RECIPIENTS_FILE $UCB_RECIPIENTS_FILE is not an age recipients file"
+  fs file "$ETC/recipients" root root 0644 <"$UCB_RECIPIENTS_FILE" >/dev/null
+  say "encryption: every backup is encrypted to the recipients in $ETC/recipients"
 }
 
 unit_text() {  # unit_text UNIT USER GROUP: the unit with this installation's paths and user

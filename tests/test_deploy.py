@@ -19,6 +19,7 @@ import sample_undercloud as sample
 import swiftclient
 from deploy_helpers import (
     REPO,
+    descendants,
     remove_tree,
     sample_root,
     scratch_mariadb,
@@ -185,16 +186,120 @@ def test_runs_created_at_once_run_one_after_the_other(deployed, os_env, containe
     assert len(manifests(os_env, container)) == 3
 
 
-def test_killed_worker_does_not_block_later_backups(deployed, os_env, container):
-    killed_id = deployed.create_run("on-demand",
-                                    **run_parameters(deployed.roots["large"], container))
+def alive(pids: list[int]) -> list[str]:
+    """Those of ``pids`` still running (not zombies), with their command lines."""
+    found = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat_file:
+                if stat_file.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                line = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"{pid}: {line}")
+        except OSError:
+            continue
+    return found
+
+
+def wait_for_archiving(deployed: Deployment, run_id: str) -> None:
     deadline = time.monotonic() + 90
     # (a task run's state is null for a moment after it is created)
     while not any((t["state"] or {}).get("type") == "RUNNING"
                   and t["name"].startswith("archive_paths")
-                  for t in deployed.task_runs(killed_id)):
+                  for t in deployed.task_runs(run_id)):
         assert time.monotonic() < deadline, "the backup never got to archiving"
         time.sleep(0.2)
+
+
+def test_a_run_cancelled_from_the_ui_stops_its_children_and_leaves_nothing(
+        deployed, os_env, container):
+    """The UI's Cancel: the worker stops the run, which stops tar, zstd and the sudo wrappers,
+    deletes what it had uploaded, and frees the slot for the next backup."""
+    run_id = deployed.create_run("on-demand", **run_parameters(deployed.roots["large"],
+                                                               container))
+    wait_for_archiving(deployed, run_id)
+    deadline = time.monotonic() + 30
+    while True:  # the run, sudo, the wrapper's tar, zstd
+        children = descendants(deployed.install.pid("worker"))
+        if any("ucb-archive" in line for line in alive(children)):
+            break
+        assert time.monotonic() < deadline, alive(children)
+        time.sleep(0.1)
+    cancelled_at = time.monotonic()
+    deployed.api("POST", f"/flow_runs/{run_id}/set_state",
+                 {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
+    run = deployed.api.wait_final(run_id, timeout=90)
+    assert run["state"]["type"] == "CANCELLED", (run["state"], deployed.worker_log_tail())
+    assert time.monotonic() - cancelled_at < 60
+    deadline = time.monotonic() + 10
+    while alive(children):
+        assert time.monotonic() < deadline, alive(children)
+        time.sleep(0.2)
+    logs = deployed.api("POST", "/logs/filter",
+                        {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+    said = [entry["message"] for entry in logs if "interrupted by" in entry["message"]]
+    assert said and "deleted" in said[-1], [e["message"] for e in logs][-10:]
+    conn = swift_connection(os_env)
+    for name in (container, f"{container}_segments"):
+        try:
+            _, objects = conn.get_container(name, full_listing=True)
+        except swiftclient.ClientException as error:
+            assert error.http_status == 404
+            continue
+        assert not [o["name"] for o in objects if f"{run_id[:6]}/" in o["name"]], name
+    # the slot is free: the next backup runs at once
+    next_id = deployed.create_run("on-demand", **run_parameters(deployed.roots["small"],
+                                                                container))
+    assert deployed.api.wait_final(next_id, timeout=120)["state"]["type"] == "COMPLETED"
+
+
+def test_installed_recipients_encrypt_the_deployed_runs(deployed, os_env, container, tmp_path):
+    """install.sh with UCB_RECIPIENTS_FILE: every run from then on is encrypted to them; a file
+    that is not an age recipients file is refused in one line and installs nothing."""
+    identity, recipients, bad = tmp_path / "identity", tmp_path / "recipients", tmp_path / "bad"
+    subprocess.run(["age-keygen", "-o", str(identity)], check=True, capture_output=True)
+    recipients.write_text(subprocess.run(["age-keygen", "-y", str(identity)], check=True,
+                                         capture_output=True, text=True).stdout)
+    bad.write_text("not a key\n")
+    installed = Path("/etc/undercloud-backup/recipients")
+    env_files = [Path("/etc/undercloud-backup") / n for n in ("worker.env", "server.env")]
+    saved = {p: p.read_bytes() for p in env_files if p.exists()}
+    try:
+        done = deployed.install.run("config", UCB_RECIPIENTS_FILE=str(bad))
+        assert done.returncode != 0
+        assert "not an age recipients file" in done.stderr.strip().splitlines()[-1]
+        assert not installed.exists()
+        done = deployed.install.run("config", UCB_RECIPIENTS_FILE=str(recipients))
+        assert done.returncode == 0, done.stderr
+        st = installed.stat()
+        assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o644)
+        assert installed.read_text() == recipients.read_text()
+
+        run_id = deployed.create_run("on-demand", **run_parameters(deployed.roots["small"],
+                                                                   container))
+        run = deployed.api.wait_final(run_id, timeout=120)
+        assert run["state"]["type"] == "COMPLETED", (run["state"], deployed.worker_log_tail())
+        [manifest] = manifests(os_env, container)
+        backup_id = manifest.split("/")[0]
+        conn = swift_connection(os_env)
+        names = [o["name"] for o in conn.get_container(container, full_listing=True)[1]]
+        assert f"{backup_id}/filesystem.tar.zst.age" in names
+        assert f"{backup_id}/filesystem.tar.zst" not in names
+        _, body = conn.get_object(container, f"{backup_id}/filesystem.tar.zst.age")
+        listing = subprocess.run(f"age -d -i {identity} | zstd -dc | tar -t", shell=True,
+                                 input=body, capture_output=True, check=True)
+        assert "root/.my.cnf" in listing.stdout.decode().splitlines()
+    finally:
+        installed.unlink(missing_ok=True)
+        for path, body in saved.items():
+            path.write_bytes(body)
+
+
+def test_killed_worker_does_not_block_later_backups(deployed, os_env, container):
+    killed_id = deployed.create_run("on-demand",
+                                    **run_parameters(deployed.roots["large"], container))
+    wait_for_archiving(deployed, killed_id)
     deployed.install.kill_worker()  # worker, flow run, sudo, tar: all gone at once
     state = deployed.api.flow_run(killed_id)["state"]
     assert state["type"] == "RUNNING", state
