@@ -112,6 +112,7 @@ def age_recipients(ctx: Context) -> Path | None:
     keygen = shutil.which("age-keygen", path="/usr/bin:/bin")
     help_ = subprocess.run([str(ctx.python), "-m", "flows.backup", "--help"], cwd=REPO,
                            capture_output=True, env=ctx.env, check=False)
+    ctx.no_encryption_flag = "--no-encryption" in help_.stdout.decode()
     if keygen is None or "--recipients-file" not in help_.stdout.decode():
         return None
     keys = ctx.workdir / "age"

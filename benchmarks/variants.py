@@ -81,9 +81,13 @@ def shell_variant(name: str, label: str, script: Callable[[Context, str], str],
 def ours_argv(ctx: Context, c: str, *extra: str) -> list[str]:
     # Our own segment size (64 MiB at these sizes), unless --segment-mib was given.
     size = ["--segment-size", f"{ctx.args.segment_mib}MiB"] if ctx.args.segment_mib else []
+    # Plain text on purpose, even where install configured recipients (issue 12.1): the
+    # encrypted variant is the one that says --recipients-file.
+    plain = (["--no-encryption", "benchmark: the plain-text variant"]
+             if ctx.no_encryption_flag and "--recipients-file" not in extra else [])
     return [str(ctx.python), "-m", "flows.backup", "--root", str(ctx.root), "--container", c,
             "--db-defaults-file", str(ctx.cnf), *size, "--staging-dir", str(ctx.staging),
-            "--json", *extra]
+            "--json", *plain, *extra]
 
 
 def parse_ours(ctx: Context, name: str, result: RunResult) -> None:
