@@ -221,8 +221,8 @@ def test_retrying_a_failed_flow_run_reuses_completed_stages(os_env, db_cnf, smal
     assert catalogue.list_backups(store(), container)[-1].backup_id == summary["backup_id"]
     manifest = catalogue.get_manifest(store(), container, summary["backup_id"])
     # the reused (persisted, JSON) stage results came back typed and whole
-    assert [o.leaf for o in manifest.objects] == [DB_OBJECT, USERS_OBJECT, FS_OBJECT,
-                                                  SNAPSHOT_OBJECT]
+    assert [o.leaf for o in manifest.objects] == [DB_OBJECT, USERS_OBJECT, SNAPSHOT_OBJECT,
+                                                  FS_OBJECT]
     assert manifest.kind == "full" and manifest.snapshot["object"].endswith(SNAPSHOT_OBJECT)
     assert manifest.mariadb is not None and manifest.mariadb.databases
     with get_client(sync_client=True) as client:

@@ -53,8 +53,10 @@ def plan_files(request: BackupRequest) -> fs.PathPlan:
 def build_manifest(request: BackupRequest, space: SpaceReport | None,
                    database: DumpResult | None, files: ArchiveResult | None, *,
                    flow_run_id: str | None = None) -> Manifest:
-    objects = [*(database.objects if database else []), *([files.object] if files else []),
-               *([files.snapshot] if files and files.snapshot else [])]
+    # The archive stays the last object (its snapshot, for the next level, just before it).
+    objects = [*(database.objects if database else []),
+               *([files.snapshot] if files and files.snapshot else []),
+               *([files.object] if files else [])]
     level = files.level if files else {}
     kind = level.get("kind", FULL)
     return Manifest(
