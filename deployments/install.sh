@@ -14,7 +14,7 @@
 #               and installed as /etc/sudoers.d/undercloud-backup (0440)
 #   config      /etc/undercloud-backup/{server,worker}.env (once; then they are yours)
 #   services    systemd units (enabled, started) or, without systemd, start-stop-daemon
-#   prefect     work pool "undercloud", queue "backups" (limit 1), `prefect deploy --all`,
+#   prefect     work pool "undercloud", queue "backups" (limit 1), `prefect deploy --name ...` (the undercloud's),
 #               the automation that crashes runs without heartbeats, the alerts (a failed or
 #               crashed run; no backup completed in 26 h) through the notification target below
 #   stop        (not part of the default) stop the worker and server started without systemd
@@ -55,6 +55,7 @@ UCB_PORT=${UCB_PORT:-4200}
 UCB_ZOMBIE_AFTER=${UCB_ZOMBIE_AFTER:-90}
 UCB_PYTHON=${UCB_PYTHON:-/usr/bin/python3}
 ETC=/etc/undercloud-backup
+UNDERCLOUD_DEPLOYMENTS="on-demand nightly weekly-full weekly-verify prune"
 LIBEXEC=/usr/local/libexec/undercloud-backup
 SUDOERS=/etc/sudoers.d/undercloud-backup
 RUN=/run/undercloud-backup
@@ -373,7 +374,11 @@ step_prefect() {
   then
     "$prefect" --no-prompt work-queue set-concurrency-limit "$QUEUE" 1 --pool "$POOL" >/dev/null
   fi
-  (cd "$UCB_APP" && "$prefect" --no-prompt deploy --all >/dev/null)
+  # The undercloud's deployments by name: prefect.yaml also holds weekly-verify-decrypted,
+  # which belongs on a verify host's own server (docs/restore.md).
+  local names=() name
+  for name in $UNDERCLOUD_DEPLOYMENTS; do names+=(--name "$name"); done
+  (cd "$UCB_APP" && "$prefect" --no-prompt deploy "${names[@]}" >/dev/null)
   "$UCB_VENV/bin/python" "$SRC/deployments/prefect/zombie_automation.py" --after "$UCB_ZOMBIE_AFTER"
   setup_alerts
   say "prefect: pool $POOL, queue $QUEUE (limit 1), deployments of $UCB_APP/prefect.yaml at $PREFECT_API_URL"

@@ -1,10 +1,11 @@
 """The deployment on an undercloud, end to end: the installation `install.sh` made with every
 step (shared with test_security and test_ui, conftest's full_system): its Prefect server
 configured as deployments/env/server.env says (filesystem lease storage, API basic auth, from
-the start), the work pool, queue, `prefect deploy --all` from prefect.yaml and the zombie
-automation, a process worker running as an unprivileged user with the project's sudoers; runs
-created the way the UI creates them, and the backups checked in Swift with plain swiftclient,
-zstd and tar. The last test kills the worker and restarts the server.
+the start), the work pool, queue, `prefect deploy` of the undercloud's deployments in
+prefect.yaml and the zombie automation, a process worker running as an unprivileged user with
+the project's sudoers; runs created the way the UI creates them, and the backups checked in
+Swift with plain swiftclient, zstd and tar. The last test kills the worker and restarts the
+server.
 """
 
 from __future__ import annotations
@@ -143,6 +144,9 @@ def test_deployments_carry_schedule_limits_and_defaults(deployed):
         assert {"undercloud", "backup"} <= set(deployment["tags"])
         assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
                                              {"directory": str(REPO)}}]
+    deployments = deployed.api("POST", "/deployments/filter", {})
+    assert sorted(d["name"] for d in deployments) == sorted(
+        ["on-demand", "nightly", "weekly-full", "weekly-verify", "prune"])  # not the verify host's
     queue = deployed.api("GET", "/work_pools/undercloud/queues/backups")
     assert queue["concurrency_limit"] == 1
     automations = deployed.api("POST", "/automations/filter", {})
