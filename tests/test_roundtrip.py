@@ -84,8 +84,10 @@ def test_backup_restores_with_standard_tools(sample_root, sample_databases, cont
     assert recorded == before_tables
 
     objects = {Path(o["name"]).name: o for o in manifest["objects"]}
+    # (and tar's snapshot, for the next incremental level)
     assert set(objects) == {"filesystem.tar.zst", "mariadb-all-databases.sql.zst",
-                            "mariadb-users-grants.sql.zst"}
+                            "mariadb-users-grants.sql.zst", "filesystem.snar.zst"}
+    assert manifest["kind"] == summary["kind"] == "full" and summary["parent"] is None
     assert manifest["mariadb"]["users_object"] == objects["mariadb-users-grants.sql.zst"]["name"]
     archive = objects["filesystem.tar.zst"]
     assert len(archive["segments"]) >= 3  # the 3 MiB image of random bytes spans segments

@@ -283,3 +283,24 @@ def test_a_pipeline_tells_how_much_a_stage_has_read():
     assert read is not None and size <= read < size + 64 * 1024
     assert len(compressed) < size // 100
     assert pipe.bytes_read(1) is None and pipe.bytes_read(5) is None
+
+
+def test_stream_progress_is_what_the_compressor_read_not_what_it_wrote():
+    from undercloud_backup import stages
+
+    size = 2 * 1024 * 1024
+    producer = Command(("sh", "-c", f"head -c {size} /dev/zero; sleep 1"), "producer")
+    seen: list[tuple[int, int | None]] = []
+    with Pipeline([producer, stages.zstd_command(3)], timeout=30) as pipe:
+        report = stages._reading(pipe, lambda sent, elapsed, read: seen.append((sent, read)))
+        deadline = time.monotonic() + 5
+        while (pipe.bytes_read(1) or 0) < size and time.monotonic() < deadline:
+            time.sleep(0.01)
+        report(0, 0)
+        assert pipe.stdout is not None
+        sent = len(pipe.stdout.read())
+        pipe.wait()
+        report(sent, 1)  # after zstd exited: what it read is still known
+    assert sent < size // 100
+    assert seen[0][1] is not None and seen[0][1] >= size
+    assert seen[-1] == (sent, seen[0][1])

@@ -99,20 +99,36 @@ class Progress:
         self.logger, self.what, self.every = logger, what, every
         self._next = time.monotonic() + every
 
-    def __call__(self, sent: int, elapsed: int) -> None:
-        progress.feed(self.what, sent)  # the run's progress artifact and terminal line
+    def __call__(self, sent: int, elapsed: int, read: int | None = None) -> None:
+        # The run's progress artifact and terminal line count what the compressor read: the
+        # space check's estimate, their 100 %, is of uncompressed bytes.
+        progress.feed(self.what, sent if read is None else read)
         now = time.monotonic()
         if now < self._next:
             return
         self._next = now + self.every
         rate = sent / max(elapsed, 1) / 1024**2
-        self.logger.info("%s: %s uploaded (compressed) after %d s, %.1f MiB/s", self.what,
-                         format_size(sent), elapsed, rate)
+        done = "" if read is None else f"{format_size(read)} read, "
+        self.logger.info("%s: %s%s uploaded (compressed) after %d s, %.1f MiB/s", self.what,
+                         done, format_size(sent), elapsed, rate)
+
+
+def _reading(pipe: Pipeline, progress: Callable[..., None]) -> Callable[[int, int], None]:
+    """The uploader's progress callback, with the bytes the pipe's compressor has read."""
+    zstd = next((i for i, c in enumerate(pipe.commands) if c.name == "zstd"), None)
+    most = 0
+
+    def report(sent: int, elapsed: int) -> None:
+        nonlocal most
+        read = pipe.bytes_read(zstd) if zstd is not None else None
+        most = max(most, read or 0)
+        progress(sent, elapsed, most or None)
+    return report
 
 
 def stream_to_swift(request: BackupRequest, swift_settings: SwiftSettings, leaf: str,
                     content: str, segment_size: int | None, pipe: Pipeline, *,
-                    on_failure: type[BackupError], progress: Callable[[int, int], None],
+                    on_failure: type[BackupError], progress: Callable[..., None],
                     after_start: Callable[[], None] | None = None,
                     judge: Callable[[list[StageResult]], None] | None = None) -> StoredObject:
     """Feed a producer pipe into Swift; commit only if every stage (and ``judge``) is happy."""
@@ -123,7 +139,7 @@ def stream_to_swift(request: BackupRequest, swift_settings: SwiftSettings, leaf:
                               request.object_name(stored_leaf(request, leaf)),
                               segment_size=segment_size or DEFAULT_SEGMENT_SIZE,
                               staging_dir=request.staging_dir, compression="zstd",
-                              content=content, progress=progress)
+                              content=content, progress=_reading(pipe, progress))
     try:
         with pipe:
             if after_start is not None:
@@ -158,9 +174,9 @@ def dump_databases(request: BackupRequest, access: db.DatabaseAccess,
     dumps = access.dump_commands(info.databases)
     progress = Progress(logger, "database dump")
 
-    def progressed(sent: int, elapsed: int) -> None:
+    def progressed(sent: int, elapsed: int, read: int | None = None) -> None:
         stats.check()  # a failed read stops the dump now, not after the last byte
-        progress(sent, elapsed)
+        progress(sent, elapsed, read)
 
     objects = []
     try:
@@ -292,7 +308,7 @@ def store_snapshot(request: BackupRequest, swift_settings: SwiftSettings, plain:
         stored = stream_to_swift(
             request, swift_settings, SNAPSHOT_OBJECT, chain.SNAPSHOT_CONTENT, None,
             Pipeline(compress_commands(request), stdin=source, timeout=3600),
-            on_failure=ArchiveFailed, progress=lambda sent, elapsed: None)
+            on_failure=ArchiveFailed, progress=lambda *_: None)
     record = {"object": stored.name, "size": stored.size, "sha256": stored.sha256,
               "plain_size": len(plain), "plain_sha256": hashlib.sha256(plain).hexdigest()}
     if request.recipients_file is not None:  # the node cannot decrypt it: keep it here too
