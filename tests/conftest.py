@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from deploy_helpers import stop
 from swift_proxy import swift_proxy_fixture  # noqa: F401 - the fault proxy, for every test
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,13 +96,7 @@ def _start_prefect_server() -> subprocess.Popen:
 
 def _stop_prefect_server() -> None:
     while _SERVER:
-        server = _SERVER.pop()
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(_SERVER.pop(), timeout=15)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

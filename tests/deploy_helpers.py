@@ -280,12 +280,7 @@ def scratch_mariadb() -> Iterator[str]:
             time.sleep(0.2)
         yield socket
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, timeout=30)
         remove_tree(top)
 
 
