@@ -71,19 +71,20 @@ class ArchiveResult:
     snapshot_record: dict | None = None
 
 
-def zstd_command(level: int) -> Command:
+def zstd_command(level: int, threads: int = 1) -> Command:
     # One compressor thread per stream: the database and the files are already two streams side
     # by side, and -T0 only added job buffers (60-70 MiB each) and, on incompressible images,
-    # twice the CPU (benchmarks/RESULTS.md).
-    return Command(argv=("zstd", "-q", f"-{level}", "--single-thread", "-c", "--no-progress"),
-                   name="zstd")
+    # twice the CPU (benchmarks/RESULTS.md). The dump, the long pole of a full and nearly all of
+    # an incremental's work, gets two (+~46 MiB): -10..13 % wall at scale 1 (session 4).
+    mode = "--single-thread" if threads <= 1 else f"-T{threads}"
+    return Command(argv=("zstd", "-q", f"-{level}", mode, "-c", "--no-progress"), name="zstd")
 
 
-def compress_commands(request: BackupRequest) -> list[Command]:
+def compress_commands(request: BackupRequest, threads: int = 1) -> list[Command]:
     """``zstd``, then ``age -R recipients`` when the backup is encrypted (issue 12)."""
     if request.recipients_file is None:
-        return [zstd_command(request.compression_level)]
-    return [zstd_command(request.compression_level),
+        return [zstd_command(request.compression_level, threads)]
+    return [zstd_command(request.compression_level, threads),
             crypto.encrypt_command(request.recipients_file)]
 
 
@@ -184,7 +185,7 @@ def dump_databases(request: BackupRequest, access: db.DatabaseAccess,
             objects.append(stream_to_swift(
                 request, swift_settings, DB_OBJECT, "mariadb-dump",
                 request.database_segment_size,
-                Pipeline([dump.command, *compress_commands(request)],
+                Pipeline([dump.command, *compress_commands(request, threads=2)],
                          timeout=request.dump_timeout_s, secrets=dump.secrets,
                          pass_fds=dump.pass_fds),
                 on_failure=DumpFailed, progress=progressed,
