@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -128,16 +129,40 @@ class Operator:
 
     def start(self, action, name: str) -> str:
         """Do ``action`` (Submit, Quick run), then follow the toast's "View run" link;
-        return the id of the flow run it created."""
-        action()
+        return the id of the flow run it created. A submit the server refused (an API error
+        recorded, no run created: seen about once in ten runs on this 2-core machine, see the
+        closing note of session 4) is warned about and submitted once more."""
+        refused: list[str] = []
+
+        def record(response) -> None:
+            if response.status >= 400 and "/api/" in response.url:
+                try:
+                    body = response.text()[:300]
+                except Exception:  # noqa: BLE001 - the body is only for the message
+                    body = "?"
+                refused.append(f"{response.request.method} {response.url} -> "
+                               f"{response.status} {body}")
+        self.page.on("response", record)
         try:
-            self.page.get_by_role("button", name="View run").last.wait_for()
-        except playwright_api.TimeoutError:
-            shot = self.shot(f"{name}-no-run")
-            log = (LOG_DIR / "server.log").read_text(errors="replace")[-4000:]
-            raise AssertionError(f"{name}: no run was created (see {shot}); the page says "
-                                 f"{self.page.locator('body').inner_text()[-1500:]!r}; "
-                                 f"server log:\n{log}") from None
+            for attempt in (1, 2):
+                action()
+                try:
+                    self.page.get_by_role("button", name="View run").last.wait_for()
+                    break
+                except playwright_api.TimeoutError:
+                    shot = self.shot(f"{name}-no-run")
+                    if attempt == 1 and refused:
+                        warnings.warn(f"UI {name}: the server refused the submit "
+                                      f"({'; '.join(refused)}); submitting again", stacklevel=2)
+                        refused.clear()
+                        continue
+                    log = (LOG_DIR / "server.log").read_text(errors="replace")[-4000:]
+                    raise AssertionError(
+                        f"{name}: no run was created (see {shot}); API errors {refused}; the "
+                        f"page says {self.page.locator('body').inner_text()[-1500:]!r}; "
+                        f"server log:\n{log}") from None
+        finally:
+            self.page.remove_listener("response", record)
         self.shot(f"{name}-scheduled")
         self.page.get_by_role("button", name="View run").last.click()
         self.page.wait_for_url(re.compile(r".*/runs/flow-run/[0-9a-f-]{36}$"))
