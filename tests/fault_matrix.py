@@ -256,8 +256,13 @@ class Matrix:
             driver.join(timeout=30)
             if holder.get("note"):
                 extra.append(str(holder["note"]))
-        time.sleep(0.5)
-        alive = session_alive(process.pid)
+        deadline = time.monotonic() + 3  # what outlives the run by 3 s
+        while (alive := session_alive(process.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if alive:
+            ps = subprocess.run(["ps", "-o", "pid=,stat=,comm=", "-s", str(process.pid)],
+                                capture_output=True, text=True).stdout.split("\n")
+            alive = [" ".join(line.split()) for line in ps if line.strip()]
         for pid_line in alive:  # ours to end, by id
             try:
                 os.kill(int(pid_line.split()[0]), signal.SIGKILL)
@@ -268,6 +273,9 @@ class Matrix:
         res.status = str(process.returncode)
         res.last = last if len(last) <= 140 else last[:137] + "..."
         res.seconds = f"{took:.1f}"
+        if process.returncode not in (0, None) and " failed: HTTP " in last:
+            extra.append("transaction id in the error line: "
+                         + ("yes" if "transaction tx" in last else "NO"))
         if "Traceback" in stderr:
             extra.append("TRACEBACK in stderr")
         for secret in ("backuppass", os.environ.get("OS_PASSWORD", "\0")):
@@ -316,7 +324,8 @@ class Matrix:
         if staged:
             parts.append(f"staging: {staged[:3]}")
         if alive:
-            parts.append(f"{len(alive)} child(ren) alive: {alive[0][:60]}")
+            parts.append(f"{len(alive)} process(es) of the run alive 3 s after it: "
+                         f"{', '.join(alive)[:90]}")
         res.leftovers = "; ".join(parts) or "none"
         res.notes = extra
 
@@ -377,15 +386,18 @@ def staging_full(m: Matrix) -> None:
                 while time.monotonic() < deadline and process.poll() is None:
                     if any("_segments/" in n and n not in earlier["objects"]
                            for n in objects(container)):
-                        with open(filler, "wb") as out:
-                            try:
-                                while True:
+                        # another writer that keeps taking every byte freed until the run
+                        # ends (filling once is not enough: the spools reuse their space)
+                        full = 0
+                        with open(filler, "wb", buffering=0) as out:
+                            while process.poll() is None:
+                                try:
                                     out.write(b"\0" * 65536)
-                                    out.flush()
-                            except OSError:
-                                pass
-                        return f"disk filled after the first segment ({filler.stat().st_size}" \
-                               " bytes of filler)"
+                                except OSError:
+                                    full += 1
+                                    time.sleep(0.002)
+                        return f"disk kept full from the first segment on ({full} ENOSPC of " \
+                               f"the filler; {filler.stat().st_size} bytes of filler)"
                     time.sleep(0.1)
                 return "disk NOT filled: the run never got mid-stream"
 
@@ -569,7 +581,9 @@ def signal_cases(m: Matrix) -> None:
                 complete = {backup_id(n) for n in manifests(now)}
                 orphans = [n for n in now if backup_id(n) not in complete]
                 r.notes.append(f"next backup (with prune): exit {nxt.returncode}; objects "
-                               f"without manifest after it: {len(orphans)}")
+                               f"without manifest after it: {len(orphans)}"
+                               + ("; prune: " + next((ln for ln in nxt.stderr.splitlines()
+                                                      if "incomplete" in ln), "")[-110:]))
             return r
         m.case(label, body)
 
