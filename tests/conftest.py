@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shlex
 import shutil
 import socket
 import stat
@@ -23,7 +22,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from deploy_helpers import stop
+from deploy_helpers import read_env_file, stop
 from swift_proxy import swift_proxy_fixture  # noqa: F401 - the fault proxy, for every test
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,18 +50,6 @@ os.environ.update(
     # second instead of every 5, so a short window ends when it should.
     PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY="PT1S",
 )
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """The variables an ``export A=b C=d`` env file sets."""
-    values: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line.startswith("export "):
-            for word in shlex.split(line[len("export "):]):
-                key, _, value = word.partition("=")
-                values[key] = value
-    return values
 
 
 @pytest.fixture(scope="session")

@@ -284,6 +284,20 @@ def scratch_mariadb() -> Iterator[str]:
         remove_tree(top)
 
 
+def read_env_file(path: Path) -> dict[str, str]:
+    """The variables an ``export A=b C=d`` env file sets."""
+    import shlex
+
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("export "):
+            for word in shlex.split(line[len("export "):]):
+                key, _, value = word.partition("=")
+                values[key] = value
+    return values
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (from /proc), children first."""
     children: dict[int, list[int]] = {}

@@ -53,19 +53,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def read_env_file(path: Path) -> dict[str, str]:
-    import shlex
-
-    values: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line.startswith("export "):
-            for word in shlex.split(line[len("export "):]):
-                key, _, value = word.partition("=")
-                values[key] = value
-    return values
-
-
 # The environment, set before anything imports prefect (as conftest does).
 PREFECT_HOME = tempfile.mkdtemp(prefix="ucb-matrix-prefect-")
 PREFECT_PORT = _free_port()
@@ -78,6 +65,8 @@ os.environ.update(
 )
 for _key in [k for k in os.environ if k.startswith("OS_")]:
     del os.environ[_key]
+from deploy_helpers import read_env_file  # noqa: E402 - after sys.path, before prefect
+
 os.environ.update(read_env_file(STATE / "keystone.env"))
 
 from deploy_helpers import stop  # noqa: E402
