@@ -30,11 +30,12 @@ from flows.params import (
 )
 from tasks import backup as stages
 from tasks.prune import apply_retention
-from undercloud_backup import backup, crypto, progress
+from undercloud_backup import backup, crypto, progress, signing
 from undercloud_backup import stages as stages_lib
 from undercloud_backup.errors import BackupError, ConfigError
 from undercloud_backup.retention import RetentionPolicy
 from undercloud_backup.sizes import format_size
+from undercloud_backup.space import SpaceReport
 
 logs.quiet_expected_errors()
 
@@ -113,6 +114,25 @@ def _request(what: WhatToBackUp, swift: SwiftParams,
         full=what.full, full_every_s=params.duration_seconds(what.full_every))
 
 
+def _swift_source(swift: SwiftParams) -> SwiftSource:
+    return SwiftSource(block=swift.swift_block, container=swift.container,
+                       segment_size=swift.segment_size, retries=swift.swift_retries,
+                       timeout=swift.swift_timeout, retry_budget_s=swift.swift_retry_budget)
+
+
+def _dry_run(summary: dict, request: backup.BackupRequest, plan, space: SpaceReport, settings,
+             logger) -> dict:
+    """What a dry run says: the level it would take, the space it would need; nothing written."""
+    if plan.included:  # which level it would be, said in the log
+        level, _ = stages_lib.decide_level(request, plan, settings, logger)
+        summary.update(kind=level.kind, parent=level.parent, chain=list(level.chain))
+    logger.info("dry run: would write %s/%s/ (%s of data), nothing written",
+                settings.container, request.backup_id,
+                format_size(space.database_bytes + space.files_bytes))
+    summary["space"] = space.as_dict()
+    return summary
+
+
 def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabaseParams,
             swift: SwiftParams, retention: RetentionParams, advanced: AdvancedParams) -> dict:
     logger = get_run_logger()
@@ -121,10 +141,7 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
     backup_id = request.backup_id
     _check_keys(request)  # a bad recipients file or signing key fails before anything
     db_source = database.source()
-    swift_source = SwiftSource(block=swift.swift_block, container=swift.container,
-                               segment_size=swift.segment_size, retries=swift.swift_retries,
-                               timeout=swift.swift_timeout,
-                               retry_budget_s=swift.swift_retry_budget)
+    swift_source = _swift_source(swift)
     settings = swift_source.settings()  # a bad container name fails here, before anything
     retry = {"retries": advanced.task_retries}
     # An impossible policy fails now, before anything is written.
@@ -141,14 +158,7 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
                "paths": list(plan.included), "absent": list(plan.absent),
                "kind": "full", "parent": None}
     if dry_run:
-        if plan.included:  # which level it would be, said in the log
-            level, _ = stages_lib.decide_level(request, plan, settings, logger)
-            summary.update(kind=level.kind, parent=level.parent, chain=list(level.chain))
-        logger.info("dry run: would write %s/%s/ (%s of data), nothing written",
-                    settings.container, backup_id,
-                    format_size(space.database_bytes + space.files_bytes))
-        summary["space"] = space.as_dict()
-        return summary
+        return _dry_run(summary, request, plan, space, settings, logger)
 
     run.swift_source, run.backup_id = swift_source, backup_id
     # Fed by the streams with what they have stored (compressed), against the uncompressed
@@ -203,7 +213,7 @@ def _check_keys(request: backup.BackupRequest) -> None:
     else:
         get_run_logger().warning("this backup is stored in plain text: %s", request.plain_reason)
     if request.signing_key is not None:
-        crypto.sign_manifest(b"probe", request.signing_key)
+        signing.sign_manifest(b"probe", request.signing_key)
 
 
 def _prune(swift_source: SwiftSource, policy: RetentionPolicy, backup_id: str,

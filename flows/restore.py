@@ -25,7 +25,7 @@ from flows import cli, logs, params
 from flows.params import DatabaseParams
 from tasks import restore as steps
 from tasks import verify as checks
-from undercloud_backup import crypto, restore, restoredb
+from undercloud_backup import crypto, restore, restoredb, restoreplan
 from undercloud_backup.errors import ConfigError
 from undercloud_backup.manifest import Manifest
 
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     for warning in result["warnings"]:
         print(f"warning: {warning}")
     if files and files["dry_run"]:
-        for line in restore.iter_plan_lines(files):
+        for line in restoreplan.iter_plan_lines(files):
             print(line)
     elif files:
         print(f"restored {files['entries']} entries under {files['target']}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from undercloud_backup import crypto, execute
+from undercloud_backup import crypto, execute, signing
 from undercloud_backup.errors import CommandFailed
 
 PAYLOAD = b"".join(b"line %d of a database dump\n" % n for n in range(20_000))
@@ -171,15 +171,15 @@ def test_wrong_truncated_and_tampered_objects_each_get_their_exit_status(keys, t
     assert isinstance(wrong, crypto.WrongIdentity) and wrong.exit_code == 52
     operator = str(keys["dir"] / "operator.key")
     truncated = _age_failure(operator, cipher[: len(cipher) - 100], tmp_path, keys)
-    assert isinstance(truncated, crypto.ObjectTampered) and truncated.exit_code == 56
+    assert isinstance(truncated, signing.ObjectTampered) and truncated.exit_code == 56
     assert "b1/filesystem.tar.zst.age" in str(truncated)
     flipped = bytearray(cipher)
     flipped[len(cipher) // 2] ^= 1
     tampered = _age_failure(operator, bytes(flipped), tmp_path, keys)
-    assert isinstance(tampered, crypto.ObjectTampered)
+    assert isinstance(tampered, signing.ObjectTampered)
     assert "failed to decrypt and authenticate" in str(tampered)
-    with pytest.raises(crypto.ObjectTampered, match="SHA-256"):
-        crypto.check_sha256("b1/x.age", "b1", hashlib.sha256(cipher).hexdigest(),
+    with pytest.raises(signing.ObjectTampered, match="SHA-256"):
+        signing.check_sha256("b1/x.age", "b1", hashlib.sha256(cipher).hexdigest(),
                             hashlib.sha256(bytes(flipped)).hexdigest())
 
 
@@ -188,8 +188,8 @@ MANIFEST = b'{"backup_id": "b1", "objects": [{"name": "b1/filesystem.tar.zst.age
 
 
 def test_a_signed_manifest_verifies_with_ssh_keygen_as_an_operator_runs_it(keys, tmp_path):
-    signature = crypto.sign_manifest(MANIFEST, str(keys["dir"] / "signing"))
-    assert crypto.verify_signature(MANIFEST, signature, backup_id="b1",
+    signature = signing.sign_manifest(MANIFEST, str(keys["dir"] / "signing"))
+    assert signing.verify_signature(MANIFEST, signature, backup_id="b1",
                                    allowed_signers=keys["allowed"]) == "undercloud@node"
     # the documented by-hand command, on files, with nothing of ours in between
     (tmp_path / "manifest.json").write_bytes(MANIFEST)
@@ -204,23 +204,23 @@ def test_a_signed_manifest_verifies_with_ssh_keygen_as_an_operator_runs_it(keys,
 
 
 def test_unsigned_foreign_and_altered_manifests_are_refused_each_with_its_status(keys):
-    with pytest.raises(crypto.ManifestUnsigned) as unsigned:
-        crypto.verify_signature(MANIFEST, None, backup_id="b1", allowed_signers=keys["allowed"])
+    with pytest.raises(signing.ManifestUnsigned) as unsigned:
+        signing.verify_signature(MANIFEST, None, backup_id="b1", allowed_signers=keys["allowed"])
     assert unsigned.value.exit_code == 53 and "b1/manifest.json.sig" in str(unsigned.value)
-    foreign = crypto.sign_manifest(MANIFEST, str(keys["dir"] / "other-signing"))
-    with pytest.raises(crypto.SignatureUntrusted) as untrusted:
-        crypto.verify_signature(MANIFEST, foreign, backup_id="b1",
+    foreign = signing.sign_manifest(MANIFEST, str(keys["dir"] / "other-signing"))
+    with pytest.raises(signing.SignatureUntrusted) as untrusted:
+        signing.verify_signature(MANIFEST, foreign, backup_id="b1",
                                 allowed_signers=keys["allowed"])
     assert untrusted.value.exit_code == 54
-    signature = crypto.sign_manifest(MANIFEST, str(keys["dir"] / "signing"))
+    signature = signing.sign_manifest(MANIFEST, str(keys["dir"] / "signing"))
     altered = MANIFEST.replace(b"b1/filesystem", b"b1/filesystxm")
-    with pytest.raises(crypto.SignatureInvalid) as invalid:
-        crypto.verify_signature(altered, signature, backup_id="b1",
+    with pytest.raises(signing.SignatureInvalid) as invalid:
+        signing.verify_signature(altered, signature, backup_id="b1",
                                 allowed_signers=keys["allowed"])
     assert invalid.value.exit_code == 55 and "incorrect signature" in str(invalid.value)
     assert "\r" not in str(invalid.value) and "\n" not in str(invalid.value)  # one line
-    with pytest.raises(crypto.SignatureUntrusted):  # garbage where the signature should be
-        crypto.verify_signature(MANIFEST, b"not a signature", backup_id="b1",
+    with pytest.raises(signing.SignatureUntrusted):  # garbage where the signature should be
+        signing.verify_signature(MANIFEST, b"not a signature", backup_id="b1",
                                 allowed_signers=keys["allowed"])
 
 
@@ -228,23 +228,23 @@ def test_a_signature_for_another_namespace_does_not_count(keys, tmp_path):
     """A signature the same key made for something else (git commits) is not a manifest's."""
     done = subprocess.run(["ssh-keygen", "-Y", "sign", "-f", str(keys["dir"] / "signing"),
                            "-n", "git"], input=MANIFEST, capture_output=True, check=True)
-    with pytest.raises((crypto.SignatureUntrusted, crypto.SignatureInvalid)):
-        crypto.verify_signature(MANIFEST, done.stdout, backup_id="b1",
+    with pytest.raises((signing.SignatureUntrusted, signing.SignatureInvalid)):
+        signing.verify_signature(MANIFEST, done.stdout, backup_id="b1",
                                 allowed_signers=keys["allowed"])
 
 
 def test_signing_with_a_missing_or_unusable_key_is_exit_57(keys, tmp_path):
-    with pytest.raises(crypto.SigningFailed) as missing:
-        crypto.sign_manifest(MANIFEST, str(tmp_path / "absent"))
+    with pytest.raises(signing.SigningFailed) as missing:
+        signing.sign_manifest(MANIFEST, str(tmp_path / "absent"))
     assert missing.value.exit_code == 57
-    with pytest.raises(crypto.SigningFailed):
-        crypto.sign_manifest(MANIFEST, keys["recipients"])
+    with pytest.raises(signing.SigningFailed):
+        signing.sign_manifest(MANIFEST, keys["recipients"])
 
 
 def test_exit_statuses_are_distinct_and_in_the_50s():
     classes = [crypto.RecipientsInvalid, crypto.IdentityMissing, crypto.WrongIdentity,
-               crypto.ManifestUnsigned, crypto.SignatureUntrusted, crypto.SignatureInvalid,
-               crypto.ObjectTampered, crypto.SigningFailed, crypto.EncryptionRequired,
+               signing.ManifestUnsigned, signing.SignatureUntrusted, signing.SignatureInvalid,
+               signing.ObjectTampered, signing.SigningFailed, crypto.EncryptionRequired,
                crypto.IdentityRequired]
     statuses = [c.exit_code for c in classes]
     assert len(set(statuses)) == len(statuses) and all(50 <= s < 60 for s in statuses)
@@ -281,7 +281,7 @@ def test_sha256sums_is_what_sha256sum_c_reads(tmp_path):
     manifest = Manifest("h-1", "now", objects=[StoredObject(
         name="h-1/filesystem.tar.zst.age", size=len(body),
         sha256=hashlib.sha256(body).hexdigest(), compression="zstd", content="tar")])
-    (tmp_path / "SUMS").write_bytes(crypto.sha256sums(manifest))
+    (tmp_path / "SUMS").write_bytes(signing.sha256sums(manifest))
     done = subprocess.run(["sha256sum", "--strict", "-c", "SUMS"], cwd=tmp_path,
                           capture_output=True, text=True)
     assert done.returncode == 0 and "h-1/filesystem.tar.zst.age: OK" in done.stdout

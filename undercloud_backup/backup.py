@@ -12,7 +12,7 @@ import datetime as dt
 import os
 import platform
 
-from undercloud_backup import __version__, crypto
+from undercloud_backup import __version__, crypto, signing
 from undercloud_backup import archive as fs
 from undercloud_backup.catalogue import put_manifest
 from undercloud_backup.errors import ConfigError
@@ -95,7 +95,7 @@ def write_manifest(store: SwiftStore, container: str, manifest: Manifest,
     for stored in manifest.objects:
         verify_stored(store, container, stored)
     if signing_key is not None:
-        for name, body in crypto.signed_objects(manifest, signing_key):
+        for name, body in signing.signed_objects(manifest, signing_key):
             store.put(container, name, body, content_type="text/plain",
                       operation="PUT signature")
     return put_manifest(store, container, manifest)

@@ -1,15 +1,12 @@
-"""Encryption to age recipients and signed manifests (issue 12).
+"""Encryption to age recipients (issue 12); the signatures are signing.py's.
 
 The undercloud holds public keys only: an age recipients file (one public key a line, ``#``
-comments) and the key that signs manifests. Identities (age private keys) stay offline, so a
-compromised undercloud cannot read its own older backups. Every stored object goes through
-``zstd | age -R FILE`` and is named ``<leaf>.age``; the manifest records the SHA-256 of the
-stored (encrypted) bytes and is signed with ``ssh-keygen -Y sign -n undercloud-backup``; the
-signature is ``<backup_id>/manifest.json.sig``, written before the manifest (the commit point).
+comments). Identities (age private keys) stay offline, so a compromised undercloud cannot read
+its own older backups. Every stored object goes through ``zstd | age -R FILE`` and is named
+``<leaf>.age``; the manifest records the SHA-256 of the stored (encrypted) bytes.
 
-An operator checks everything with standard tools (docs/restore.md): ``ssh-keygen -Y verify``,
-``sha256sum -c``, ``age -d -i``. Identities and signing keys are only ever named by path: the
-tools read them from files, never from argv.
+An operator decrypts with standard tools (docs/restore.md): ``age -d -i``. Identities are only
+ever named by path: age reads them from files, never from argv.
 """
 
 from __future__ import annotations
@@ -19,8 +16,6 @@ import os
 import re
 import signal
 import stat
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -28,16 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from undercloud_backup import execute
-from undercloud_backup.errors import BackupError, CommandFailed, ConfigError, NotFound
+from undercloud_backup.errors import BackupError, CommandFailed, ConfigError, one_line
 from undercloud_backup.execute import Command
-from undercloud_backup.manifest import MANIFEST_NAME, Manifest, StoredObject
+from undercloud_backup.manifest import Manifest, StoredObject
+from undercloud_backup.signing import TOOL_TIMEOUT, ObjectTampered
 
 FORMAT = "age"
 SUFFIX = ".age"
-NAMESPACE = "undercloud-backup"  # ssh-keygen -Y namespace: a signature made for git won't do
-SIGNATURE_SUFFIX = ".sig"
-SUMS = "SHA256SUMS"
-TOOL_TIMEOUT = 60.0
 DECRYPT_STAGE = "age -d"
 # Installed once by install.sh (root-owned, public keys only): when it exists, every backup is
 # encrypted to it unless the run names other recipients or opts out with a reason.
@@ -65,36 +57,6 @@ class WrongIdentity(BackupError):
     """Identity file {path} holds none of the keys backup {backup_id} was encrypted to (recipients {recipients}); use the operator's or the break-glass identity."""  # noqa: E501
 
     exit_code = 52
-
-
-class ManifestUnsigned(BackupError):
-    """Backup {backup_id} has no manifest signature ({name}): refusing a manifest nobody vouches for; it may be forged."""  # noqa: E501
-
-    exit_code = 53
-
-
-class SignatureUntrusted(BackupError):
-    """The manifest of backup {backup_id} is signed by a key that is not in {allowed_signers}: refusing it; it may be forged."""  # noqa: E501
-
-    exit_code = 54
-
-
-class SignatureInvalid(BackupError):
-    """The manifest of backup {backup_id} does not match its signature ({detail}): it was altered after signing; refusing it."""  # noqa: E501
-
-    exit_code = 55
-
-
-class ObjectTampered(BackupError):
-    """Encrypted object {name} of backup {backup_id} is not what its manifest says: {detail}; refusing to use it."""  # noqa: E501
-
-    exit_code = 56
-
-
-class SigningFailed(BackupError):
-    """Cannot sign the manifest with signing key {path}: {detail}; the backup is not complete."""  # noqa: E501
-
-    exit_code = 57
 
 
 class EncryptionRequired(BackupError):
@@ -199,121 +161,16 @@ def identity_recipients_commands(identity_file: str) -> tuple[Command, Command]:
             Command(("ssh-keygen", "-y", "-P", "", "-f", identity_file), name="ssh-keygen -y"))
 
 
-def sign_command(signing_key: str) -> Command:
-    """``ssh-keygen -Y sign``: the manifest on stdin, the signature on stdout."""
-    return Command(("ssh-keygen", "-Y", "sign", "-f", signing_key, "-n", NAMESPACE),
-                   name="ssh-keygen -Y sign")
-
-
-def find_principals_command(allowed_signers: str, signature_file: str) -> Command:
-    return Command(("ssh-keygen", "-Y", "find-principals", "-f", allowed_signers,
-                    "-s", signature_file), name="ssh-keygen -Y find-principals")
-
-
-def verify_command(allowed_signers: str, principal: str, signature_file: str) -> Command:
-    """``ssh-keygen -Y verify``: the manifest on stdin, exactly as an operator runs it."""
-    return Command(("ssh-keygen", "-Y", "verify", "-f", allowed_signers, "-I", principal,
-                    "-n", NAMESPACE, "-s", signature_file), name="ssh-keygen -Y verify")
-
-
-def signature_name(backup_id: str) -> str:
-    return f"{backup_id}/manifest.json{SIGNATURE_SUFFIX}"
-
-
-def sums_name(backup_id: str) -> str:
-    return f"{backup_id}/{SUMS}"
-
-
-def sha256sums(manifest: Manifest) -> bytes:
-    """``sha256sum -c`` input for every stored object (names as ``swift download`` writes
-    them under its output directory): the by-hand check needs no JSON parser."""
-    return "".join(f"{o.sha256}  {o.name}\n" for o in manifest.objects).encode()
-
-
-def signed_objects(manifest: Manifest, signing_key: str) -> list[tuple[str, bytes]]:
-    """What goes to Swift before the manifest: SHA256SUMS, its signature, the manifest's."""
-    sums = sha256sums(manifest)
-    return [(sums_name(manifest.backup_id), sums),
-            (sums_name(manifest.backup_id) + SIGNATURE_SUFFIX, sign_manifest(sums, signing_key)),
-            (signature_name(manifest.backup_id),
-             sign_manifest(manifest.to_json(), signing_key))]
-
-
 def encrypted_leaf(leaf: str) -> str:
     """``filesystem.tar.zst`` -> ``filesystem.tar.zst.age``."""
     return leaf if leaf.endswith(SUFFIX) else leaf + SUFFIX
-
-
-def _one_line(text: object) -> str:
-    """A tool's message on one line (ssh-keygen ends some with a carriage return)."""
-    return " ".join(str(text or "").split()) or "no output"
 
 
 def _age_said(error: CommandFailed) -> str:
     lines = [part.strip() for part in str(error.fields.get("stderr", "")).split(" | ")]
     said = [line.removeprefix("age: error: ") for line in lines
             if line and "report unexpected" not in line]
-    return _one_line("; ".join(said))
-
-
-# -- signing and checking the signature ------------------------------------------------------
-def sign_manifest(manifest_json: bytes, signing_key: str) -> bytes:
-    """The ``ssh-keygen -Y sign`` signature of exactly these manifest bytes."""
-    if not os.access(signing_key, os.R_OK):
-        raise SigningFailed(path=signing_key, detail="the file is missing or unreadable")
-    with tempfile.TemporaryFile() as body:
-        body.write(manifest_json)
-        body.seek(0)
-        try:
-            with execute.Pipeline([sign_command(signing_key)], timeout=TOOL_TIMEOUT,
-                                  stdin=body) as pipe:
-                assert pipe.stdout is not None
-                signature = pipe.stdout.read()
-                pipe.wait()
-        except CommandFailed as error:
-            raise SigningFailed(path=signing_key,
-                                detail=_one_line(error.fields.get("stderr"))) from None
-    if b"BEGIN SSH SIGNATURE" not in signature:
-        raise SigningFailed(path=signing_key, detail="ssh-keygen wrote no signature")
-    return signature
-
-
-def verify_signature(manifest_json: bytes, signature: bytes | None, *, backup_id: str,
-                     allowed_signers: str) -> str:
-    """Check the manifest's signature against an allowed-signers file; return the principal.
-
-    ``signature`` None means the ``.sig`` object is absent. find-principals tells a key that
-    is not allowed (54) from a manifest altered after signing (55).
-    """
-    if signature is None:
-        raise ManifestUnsigned(backup_id=backup_id, name=signature_name(backup_id))
-    if not os.access(allowed_signers, os.R_OK):
-        raise SignatureUntrusted(backup_id=backup_id,
-                                 allowed_signers=f"{allowed_signers} (missing or unreadable)")
-    with tempfile.TemporaryDirectory(prefix="ucb-sig-") as scratch:
-        sig_file = os.path.join(scratch, "manifest.json.sig")
-        Path(sig_file).write_bytes(signature)
-        try:
-            found = execute.capture(find_principals_command(allowed_signers, sig_file),
-                                    timeout=TOOL_TIMEOUT)
-        except CommandFailed:
-            raise SignatureUntrusted(backup_id=backup_id,
-                                     allowed_signers=allowed_signers) from None
-        principal = found.decode("utf-8", "replace").splitlines()[0].strip() if found else ""
-        if not principal:
-            raise SignatureUntrusted(backup_id=backup_id, allowed_signers=allowed_signers)
-        with tempfile.TemporaryFile() as body:
-            body.write(manifest_json)
-            body.seek(0)
-            try:
-                with execute.Pipeline([verify_command(allowed_signers, principal, sig_file)],
-                                      timeout=TOOL_TIMEOUT, stdin=body,
-                                      stdout=subprocess.DEVNULL) as pipe:
-                    pipe.wait()
-            except CommandFailed as error:
-                raise SignatureInvalid(backup_id=backup_id,
-                                       detail=_one_line(error.fields.get("stderr"))) from None
-    return principal
+    return one_line("; ".join(said))
 
 
 # -- identities ------------------------------------------------------------------------------
@@ -511,28 +368,5 @@ def require_encryption(recipients_file: str | None, opt_out: str | None,
                                   "are stored in plain text")
 
 
-def check_sha256(name: str, backup_id: str, expected: str, actual: str) -> None:
-    if expected and expected != actual:
-        raise ObjectTampered(name=name, backup_id=backup_id,
-                             detail=f"SHA-256 {actual} where the manifest says {expected}")
 
 
-def load_signed_manifest(store, container: str, backup_id: str,
-                         allowed_signers: str) -> Manifest:
-    """The manifest of ``backup_id``, parsed from exactly the bytes whose signature passed.
-
-    A validly signed manifest stored under another backup's name (a replay) is refused too.
-    NotFound for the manifest itself is the caller's (no such backup).
-    """
-    body = store.get_bytes(container, f"{backup_id}/{MANIFEST_NAME}")
-    try:
-        signature = store.get_bytes(container, signature_name(backup_id))
-    except NotFound:
-        signature = None
-    verify_signature(body, signature, backup_id=backup_id, allowed_signers=allowed_signers)
-    manifest = Manifest.from_json(body)
-    strays = [o.name for o in manifest.objects if not o.name.startswith(f"{backup_id}/")]
-    if manifest.backup_id != backup_id or strays:
-        raise SignatureInvalid(backup_id=backup_id, detail=(
-            f"it is the signed manifest of {manifest.backup_id}, stored under {backup_id}"))
-    return manifest

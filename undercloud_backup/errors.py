@@ -20,6 +20,11 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
     return text
 
 
+def one_line(text: object) -> str:
+    """A tool's message on one line (ssh-keygen ends some with a carriage return)."""
+    return " ".join(str(text or "").split()) or "no output"
+
+
 class BackupError(Exception):
     """The backup failed: {detail}"""
 

@@ -25,7 +25,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import IO
 
-from undercloud_backup import catalogue, crypto
+from undercloud_backup import catalogue, crypto, signing
 from undercloud_backup.errors import BackupError, BackupNotFound, NotFound
 from undercloud_backup.manifest import MANIFEST_NAME, Manifest, StoredObject
 from undercloud_backup.swift import SHA256_HEADER
@@ -46,7 +46,7 @@ def load_manifest(store, container: str, backup_id: str | None,
     backup_id = backup_id or catalogue.latest_backup(store, container)
     try:
         if allowed_signers is not None:
-            return crypto.load_signed_manifest(store, container, backup_id, allowed_signers)
+            return signing.load_signed_manifest(store, container, backup_id, allowed_signers)
         return catalogue.get_manifest(store, container, backup_id)
     except NotFound:
         raise BackupNotFound(backup_id=backup_id, container=container) from None
@@ -280,14 +280,14 @@ def precheck(store, container: str, objects: list[StoredObject]) -> None:
     and ETag). A truncated, swapped or missing object is refused now (HEAD requests only),
     not after part of it was written; the bytes' SHA-256 is still checked as they are read.
     Raises :class:`ObjectDamaged` naming the object (an encrypted one:
-    :class:`crypto.ObjectTampered`, exit 56)."""
+    :class:`signing.ObjectTampered`, exit 56)."""
     for obj in objects:
         try:
             _precheck(store, container, obj)
         except ObjectDamaged as error:
             if not crypto.is_encrypted_object(obj):
                 raise
-            raise crypto.ObjectTampered(name=obj.name, backup_id=obj.name.partition("/")[0],
+            raise signing.ObjectTampered(name=obj.name, backup_id=obj.name.partition("/")[0],
                                         detail=error.fields.get("detail")) from None
 
 

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO
 
-from undercloud_backup import crypto
+from undercloud_backup import crypto, signing
 from undercloud_backup.dumpstream import LineFilter
 from undercloud_backup.errors import BackupError, CommandFailed, CommandTimedOut
 from undercloud_backup.execute import Command, Pipeline, StageResult
@@ -114,7 +114,7 @@ def stream_object(store, container: str, obj: StoredObject, consumer: Consumer, 
     raised for a failing process: the outcome says who failed. Errors of the reader (Swift
     unreachable, a damaged object while restoring) and of the filter are raised after every
     process is reaped. Encrypted objects: no identity in force is exit 59 before a byte is
-    read; a damaged object, or one age refuses, raises (strict) :class:`crypto.ObjectTampered`
+    read; a damaged object, or one age refuses, raises (strict) :class:`signing.ObjectTampered`
     or :class:`crypto.WrongIdentity` naming it.
     """
     if consumer.line_filter is not None and consumer.read_output is not None:
@@ -151,7 +151,7 @@ def stream_object(store, container: str, obj: StoredObject, consumer: Consumer, 
     except ObjectDamaged as error:
         if not decrypt:
             raise
-        raise crypto.ObjectTampered(name=obj.name, backup_id=obj.name.partition("/")[0],
+        raise signing.ObjectTampered(name=obj.name, backup_id=obj.name.partition("/")[0],
                                     detail=error.fields.get("detail")) from None
     decrypt_error = crypto.stream_decryption_error(inflate_error, obj) if decrypt else None
     if decrypt_error is not None and strict:

@@ -1,0 +1,181 @@
+"""Signed manifests and SHA256SUMS (issue 12): what makes a backup authentic.
+
+The manifest is signed with ``ssh-keygen -Y sign -n undercloud-backup``; the signature is
+``<backup_id>/manifest.json.sig``, written before the manifest (the commit point), beside
+``SHA256SUMS`` and its own signature so that an operator checks a backup with standard tools
+(docs/restore.md): ``ssh-keygen -Y verify`` and ``sha256sum -c``. Keys are only ever named by
+path: ssh-keygen reads them from files, never from argv.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from undercloud_backup import execute
+from undercloud_backup.errors import BackupError, CommandFailed, NotFound, one_line
+from undercloud_backup.execute import Command
+from undercloud_backup.manifest import MANIFEST_NAME, Manifest
+
+NAMESPACE = "undercloud-backup"  # ssh-keygen -Y namespace: a signature made for git won't do
+SIGNATURE_SUFFIX = ".sig"
+SUMS = "SHA256SUMS"
+TOOL_TIMEOUT = 60.0
+
+
+class ManifestUnsigned(BackupError):
+    """Backup {backup_id} has no manifest signature ({name}): refusing a manifest nobody vouches for; it may be forged."""  # noqa: E501
+
+    exit_code = 53
+
+
+class SignatureUntrusted(BackupError):
+    """The manifest of backup {backup_id} is signed by a key that is not in {allowed_signers}: refusing it; it may be forged."""  # noqa: E501
+
+    exit_code = 54
+
+
+class SignatureInvalid(BackupError):
+    """The manifest of backup {backup_id} does not match its signature ({detail}): it was altered after signing; refusing it."""  # noqa: E501
+
+    exit_code = 55
+
+
+class ObjectTampered(BackupError):
+    """Encrypted object {name} of backup {backup_id} is not what its manifest says: {detail}; refusing to use it."""  # noqa: E501
+
+    exit_code = 56
+
+
+class SigningFailed(BackupError):
+    """Cannot sign the manifest with signing key {path}: {detail}; the backup is not complete."""  # noqa: E501
+
+    exit_code = 57
+
+
+def sign_command(signing_key: str) -> Command:
+    """``ssh-keygen -Y sign``: the manifest on stdin, the signature on stdout."""
+    return Command(("ssh-keygen", "-Y", "sign", "-f", signing_key, "-n", NAMESPACE),
+                   name="ssh-keygen -Y sign")
+
+
+def find_principals_command(allowed_signers: str, signature_file: str) -> Command:
+    return Command(("ssh-keygen", "-Y", "find-principals", "-f", allowed_signers,
+                    "-s", signature_file), name="ssh-keygen -Y find-principals")
+
+
+def verify_command(allowed_signers: str, principal: str, signature_file: str) -> Command:
+    """``ssh-keygen -Y verify``: the manifest on stdin, exactly as an operator runs it."""
+    return Command(("ssh-keygen", "-Y", "verify", "-f", allowed_signers, "-I", principal,
+                    "-n", NAMESPACE, "-s", signature_file), name="ssh-keygen -Y verify")
+
+
+def signature_name(backup_id: str) -> str:
+    return f"{backup_id}/manifest.json{SIGNATURE_SUFFIX}"
+
+
+def sums_name(backup_id: str) -> str:
+    return f"{backup_id}/{SUMS}"
+
+
+def sha256sums(manifest: Manifest) -> bytes:
+    """``sha256sum -c`` input for every stored object (names as ``swift download`` writes
+    them under its output directory): the by-hand check needs no JSON parser."""
+    return "".join(f"{o.sha256}  {o.name}\n" for o in manifest.objects).encode()
+
+
+def signed_objects(manifest: Manifest, signing_key: str) -> list[tuple[str, bytes]]:
+    """What goes to Swift before the manifest: SHA256SUMS, its signature, the manifest's."""
+    sums = sha256sums(manifest)
+    return [(sums_name(manifest.backup_id), sums),
+            (sums_name(manifest.backup_id) + SIGNATURE_SUFFIX, sign_manifest(sums, signing_key)),
+            (signature_name(manifest.backup_id),
+             sign_manifest(manifest.to_json(), signing_key))]
+
+
+def sign_manifest(manifest_json: bytes, signing_key: str) -> bytes:
+    """The ``ssh-keygen -Y sign`` signature of exactly these manifest bytes."""
+    if not os.access(signing_key, os.R_OK):
+        raise SigningFailed(path=signing_key, detail="the file is missing or unreadable")
+    with tempfile.TemporaryFile() as body:
+        body.write(manifest_json)
+        body.seek(0)
+        try:
+            with execute.Pipeline([sign_command(signing_key)], timeout=TOOL_TIMEOUT,
+                                  stdin=body) as pipe:
+                assert pipe.stdout is not None
+                signature = pipe.stdout.read()
+                pipe.wait()
+        except CommandFailed as error:
+            raise SigningFailed(path=signing_key,
+                                detail=one_line(error.fields.get("stderr"))) from None
+    if b"BEGIN SSH SIGNATURE" not in signature:
+        raise SigningFailed(path=signing_key, detail="ssh-keygen wrote no signature")
+    return signature
+
+
+def verify_signature(manifest_json: bytes, signature: bytes | None, *, backup_id: str,
+                     allowed_signers: str) -> str:
+    """Check the manifest's signature against an allowed-signers file; return the principal.
+
+    ``signature`` None means the ``.sig`` object is absent. find-principals tells a key that
+    is not allowed (54) from a manifest altered after signing (55).
+    """
+    if signature is None:
+        raise ManifestUnsigned(backup_id=backup_id, name=signature_name(backup_id))
+    if not os.access(allowed_signers, os.R_OK):
+        raise SignatureUntrusted(backup_id=backup_id,
+                                 allowed_signers=f"{allowed_signers} (missing or unreadable)")
+    with tempfile.TemporaryDirectory(prefix="ucb-sig-") as scratch:
+        sig_file = os.path.join(scratch, "manifest.json.sig")
+        Path(sig_file).write_bytes(signature)
+        try:
+            found = execute.capture(find_principals_command(allowed_signers, sig_file),
+                                    timeout=TOOL_TIMEOUT)
+        except CommandFailed:
+            raise SignatureUntrusted(backup_id=backup_id,
+                                     allowed_signers=allowed_signers) from None
+        principal = found.decode("utf-8", "replace").splitlines()[0].strip() if found else ""
+        if not principal:
+            raise SignatureUntrusted(backup_id=backup_id, allowed_signers=allowed_signers)
+        with tempfile.TemporaryFile() as body:
+            body.write(manifest_json)
+            body.seek(0)
+            try:
+                with execute.Pipeline([verify_command(allowed_signers, principal, sig_file)],
+                                      timeout=TOOL_TIMEOUT, stdin=body,
+                                      stdout=subprocess.DEVNULL) as pipe:
+                    pipe.wait()
+            except CommandFailed as error:
+                raise SignatureInvalid(backup_id=backup_id,
+                                       detail=one_line(error.fields.get("stderr"))) from None
+    return principal
+
+
+def check_sha256(name: str, backup_id: str, expected: str, actual: str) -> None:
+    if expected and expected != actual:
+        raise ObjectTampered(name=name, backup_id=backup_id,
+                             detail=f"SHA-256 {actual} where the manifest says {expected}")
+
+
+def load_signed_manifest(store, container: str, backup_id: str,
+                         allowed_signers: str) -> Manifest:
+    """The manifest of ``backup_id``, parsed from exactly the bytes whose signature passed.
+
+    A validly signed manifest stored under another backup's name (a replay) is refused too.
+    NotFound for the manifest itself is the caller's (no such backup).
+    """
+    body = store.get_bytes(container, f"{backup_id}/{MANIFEST_NAME}")
+    try:
+        signature = store.get_bytes(container, signature_name(backup_id))
+    except NotFound:
+        signature = None
+    verify_signature(body, signature, backup_id=backup_id, allowed_signers=allowed_signers)
+    manifest = Manifest.from_json(body)
+    strays = [o.name for o in manifest.objects if not o.name.startswith(f"{backup_id}/")]
+    if manifest.backup_id != backup_id or strays:
+        raise SignatureInvalid(backup_id=backup_id, detail=(
+            f"it is the signed manifest of {manifest.backup_id}, stored under {backup_id}"))
+    return manifest
