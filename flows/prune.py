@@ -43,7 +43,8 @@ def prune_backups(
 
     Args:
         container: Swift container of the backups (default: the Swift block's, or
-            undercloud-backups); their segments are in <container>_segments.
+            undercloud-backups); their segments are in the container of that name
+            followed by _segments.
         swift_block: Name of a saved Swift Backup Target block (otherwise the OS_* environment).
         keep_last: Keep the N most recent complete backups.
         keep_daily: Keep the newest backup of each of the last N days that have backups (UTC).

@@ -69,7 +69,7 @@ def undercloud_restore(
             undercloud-backups).
         files: Restore the filesystem archive.
         target: Directory to restore the files under (default: a new directory
-            <staging_dir>/undercloud-restore-<backup_id>, created 0700). / means the live
+            undercloud-restore-BACKUP_ID under staging_dir, created 0700). / means the live
             system and needs allow_root_target. A named target that does not exist is
             created 0755, so services restored into a stand-in root can enter it.
         allow_root_target: Allow target / (writing into the live system).

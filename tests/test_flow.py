@@ -3,15 +3,18 @@ retries that reuse what already completed."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
 import socket
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PREFECT_API_URL, backup_cli
+from conftest import PREFECT_API_URL, REPO, backup_cli
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -67,6 +70,35 @@ def test_the_ui_form_has_sections_every_field_described_and_nothing_required():
         assert "<" not in prop["description"] and ">" not in prop["description"], name
     assert {"add_paths", "exclude_paths", "db_only", "root", "container", "segment_size",
             "db_block", "swift_block", "staging_dir", "keep_last"} <= set(fields)
+
+
+def _descriptions(node: object) -> Iterator[tuple[str, str]]:
+    """Every (name, description) in a parameter schema, sections' fields included."""
+    if isinstance(node, dict):
+        for name, prop in (node.get("properties") or {}).items():
+            if isinstance(prop, dict) and "$ref" not in prop:  # a section: its fields count
+                yield name, prop.get("description") or ""
+        for value in node.values():
+            yield from _descriptions(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _descriptions(value)
+
+
+def test_no_deployed_flow_form_has_angle_brackets_or_a_field_without_description():
+    """Every form the UI shows (each entrypoint of prefect.yaml): the classic UI takes
+    ``<container>`` for an HTML tag and drops it."""
+    entrypoints = sorted(set(re.findall(r"entrypoint: (\S+)", (REPO / "prefect.yaml").read_text())))
+    assert len(entrypoints) >= 3, entrypoints
+    for entrypoint in entrypoints:
+        path, _, name = entrypoint.partition(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        schema = parameter_schema(getattr(module, name)).model_dump_for_openapi()
+        described = list(_descriptions(schema))
+        assert described, entrypoint
+        for field, text in described:
+            assert text, f"{entrypoint}: parameter {field} has no description"
+            assert "<" not in text and ">" not in text, f"{entrypoint}: {field}: {text}"
 
 
 def test_every_flow_parameter_is_a_cli_flag_with_its_default():

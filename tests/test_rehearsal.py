@@ -73,18 +73,20 @@ class Keystone:
             "[token]\nprovider = fernet\n")
         self.conf.chmod(0o640)
 
-    def manage(self, *args: str) -> None:
+    def manage(self, *args: str, env: dict[str, str] | None = None) -> None:
         done = subprocess.run(
             ["keystone-manage", "--config-file", str(self.conf), *args], capture_output=True,
-            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(self.pylib)})
+            text=True, timeout=120,
+            env={**os.environ, "PYTHONPATH": str(self.pylib), **(env or {})})
         assert done.returncode == 0, f"keystone-manage {args[0]}: {done.stderr[-2000:]}"
 
     def set_up(self) -> None:
         self.manage("db_sync")
         for setup in ("fernet_setup", "credential_setup"):
             self.manage(setup, "--keystone-user", "root", "--keystone-group", "root")
-        self.manage("bootstrap", "--bootstrap-password", self.admin_password,
-                    "--bootstrap-public-url", self.url)
+        # the password from the environment: an argv is readable by every local user
+        self.manage("bootstrap", "--bootstrap-public-url", self.url,
+                    env={"OS_BOOTSTRAP_PASSWORD": self.admin_password})
 
     @property
     def url(self) -> str:

@@ -277,7 +277,9 @@ EOF
     # sessions: POST /v3/services and /v3/endpoints hang 5 s and fail 500 'database is locked'
     # (even with ONE uwsgi process). WAL mode (persistent in the db file) fixes it.
     runuser -u keystone -- sqlite3 "$KS_DIR/keystone.db" 'PRAGMA journal_mode=WAL;' >/dev/null
-    keystone_manage bootstrap --bootstrap-password "$ADMIN_PASS" \
+    # The password in the environment (keystone-manage reads OS_BOOTSTRAP_PASSWORD), never on
+    # an argv that every local user can read in /proc/*/cmdline.
+    OS_BOOTSTRAP_PASSWORD="$ADMIN_PASS" keystone_manage bootstrap \
       --bootstrap-username admin --bootstrap-project-name admin --bootstrap-role-name admin \
       --bootstrap-admin-url "$KS_URL/" --bootstrap-internal-url "$KS_URL/" \
       --bootstrap-public-url "$KS_URL/" --bootstrap-region-id "$REGION"
