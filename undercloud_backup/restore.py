@@ -26,6 +26,7 @@ import os
 import time
 from collections.abc import Sequence
 
+from undercloud_backup import archive as fs
 from undercloud_backup import chain
 from undercloud_backup.errors import (
     BackupError,
@@ -119,7 +120,7 @@ def plan_files(store, container: str, manifest: Manifest, request: RestoreReques
             return
         bare = member.rstrip("/")
         for wanted in selection.members:
-            if wanted not in plan.found and (bare == wanted or bare.startswith(wanted + "/")):
+            if wanted not in plan.found and fs.inside(bare, wanted):
                 plan.found.append(wanted)
         if selection.is_excluded(member, literal):
             plan.kept += 1

@@ -85,8 +85,7 @@ class Selection:
 
     def wanted(self, member: str) -> bool:
         bare = member.rstrip("/")
-        return not self.members or any(bare == m or bare.startswith(m + "/") or m == "."
-                                       for m in self.members)
+        return not self.members or any(m == "." or fs.inside(bare, m) for m in self.members)
 
     def is_excluded(self, member: str, literal: list[tuple[str, str]]) -> bool:
         """As tar's ``--exclude`` (the backup's matcher, :func:`archive.excludes`) would."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import pymysql
 
+from undercloud_backup.archive import inside
 from undercloud_backup.dbcheck import TableComparison, compare_schema_objects, compare_tables
 from undercloud_backup.dumpstream import DumpGate
 from undercloud_backup.errors import BackupError
@@ -64,12 +65,10 @@ class ArchiveReport:
         bare = member.rstrip("/")
         for path in self.included:
             rel = path.lstrip("/")
-            if path not in self.found and (bare == rel or bare.startswith(rel + "/")
-                                           or not rel):
+            if path not in self.found and inside(bare, rel):
                 self.found.append(path)
         for essential in ESSENTIALS:
-            if essential not in self.essentials_found and (
-                    bare == essential or bare.startswith(essential + "/")):
+            if essential not in self.essentials_found and inside(bare, essential):
                 self.essentials_found.append(essential)
 
     def missing(self) -> list[str]:
@@ -79,7 +78,7 @@ class ArchiveReport:
         """Essentials whose parent was archived but that the archive does not hold."""
         archived = [p.lstrip("/") for p in self.found]
         return [e for e in ESSENTIALS if e not in self.essentials_found
-                and any(not p or e.startswith(p + "/") for p in archived)]
+                and any(inside(e, p) for p in archived)]
 
 
 def check_archive(store, container: str, manifest: Manifest, obj: StoredObject, *,
