@@ -110,7 +110,9 @@ def _request(what: WhatToBackUp, swift: SwiftParams,
         table_checksums=advanced.table_checksums, privileged=advanced.privileged,
         segment_size=params.segment_size_bytes(swift.segment_size),
         recipients_file=encryption.recipients_file, plain_reason=encryption.plain_reason,
-        encryption_opted_out=encryption.opted_out, signing_key=advanced.signing_key,
+        encryption_opted_out=encryption.opted_out,
+        # Once install made a signing key, a run that names none is signed with it.
+        signing_key=advanced.signing_key or signing.installed_signing_key(),
         full=what.full, full_every_s=params.duration_seconds(what.full_every))
 
 
@@ -182,6 +184,7 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
                    level=manifest.level, full_reason=manifest.full_reason)
     if policy is not None:
         summary["pruned"] = _prune(swift_source, policy, backup_id, retry)
+    summary["signing_key"] = request.signing_key
     _summary_artifact(summary, manifest.to_dict(), time.monotonic() - started,
                       _download_links(swift_source, manifest, swift.link_lifetime_hours))
     return summary
@@ -214,6 +217,8 @@ def _check_keys(request: backup.BackupRequest) -> None:
         get_run_logger().warning("this backup is stored in plain text: %s", request.plain_reason)
     if request.signing_key is not None:
         signing.sign_manifest(b"probe", request.signing_key)
+    elif (why := signing.unsigned_warning()) is not None:
+        get_run_logger().warning("%s", why)
 
 
 def _prune(swift_source: SwiftSource, policy: RetentionPolicy, backup_id: str,
@@ -251,6 +256,7 @@ Complete: manifest `{container}/{summary['manifest']}` written in {seconds:.0f} 
 - Changed or vanished while read: {len(paths.get('changed', [])) + len(paths.get('vanished', []))}
 - Pruned: {_pruned_text(summary.get('pruned', []))}
 - Encryption: {_encryption_text(manifest.get('encryption'))}
+- Signature: {_signature_text(summary.get('signing_key'))}
 
 - Files: {_kind_text(manifest)}
 
@@ -298,6 +304,13 @@ def _encryption_text(section: dict | None) -> str:
         return f"**NONE: stored in plain text** ({why})"
     return ("age, to " + ", ".join(f"`{r}`" for r in section["recipients"])
             + " (decrypt as docs/restore.md says)")
+
+
+def _signature_text(signing_key: str | None) -> str:
+    if not signing_key:
+        return "**NONE**: the manifest is not signed (no signing key given or installed)"
+    return (f"`manifest.json.sig` and `SHA256SUMS.sig`, signed with `{signing_key}` "
+            "(ssh-keygen -Y verify against the allowed signers: docs/restore.md)")
 
 
 def _pruned_text(pruned: list[str] | None) -> str:

@@ -178,7 +178,8 @@ class AdvancedParams(_Group):
                           "recipients), if any; else plain text, said so in the manifest.")
     signing_key: str | None = Field(
         None, description="SSH private key file that signs the manifest (ssh-keygen -Y sign, "
-                          "namespace undercloud-backup) into manifest.json.sig.")
+                          "namespace undercloud-backup) into manifest.json.sig. Unset: the "
+                          "key install made (/etc/undercloud-backup/signing-key), if any.")
     no_encryption: str | None = Field(
         None, description="Store this backup in plain text on purpose, giving the reason (the "
                           "manifest and the artifact record it). Without it, a backup is "

@@ -25,7 +25,7 @@ from flows import cli, logs, params
 from flows.params import DatabaseParams
 from tasks import restore as steps
 from tasks import verify as checks
-from undercloud_backup import crypto, restore, restoredb, restoreplan
+from undercloud_backup import crypto, restore, restoredb, restoreplan, signing
 from undercloud_backup.errors import ConfigError
 from undercloud_backup.manifest import Manifest
 
@@ -60,6 +60,7 @@ def undercloud_restore(
     timeout_hours: float = 12.0,
     allowed_signers: str | None = None,
     identity: str | None = None,
+    check_signature: bool = True,
 ) -> dict:
     """Restore an undercloud backup: files into a target root, databases into a MariaDB.
 
@@ -98,13 +99,18 @@ def undercloud_restore(
         timeout_hours: Longest the files or the databases may take before the restore's
             processes are killed.
         allowed_signers: ssh-keygen allowed-signers file: restore only from a manifest
-            signed by a key in it (checked before anything is written).
+            signed by a key in it (checked before anything is written). Unset: the one
+            install configured (/etc/undercloud-backup/allowed_signers), if any.
         identity: Path of the age identity file (private key; never its content) that
             decrypts an encrypted backup: the operator's or the break-glass key, on the
             machine that restores. Checked against the backup's recipients before anything
             is read or written.
+        check_signature: Off: do not check the manifest's signature at all (a backup made
+            before signing was installed); allowed_signers must then be unset.
     """
     want_databases = _check_choices(files, all_databases, databases, overwrite, skip_existing)
+    allowed_signers = signing.allowed_signers_for(allowed_signers, check_signature,
+                                                  signing.installed_allowed_signers())
     swift_source = SwiftSource(block=swift_block, container=container)
     db_source = database.source()
     manifest = checks.load_manifest(swift_source, backup_id, allowed_signers)
@@ -172,8 +178,9 @@ def _objects_used(manifest: Manifest, files: bool, want_databases: bool,
 def _warnings(decryption: crypto.Decryption | None, allowed_signers: str | None) -> list[str]:
     warnings = crypto.identity_warnings(decryption)
     if decryption is not None and not allowed_signers:
-        warnings.append("the manifest's signature was not checked (no --allowed-signers): "
-                        "anyone who knows the public recipients could have written this backup")
+        warnings.append("the manifest's signature was not checked (no --allowed-signers, "
+                        "none installed, or --no-signature-check): anyone who knows the "
+                        "public recipients could have written this backup")
     return warnings
 
 
@@ -307,7 +314,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-hours", type=float, default=12.0)
     p.add_argument("--allowed-signers", metavar="FILE",
                    help="ssh-keygen allowed-signers file: restore only from a manifest signed "
-                        "by a key in it (exit 53 unsigned, 54 other key, 55 altered)")
+                        "by a key in it (exit 53 unsigned, 54 other key, 55 altered); default: "
+                        f"{signing.INSTALLED_ALLOWED_SIGNERS}, if install configured it")
+    p.add_argument("--no-signature-check", action="store_true",
+                   help="do not check the manifest's signature (a backup made before signing "
+                        "was installed); not with --allowed-signers")
     p.add_argument("--identity", metavar="FILE",
                    help="age identity file (a path: the key is never an argument) that "
                         "decrypts an encrypted backup (exit 51 unusable, 52 not a recipient of "
@@ -326,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         dry_run=args.dry_run, database=params.from_args(args, DatabaseParams),
         swift_block=args.swift_block, staging_dir=args.staging_dir,
         timeout_hours=args.timeout_hours, allowed_signers=args.allowed_signers,
-        identity=args.identity),
+        identity=args.identity, check_signature=not args.no_signature_check),
         interrupted="what was written so far stays in place")
     if result is None:
         return status

@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 from blocks.sources import SwiftSource
 from flows import cli, logs
 from tasks import verify as checks
-from undercloud_backup import crypto, verify
+from undercloud_backup import crypto, signing, verify
 from undercloud_backup.errors import BackupError
 from undercloud_backup.manifest import Manifest
 from undercloud_backup.sizes import format_size
@@ -45,6 +45,7 @@ def verify_backup(
     task_retries: int = 2,
     allowed_signers: str | None = None,
     identity: str | None = None,
+    check_signature: bool = True,
 ) -> dict:
     """Prove a backup restores: objects, segments, archive entries and a test restore of the
     databases compared table by table with the manifest.
@@ -64,15 +65,20 @@ def verify_backup(
         timeout_hours: Longest a single check may run before its processes are killed.
         task_retries: Retries of a check after a transient failure (Swift unreachable).
         allowed_signers: ssh-keygen allowed-signers file: the manifest must be signed by a
-            key in it (manifest.json.sig), or nothing is checked.
+            key in it (manifest.json.sig), or nothing is checked. Unset: the one install
+            configured (/etc/undercloud-backup/allowed_signers), if any.
         identity: Path of an age identity file (private key; never its content) that
             decrypts an encrypted backup, on a verify host or an operator's machine: with it
             the archive is listed and the dump test-restored; without it an encrypted
             backup's objects are only checked (presence, sizes, SHA-256), and the report
             says so.
+        check_signature: Off: do not check the manifest's signature at all (a backup made
+            before signing was installed); allowed_signers must then be unset.
     """
     logger = get_run_logger()
     started = time.monotonic()
+    allowed_signers = signing.allowed_signers_for(allowed_signers, check_signature,
+                                                  signing.installed_allowed_signers())
     swift_source = SwiftSource(block=swift_block, container=container)
     retry = {"retries": task_retries}
     timeout_s = timeout_hours * 3600
@@ -103,7 +109,10 @@ def verify_backup(
         results = {name: future.result() for name, future in futures.items()}
     report = verify.summarize(manifest, swift_source.settings().container, results,
                               time.monotonic() - started)
-    report["signature"] = "good" if allowed_signers else "not checked (no allowed_signers)"
+    report["signature"] = "good" if allowed_signers else (
+        "not checked (no allowed_signers)" if check_signature else
+        "not checked (turned off: check_signature)")
+    report["allowed_signers"] = allowed_signers
     report["decrypted"] = decryption is not None
     report["decryption"] = _decryption_text(manifest, decryption)
     report["chain"] = [*manifest.chain, manifest.backup_id] if manifest.chain else None
@@ -160,7 +169,9 @@ def _report_artifact(report: dict, manifest: Manifest) -> None:
     if report["chain"]:
         lines.append(f"- Chain (incremental, full first): {' > '.join(report['chain'])}")
     lines.append(f"- Encryption: {report['decryption']}")
-    lines.append(f"- Signature: {report['signature']}")
+    lines.append(f"- Signature: {report['signature']}" + (
+        f" (allowed signers `{report['allowed_signers']}`)" if report["allowed_signers"]
+        else ""))
     if report["problems"]:
         lines += ["", "## What differed", ""] + [f"- {p}" for p in report["problems"]]
     if report["warnings"]:
@@ -187,7 +198,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-hours", type=float, default=6.0)
     p.add_argument("--allowed-signers", metavar="FILE",
                    help="ssh-keygen allowed-signers file: refuse a manifest not signed by a key "
-                        "in it (exit 53 unsigned, 54 other key, 55 altered)")
+                        "in it (exit 53 unsigned, 54 other key, 55 altered); default: "
+                        f"{signing.INSTALLED_ALLOWED_SIGNERS}, if install configured it")
+    p.add_argument("--no-signature-check", action="store_true",
+                   help="do not check the manifest's signature (a backup made before signing "
+                        "was installed); not with --allowed-signers")
     p.add_argument("--identity", metavar="FILE",
                    help="age identity file (a path: the key is never an argument) to decrypt an "
                         "encrypted backup and test-restore it; without it only the stored "
@@ -212,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         backup_id=args.backup_id, container=args.container, swift_block=args.swift_block,
         check_database=not args.skip_database, ignore_tables=args.ignore_table,
         staging_dir=args.staging_dir, timeout_hours=args.timeout_hours,
-        allowed_signers=args.allowed_signers, identity=args.identity),
+        allowed_signers=args.allowed_signers, identity=args.identity,
+        check_signature=not args.no_signature_check),
         on_backup_error=print_report)
     if report is None:
         return status
