@@ -12,7 +12,8 @@
 #   privileged  wrappers -> /usr/local/libexec/undercloud-backup (root, 0755),
 #               /etc/undercloud-backup/privileged.conf (once), sudoers checked with visudo -cf
 #               and installed as /etc/sudoers.d/undercloud-backup (0440)
-#   config      /etc/undercloud-backup/{server,worker}.env (once; then they are yours)
+#   config      /etc/undercloud-backup/{server,worker}.env (once; then they are yours), the
+#               node's signing key and allowed_signers (once; kept), the recipients if given
 #   services    systemd units (enabled, started) or, without systemd, start-stop-daemon
 #   prefect     work pool "undercloud", queue "backups" (limit 1), `prefect deploy --name ...` (the undercloud's),
 #               the automation that crashes runs without heartbeats, the alerts (a failed or
@@ -29,6 +30,10 @@
 #   UCB_ZOMBIE_AFTER [90] seconds without a heartbeat before a run is marked CRASHED
 #   UCB_RECIPIENTS_FILE [] age recipients (public keys) to encrypt every backup to, installed as
 #                         $ETC/recipients; a backup in plain text then needs --no-encryption REASON
+#   UCB_SIGNING_KEY []    an unencrypted SSH private key to sign every backup with, installed as
+#                         $ETC/signing-key (root:undercloud-backup 0640); without it a new ed25519
+#                         key is made there once and kept. Its public half goes into
+#                         $ETC/allowed_signers (0644), which verify and restore check against
 #   UCB_ALERT_BLOCK []    alerts through this existing Prefect notification block (TYPE/NAME);
 #                         else through a webhook whose URL is in $ETC/alert-webhook-url (root's,
 #                         0600: the URL is a secret); else no alerts (one line says how to add them)
@@ -224,7 +229,57 @@ step_config() {
     render "$SRC/deployments/env/server.env" "$ETC/server.env" "$API_GROUP"
   fi
   render "$SRC/deployments/env/worker.env" "$ETC/worker.env" "$GROUP"
+  install_signing
   install_recipients
+}
+
+# The node's signing key (undercloud_backup/signing.py): every backup that names no key is
+# signed with it, and verify and restore that name no allowed-signers file check against
+# $ETC/allowed_signers. Made once with ssh-keygen in a directory of root's alone and kept on
+# every re-run (UCB_SIGNING_KEY=FILE installs that key instead); root:$GROUP 0640, so that the
+# worker can sign and no other user can read it. The key only ever travels through files and
+# pipes, never an argv.
+install_signing() {
+  local key=$ETC/signing-key allowed=$ETC/allowed_signers public line tmp
+  local principal
+  principal="undercloud-backup@$(hostname)"
+  command -v ssh-keygen >/dev/null \
+    || die "ssh-keygen is missing (apt-get install openssh-client / dnf install openssh)"
+  if [ -n "${UCB_SIGNING_KEY:-}" ]; then
+    [ -r "$UCB_SIGNING_KEY" ] || die "UCB_SIGNING_KEY $UCB_SIGNING_KEY is not readable"
+    public=$(public_key <"$UCB_SIGNING_KEY") && [ -n "$public" ] \
+      || die "UCB_SIGNING_KEY $UCB_SIGNING_KEY is not an unencrypted SSH private key"
+    fs file "$key" root "$GROUP" 0640 <"$UCB_SIGNING_KEY" >/dev/null
+    say "signing: $UCB_SIGNING_KEY installed as $key"
+  elif [ ! -e "$key" ] && [ ! -L "$key" ]; then
+    tmp=$(umask 077 && mktemp -d "$ETC/.signing-key.XXXXXX")
+    if ! ssh-keygen -q -t ed25519 -N '' -C "$principal" -f "$tmp/key" </dev/null >/dev/null \
+        || ! fs file "$key" root "$GROUP" 0640 --keep <"$tmp/key" >/dev/null; then
+      rm -rf "$tmp"
+      die "could not make the signing key $key"
+    fi
+    rm -rf "$tmp"
+    say "signing: new ed25519 signing key $key"
+  fi
+  fs touch "$key" root "$GROUP" 0640  # a kept key too; a symlink or hard link is refused
+  public=$(public_key <"$key") && [ -n "$public" ] || die "$key is not an unencrypted SSH\
+ private key: replace it (UCB_SIGNING_KEY=FILE) or remove it to have a new one made"
+  # Kept, with the lines of earlier keys (backups they signed stay verifiable); this key's
+  # line is added when it is missing.
+  if [ ! -e "$allowed" ] || ! grep -qF " $public" "$allowed"; then
+    line="$principal namespaces=\"undercloud-backup\" $public"
+    { [ ! -e "$allowed" ] || sed -e '$a\' "$allowed"; printf '%s\n' "$line"; } \
+      | fs file "$allowed" root root 0644 >/dev/null
+  fi
+  fs touch "$allowed" root root 0644
+  say "signing: every backup is signed with $key; keep a copy of $allowed off this node: verify\
+ and restore of these backups need it once the node is lost or reinstalled"
+}
+
+# The public half (type and key, no comment) of the private key on stdin. Through a pipe:
+# ssh-keygen refuses to read a key file of its own user that the group may read (0640).
+public_key() {
+  cat | ssh-keygen -y -P '' -f /dev/stdin 2>/dev/null | cut -d' ' -f1,2
 }
 
 # UCB_RECIPIENTS_FILE: the age recipients (public keys only: an operator's and a break-glass

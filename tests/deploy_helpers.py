@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from undercloud_backup import privileged
+from undercloud_backup import privileged, signing
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL = REPO / "deployments/install.sh"
@@ -42,7 +42,8 @@ API_USER = "ucb-api"  # the local Prefect server's own user (full installs)
 SCRATCH = Path("/var/lib")  # root-owned 0755 all the way up
 LOCK = Path("/run/lock/undercloud-backup-tests.lock")
 MANAGED = (privileged.SUDOERS_FILE, privileged.ARCHIVE_WRAPPER, privileged.MARIADB_WRAPPER,
-           privileged.CONFIG_FILE)
+           privileged.CONFIG_FILE, signing.INSTALLED_SIGNING_KEY,
+           signing.INSTALLED_ALLOWED_SIGNERS)
 
 
 _LOCK_DEPTH = [0]
