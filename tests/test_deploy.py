@@ -4,14 +4,21 @@ configured as deployments/env/server.env says (filesystem lease storage, API bas
 the start), the work pool, queue, `prefect deploy` of the undercloud's deployments in
 prefect.yaml and the zombie automation, a process worker running as an unprivileged user with
 the project's sudoers; runs created the way the UI creates them, and the backups checked in
-Swift with plain swiftclient, zstd and tar. The last test kills the worker and restarts the
-server.
+Swift with plain swiftclient, zstd and tar. The installed recipients and signing key are
+checked through a deployed run (encrypted, signed, verified by weekly-verify, an altered
+manifest refused). The last test kills the worker and restarts the server.
 """
 
 from __future__ import annotations
 
+import grp
+import json
 import os
+import pwd
+import socket
+import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,21 +26,28 @@ import pytest
 import sample_undercloud as sample
 import swiftclient
 from deploy_helpers import (
+    API_USER,
+    GROUP,
+    NOSUDO,
     REPO,
+    WORKER,
+    as_user,
     descendants,
     remove_tree,
     sample_root,
+    scratch_dir,
     scratch_mariadb,
 )
 from install_helpers import LOG_DIR, ZOMBIE_AFTER_S, FullInstall
 from keystoneauth1 import session
 from keystoneauth1.identity import v3
 
-from undercloud_backup import privileged
+from undercloud_backup import privileged, signing
 
 pytestmark = pytest.mark.slow
 
-DEPLOYMENT = "undercloud_backup/{}"
+DEPLOYMENT = "undercloud_backup/{}"  # weekly-verify's flow is verify_backup
+FLOWS = {"weekly-verify": "verify_backup/{}"}
 # The shared installation's test-only speed-ups (install_helpers): a waiting run retries for the
 # deployment's slot every 2 s instead of 30; the automation crashes a run 35 s after its last
 # heartbeat instead of 90 (heartbeats stay at 30 s, as in prefect.yaml); the worker polls every
@@ -55,7 +69,8 @@ class Deployment:
         return (LOG_DIR / "worker.log").read_text(errors="replace")[-3000:]
 
     def deployment(self, name: str) -> dict:
-        return self.api("GET", f"/deployments/name/{DEPLOYMENT.format(name)}")  # type: ignore
+        return self.api("GET", "/deployments/name/"  # type: ignore[return-value]
+                        + FLOWS.get(name, DEPLOYMENT).format(name))
 
     def create_run(self, name: str, **parameters: object) -> str:
         """POST /deployments/{id}/create_flow_run, as the UI's Run > Custom run does."""
@@ -258,9 +273,94 @@ def test_a_run_cancelled_from_the_ui_stops_its_children_and_leaves_nothing(
     assert deployed.api.wait_final(next_id, timeout=120)["state"]["type"] == "COMPLETED"
 
 
-def test_installed_recipients_encrypt_the_deployed_runs(deployed, os_env, container, tmp_path):
+SIGNING_KEY = Path(signing.INSTALLED_SIGNING_KEY)
+ALLOWED_SIGNERS = Path(signing.INSTALLED_ALLOWED_SIGNERS)
+PRINCIPAL = f"undercloud-backup@{socket.gethostname()}"
+
+
+def owner(path: Path) -> tuple[str, str, int]:
+    st = os.lstat(path)
+    return (pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name,
+            stat.S_IMODE(st.st_mode))
+
+
+def check_installed_signing_key(install: FullInstall) -> None:
+    """The key the install made: root:undercloud-backup 0640, so the worker signs with it and
+    no other user can read it; never on an argv of the install; its public half in
+    allowed_signers (0644). Root signs with it too (ssh-keygen ignores a key of its own user
+    that the group may read: signing.py hands it a private copy in memory)."""
+    assert owner(SIGNING_KEY) == ("root", GROUP, 0o640)
+    assert owner(ALLOWED_SIGNERS) == ("root", "root", 0o644)
+    [line] = ALLOWED_SIGNERS.read_text().splitlines()
+    assert line.split()[:3] == [PRINCIPAL, 'namespaces="undercloud-backup"', "ssh-ed25519"]
+    sign = ["ssh-keygen", "-Y", "sign", "-f", str(SIGNING_KEY), "-n", signing.NAMESPACE]
+    signed = as_user(WORKER, sign, input="probe")
+    assert signed.returncode == 0 and "BEGIN SSH SIGNATURE" in signed.stdout, signed.stderr
+    for user in (NOSUDO, API_USER):
+        read = as_user(user, ["cat", str(SIGNING_KEY)])
+        assert read.returncode != 0 and "Permission denied" in read.stderr, user
+    body = [row for row in SIGNING_KEY.read_text().splitlines() if not row.startswith("-")]
+    traced = b"".join(trace.read_bytes() for trace in install.traces)
+    assert b"ssh-keygen" in traced and not [row for row in body if row.encode() in traced]
+    as_root = signing.sign_manifest(b"probe", str(SIGNING_KEY))
+    assert signing.verify_signature(b"probe", as_root, backup_id="probe",
+                                    allowed_signers=str(ALLOWED_SIGNERS)) == PRINCIPAL
+
+
+def check_signed_by_hand(conn: swiftclient.Connection, container: str, backup_id: str) -> None:
+    """The manifest and SHA256SUMS verify with ssh-keygen and the installed allowed_signers,
+    as an ordinary user checks them by hand (docs/restore.md)."""
+    where = scratch_dir("ucb-signed-")
+    try:
+        for leaf in ("manifest.json", "SHA256SUMS"):
+            body = conn.get_object(container, f"{backup_id}/{leaf}")[1]
+            sig = where / f"{leaf}.sig"
+            sig.write_bytes(conn.get_object(container, f"{backup_id}/{leaf}.sig")[1])
+            sig.chmod(0o644)
+            done = as_user(NOSUDO, ["ssh-keygen", "-Y", "verify", "-f", str(ALLOWED_SIGNERS),
+                                    "-I", PRINCIPAL, "-n", "undercloud-backup", "-s", str(sig)],
+                           input=body.decode())
+            assert done.returncode == 0, done.stderr
+            assert f'Good "undercloud-backup" signature for {PRINCIPAL}' in done.stdout
+    finally:
+        remove_tree(where)
+
+
+def weekly_verify_checks_the_signature(deployed: Deployment, container: str) -> None:
+    """weekly-verify as deployed (no allowed_signers parameter) checks the installed ones."""
+    run_id = deployed.create_run("weekly-verify", container=container)
+    run = deployed.api.wait_final(run_id, timeout=120)
+    assert run["state"]["type"] == "COMPLETED", (run["state"], deployed.worker_log_tail())
+    [report] = deployed.api("POST", "/artifacts/filter", {"artifacts": {
+        "flow_run_id": {"any_": [run_id]}, "key": {"any_": ["backup-verification"]}}})
+    assert f"- Signature: good (allowed signers `{ALLOWED_SIGNERS}`)" in report["data"]
+
+
+def an_altered_manifest_is_refused(conn: swiftclient.Connection, container: str,
+                                   backup_id: str) -> None:
+    """A Swift-side writer swaps an object's recorded SHA-256: verify and restore, given no
+    --allowed-signers, refuse the manifest (55) with the installed allowed signers."""
+    name = f"{backup_id}/manifest.json"
+    manifest = json.loads(conn.get_object(container, name)[1])
+    manifest["objects"][0]["sha256"] = "0" * 64
+    conn.put_object(container, name, json.dumps(manifest).encode())
+    common = ["--container", container, "--backup-id", backup_id]
+    runs = [subprocess.Popen([sys.executable, "-m", module, *common, *extra], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for module, extra in (("flows.verify", []), ("flows.restore", ["--dry-run"]))]
+    for run in runs:
+        _, stderr = run.communicate(timeout=180)
+        assert run.returncode == 55, stderr[-2000:]
+        assert "does not match its signature" in stderr.strip().splitlines()[-1]
+
+
+def test_installed_recipients_and_signing_key_protect_the_deployed_runs(
+        deployed, os_env, container, tmp_path):
     """install.sh with UCB_RECIPIENTS_FILE: every run from then on is encrypted to them; a file
-    that is not an age recipients file is refused in one line and installs nothing."""
+    that is not an age recipients file is refused in one line and installs nothing. The
+    signing key the install made (kept when it runs again) signs every run, weekly-verify
+    checks that signature, and the default verify and restore refuse a manifest altered in
+    Swift."""
     identity, recipients, bad = tmp_path / "identity", tmp_path / "recipients", tmp_path / "bad"
     subprocess.run(["age-keygen", "-o", str(identity)], check=True, capture_output=True)
     recipients.write_text(subprocess.run(["age-keygen", "-y", str(identity)], check=True,
@@ -269,6 +369,8 @@ def test_installed_recipients_encrypt_the_deployed_runs(deployed, os_env, contai
     installed = Path("/etc/undercloud-backup/recipients")
     env_files = [Path("/etc/undercloud-backup") / n for n in ("worker.env", "server.env")]
     saved = {p: p.read_bytes() for p in env_files if p.exists()}
+    check_installed_signing_key(deployed.install)
+    keys = (SIGNING_KEY.read_bytes(), ALLOWED_SIGNERS.read_bytes())
     try:
         done = deployed.install.run("config", UCB_RECIPIENTS_FILE=str(bad))
         assert done.returncode != 0
@@ -279,6 +381,10 @@ def test_installed_recipients_encrypt_the_deployed_runs(deployed, os_env, contai
         st = installed.stat()
         assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o644)
         assert installed.read_text() == recipients.read_text()
+        # Re-running the install kept the signing key, its allowed_signers and their modes.
+        assert (SIGNING_KEY.read_bytes(), ALLOWED_SIGNERS.read_bytes()) == keys
+        assert owner(SIGNING_KEY) == ("root", GROUP, 0o640)
+        assert f"keep a copy of {ALLOWED_SIGNERS} off this node" in done.stdout
 
         run_id = deployed.create_run("on-demand", **run_parameters(deployed.roots["small"],
                                                                    container))
@@ -294,6 +400,10 @@ def test_installed_recipients_encrypt_the_deployed_runs(deployed, os_env, contai
         listing = subprocess.run(f"age -d -i {identity} | zstd -dc | tar -t", shell=True,
                                  input=body, capture_output=True, check=True)
         assert "root/.my.cnf" in listing.stdout.decode().splitlines()
+
+        check_signed_by_hand(conn, container, backup_id)
+        weekly_verify_checks_the_signature(deployed, container)
+        an_altered_manifest_is_refused(conn, container, backup_id)
     finally:
         installed.unlink(missing_ok=True)
         for path, body in saved.items():
