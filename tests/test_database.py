@@ -18,8 +18,9 @@ import pytest
 from conftest import REPO, mariadb
 
 from blocks.mariadb import MariaDBConnection
-from undercloud_backup import database, dbdump
+from undercloud_backup import database, dbdump, dbpreflight
 from undercloud_backup.dbpreflight import DatabaseLocked, DatabasePrivileges, evaluate
+from undercloud_backup.errors import CommandFailed
 from undercloud_backup.execute import Pipeline
 
 SOCKET = "/run/mysqld/mysqld.sock"
@@ -155,6 +156,7 @@ def test_wrapper_dumps_as_the_library_does(schema):
     module_argv = [a for a in _wrapper_module().dump_argv("t", list(schema))
                    if not a.startswith(("--protocol", "--user", "--socket"))]
     assert module_argv[1:] == list(direct[0])
+    assert _wrapper_module().DUMP_STATEMENTS == dbpreflight.DUMP_STATEMENTS
     users_argv = _wrapper_module().users_dump_argv("t")
     assert users_argv[-len(direct[1]):] == list(direct[1])
     users = _wrapper("dump-users")
@@ -389,3 +391,78 @@ def test_name_pattern_matches_whole_words_only():
     assert pattern.search("ALTER TABLE `t` ADD c INT") and pattern.search("DELETE FROM db.t")
     assert not pattern.search("SELECT SLEEP(200)") and not pattern.search("SELECT * FROM t2")
     assert re.search(name_pattern("a.b$c"), "UPDATE `a.b$c` SET x = 1")
+
+
+@pytest.fixture(params=["direct", "through sudo"])
+def bounded(request, schema):
+    """A run's database access with a 2 s lock bound: as root directly, or as root through
+    this checkout's sudo wrapper."""
+    if request.param == "through sudo":
+        return request.getfixturevalue("through_sudo")
+    return database.access(ROOT, False, lock_wait_s=2)
+
+
+def _wrapper_processes() -> list[str]:
+    listed = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in listed.splitlines() if f"{WRAPPER} dump" in line]
+
+
+def test_a_lock_taken_after_the_check_ends_the_dump_within_the_bound(bounded, schema,
+                                                                      tmp_path):
+    """Issue 14.2.2: the check passes, then another session locks the table the dump reaches
+    last; the dump's own wait ends after the bound, as the same clear lock error (exit 26)."""
+    bounded.check_locks(schema)  # nothing locked yet: the pre-check passes
+    holder = pymysql.connect(unix_socket=SOCKET, user="root")
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("LOCK TABLES ucb_dbt_c.t WRITE")
+        spec = bounded.dump_commands(schema).databases
+        started = time.monotonic()
+        with pytest.raises(CommandFailed) as failed:
+            _run_dump(spec, tmp_path / "db.sql")
+        took = time.monotonic() - started
+    finally:
+        holder.close()
+    error = spec.failure(str(failed.value))
+    message = str(error)
+    assert isinstance(error, DatabaseLocked), failed.value
+    assert error.exit_code == 26 and error.retryable and "\n" not in message
+    assert "Table `ucb_dbt_c`.`t` on MariaDB at " in message, message
+    assert "gave up after 2 s" in message and "not in the processlist" in message
+    assert 1.9 < took < 10, took
+    assert "-- Current Database: `ucb_dbt_b`" in (tmp_path / "db.sql").read_text()
+    assert _wrapper_processes() == []  # the wrapper's watcher died with the dump
+
+
+def test_a_dump_nothing_locks_is_not_stopped(bounded, schema, tmp_path):
+    dumps = bounded.dump_commands(schema)
+    assert "CREATE DEFINER" in _run_dump(dumps.databases, tmp_path / "db.sql")
+    assert dumps.databases.guard is not None and dumps.databases.failure("x").exit_code == 22
+    assert _wrapper_processes() == []
+
+
+def test_the_servers_own_lock_wait_timeout_is_the_same_lock_error(tmp_path):
+    """A server whose lock_wait_timeout is below our bound ends the dump's wait itself
+    (ERROR 1205): the same error, naming the table, directly and through the wrapper."""
+    from undercloud_backup import privileged
+    from undercloud_backup.scratchdb import os_user, scratch_mariadb
+
+    with scratch_mariadb("/var/tmp", lifetime_s=120) as server:
+        with server.session.cursor() as cursor:
+            for sql in ("SET GLOBAL lock_wait_timeout = 1", "CREATE DATABASE ucb_dbt_x",
+                        "CREATE TABLE ucb_dbt_x.a (id INT)", "CREATE TABLE ucb_dbt_x.u (id INT)"):
+                cursor.execute(sql)
+        holder = pymysql.connect(unix_socket=server.socket, user=os_user())
+        with holder.cursor() as cursor:
+            cursor.execute("LOCK TABLES ucb_dbt_x.u WRITE")
+        settings = database.DatabaseSettings(socket=server.socket, user=os_user())
+        spec = database.access(settings, False, lock_wait_s=30).dump_commands(
+            ("ucb_dbt_x",)).databases
+        with pytest.raises(CommandFailed) as failed:
+            _run_dump(spec, tmp_path / "db.sql")
+        holder.close()
+    assert "(1205)" in str(failed.value)
+    for error in (spec.failure(str(failed.value)),
+                  privileged.WrapperLockWatch().failure(str(failed.value))):
+        assert isinstance(error, DatabaseLocked) and error.exit_code == 26 and error.retryable
+        assert "Table `u` on MariaDB" in str(error) and "lock_wait_timeout ran out" in str(error)

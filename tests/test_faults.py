@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pymysql
 import pytest
-from conftest import SERVICES, STATE, backup_cli, mariadb
+from conftest import PYTHON, REPO, SERVICES, STATE, backup_cli, mariadb
 
 from undercloud_backup import catalogue, config
 from undercloud_backup.errors import NotFound
@@ -248,6 +248,64 @@ def test_dump_killed_half_way_fails_the_run(earlier, staging, db_cnf, big_databa
                 time.sleep(0.1)
     finally:
         root.close()
+
+
+# `python -m flows.backup` with a hook between the pre-check and the dump (issue 14.2.2): the
+# run's lock bound is argv[1] s, and once the check has passed a session of root's runs
+# argv[2] (a LOCK TABLES) and keeps it; the time it did is written to argv[3].
+LOCK_AFTER_CHECK = """
+import runpy, sys, time
+import pymysql
+from tasks import backup as tasks
+from undercloud_backup import database
+
+bound, lock, mark = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+checked, held = tasks.check_database, []
+tasks.database_access = lambda request, source: database.access(source.settings(), False,
+                                                                lock_wait_s=bound)
+
+def check_then_lock(*args, **kwargs):
+    info = checked(*args, **kwargs)  # passed: nothing was locked
+    holder = pymysql.connect(unix_socket="/run/mysqld/mysqld.sock", user="root")
+    holder.cursor().execute(lock)
+    held.append(holder)
+    with open(mark, "w") as out:
+        out.write(str(time.monotonic()))
+    return info
+
+tasks.check_database = check_then_lock
+sys.argv = ["flows.backup", *sys.argv[4:]]
+runpy.run_module("flows.backup", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.fixture
+def lock_database(services):
+    mariadb("DROP DATABASE IF EXISTS ucb_fault_lock; CREATE DATABASE ucb_fault_lock;"
+            "CREATE TABLE ucb_fault_lock.t (id INT PRIMARY KEY); INSERT INTO ucb_fault_lock.t"
+            " VALUES (1);")
+    yield "ucb_fault_lock"
+    mariadb("DROP DATABASE IF EXISTS ucb_fault_lock;")
+
+
+def test_a_lock_taken_after_the_check_fails_the_dump_within_the_bound(earlier, staging, db_cnf,
+                                                                      lock_database, tmp_path):
+    """The dump's own session waits no longer than the bound for a table locked after the
+    pre-check passed (not the server's day): exit 26, one line naming the table, retryable."""
+    before = _objects(earlier.container)
+    mark = tmp_path / "locked-at"
+    result = subprocess.run(
+        [PYTHON, "-c", LOCK_AFTER_CHECK, "2", "LOCK TABLES ucb_fault_lock.t WRITE", str(mark),
+         "--root", str(earlier.root), "--container", earlier.container, "--staging-dir",
+         str(staging), "--task-retries", "0", "--swift-retries", "1", "--db-defaults-file",
+         db_cnf, "--db-only"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    ended = time.monotonic()
+    assert mark.exists(), result.stderr  # the lock was taken after the check passed
+    assert_failed_cleanly(result, earlier, staging, before, exit_code=26,
+                          says="Table `ucb_fault_lock`.`t` on MariaDB at 127.0.0.1:3306 is "
+                               "locked by another session")
+    assert "gave up after 2 s" in result.stderr.splitlines()[-1]
+    assert ended - float(mark.read_text()) < 30  # the bound, not the server's day
 
 
 def test_swift_stopped_during_upload(earlier, staging, db_cnf, tmp_path):

@@ -317,7 +317,10 @@ class DirectAccess:
         except BaseException:
             os.close(first)
             raise
-        return Dumps(databases=DumpSpec(dump_command(databases, first, tool), secrets, (first,)),
+        from undercloud_backup.tablestats import DumpLockWatch
+
+        return Dumps(databases=DumpSpec(dump_command(databases, first, tool), secrets, (first,),
+                                        DumpLockWatch(self.settings, self.lock_wait_s)),
                      users=DumpSpec(users_dump_command(second, tool), secrets, (second,)))
 
 

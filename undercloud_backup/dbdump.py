@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from undercloud_backup.errors import DumpFailed
+from undercloud_backup.errors import BackupError, DumpFailed
 from undercloud_backup.execute import Command
 
 SYSTEM_DUMP = "users,plugins,udfs,servers"
@@ -63,23 +64,48 @@ def users_dump_command(options_fd: int, tool: str = "mariadb-dump") -> Command:
                          *USERS_DUMP_OPTIONS), name="mariadb-dump --system")
 
 
+class LockGuard(Protocol):
+    """What bounds a dump's waits for a locked table, and tells a failure it caused."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def failure(self, reason: str) -> BackupError | None: ...
+
+
 @dataclass
 class DumpSpec:
-    """One dump command with what it needs: secrets to redact, an option file on a pipe.
+    """One dump command with what it needs: secrets to redact, an option file on a pipe, and
+    the guard that bounds its waits for a locked table (``tablestats.DumpLockWatch``; through
+    the sudo wrapper, the wrapper's own).
 
-    Use as a context manager around the dump's pipeline, and call :meth:`started` once the
-    process runs: it holds its own copy of the pipe then.
+    Use as a context manager around the dump's pipeline (the guard watches from entry to
+    exit), call :meth:`started` once the process runs (it holds its own copy of the pipe
+    then), and turn a failure into the run's error with :meth:`failure`.
     """
 
     command: Command
     secrets: list[str | None] = field(default_factory=list)
     pass_fds: tuple[int, ...] = ()
+    guard: LockGuard | None = None
 
     def __enter__(self) -> DumpSpec:
+        if self.guard is not None:
+            try:
+                self.guard.start()
+            except BaseException:
+                self.started()
+                raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.started()
+        if self.guard is not None:
+            self.guard.stop()
+
+    def failure(self, reason: str) -> BackupError:
+        """The error of a failed dump: a table that stayed locked (exit 26), or DumpFailed."""
+        locked = self.guard.failure(reason) if self.guard is not None else None
+        return locked or DumpFailed(reason=reason)
 
     def started(self) -> None:
         while self.pass_fds:

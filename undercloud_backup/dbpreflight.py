@@ -9,6 +9,12 @@ database go into the manifest, so verify can compare what a restore brings back.
 A table held by ``LOCK TABLES ... WRITE`` (or an ``ALTER``) makes every reader wait up to
 ``lock_wait_timeout`` (a day by default): the checks and the table statistics run with a
 bounded wait, and a timeout names the table and, where the processlist shows it, the holder.
+The dump's own session cannot be given that bound (``mariadb-dump`` 10.11 has no
+``--init-command``, and its option parser rejects one in an option file), so a lock taken
+after the check is bounded from beside it: a statement of the dump's that has waited
+:data:`LOCK_WAIT_S` for a lock is ended with ``KILL QUERY`` (:func:`waiting_dump_statement`,
+``tablestats.DumpLockWatch``, and the same in the sudo wrapper), and the dump fails with
+:class:`DatabaseLocked`, as it does if the server's own ``lock_wait_timeout`` (1205) ends it.
 """
 
 from __future__ import annotations
@@ -27,8 +33,14 @@ from undercloud_backup.errors import BackupError
 # PROCESS (README) are not needed by --single-transaction; PROCESS lets a lock's holder be named.
 REQUIRED_PRIVILEGES = ("SELECT", "SHOW VIEW", "TRIGGER", "EVENT", "SHOW DATABASES")
 GLOBAL_ONLY = frozenset({"SHOW DATABASES"})
+# How long a session of ours (the checks, the table statistics and the dump itself) waits for
+# a table another session has locked before the run fails with exit 26 (retryable).
 LOCK_WAIT_S = 60
 ER_LOCK_WAIT_TIMEOUT = 1205
+# The statements of mariadb-dump's that wait for a table's metadata lock: the rows' SELECT
+# (which a LOCK TABLES ... WRITE blocks) and the definitions' SHOW (which a DDL's exclusive
+# lock blocks). The sudo wrapper watches the same ones (a test compares them).
+DUMP_STATEMENTS = ("SELECT /*!40001 SQL_NO_CACHE */ ", "SHOW CREATE TABLE ", "SHOW FIELDS FROM ")
 OBJECT_KINDS = ("views", "triggers", "routines", "events")
 
 
@@ -43,6 +55,10 @@ class DatabaseLocked(BackupError):
 
     exit_code = 26
     retryable = True
+
+
+class DumpLockTimeout(DatabaseLocked):
+    """Table {table} on MariaDB at {where} is locked by another session; the dump gave up when the server's lock_wait_timeout ran out ({holder}): end that session or retry later."""  # noqa: E501
 
 
 @dataclass(frozen=True)
@@ -225,8 +241,8 @@ def check_locks(connection: pymysql.connections.Connection, databases: Sequence[
                 where: str, lock_wait_s: int = LOCK_WAIT_S) -> None:
     """Open every base table once, waiting at most ``lock_wait_s`` for its metadata lock.
 
-    The dump cannot be given a lock wait of its own (``mariadb-dump`` takes no session
-    variables), so a table already locked is found here, before the dump starts.
+    A table already locked is found here, before anything is written; one locked later is
+    found by the watch beside the dump (:func:`waiting_dump_statement`).
     """
     if not databases:
         return
@@ -242,3 +258,52 @@ def check_locks(connection: pymysql.connections.Connection, databases: Sequence[
                 if error.args and error.args[0] == ER_LOCK_WAIT_TIMEOUT:
                     raise locked_error(connection, schema, table, where, lock_wait_s) from None
                 raise
+
+
+_NAME = re.compile(r"`((?:[^`]|``)+)`")
+
+
+def table_in_statement(statement: str) -> str:
+    """The table a statement of the dump's is about: its last quoted name (``FROM `t```)."""
+    names = _NAME.findall(statement)
+    return names[-1].replace("``", "`") if names else "?"
+
+
+def waiting_dump_statement(cursor, after_id: int, seconds: int
+                           ) -> tuple[int, str, str] | None:
+    """A statement of a dump (:data:`DUMP_STATEMENTS`) of this account, on a connection newer
+    than ``after_id``, that has waited ``seconds`` or more for a lock: (thread, schema, table).
+    """
+    prefixes = " OR ".join(["info LIKE %s"] * len(DUMP_STATEMENTS))
+    cursor.execute(
+        "SELECT id, IFNULL(db, ''), info FROM information_schema.processlist"
+        " WHERE id > %s AND id <> CONNECTION_ID() AND user = SUBSTRING_INDEX(USER(), '@', 1)"
+        " AND command = 'Query' AND state LIKE 'Waiting for%%lock%%' AND time_ms >= %s"
+        f" AND ({prefixes}) ORDER BY id LIMIT 1",
+        (int(after_id), int(seconds) * 1000, *(f"{p}%" for p in DUMP_STATEMENTS)))
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    thread, schema, statement = row
+    return int(thread), schema, table_in_statement(statement or "")
+
+
+_DUMP_1205 = re.compile(r"Lock wait timeout exceeded[^|]*?\(1205\)|Error 1205\b")
+_DUMPING = re.compile(r"when dumping table (`(?:[^`]|``)+`)")
+_EXECUTING = re.compile(r"Couldn't execute '(.*?)': Lock wait timeout exceeded")
+
+
+def dump_lock_timeout(stderr: str, where: str, waited: int) -> DatabaseLocked | None:
+    """The dump's own lock wait timeout (ERROR 1205: the server's ``lock_wait_timeout`` ran
+    out before our bound) as :class:`DumpLockTimeout`, naming the table; None otherwise."""
+    if not _DUMP_1205.search(stderr):
+        return None
+    dumping, executing = _DUMPING.search(stderr), _EXECUTING.search(stderr)
+    if dumping:
+        table = dumping.group(1)
+    elif executing:
+        table = f"`{table_in_statement(executing.group(1)).replace('`', '``')}`"
+    else:
+        table = "(not named by mariadb-dump)"
+    return DumpLockTimeout(table=table, where=where, waited=waited,
+                           holder="mariadb-dump said: Lock wait timeout exceeded (1205)")

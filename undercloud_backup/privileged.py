@@ -26,10 +26,12 @@ from undercloud_backup.dbpreflight import (
     LOCK_WAIT_S,
     DatabaseLocked,
     PrivilegeReport,
+    dump_lock_timeout,
     evaluate,
     require,
 )
 from undercloud_backup.errors import (
+    BackupError,
     CommandFailed,
     DatabaseAuthError,
     DatabaseUnreachable,
@@ -91,14 +93,43 @@ def wrapper_snapshot_path(uid: int, snapshot_id: str) -> str:
     return f"{SNAPSHOT_DIR}/{uid}-{snapshot_id}.snar"
 
 
-def dump_command(databases: tuple[str, ...]) -> Command:
-    """``ucb-mariadb dump``: :func:`dbdump.dump_command`'s dump, as root over the socket."""
-    return Command(argv=_sudo(MARIADB_WRAPPER, "dump", *databases), name="mariadb-dump")
+def dump_command(databases: tuple[str, ...], lock_wait_s: int = LOCK_WAIT_S) -> Command:
+    """``ucb-mariadb dump``: :func:`dbdump.dump_command`'s dump, as root over the socket; the
+    wrapper ends a wait of the dump's for a locked table after ``lock_wait_s``, saying so on
+    stderr (:class:`WrapperLockWatch`)."""
+    return Command(argv=_sudo(MARIADB_WRAPPER, "dump", f"--lock-wait={int(lock_wait_s)}",
+                              *databases), name="mariadb-dump")
 
 
 def users_dump_command() -> Command:
     """``ucb-mariadb dump-users``: :func:`dbdump.users_dump_command`'s, as root."""
     return Command(argv=_sudo(MARIADB_WRAPPER, "dump-users"), name="mariadb-dump --system")
+
+
+def _locked(stderr: str) -> DatabaseLocked | None:
+    """The wrapper's line about a table that stayed locked, as :class:`DatabaseLocked`."""
+    locked = _LOCKED.search(stderr)
+    if locked is None:
+        return None
+    return DatabaseLocked(table=locked.group(1), where=WHERE, holder=locked.group(2),
+                          waited=int(locked.group(3)))
+
+
+@dataclass
+class WrapperLockWatch:
+    """The dump's lock waits are watched by the wrapper, as root (``ucb-mariadb dump
+    --lock-wait=S``); here its line, or the dump's own 1205, becomes the run's error."""
+
+    lock_wait_s: int = LOCK_WAIT_S
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def failure(self, reason: str) -> BackupError | None:
+        return _locked(reason) or dump_lock_timeout(reason, WHERE, self.lock_wait_s)
 
 
 def _query(*args: str, timeout: float) -> object:
@@ -111,10 +142,9 @@ def _query(*args: str, timeout: float) -> object:
             raise DatabaseUnreachable(where=WHERE, reason=stderr) from None
         if status == EX_AUTH:
             raise DatabaseAuthError(where=WHERE, user="root", reason=stderr) from None
-        locked = _LOCKED.search(stderr) if status == EX_TEMPFAIL else None
+        locked = _locked(stderr) if status == EX_TEMPFAIL else None
         if locked:
-            raise DatabaseLocked(table=locked.group(1), where=WHERE, holder=locked.group(2),
-                                 waited=int(locked.group(3))) from None
+            raise locked from None
         raise
 
 
@@ -184,5 +214,6 @@ class PrivilegedAccess:
         return list(check((), self.lock_wait_s)["grants"])
 
     def dump_commands(self, databases: tuple[str, ...]) -> Dumps:
-        return Dumps(databases=DumpSpec(dump_command(databases)),
+        return Dumps(databases=DumpSpec(dump_command(databases, self.lock_wait_s),
+                                        guard=WrapperLockWatch(self.lock_wait_s)),
                      users=DumpSpec(users_dump_command()), system_tables=SYSTEM_DUMP)

@@ -25,7 +25,6 @@ from undercloud_backup.errors import (
     ArchiveFailed,
     BackupError,
     CommandFailed,
-    DumpFailed,
     UnreadableFiles,
 )
 from undercloud_backup.execute import Command, Pipeline, StageResult, capture
@@ -129,10 +128,13 @@ def _reading(pipe: Pipeline, progress: Callable[..., None]) -> Callable[[int, in
 
 def stream_to_swift(request: BackupRequest, swift_settings: SwiftSettings, leaf: str,
                     content: str, segment_size: int | None, pipe: Pipeline, *,
-                    on_failure: type[BackupError], progress: Callable[..., None],
+                    on_failure: Callable[..., BackupError], progress: Callable[..., None],
                     after_start: Callable[[], None] | None = None,
                     judge: Callable[[list[StageResult]], None] | None = None) -> StoredObject:
-    """Feed a producer pipe into Swift; commit only if every stage (and ``judge``) is happy."""
+    """Feed a producer pipe into Swift; commit only if every stage (and ``judge``) is happy.
+
+    A stage that failed raises ``on_failure(reason=...)`` (an error class, or what turns the
+    reason into the run's error: :meth:`dbdump.DumpSpec.failure`)."""
     store = SwiftStore.connect(swift_settings)
     store.ensure_container(swift_settings.container)
     store.ensure_container(segment_container(swift_settings.container))
@@ -188,7 +190,7 @@ def dump_databases(request: BackupRequest, access: db.DatabaseAccess,
                 Pipeline([dump.command, *compress_commands(request, threads=2)],
                          timeout=request.dump_timeout_s, secrets=dump.secrets,
                          pass_fds=dump.pass_fds),
-                on_failure=DumpFailed, progress=progressed,
+                on_failure=dump.failure, progress=progressed,
                 # as the dump opens its snapshot: the two are as close as we can
                 after_start=lambda: (dump.started(), stats.start()),
                 judge=lambda _results: stats.result()))
@@ -200,7 +202,7 @@ def dump_databases(request: BackupRequest, access: db.DatabaseAccess,
                     Pipeline([users.command, *compress_commands(request)],
                              timeout=request.dump_timeout_s, secrets=users.secrets,
                              pass_fds=users.pass_fds),
-                    on_failure=DumpFailed, progress=progress, after_start=users.started))
+                    on_failure=users.failure, progress=progress, after_start=users.started))
     finally:
         stats.cancel()
     tables: dict[str, list[TableRecord]] = {name: [] for name in info.databases}

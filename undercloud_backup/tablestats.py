@@ -1,12 +1,23 @@
-"""Row counts and checksums read beside the dump, on a thread of their own."""
+"""Beside the dump, on connections and threads of their own: the row counts and checksums,
+and the watch that bounds the dump's own waits for a locked table."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+
+import pymysql
 
 from undercloud_backup import database as db
 from undercloud_backup import execute
+from undercloud_backup.dbpreflight import (
+    DatabaseLocked,
+    dump_lock_timeout,
+    locked_error,
+    waiting_dump_statement,
+)
 from undercloud_backup.errors import BackupError, DatabaseUnreachable, DumpFailed
 
 
@@ -71,3 +82,60 @@ class TableStatsReader:
         if isinstance(error, BackupError):  # names its command: sudo refused, a timeout, ...
             return error
         return DumpFailed(reason=f"{self.WHAT}: {type(error).__name__}: {error}")
+
+
+class DumpLockWatch:
+    """End a wait of the dump's for a locked table after ``lock_wait_s`` (issue 14.2.2).
+
+    ``mariadb-dump`` cannot be given a session ``lock_wait_timeout`` (dbpreflight), so a lock
+    taken after the check would hold its SELECT up to the server's (a day). From a connection
+    opened before the dump's (so the dump's has a greater id), this polls the processlist for
+    a statement of a dump of the same account that has waited that long, names the table and
+    its holder, and ends the wait with ``KILL QUERY`` (an account may end its own queries).
+    The dump then fails, and :meth:`failure` says why: :class:`DatabaseLocked`. Use
+    :meth:`start` before the dump's process starts and :meth:`stop` after it ended.
+    """
+
+    def __init__(self, settings: db.DatabaseSettings, lock_wait_s: int) -> None:
+        self.settings, self.lock_wait_s = settings, int(lock_wait_s)
+        self.interval = min(1.0, max(0.1, self.lock_wait_s / 4))
+        self.locked: DatabaseLocked | None = None
+        self._stack = ExitStack()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        connection = self._stack.enter_context(db.connect(self.settings))
+        after = connection.thread_id()
+        self._thread = threading.Thread(target=self._watch, args=(connection, after),
+                                        name="dump-lock-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self, connection: pymysql.connections.Connection, after: int) -> None:
+        try:
+            while not self._stopped.wait(self.interval):
+                with connection.cursor() as cursor:
+                    found = waiting_dump_statement(cursor, after, self.lock_wait_s)
+                    if found is None:
+                        continue
+                    thread, schema, table = found
+                    # said before the KILL: the dump's failure must find it
+                    self.locked = locked_error(connection, schema, table, self.settings.where,
+                                               self.lock_wait_s)
+                    cursor.execute(f"KILL QUERY {int(thread)}")
+                    return
+        except pymysql.err.MySQLError:
+            return  # the watch's connection is gone: the dump's own outcome will tell
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        try:
+            self._stack.close()
+        except BackupError:  # its connection was lost: nothing more to say
+            pass
+
+    def failure(self, reason: str) -> BackupError | None:
+        """The lock behind a failed dump, if that is what ended it."""
+        return self.locked or dump_lock_timeout(reason, self.settings.where, self.lock_wait_s)
