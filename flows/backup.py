@@ -181,7 +181,9 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
                                                        request.signing_key)
     summary.update(manifest=name, objects=[o.to_dict() for o in manifest.objects],
                    kind=manifest.kind, parent=manifest.parent, chain=list(manifest.chain),
-                   level=manifest.level, full_reason=manifest.full_reason)
+                   level=manifest.level, full_reason=manifest.full_reason,
+                   partial_database=manifest.mariadb.partial_note() if manifest.mariadb
+                   else None)
     if policy is not None:
         summary["pruned"] = _prune(swift_source, policy, backup_id, retry)
     summary["signing_key"] = request.signing_key
@@ -241,6 +243,7 @@ def _summary_artifact(summary: dict, manifest: dict, seconds: float,
         f"| `{o['sha256'][:16]}…` |" for o in manifest["objects"])
     paths = manifest["paths"] or {}
     mariadb = manifest["mariadb"] or {}
+    partial = f"\n- **{summary['partial_database']}**" if summary.get("partial_database") else ""
     markdown = f"""# Undercloud backup `{summary['backup_id']}`
 
 Complete: manifest `{container}/{summary['manifest']}` written in {seconds:.0f} s.
@@ -249,7 +252,8 @@ Complete: manifest `{container}/{summary['manifest']}` written in {seconds:.0f} 
 |---|---|---|---|
 {rows}
 
-- Databases ({mariadb.get('version', 'not dumped')}): {', '.join(mariadb.get('databases', {}))}
+- Databases ({mariadb.get('version', 'not dumped')}): {', '.join(mariadb.get('databases', {}))}\
+{partial}
 - Paths archived: {', '.join(paths.get('included', [])) or 'none'}
 - Absent: {', '.join(paths.get('absent', [])) or 'none'}; excluded: \
 {', '.join(paths.get('excluded', [])) or 'none'}
@@ -371,12 +375,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({**{k: summary[k] for k in
                              ("backup_id", "container", "manifest", "objects", "dry_run",
                               "kind", "parent")},
-                          "pruned": summary.get("pruned")}))
+                          "pruned": summary.get("pruned"),
+                          "partial_database": summary.get("partial_database")}))
     elif summary["manifest"]:
         kind = summary["kind"] if not summary["parent"] else \
             f"incremental on {summary['parent']}"
         print(f"backup {summary['backup_id']} ({kind}) complete: "
               f"{summary['container']}/{summary['manifest']}")
+        if summary.get("partial_database"):  # loudly, last (issue 15.2)
+            print(f"WARNING: {summary['partial_database']}")
     else:
         print(f"dry run: backup {summary['backup_id']} would go to {summary['container']}")
     return 0

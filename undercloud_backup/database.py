@@ -263,6 +263,7 @@ class DatabaseAccess(Protocol):
     def check_locks(self, databases: tuple[str, ...]) -> None: ...
     def schema_objects(self, databases: tuple[str, ...]) -> dict[str, dict[str, int]]: ...
     def privileges(self) -> list[str]: ...
+    def privilege_report(self, databases: tuple[str, ...]) -> PrivilegeReport: ...
     def dump_commands(self, databases: tuple[str, ...]) -> Dumps: ...
 
 
@@ -307,6 +308,11 @@ class DirectAccess:
     def privileges(self) -> list[str]:
         with connect(self.settings) as connection:
             return check_privileges(connection, ()).grants
+
+    def privilege_report(self, databases: tuple[str, ...]) -> PrivilegeReport:
+        """The account, its grants and what they leave out of ``databases`` (never raises)."""
+        with connect(self.settings) as connection:
+            return check_privileges(connection, databases)
 
     def dump_commands(self, databases: tuple[str, ...]) -> Dumps:
         tool, secrets = dump_tool(), [self.settings.password]

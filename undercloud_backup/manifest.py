@@ -9,7 +9,8 @@ only what changed since its parent and restores only after the full and every le
 (``chain``), so tools that read at most version 2 refuse it rather than restore one level alone.
 Fulls stay version 2, with ``kind``, ``level`` and ``snapshot`` as fields older tools keep.
 ``undercloud-backup/2`` adds the users-and-grants object, the privileges the
-dump ran with and per-database counts of views, triggers, routines and events. Version 1
+dump ran with and per-database counts of views, triggers, routines and events (and, later,
+the account and what its grants left out: ``partial``, ``missing``, ``fix``). Version 1
 manifests still read: their missing fields take the defaults below, and fields this code does
 not know are kept in ``extra`` and written back unchanged.
 """
@@ -129,10 +130,26 @@ class DatabaseSection:
     privileges: list[str] = field(default_factory=list)
     # Per database: {"views": n, "triggers": n, "routines": n, "events": n}.
     schema_objects: dict[str, dict[str, int]] = field(default_factory=dict)
+    # The account the dump ran as and what its grants left out of the dump (issue 15.2): a
+    # partial dump exists only with --allow-partial-database (without it the run fails, exit
+    # 25). ``missing`` as the check said it ("TRIGGER on nova, mysql"), ``fix`` the GRANT.
+    account: str | None = None
+    partial: bool = False
+    missing: list[str] = field(default_factory=list)
+    fix: str | None = None
 
     @property
     def has_checksums(self) -> bool:
         return any(t.checksum is not None for tables in self.databases.values() for t in tables)
+
+    def partial_note(self) -> str | None:
+        """One line saying this dump is partial and what it lacks; None for a complete one."""
+        if not self.partial:
+            return None
+        return (f"PARTIAL database dump (--allow-partial-database): the account "
+                f"{self.account or '(unknown)'} could not dump everything: "
+                f"{'; '.join(self.missing) or 'not recorded'}"
+                + (f"; fix: {self.fix}" if self.fix else ""))
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -149,7 +166,10 @@ class DatabaseSection:
                    system_tables=list(known.get("system_tables") or []), databases=databases,
                    users_object=known.get("users_object"),
                    privileges=list(known.get("privileges") or []),
-                   schema_objects=dict(known.get("schema_objects") or {}))
+                   schema_objects=dict(known.get("schema_objects") or {}),
+                   account=known.get("account"), partial=bool(known.get("partial")),
+                   missing=[str(m) for m in known.get("missing") or []],
+                   fix=known.get("fix"))
 
 
 @dataclass

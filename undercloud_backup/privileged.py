@@ -213,6 +213,10 @@ class PrivilegedAccess:
     def privileges(self) -> list[str]:
         return list(check((), self.lock_wait_s)["grants"])
 
+    def privilege_report(self, databases: tuple[str, ...]) -> PrivilegeReport:
+        answer = check((), self.lock_wait_s)  # no table opened: grants only
+        return evaluate(answer["user"], answer["grants"], databases)
+
     def dump_commands(self, databases: tuple[str, ...]) -> Dumps:
         return Dumps(databases=DumpSpec(dump_command(databases, self.lock_wait_s),
                                         guard=WrapperLockWatch(self.lock_wait_s)),

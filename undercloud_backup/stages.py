@@ -212,12 +212,18 @@ def dump_databases(request: BackupRequest, access: db.DatabaseAccess,
     for obj in objects:
         logger.info("database dump stored as %s: %s compressed, sha256 %s", obj.name,
                     format_size(obj.size), obj.sha256)
+    # The grants the dump ran with, and what they left out: only --allow-partial-database
+    # gets this far with something missing (the check before fails the run, exit 25).
+    grants = access.privilege_report(info.databases)
     section = DatabaseSection(
         version=info.version, object=objects[0].name,
         system_tables=dumps.system_tables.split(","),
         databases=tables, users_object=objects[1].name if len(objects) > 1 else None,
-        privileges=list(access.privileges()), schema_objects=access.schema_objects(
-            info.databases))
+        privileges=list(grants.grants), schema_objects=access.schema_objects(info.databases),
+        account=grants.user, partial=not grants.complete, missing=list(grants.missing),
+        fix=grants.fix)
+    if section.partial:
+        logger.warning("%s", section.partial_note())
     return DumpResult(section=section, objects=objects)
 
 

@@ -196,6 +196,9 @@ def summarize(manifest: Manifest, container: str, results: dict[str, dict],
     """One verdict from the per-object checks; ``ok`` is True only if nothing differed."""
     problems = [p for r in results.values() for p in r.get("problems", [])]
     warnings = [w for r in results.values() for w in r.get("warnings", [])]
+    partial = manifest.mariadb.partial_note() if manifest.mariadb else None
+    if partial:  # complete as taken, but not everything the server held (issue 15.2)
+        warnings.insert(0, f"{partial}: a restore brings back only what that account saw")
     checked = {n for name, r in results.items() for n in r.get("checked", [name])}
     for obj in manifest.objects:
         if obj.name not in checked:
@@ -210,6 +213,7 @@ def summarize(manifest: Manifest, container: str, results: dict[str, dict],
                          if "entries" in r), None),
         "database": next((_without(r, "objects") for r in results.values()
                           if "loaded" in r), None),
+        "database_partial": partial,
         "seconds": round(seconds, 1),
     }
 
