@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pymysql
 import pytest
-from conftest import REPO, mariadb
+from conftest import REPO, backup_cli, mariadb, swift_store
 
 from blocks.mariadb import MariaDBConnection
-from undercloud_backup import database, dbdump, dbpreflight
+from undercloud_backup import catalogue, database, dbdump, dbpreflight, verify
 from undercloud_backup.dbpreflight import DatabaseLocked, DatabasePrivileges, evaluate
 from undercloud_backup.errors import CommandFailed
 from undercloud_backup.execute import Pipeline
@@ -466,3 +466,51 @@ def test_the_servers_own_lock_wait_timeout_is_the_same_lock_error(tmp_path):
                   privileged.WrapperLockWatch().failure(str(failed.value))):
         assert isinstance(error, DatabaseLocked) and error.exit_code == 26 and error.retryable
         assert "Table `u` on MariaDB" in str(error) and "lock_wait_timeout ran out" in str(error)
+
+
+def _db_only(container: str, cnf: str, *extra: str) -> subprocess.CompletedProcess:
+    return backup_cli("--container", container, "--db-defaults-file", cnf, "--db-only",
+                      "--no-prune", *extra)
+
+
+def test_a_partial_dump_is_recorded_and_said_and_a_full_one_records_its_grants(
+        schema, account, container, db_cnf, tmp_path):
+    """Issue 15.2: an account without TRIGGER, with --allow-partial-database, completes; its
+    manifest says partial and what was missing, its last line says so, and so does verify.
+    A full-privilege run's manifest records the grants it ran with, and no partial."""
+    account("ucb_dbt_partial", ["SELECT, SHOW VIEW, EVENT, SHOW DATABASES ON *.*"])
+    user = "'ucb_dbt_partial'@'127.0.0.1'"
+    cnf = tmp_path / "partial.cnf"
+    cnf.write_text("[client]\nhost=127.0.0.1\nport=3306\nuser=ucb_dbt_partial\n"
+                   "password=pw-ucb_dbt_partial\n")
+    cnf.chmod(0o600)
+    partial = _db_only(container, str(cnf), "--allow-partial-database")
+    assert partial.returncode == 0, partial.stderr
+    last = partial.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"WARNING: PARTIAL database dump (--allow-partial-database): the "
+                           f"account {user} could not dump everything: TRIGGER on "), last
+    assert "ucb_dbt_b" in last and f"fix: GRANT TRIGGER ON *.* TO {user};" in last
+    store = swift_store()
+    backup_id = catalogue.list_backups(store, container)[0].backup_id
+    manifest = catalogue.get_manifest(store, container, backup_id)
+    section = manifest.mariadb
+    assert section.partial and section.account == user
+    assert len(section.missing) == 1 and section.missing[0].startswith("TRIGGER on ")
+    assert "ucb_dbt_b" in section.missing[0] and section.fix == f"GRANT TRIGGER ON *.* TO {user};"
+    assert any("SHOW DATABASES" in g and "ON *.*" in g for g in section.privileges)
+    assert section.schema_objects["ucb_dbt_b"]["triggers"] == 0  # the one it could not see
+    report = verify.summarize(manifest, container, {}, 0.0)
+    assert report["database_partial"] == section.partial_note()
+    assert report["warnings"][0].startswith(section.partial_note())
+
+    full = _db_only(container, db_cnf, "--json")
+    assert full.returncode == 0, full.stderr
+    summary = json.loads(full.stdout)
+    assert summary["partial_database"] is None
+    section = catalogue.get_manifest(store, container, summary["backup_id"]).mariadb
+    assert not section.partial and section.missing == [] and section.fix is None
+    name, host = section.account.strip("'").split("'@'")
+    granted = [dbpreflight.redact_grant(g) for g in
+               mariadb(f"SHOW GRANTS FOR '{name}'@'{host}'").splitlines()]
+    assert section.privileges == granted and any("TRIGGER" in g for g in granted)
+    assert section.schema_objects["ucb_dbt_b"]["triggers"] == 1
