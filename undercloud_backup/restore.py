@@ -44,8 +44,8 @@ from undercloud_backup.restoreplan import (
     NotInBackup,
     RestoreRequest,
     Selection,
-    check_found,
     merge_plans,
+    require_found,
     select,
 )
 from undercloud_backup.sizes import format_size
@@ -136,7 +136,7 @@ def plan_files(store, container: str, manifest: Manifest, request: RestoreReques
     if outcome.first_failure is not None:
         raise RestoreFailed(what=f"the listing of {obj.name}", reason=outcome.reason())
     if check_found:
-        check_found(manifest, selection, plan.found)
+        require_found(manifest, selection, plan.found)
     return plan
 
 
@@ -276,7 +276,7 @@ def restore_chain(store, container: str, levels: list[Manifest], request: Restor
             logger.info("reading the listing of %s", archive_object(level).name)
             plans.append(plan_files(store, container, level, request, check_found=False))
         merged = merge_plans(target, plans)
-        check_found(manifest, selection, merged.found)
+        require_found(manifest, selection, merged.found)
     if request.dry_run:
         logger.info("dry run: %d entries under %s from %d archives (%s): %d new, %d replacing "
                     "existing files, %d existing directories kept, %d excluded", merged.entries,

@@ -151,7 +151,7 @@ class FilesPlan:
         return asdict(self)
 
 
-def check_found(manifest: Manifest, selection: Selection, found: list[str]) -> None:
+def require_found(manifest: Manifest, selection: Selection, found: list[str]) -> None:
     missing = [m for m in selection.members if m != "." and m not in found]
     if missing:
         raise NotInBackup(what="Path(s)", backup_id=manifest.backup_id,
