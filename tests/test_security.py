@@ -57,7 +57,8 @@ def policy_root(full):
                "etc/gshadow-": b"root:*::\n", "etc/security/opasswd": b"root:1:$6$x\n",
                "root/.bash_history": b"mysql -pHUNTER2\n", "root/.cache/pip/x": b"c",
                "home/stack/.bash_history": b"export OS_PASSWORD=HUNTER2\n",
-               "home/stack/.cache/x": b"c", "home/stack/.mysql_history": b"SELECT 1;\n"}
+               "home/stack/.cache/x": b"c", "home/stack/.mysql_history": b"SELECT 1;\n",
+               "etc/undercloud-backup/signing-key": b"-----BEGIN OPENSSH PRIVATE KEY-----\n"}
     for name, data in planted.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
@@ -145,6 +146,50 @@ def test_install_refuses_a_state_dir_planted_in_a_world_writable_directory(full)
         assert owner(victim) == ("root", "root", 0o755)
     finally:
         planted.unlink(missing_ok=True)
+        remove_tree(victim)
+
+
+def test_app_step_copies_root_owned_code_the_worker_cannot_change(full):
+    """The app step on a prefix of its own: the copy is root's and read-only to the worker, a
+    re-run replaces it whole and leaves no .new or .old beside it."""
+    prefix = scratch_dir("ucb-prefix-")
+    app = prefix / "app"
+    try:
+        for _ in range(2):  # install, then re-run over the installed copy
+            result = full.run("app", UCB_APP=str(app))
+            assert result.returncode == 0, result.stderr
+        assert sorted(p.name for p in prefix.iterdir()) == ["app"]
+        assert (app / "deployments/install.sh").read_bytes() == (
+            REPO / "deployments/install.sh").read_bytes()
+        assert not (app / ".venv").exists() and not (app / ".git").exists()
+        for path in [app, *app.rglob("*")]:
+            st = path.lstat()
+            assert (st.st_uid, st.st_gid) == (0, 0), path
+            assert not st.st_mode & 0o022, path
+        code = app / "undercloud_backup/privileged.py"
+        tamper = as_user(WORKER, ["sh", "-c", f"echo 'import os' >> {code}"])
+        assert tamper.returncode != 0 and "Permission denied" in tamper.stderr
+    finally:
+        remove_tree(prefix)
+
+
+@pytest.mark.parametrize("step", ["app", "venv"])
+def test_app_and_venv_steps_refuse_a_prefix_the_worker_can_change(full, step):
+    """Root copies code and runs pip only where no other user can swap a name under it: a
+    prefix the worker owns (here with its target already planted as a symlink to a root
+    directory) is refused before anything is written or chowned."""
+    prefix, victim = scratch_dir("ucb-prefix-"), scratch_dir("ucb-victim-")
+    try:
+        os.chown(prefix, pwd.getpwnam(WORKER).pw_uid, grp.getgrnam(GROUP).gr_gid)
+        assert as_user(WORKER, ["ln", "-s", str(victim), str(prefix / step)]).returncode == 0
+        result = full.run(step, UCB_APP=str(prefix / "app"), UCB_VENV=str(prefix / "venv"))
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.strip().count("\n") == 0, result.stderr
+        assert str(prefix) in result.stderr
+        assert owner(victim) == ("root", "root", 0o755) and list(victim.iterdir()) == []
+        assert sorted(p.name for p in prefix.iterdir()) == [step]
+    finally:
+        remove_tree(prefix)
         remove_tree(victim)
 
 
@@ -264,7 +309,8 @@ def test_the_deny_list_keeps_secrets_no_restore_needs_out_of_the_archive(full, p
     assert {"etc/shadow", "root/.my.cnf", "etc/keystone/fernet-keys/0"} <= names
     for denied in ("etc/shadow-", "etc/gshadow-", "etc/security/opasswd", "root/.bash_history",
                    "root/.cache", "root/.cache/pip/x", "home/stack/.bash_history",
-                   "home/stack/.cache/x", "home/stack/.mysql_history"):
+                   "home/stack/.cache/x", "home/stack/.mysql_history",
+                   "etc/undercloud-backup/signing-key"):
         assert denied not in names, denied
     asked = sudo(privileged.ARCHIVE_WRAPPER, str(policy_root), "--", "/etc/shadow-")
     assert asked.returncode == 77 and asked.stdout == ""
