@@ -70,7 +70,8 @@ def policy_root(full):
     try:
         yield root
     finally:
-        config.write_text(shipped)
+        if config.parent.is_dir():  # run alone, this module outlives the shared install
+            config.write_text(shipped)
         remove_tree(root)
 
 
