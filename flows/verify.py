@@ -109,6 +109,19 @@ def verify_backup(
         results = {name: future.result() for name, future in futures.items()}
     report = verify.summarize(manifest, swift_source.settings().container, results,
                               time.monotonic() - started)
+    _add_trust(report, manifest, allowed_signers, check_signature, decryption)
+    _report_artifact(report, manifest)
+    if not report["ok"]:
+        raise verify.VerificationFailed(backup_id=report["backup_id"],
+                                        summary=verify.short_summary(report), report=report)
+    logger.info("backup %s verified in %.0f s%s", report["backup_id"], report["seconds"],
+                f" ({len(report['warnings'])} warning(s))" if report["warnings"] else "")
+    return report
+
+
+def _add_trust(report: dict, manifest: Manifest, allowed_signers: str | None,
+               check_signature: bool, decryption: crypto.Decryption | None) -> None:
+    """What the report says of the signature, the decryption and the chain."""
     report["signature"] = "good" if allowed_signers else (
         "not checked (no allowed_signers)" if check_signature else
         "not checked (turned off: check_signature)")
@@ -117,15 +130,8 @@ def verify_backup(
     report["decryption"] = _decryption_text(manifest, decryption)
     report["chain"] = [*manifest.chain, manifest.backup_id] if manifest.chain else None
     report["warnings"] += crypto.identity_warnings(decryption)
-    if undecryptable:
+    if crypto.is_encrypted(manifest) and decryption is None:
         report["warnings"].append(f"encrypted backup: {report['decryption']}")
-    _report_artifact(report, manifest)
-    if not report["ok"]:
-        raise verify.VerificationFailed(backup_id=report["backup_id"],
-                                        summary=verify.short_summary(report), report=report)
-    logger.info("backup %s verified in %.0f s%s", report["backup_id"], report["seconds"],
-                f" ({len(report['warnings'])} warning(s))" if report["warnings"] else "")
-    return report
 
 
 def _decryption_text(manifest: Manifest, decryption: crypto.Decryption | None) -> str:

@@ -205,26 +205,32 @@ def dump_databases(request: BackupRequest, access: db.DatabaseAccess,
                     on_failure=users.failure, progress=progress, after_start=users.started))
     finally:
         stats.cancel()
-    tables: dict[str, list[TableRecord]] = {name: [] for name in info.databases}
-    for table in stats.result():
-        tables[table.database].append(TableRecord(table=table.table, engine=table.engine,
-                                                  rows=table.rows, checksum=table.checksum))
     for obj in objects:
         logger.info("database dump stored as %s: %s compressed, sha256 %s", obj.name,
                     format_size(obj.size), obj.sha256)
+    section = _database_section(access, info, dumps.system_tables, stats.result(), objects)
+    if section.partial:
+        logger.warning("%s", section.partial_note())
+    return DumpResult(section=section, objects=objects)
+
+
+def _database_section(access: db.DatabaseAccess, info: db.ServerInfo, system_tables: str,
+                      table_stats: list[db.TableStats],
+                      objects: list[StoredObject]) -> DatabaseSection:
+    """The manifest's database section: what the server held and how the dump saw it."""
+    tables: dict[str, list[TableRecord]] = {name: [] for name in info.databases}
+    for table in table_stats:
+        tables[table.database].append(TableRecord(table=table.table, engine=table.engine,
+                                                  rows=table.rows, checksum=table.checksum))
     # The grants the dump ran with, and what they left out: only --allow-partial-database
     # gets this far with something missing (the check before fails the run, exit 25).
     grants = access.privilege_report(info.databases)
-    section = DatabaseSection(
-        version=info.version, object=objects[0].name,
-        system_tables=dumps.system_tables.split(","),
+    return DatabaseSection(
+        version=info.version, object=objects[0].name, system_tables=system_tables.split(","),
         databases=tables, users_object=objects[1].name if len(objects) > 1 else None,
         privileges=list(grants.grants), schema_objects=access.schema_objects(info.databases),
         account=grants.user, partial=not grants.complete, missing=list(grants.missing),
         fix=grants.fix)
-    if section.partial:
-        logger.warning("%s", section.partial_note())
-    return DumpResult(section=section, objects=objects)
 
 
 def decide_level(request: BackupRequest, plan: fs.PathPlan, swift_settings: SwiftSettings,
