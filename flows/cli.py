@@ -18,6 +18,7 @@ from typing import TypeVar
 
 from flows import params
 from flows.server import temporary_server
+from undercloud_backup import signing
 from undercloud_backup.errors import BackupError
 
 T = TypeVar("T")
@@ -31,6 +32,31 @@ def add_database_arguments(parser: argparse.ArgumentParser, role: str = "") -> N
     """``--db-block``, ``--db-defaults-file`` and the host/port/user/socket overrides, from
     :class:`flows.params.DatabaseParams` (the flows' ``db_*`` parameters)."""
     params.add_arguments(parser, params.DatabaseParams, role=role)
+
+
+def add_backup_arguments(parser: argparse.ArgumentParser, verb: str | None) -> None:
+    """Which backups: ``--container`` and ``--swift-block``, and with ``verb`` the
+    ``--backup-id`` to act on (verify, restore)."""
+    if verb:
+        parser.add_argument("--backup-id",
+                            help=f"backup to {verb} (default: the latest complete one)")
+    parser.add_argument("--container", help="Swift container (default undercloud-backups)")
+    parser.add_argument("--swift-block",
+                        help="saved Swift Backup Target block (default: OS_* env)")
+
+
+def add_trust_arguments(parser: argparse.ArgumentParser, verb: str, identity_help: str) -> None:
+    """``--allowed-signers``, ``--no-signature-check`` and ``--identity`` (verify, restore)."""
+    parser.add_argument(
+        "--allowed-signers", metavar="FILE",
+        help=f"ssh-keygen allowed-signers file: {verb} only a manifest signed by a key in it "
+             "(exit 53 unsigned, 54 other key, 55 altered); default: "
+             f"{signing.INSTALLED_ALLOWED_SIGNERS}, if install configured it")
+    parser.add_argument("--no-signature-check", action="store_true",
+                        help="do not check the manifest's signature (a backup made before "
+                             "signing was installed); not with --allowed-signers")
+    parser.add_argument("--identity", metavar="FILE", help="age identity file (a path: the key "
+                        f"is never an argument) {identity_help}")
 
 
 # Equal to PREFECT_FLOWS_HEARTBEAT_FREQUENCY of prefect.yaml's deployments and to HEARTBEAT_S

@@ -93,8 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m flows.prune",
         description="Delete the backups a retention policy does not keep (manifest first).")
-    p.add_argument("--container", help="Swift container (default undercloud-backups)")
-    p.add_argument("--swift-block", help="saved Swift Backup Target block (default: OS_* env)")
+    cli.add_backup_arguments(p, None)
     p.add_argument("--keep-last", type=int, default=3, metavar="N")
     p.add_argument("--keep-daily", type=int, default=7, metavar="D")
     p.add_argument("--keep-weekly", type=int, default=4, metavar="W")

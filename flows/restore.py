@@ -278,9 +278,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m flows.restore",
         description="Restore an undercloud backup: files into a target root (a new scratch "
                     "directory by default), databases into a MariaDB server.")
-    p.add_argument("--backup-id", help="backup to restore (default: the latest complete one)")
-    p.add_argument("--container", help="Swift container (default undercloud-backups)")
-    p.add_argument("--swift-block", help="saved Swift Backup Target block (default: OS_* env)")
+    cli.add_backup_arguments(p, "restore")
     p.add_argument("--target", help="restore files under this directory (default: "
                                     "<staging-dir>/undercloud-restore-<backup_id>)")
     p.add_argument("--allow-root-target", action="store_true",
@@ -312,17 +310,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--staging-dir", default="/var/tmp",
                    help="where segments are checked before use, and the default target goes")
     p.add_argument("--timeout-hours", type=float, default=12.0)
-    p.add_argument("--allowed-signers", metavar="FILE",
-                   help="ssh-keygen allowed-signers file: restore only from a manifest signed "
-                        "by a key in it (exit 53 unsigned, 54 other key, 55 altered); default: "
-                        f"{signing.INSTALLED_ALLOWED_SIGNERS}, if install configured it")
-    p.add_argument("--no-signature-check", action="store_true",
-                   help="do not check the manifest's signature (a backup made before signing "
-                        "was installed); not with --allowed-signers")
-    p.add_argument("--identity", metavar="FILE",
-                   help="age identity file (a path: the key is never an argument) that "
-                        "decrypts an encrypted backup (exit 51 unusable, 52 not a recipient of "
-                        "the backup, 56 an object is not what the manifest says, 59 none given)")
+    cli.add_trust_arguments(p, "restore", "that decrypts an encrypted backup (exit 51 "
+                            "unusable, 52 not a recipient of the backup, 56 an object is not "
+                            "what the manifest says, 59 none given)")
     return p
 
 

@@ -192,9 +192,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m flows.verify",
         description="Prove a backup restores: read every object and segment back, list the "
                     "archive, load the dump into a throwaway MariaDB and compare every table.")
-    p.add_argument("--backup-id", help="backup to verify (default: the latest complete one)")
-    p.add_argument("--container", help="Swift container (default undercloud-backups)")
-    p.add_argument("--swift-block", help="saved Swift Backup Target block (default: OS_* env)")
+    cli.add_backup_arguments(p, "verify")
     p.add_argument("--skip-database", action="store_true",
                    help="only read and checksum the dump; do not test-restore it")
     p.add_argument("--ignore-table", action="append", default=[], metavar="DB.TABLE",
@@ -202,17 +200,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--staging-dir", default="/var/tmp",
                    help="where the throwaway MariaDB keeps its data (removed afterwards)")
     p.add_argument("--timeout-hours", type=float, default=6.0)
-    p.add_argument("--allowed-signers", metavar="FILE",
-                   help="ssh-keygen allowed-signers file: refuse a manifest not signed by a key "
-                        "in it (exit 53 unsigned, 54 other key, 55 altered); default: "
-                        f"{signing.INSTALLED_ALLOWED_SIGNERS}, if install configured it")
-    p.add_argument("--no-signature-check", action="store_true",
-                   help="do not check the manifest's signature (a backup made before signing "
-                        "was installed); not with --allowed-signers")
-    p.add_argument("--identity", metavar="FILE",
-                   help="age identity file (a path: the key is never an argument) to decrypt an "
-                        "encrypted backup and test-restore it; without it only the stored "
-                        "objects are checked (exit 51 unusable, 52 not a recipient)")
+    cli.add_trust_arguments(p, "verify", "to decrypt an encrypted backup and test-restore "
+                            "it; without it only the stored objects are checked (exit 51 "
+                            "unusable, 52 not a recipient)")
     p.add_argument("--json", action="store_true",
                    help="print the report as one JSON object (also when verification fails)")
     return p
