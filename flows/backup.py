@@ -382,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
             f"incremental on {summary['parent']}"
         print(f"backup {summary['backup_id']} ({kind}) complete: "
               f"{summary['container']}/{summary['manifest']}")
-        if summary.get("partial_database"):  # loudly, last (issue 15.2)
-            print(f"WARNING: {summary['partial_database']}")
+        if summary.get("partial_database"):  # loudly, last, with the logs (issue 15.2)
+            sys.stdout.flush()
+            print(f"WARNING: {summary['partial_database']}", file=sys.stderr)
     else:
         print(f"dry run: backup {summary['backup_id']} would go to {summary['container']}")
     return 0

@@ -23,6 +23,7 @@ from test_verify import (
     get_manifest,
     plant_backup,
     planted_dumps,
+    put_plain,
     run_sql,
     swift_store,
 )
@@ -406,3 +407,63 @@ def test_restore_never_runs_shell_lines_of_a_planted_dump(kind, private_mariadb,
         assert result.returncode == restore.RestoreFailed.exit_code, result.stderr
         assert "Not allowed in the sandbox mode" in last
     assert not marker.exists() and not Path(f"{marker}.system").exists()
+
+
+def _hostile_archive(outside: Path) -> bytes:
+    """A tar a Swift-side writer could plant: a member climbing out with ``..``, an absolute
+    one, and a symlink to a directory outside followed by a file written through it."""
+    import io
+    import tarfile
+
+    def member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tuple:
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname, info.mode = kind, link, 0o644
+        data = b"" if kind != tarfile.REGTYPE else b"planted\n"
+        info.size = len(data)
+        return info, io.BytesIO(data)
+
+    body = io.BytesIO()
+    with tarfile.open(fileobj=body, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        tar.addfile(*member("etc/", tarfile.DIRTYPE))
+        tar.addfile(*member("etc/hosts"))
+        tar.addfile(*member(f"etc/../../../../../..{outside}/climbed"))
+        tar.addfile(*member(f"{outside}/absolute"))
+        tar.addfile(*member("etc/link", tarfile.SYMTYPE, str(outside)))
+        tar.addfile(*member("etc/link/through"))
+    return body.getvalue()
+
+
+def test_a_hostile_archive_from_the_store_writes_nothing_outside_the_target(container, os_env,
+                                                                            tmp_path):
+    """Whoever can write the container can plant an archive; tar as root must keep every
+    member under the target: no ``..`` climb, no absolute path, no write through a symlink
+    the archive itself made."""
+    from undercloud_backup import catalogue
+    from undercloud_backup.manifest import FS_OBJECT, Manifest, PathsSection, StoredObject
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    store = swift_store()
+    store.ensure_container(container)
+    backup_id = "planted-tar"
+    packed = subprocess.run(["zstd", "-q", "-c"], input=_hostile_archive(outside),
+                            capture_output=True, check=True).stdout
+    obj = StoredObject(name=f"{backup_id}/{FS_OBJECT}", size=0, sha256="", compression="zstd",
+                       content="tar")
+    put_plain(store, container, obj, packed)
+    catalogue.put_manifest(store, container, Manifest(
+        backup_id=backup_id, created_at="2026-11-30T22:00:00+00:00",
+        paths=PathsSection(root="/", included=["/etc"]), objects=[obj]))
+    target = tmp_path / "target"
+    result = cli("restore", "--container", container, "--backup-id", backup_id, "--target",
+                 str(target), "--json")
+    assert list(outside.iterdir()) == [], result.stderr
+    assert (target / "etc/hosts").read_bytes() == b"planted\n", result.stderr
+    # what tar wrote stays inside: the absolute member under the target, the link a link
+    for path in [target, *target.rglob("*")]:
+        assert os.path.realpath(path).startswith(str(target)) or path.is_symlink(), path
+    assert (target / str(outside).lstrip("/") / "absolute").read_bytes() == b"planted\n"
+    # and the run says it failed, with tar's reasons, rather than passing for a restore
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == restore.RestoreFailed.exit_code, result.stderr
+    assert "Member name contains '..'" in last and "etc/link/through: Cannot open" in last

@@ -257,47 +257,49 @@ def decide_level(request: BackupRequest, plan: fs.PathPlan, swift_settings: Swif
 class _Snapshot:
     """The ``--listed-incremental`` file of one archive run, and how to get it back.
 
-    Direct: a private temporary file tar reads and rewrites. Privileged: the parent goes to
-    the wrapper on stdin, which keeps it in root's own directory under a random ID; the new
-    one comes back from ``ucb-archive ROOT --take-snapshot=ID``."""
+    Direct: an anonymous (already unlinked) file that tar reopens as ``/dev/fd/N``, reads and
+    rewrites in place, so that nothing is left in staging whatever kills the run. Privileged:
+    the parent goes to the wrapper on stdin, which keeps it in root's own directory under a
+    random ID; the new one comes back from ``ucb-archive ROOT --take-snapshot=ID``."""
 
     def __init__(self, request: BackupRequest, plan: fs.PathPlan, parent: bytes) -> None:
         self.request, self.plan = request, plan
         self.stdin = tempfile.TemporaryFile(dir=request.staging_dir)
-        self.path: str | None = None
+        self.file = None if request.privileged else tempfile.TemporaryFile(
+            dir=request.staging_dir)
         self.ident = secrets.token_hex(16)
         self.taken = False
-        if request.privileged:
-            self.stdin.write(parent)
-            self.stdin.seek(0)
-        else:
-            fd, self.path = tempfile.mkstemp(dir=request.staging_dir, prefix="ucb-snapshot-",
-                                             suffix=".snar")
-            with os.fdopen(fd, "wb") as out:
-                out.write(parent)
+        target = self.stdin if self.file is None else self.file
+        target.write(parent)
+        target.flush()
+        target.seek(0)
+
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        return () if self.file is None else (self.file.fileno(),)
 
     def tar(self, extra: tuple[str, ...]) -> Command:
-        if self.request.privileged:
+        if self.file is None:
             from undercloud_backup import privileged
 
             return privileged.archive_command(self.plan, extra_excludes=extra,
                                               snapshot_id=self.ident)
-        return fs.tar_command(self.plan, extra_excludes=extra, snapshot=self.path)
+        return fs.tar_command(self.plan, extra_excludes=extra,
+                              snapshot=f"/dev/fd/{self.file.fileno()}")
 
     def take(self) -> bytes:
-        if self.request.privileged:
+        if self.file is None:
             from undercloud_backup import privileged
 
             return capture(privileged.take_snapshot_command(self.plan.root, self.ident),
                            timeout=600)
-        assert self.path is not None
-        with open(self.path, "rb") as source:
-            return source.read()
+        self.file.seek(0)
+        return self.file.read()
 
     def close(self) -> None:
         self.stdin.close()
-        if self.path is not None:
-            os.unlink(self.path)
+        if self.file is not None:
+            self.file.close()
         elif not self.taken:  # the wrapper's file of a failed run: removed now, or after a day
             try:
                 self.take()
@@ -355,7 +357,7 @@ def archive_paths(request: BackupRequest, plan: fs.PathPlan, swift_settings: Swi
             request, swift_settings, FS_OBJECT, "tar", request.files_segment_size,
             Pipeline([snapshot.tar(extra), *compress_commands(request)],
                      timeout=request.archive_timeout_s, on_stderr={0: report.add},
-                     stdin=snapshot.stdin),
+                     stdin=snapshot.stdin, pass_fds=snapshot.pass_fds),
             on_failure=ArchiveFailed, progress=Progress(logger, "filesystem archive"),
             judge=judge)
         plain = snapshot.take()
