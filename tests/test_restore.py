@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import sample_undercloud as sample
-from conftest import REPO, backup_cli, describe_tree
+from conftest import REPO, backup_cli, describe_tree, remove_container
 from test_verify import (
     archive_of,
     database_sql,
@@ -69,18 +69,6 @@ def shared_backup(os_env, private_mariadb, tmp_path_factory) -> Iterator[tuple[d
         yield make_backup(root, container, private_mariadb), root
     finally:
         remove_container(container)
-
-
-def remove_container(container: str) -> None:
-    """Delete a test's container and its segments container, whatever is in them."""
-    store = swift_store()
-    for name in (container, f"{container}_segments"):
-        try:
-            for obj in store.list(name):
-                store.delete(name, obj["name"])
-            store.delete_container(name)
-        except Exception:  # noqa: BLE001 - cleanup must not hide the outcome
-            pass
 
 
 def make_backup(root: Path, container: str, server: ScratchServer) -> dict:
