@@ -353,7 +353,8 @@ def _list(args: argparse.Namespace) -> int:
         for entry in entries:
             kind = entry.kind or "?"
             parent = f"  parent {entry.parent}" if entry.parent else ""
-            print(f"{entry.last_modified}  {entry.backup_id}  {kind}{parent}")
+            partial = "  PARTIAL database dump" if entry.partial_database else ""
+            print(f"{entry.last_modified}  {entry.backup_id}  {kind}{parent}{partial}")
     return 0
 
 

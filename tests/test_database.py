@@ -515,3 +515,12 @@ def test_a_partial_dump_is_recorded_and_said_and_a_full_one_records_its_grants(
                mariadb(f"SHOW GRANTS FOR '{name}'@'{host}'").splitlines()]
     assert section.privileges == granted and any("TRIGGER" in g for g in granted)
     assert section.schema_objects["ucb_dbt_b"]["triggers"] == 1
+
+    # The listing tells the partial one from the complete one, in text and in JSON.
+    listed = backup_cli("--list", "--container", container)
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[1:] for line in listed.stdout.splitlines()] == [
+        [backup_id, "full", "PARTIAL", "database", "dump"], [summary["backup_id"], "full"]]
+    as_json = json.loads(backup_cli("--list", "--json", "--container", container).stdout)
+    assert [b["partial_database"] for b in as_json["backups"]] == [
+        manifest.mariadb.partial_note(), None]

@@ -310,6 +310,15 @@ def test_a_doubtful_chain_forces_a_full_with_a_warning(os_env, db_cnf, tmp_path,
     shared = run(root, container, db_cnf, staging)
     assert (shared["kind"], shared["parent"]) == ("incremental", tampered["backup_id"])
 
+    # Signing installed since: a signed level on unsigned links would be refused at restore (53)
+    key = tmp_path / "signing-key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    signed = run(root, container, db_cnf, staging, "--signing-key", str(key))
+    assert signed["kind"] == "full" and "its chain has unsigned links" in signed["stderr"]
+    assert f"({tampered['backup_id']}, {shared['backup_id']}: made before" in signed["stderr"]
+    level = run(root, container, db_cnf, staging, "--signing-key", str(key))
+    assert (level["kind"], level["parent"]) == ("incremental", signed["backup_id"])
+
 
 def test_an_encrypted_chain_uses_the_nodes_own_copy_of_the_snapshot(os_env, db_cnf, tmp_path,
                                                                     container, monkeypatch):

@@ -27,6 +27,9 @@ class BackupEntry:
     # manifest that cannot be read), and the backup an incremental builds on.
     kind: str | None = None
     parent: str | None = None
+    # The manifest's note when its database dump is partial (--allow-partial-database), so that
+    # a listing never shows such a backup like a complete one.
+    partial_database: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,8 +56,8 @@ def list_backups(store: SwiftStore, container: str) -> list[BackupEntry]:
 
 def describe(store: SwiftStore, container: str,
              entries: list[BackupEntry]) -> list[BackupEntry]:
-    """``entries`` with each manifest's kind and parent (backups from before issue 13 are
-    fulls)."""
+    """``entries`` with each manifest's kind, parent (backups from before issue 13 are fulls)
+    and partial-dump note."""
     described = []
     for entry in entries:
         try:
@@ -62,7 +65,9 @@ def describe(store: SwiftStore, container: str,
         except (BackupNotFound, ValueError):
             described.append(entry)
             continue
-        described.append(replace(entry, kind=manifest.kind or "full", parent=manifest.parent))
+        partial = manifest.mariadb.partial_note() if manifest.mariadb else None
+        described.append(replace(entry, kind=manifest.kind or "full", parent=manifest.parent,
+                                 partial_database=partial))
     return described
 
 

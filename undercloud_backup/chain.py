@@ -27,7 +27,7 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass
 
-from undercloud_backup import catalogue, crypto
+from undercloud_backup import catalogue, crypto, signing
 from undercloud_backup.archive import PathPlan
 from undercloud_backup.errors import BackupError, BackupNotFound, NotFound
 from undercloud_backup.execute import Command, Pipeline
@@ -175,8 +175,11 @@ def check_links(store, container: str, manifest: Manifest) -> list[str]:
 
 # --------------------------------------------------------------------------- which level
 def decide(store, container: str, *, hostname: str, plan: PathPlan, full: bool,
-           full_every_s: float, now: dt.datetime) -> tuple[Level, bytes]:
-    """The level to take and the parent's snapshot (plain bytes; empty for a full)."""
+           full_every_s: float, now: dt.datetime, signed: bool = False) -> tuple[Level, bytes]:
+    """The level to take and the parent's snapshot (plain bytes; empty for a full).
+
+    ``signed``: this backup's manifest will be signed, so every link it builds on must be too;
+    a restore that checks signatures would refuse a chain with an unsigned link."""
     try:
         if full:
             raise _Full("requested (--full / full: true)")
@@ -184,6 +187,8 @@ def decide(store, container: str, *, hostname: str, plan: PathPlan, full: bool,
             raise _Full("full_every is 0: every backup is a full")
         parent = _parent(store, container, hostname)
         level = _check_parent(store, container, parent, plan, full_every_s, now)
+        if signed:
+            _require_signed_links(store, container, level.chain)
         return level, _parent_snapshot(store, container, parent)
     except _Full as why:
         return Level(full_reason=str(why), forced=not full), b""
@@ -231,6 +236,19 @@ def _check_parent(store, container: str, parent: Manifest, plan: PathPlan,
                     f"is older than full_every ({_age_text(full_every_s)})")
     chain = (*parent.chain, pid)
     return Level(kind=INCREMENTAL, parent=pid, chain=chain, level=len(chain))
+
+
+def _require_signed_links(store, container: str, links: tuple[str, ...]) -> None:
+    unsigned = []
+    for backup_id in links:
+        try:
+            store.head(container, signing.signature_name(backup_id))
+        except NotFound:
+            unsigned.append(backup_id)
+    if unsigned:
+        raise _Full(f"this backup is signed but its chain has unsigned links "
+                    f"({', '.join(unsigned)}: made before signing was installed); restores "
+                    "that check signatures would refuse it")
 
 
 def _age_text(seconds: float) -> str:

@@ -12,7 +12,7 @@ bounded wait, and a timeout names the table and, where the processlist shows it,
 The dump's own session cannot be given that bound (``mariadb-dump`` 10.11 has no
 ``--init-command``, and its option parser rejects one in an option file), so a lock taken
 after the check is bounded from beside it: a statement of the dump's that has waited
-:data:`LOCK_WAIT_S` for a lock is ended with ``KILL QUERY`` (:func:`waiting_dump_statement`,
+:data:`LOCK_WAIT_S` for a lock is ended with ``KILL QUERY ID`` (:func:`waiting_dump_statement`,
 ``tablestats.DumpLockWatch``, and the same in the sudo wrapper), and the dump fails with
 :class:`DatabaseLocked`, as it does if the server's own ``lock_wait_timeout`` (1205) ends it.
 """
@@ -272,11 +272,13 @@ def table_in_statement(statement: str) -> str:
 def waiting_dump_statement(cursor, after_id: int, seconds: int
                            ) -> tuple[int, str, str] | None:
     """A statement of a dump (:data:`DUMP_STATEMENTS`) of this account, on a connection newer
-    than ``after_id``, that has waited ``seconds`` or more for a lock: (thread, schema, table).
+    than ``after_id``, that has waited ``seconds`` or more for a lock: (query id, schema,
+    table). The query id, not the connection's: ``KILL QUERY ID`` then ends that statement
+    only, never the dump's next one should the lock be released in between.
     """
     prefixes = " OR ".join(["info LIKE %s"] * len(DUMP_STATEMENTS))
     cursor.execute(
-        "SELECT id, IFNULL(db, ''), info FROM information_schema.processlist"
+        "SELECT query_id, IFNULL(db, ''), info FROM information_schema.processlist"
         " WHERE id > %s AND id <> CONNECTION_ID() AND user = SUBSTRING_INDEX(USER(), '@', 1)"
         " AND command = 'Query' AND state LIKE 'Waiting for%%lock%%' AND time_ms >= %s"
         f" AND ({prefixes}) ORDER BY id LIMIT 1",
@@ -284,8 +286,8 @@ def waiting_dump_statement(cursor, after_id: int, seconds: int
     row = cursor.fetchone()
     if row is None:
         return None
-    thread, schema, statement = row
-    return int(thread), schema, table_in_statement(statement or "")
+    query, schema, statement = row
+    return int(query), schema, table_in_statement(statement or "")
 
 
 _DUMP_1205 = re.compile(r"Lock wait timeout exceeded[^|]*?\(1205\)|Error 1205\b")

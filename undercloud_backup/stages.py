@@ -39,6 +39,7 @@ from undercloud_backup.manifest import (
     TableRecord,
 )
 from undercloud_backup.request import BackupRequest
+from undercloud_backup.signing import INSTALLED_SIGNING_KEY
 from undercloud_backup.sizes import format_size
 from undercloud_backup.space import DEFAULT_SEGMENT_SIZE
 from undercloud_backup.store import SwiftStore
@@ -241,7 +242,7 @@ def decide_level(request: BackupRequest, plan: fs.PathPlan, swift_settings: Swif
         level, parent_snapshot = chain.decide(
             store, swift_settings.container, hostname=request.hostname, plan=plan,
             full=request.full, full_every_s=request.full_every_s,
-            now=dt.datetime.now(dt.UTC))
+            now=dt.datetime.now(dt.UTC), signed=request.signing_key is not None)
     finally:
         store.close()
     if level.forced:
@@ -343,6 +344,9 @@ def archive_paths(request: BackupRequest, plan: fs.PathPlan, swift_settings: Swi
     # Never archive our own spools, should staging sit inside a backed-up path.
     staging = os.path.realpath(request.staging_dir)
     extra = (os.path.relpath(staging, plan.root),) if fs.inside(staging, plan.root) else ()
+    # Nor the node's signing key, in direct mode too (the wrappers' deny list has it): whoever
+    # reads a backup stored in plain text could sign forged ones with it.
+    extra += (INSTALLED_SIGNING_KEY,)
 
     def judge(results: list[StageResult]) -> None:
         if results[0].status == 2 and report.other:

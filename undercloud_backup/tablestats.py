@@ -91,7 +91,7 @@ class DumpLockWatch:
     taken after the check would hold its SELECT up to the server's (a day). From a connection
     opened before the dump's (so the dump's has a greater id), this polls the processlist for
     a statement of a dump of the same account that has waited that long, names the table and
-    its holder, and ends the wait with ``KILL QUERY`` (an account may end its own queries).
+    its holder, and ends the wait with ``KILL QUERY ID`` (an account may end its own queries).
     The dump then fails, and :meth:`failure` says why: :class:`DatabaseLocked`. Use
     :meth:`start` before the dump's process starts and :meth:`stop` after it ended.
     """
@@ -118,11 +118,11 @@ class DumpLockWatch:
                     found = waiting_dump_statement(cursor, after, self.lock_wait_s)
                     if found is None:
                         continue
-                    thread, schema, table = found
+                    query, schema, table = found
                     # said before the KILL: the dump's failure must find it
                     self.locked = locked_error(connection, schema, table, self.settings.where,
                                                self.lock_wait_s)
-                    cursor.execute(f"KILL QUERY {int(thread)}")
+                    cursor.execute(f"KILL QUERY ID {int(query)}")
                     return
         except pymysql.err.MySQLError:
             return  # the watch's connection is gone: the dump's own outcome will tell
