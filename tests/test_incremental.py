@@ -318,6 +318,14 @@ def test_a_doubtful_chain_forces_a_full_with_a_warning(os_env, db_cnf, tmp_path,
     assert f"({tampered['backup_id']}, {shared['backup_id']}: made before" in signed["stderr"]
     level = run(root, container, db_cnf, staging, "--signing-key", str(key))
     assert (level["kind"], level["parent"]) == ("incremental", signed["backup_id"])
+    # The key changed (rotated, or a reinstalled node): the new key's allowed signers would
+    # refuse the old key's links (54)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "new")],
+                   check=True)
+    rotated = run(root, container, db_cnf, staging, "--signing-key", str(tmp_path / "new"))
+    assert rotated["kind"] == "full", rotated["stderr"]
+    assert f"but {signed['backup_id']}, {level['backup_id']} of its chain with another key" \
+        in rotated["stderr"]
 
 
 def test_an_encrypted_chain_uses_the_nodes_own_copy_of_the_snapshot(os_env, db_cnf, tmp_path,

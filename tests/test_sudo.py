@@ -126,6 +126,15 @@ def test_wrappers_run_what_the_library_would_run():
     assert got[:3] == ["mariadb-dump", "--protocol=socket", "--user=root"]
     assert got[3:] == expected
     assert set(mariadb.SYSTEM_SCHEMAS) == database.SYSTEM_SCHEMAS
+    # A lock line the wrapper's watch takes back (its statement ended before KILL QUERY ID)
+    # is not the dump's failure; a later one is.
+    assert privileged._WITHDRAWN == f"{mariadb.NAME}: {mariadb.WITHDRAWN}"
+    line = (f"{mariadb.NAME}: failed: table `a`.`t` is locked by another session (held by x); "
+            "gave up after 60 s")
+    assert privileged._locked(line).exit_code == 26
+    withdrawn = f"{line}\n{privileged._WITHDRAWN} the statement ended\nmariadb-dump: Got error"
+    assert privileged._locked(withdrawn) is None
+    assert privileged._locked(f"{withdrawn}\n{line}") is not None
 
     policy = (REPO / "deployments/privileged.conf").read_text().splitlines()
     assert tuple(line.split("=", 1)[1].strip() for line in policy

@@ -304,3 +304,53 @@ def test_stream_progress_is_what_the_compressor_read_not_what_it_wrote():
     assert sent < size // 100
     assert seen[0][1] is not None and seen[0][1] >= size
     assert seen[-1] == (sent, seen[0][1])
+
+
+# ------------------------------------------------- flow-run heartbeats (flows/heartbeats.py)
+class _Engine:
+    """What the heartbeat thread uses of Prefect's flow run engine."""
+
+    def __init__(self, every: int | None) -> None:
+        import logging
+        import types
+
+        self.heartbeat_seconds, self.beats = every, []
+        self.flow_run = types.SimpleNamespace(state=None)
+        self.logger = logging.getLogger("test-heartbeats")
+
+    def _build_heartbeat_event_template(self):
+        return "resource", ["related"]
+
+    def _emit_flow_run_heartbeat(self, resource, related):
+        self.beats.append((resource, related))
+
+
+def test_flow_runs_use_heartbeats_that_stop_with_the_run():
+    import threading
+    import types
+
+    from prefect import flow_engine
+
+    import flows  # noqa: F401 - installs them
+    from flows import heartbeats
+
+    # Written for the pinned Prefect: an upgrade must look at heartbeats.py again.
+    assert flow_engine._send_heartbeats is heartbeats.send_heartbeats
+    engine = _Engine(every=30)
+    with heartbeats.send_heartbeats(engine):
+        deadline = time.monotonic() + 10
+        while not engine.beats and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.beats == [("resource", ["related"])]  # one at once, the next in 30 s
+    assert not [t for t in threading.enumerate() if t.name == "flow-run-heartbeats"]
+    finished = _Engine(every=30)
+    finished.flow_run.state = types.SimpleNamespace(is_final=lambda: True)
+    with heartbeats.send_heartbeats(finished):
+        deadline = time.monotonic() + 10  # the thread sees the final state and ends by itself
+        while time.monotonic() < deadline and [
+                t for t in threading.enumerate() if t.name == "flow-run-heartbeats"]:
+            time.sleep(0.05)
+        assert finished.beats == []  # none once the run is over
+    off = _Engine(every=None)
+    with heartbeats.send_heartbeats(off):
+        assert not [t for t in threading.enumerate() if t.name == "flow-run-heartbeats"]

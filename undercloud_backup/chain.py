@@ -13,8 +13,10 @@ Whatever makes the chain doubtful forces a full, with a warning and the reason i
 manifest (``full_reason``): no complete full of this host younger than ``full_every``; a
 parent or ancestor missing, incomplete or damaged; a snapshot that does not match its
 manifest; a parent dated in the future (the clock went backwards); paths or root that
-differ from the parent's. Parents are only ever this host's own backups (the manifest's
-``hostname``), so hosts sharing a container never build on each other.
+differ from the parent's; for a signed backup, a link not signed by the same key (made before
+signing was installed, or before the key changed: restores checking signatures against the
+key's allowed signers would refuse the chain). Parents are only ever this host's own backups
+(the manifest's ``hostname``), so hosts sharing a container never build on each other.
 """
 
 from __future__ import annotations
@@ -175,11 +177,12 @@ def check_links(store, container: str, manifest: Manifest) -> list[str]:
 
 # --------------------------------------------------------------------------- which level
 def decide(store, container: str, *, hostname: str, plan: PathPlan, full: bool,
-           full_every_s: float, now: dt.datetime, signed: bool = False) -> tuple[Level, bytes]:
+           full_every_s: float, now: dt.datetime,
+           signing_key: str | None = None) -> tuple[Level, bytes]:
     """The level to take and the parent's snapshot (plain bytes; empty for a full).
 
-    ``signed``: this backup's manifest will be signed, so every link it builds on must be too;
-    a restore that checks signatures would refuse a chain with an unsigned link."""
+    ``signing_key``: this backup's manifest will be signed with it, so every link it builds on
+    must be signed with the same key."""
     try:
         if full:
             raise _Full("requested (--full / full: true)")
@@ -187,8 +190,8 @@ def decide(store, container: str, *, hostname: str, plan: PathPlan, full: bool,
             raise _Full("full_every is 0: every backup is a full")
         parent = _parent(store, container, hostname)
         level = _check_parent(store, container, parent, plan, full_every_s, now)
-        if signed:
-            _require_signed_links(store, container, level.chain)
+        if signing_key is not None:
+            _require_same_signer(store, container, level.chain, signing_key)
         return level, _parent_snapshot(store, container, parent)
     except _Full as why:
         return Level(full_reason=str(why), forced=not full), b""
@@ -238,17 +241,28 @@ def _check_parent(store, container: str, parent: Manifest, plan: PathPlan,
     return Level(kind=INCREMENTAL, parent=pid, chain=chain, level=len(chain))
 
 
-def _require_signed_links(store, container: str, links: tuple[str, ...]) -> None:
-    unsigned = []
+def _require_same_signer(store, container: str, links: tuple[str, ...],
+                         signing_key: str) -> None:
+    """Each link signed by ``signing_key``'s key (the one in its signature: whether the
+    manifest still matches is the chain checks' and the restore's to say)."""
+    own = signing.signer_key(signing.sign_manifest(b"which key", signing_key))
+    unsigned, other = [], []
     for backup_id in links:
         try:
-            store.head(container, signing.signature_name(backup_id))
+            signature = store.get_bytes(container, signing.signature_name(backup_id))
         except NotFound:
             unsigned.append(backup_id)
+            continue
+        if signing.signer_key(signature) != own:
+            other.append(backup_id)
     if unsigned:
         raise _Full(f"this backup is signed but its chain has unsigned links "
                     f"({', '.join(unsigned)}: made before signing was installed); restores "
                     "that check signatures would refuse it")
+    if other:
+        raise _Full(f"this backup is signed with {signing_key} but {', '.join(other)} of its "
+                    "chain with another key (changed since); restores that check against the "
+                    "new key's allowed signers would refuse it")
 
 
 def _age_text(seconds: float) -> str:

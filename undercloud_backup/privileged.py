@@ -55,6 +55,7 @@ EX_TEMPFAIL = 75  # a table stayed locked
 WHERE = "the local MariaDB socket (as root, through sudo)"
 _LOCKED = re.compile(r"table (.+?) is locked by another session \((.*)\); gave up after "
                      r"([0-9]+) s")
+_WITHDRAWN = "ucb-mariadb: withdrawn:"  # ucb-mariadb's WITHDRAWN, after its NAME
 
 
 def _sudo(*argv: str) -> tuple[str, ...]:
@@ -107,8 +108,9 @@ def users_dump_command() -> Command:
 
 
 def _locked(stderr: str) -> DatabaseLocked | None:
-    """The wrapper's line about a table that stayed locked, as :class:`DatabaseLocked`."""
-    locked = _LOCKED.search(stderr)
+    """The wrapper's line about a table that stayed locked, as :class:`DatabaseLocked`;
+    not one it withdrew (the statement ended before the watch could stop it)."""
+    locked = _LOCKED.search(stderr.rpartition(_WITHDRAWN)[2])
     if locked is None:
         return None
     return DatabaseLocked(table=locked.group(1), where=WHERE, holder=locked.group(2),

@@ -14,8 +14,11 @@ it, and verify and restore that name no allowed-signers file check against it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import stat
+import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -161,6 +164,20 @@ def sign_manifest(manifest_json: bytes, signing_key: str) -> bytes:
     if b"BEGIN SSH SIGNATURE" not in signature:
         raise SigningFailed(path=signing_key, detail="ssh-keygen wrote no signature")
     return signature
+
+
+def signer_key(signature: bytes) -> bytes:
+    """The public key inside an armored SSH signature (OpenSSH's PROTOCOL.sshsig: magic,
+    version, then the key as a length-prefixed blob); b"" when it is not one."""
+    lines = signature.decode("ascii", "replace").splitlines()
+    try:
+        blob = base64.b64decode("".join(ln for ln in lines if not ln.startswith("-----")),
+                                validate=True)
+        (size,) = struct.unpack_from(">I", blob, 10)
+    except (binascii.Error, ValueError, struct.error):
+        return b""
+    key = blob[14:14 + size]
+    return key if blob.startswith(b"SSHSIG") and len(key) == size else b""
 
 
 @contextmanager

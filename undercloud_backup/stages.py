@@ -242,7 +242,7 @@ def decide_level(request: BackupRequest, plan: fs.PathPlan, swift_settings: Swif
         level, parent_snapshot = chain.decide(
             store, swift_settings.container, hostname=request.hostname, plan=plan,
             full=request.full, full_every_s=request.full_every_s,
-            now=dt.datetime.now(dt.UTC), signed=request.signing_key is not None)
+            now=dt.datetime.now(dt.UTC), signing_key=request.signing_key)
     finally:
         store.close()
     if level.forced:
@@ -344,9 +344,12 @@ def archive_paths(request: BackupRequest, plan: fs.PathPlan, swift_settings: Swi
     # Never archive our own spools, should staging sit inside a backed-up path.
     staging = os.path.realpath(request.staging_dir)
     extra = (os.path.relpath(staging, plan.root),) if fs.inside(staging, plan.root) else ()
-    # Nor the node's signing key, in direct mode too (the wrappers' deny list has it): whoever
-    # reads a backup stored in plain text could sign forged ones with it.
+    # Nor the node's signing key, in direct mode too (the wrappers' deny list has it), nor the
+    # run's own: whoever reads a backup stored in plain text could sign forged ones with it.
     extra += (INSTALLED_SIGNING_KEY,)
+    if request.signing_key is not None:
+        key = os.path.realpath(request.signing_key)
+        extra += (os.path.relpath(key, plan.root),) if fs.inside(key, plan.root) else ()
 
     def judge(results: list[StageResult]) -> None:
         if results[0].status == 2 and report.other:

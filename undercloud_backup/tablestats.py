@@ -84,6 +84,9 @@ class TableStatsReader:
         return DumpFailed(reason=f"{self.WHAT}: {type(error).__name__}: {error}")
 
 
+UNKNOWN_QUERY_ID = 1957  # ER_NO_SUCH_QUERY: KILL QUERY ID of a statement that has ended
+
+
 class DumpLockWatch:
     """End a wait of the dump's for a locked table after ``lock_wait_s`` (issue 14.2.2).
 
@@ -122,7 +125,13 @@ class DumpLockWatch:
                     # said before the KILL: the dump's failure must find it
                     self.locked = locked_error(connection, schema, table, self.settings.where,
                                                self.lock_wait_s)
-                    cursor.execute(f"KILL QUERY ID {int(query)}")
+                    try:
+                        cursor.execute(f"KILL QUERY ID {int(query)}")
+                    except pymysql.err.MySQLError as error:
+                        if error.args[0] != UNKNOWN_QUERY_ID:
+                            raise
+                        self.locked = None  # it ended meanwhile: the dump goes on, watched
+                        continue
                     return
         except pymysql.err.MySQLError:
             return  # the watch's connection is gone: the dump's own outcome will tell
