@@ -26,6 +26,7 @@ from undercloud_backup.errors import (
     ConfigError,
     InsufficientSpace,
     NotFound,
+    ObjectTooLarge,
     SwiftRequestFailed,
     SwiftUnreachable,
 )
@@ -316,3 +317,34 @@ def test_retryable_follows_the_status_and_survives_pickling():
     gone = pickle.loads(pickle.dumps(NotFound(operation="HEAD", target="c/o", reason="HTTP 404",
                                               transaction_id="tx", status=404)))
     assert isinstance(gone, NotFound) and not gone.retryable
+
+
+# ------------------------------------------------- small objects are read with a bound
+def test_a_planted_oversized_manifest_or_signature_is_refused_before_it_is_held(store,
+                                                                              container):
+    """Whoever can write to the container (the Swift credentials) cannot make a run read
+    gigabytes into memory through an object that is always small: a 64 MiB + 1 byte
+    "manifest", a 100 KiB "signature"."""
+    from undercloud_backup import signing
+    from undercloud_backup.manifest import ManifestError
+    from undercloud_backup.store import SMALL_OBJECT_LIMIT
+
+    backup_id = "vm-20261201T000000Z-abcdef"
+    store.put(container, f"{backup_id}/manifest.json", b"{" + b" " * SMALL_OBJECT_LIMIT)
+    with pytest.raises(ManifestError) as refused:
+        catalogue.get_manifest(store, container, backup_id)
+    assert str(refused.value) == (
+        f"Swift object {container}/{backup_id}/manifest.json is larger than a manifest ever is "
+        "(67,108,865 bytes, at most 67,108,864): not reading it into memory; it is damaged or "
+        "was planted.")
+    # --list shows it without kind, as any unreadable manifest, and goes on
+    entries = catalogue.describe(store, container, catalogue.list_backups(store, container))
+    assert [(e.backup_id, e.kind) for e in entries] == [(backup_id, None)]
+
+    store.put(container, f"{backup_id}/manifest.json", b"{}")
+    store.put(container, signing.signature_name(backup_id), b"x" * (100 << 10))
+    with pytest.raises(ObjectTooLarge) as refused:
+        signing.load_signed_manifest(store, container, backup_id, "/dev/null")
+    assert refused.value.exit_code == 34 and "larger than a signature ever is" in str(
+        refused.value)
+    assert store.get_bytes(container, f"{backup_id}/manifest.json") == b"{}"  # still usable

@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, replace
 
-from undercloud_backup.errors import BackupNotFound, NotFound, UploadVerifyFailed
-from undercloud_backup.manifest import MANIFEST_NAME, Manifest
+from undercloud_backup.errors import BackupNotFound, NotFound, ObjectTooLarge, UploadVerifyFailed
+from undercloud_backup.manifest import MANIFEST_NAME, Manifest, ManifestError
 from undercloud_backup.store import SwiftStore
 
 
@@ -86,6 +86,8 @@ def get_manifest(store: SwiftStore, container: str, backup_id: str) -> Manifest:
         body = store.get_bytes(container, manifest_name(backup_id))
     except NotFound:
         raise BackupNotFound(backup_id=backup_id, container=container) from None
+    except ObjectTooLarge as error:
+        raise ManifestError(str(error)) from None
     return Manifest.from_json(body)
 
 

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 from undercloud_backup import catalogue, crypto, signing
 from undercloud_backup.archive import PathPlan
-from undercloud_backup.errors import BackupError, BackupNotFound, NotFound
+from undercloud_backup.errors import BackupError, BackupNotFound, NotFound, ObjectTooLarge
 from undercloud_backup.execute import Command, Pipeline
 from undercloud_backup.manifest import FS_OBJECT, FULL, INCREMENTAL, Manifest, StoredObject
 
@@ -44,6 +44,7 @@ CLOCK_SLACK = dt.timedelta(minutes=5)
 CANDIDATES = 20
 LOCAL_COPIES_KEPT = 3
 SNAPSHOT_CONTENT = "tar-snapshot"
+SNAPSHOT_LIMIT = 1 << 30  # what is read of a stored snapshot (ucb-archive's own bound)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -249,10 +250,13 @@ def _require_same_signer(store, container: str, links: tuple[str, ...],
     unsigned, other = [], []
     for backup_id in links:
         try:
-            signature = store.get_bytes(container, signing.signature_name(backup_id))
+            signature = store.get_bytes(container, signing.signature_name(backup_id),
+                                        what="signature", limit=signing.SIGNATURE_LIMIT)
         except NotFound:
             unsigned.append(backup_id)
             continue
+        except ObjectTooLarge:
+            signature = b""  # no signature by this key
         if signing.signer_key(signature) != own:
             other.append(backup_id)
     if unsigned:
@@ -291,10 +295,13 @@ def _parent_snapshot(store, container: str, parent: Manifest) -> bytes:
     obj = snapshot_of(parent)
     assert obj is not None  # own_objects_problems checked it
     try:
-        stored = store.get_bytes(container, obj.name)
+        stored = store.get_bytes(container, obj.name, what="tar snapshot",
+                                 limit=SNAPSHOT_LIMIT)
     except NotFound:
         raise _Full(f"the snapshot {obj.name} of parent {parent.backup_id} is missing") \
             from None
+    except ObjectTooLarge as error:
+        raise _Full(str(error)) from None
     if hashlib.sha256(stored).hexdigest() != parent.snapshot.get("sha256"):
         raise _Full(f"the snapshot {obj.name} of parent {parent.backup_id} does not match the "
                     "sha256 its manifest records (damaged or replaced)")

@@ -161,6 +161,12 @@ class UploadVerifyFailed(BackupError):
     retryable = True
 
 
+class ObjectTooLarge(BackupError):
+    """Swift object {target} is larger than a {what} ever is ({size}, at most {limit}): not reading it into memory; it is damaged or was planted."""  # noqa: E501
+
+    exit_code = 34
+
+
 class BackupNotFound(BackupError):
     """No complete backup {backup_id} in container {container}."""
 

@@ -38,6 +38,7 @@ TOOL_TIMEOUT = 60.0
 # with unless a run names another, and the allowed signers verify and restore check against.
 INSTALLED_SIGNING_KEY = "/etc/undercloud-backup/signing-key"
 INSTALLED_ALLOWED_SIGNERS = "/etc/undercloud-backup/allowed_signers"
+SIGNATURE_LIMIT = 64 << 10  # what is read of a .sig object: a signature is a few hundred bytes
 
 
 class ManifestUnsigned(BackupError):
@@ -273,7 +274,8 @@ def load_signed_manifest(store, container: str, backup_id: str,
     """
     body = store.get_bytes(container, f"{backup_id}/{MANIFEST_NAME}")
     try:
-        signature = store.get_bytes(container, signature_name(backup_id))
+        signature = store.get_bytes(container, signature_name(backup_id), what="signature",
+                                    limit=SIGNATURE_LIMIT)
     except NotFound:
         signature = None
     verify_signature(body, signature, backup_id=backup_id, allowed_signers=allowed_signers)

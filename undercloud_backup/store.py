@@ -41,6 +41,7 @@ from undercloud_backup.errors import (
     BackupError,
     ConfigError,
     NotFound,
+    ObjectTooLarge,
     SwiftAuthError,
     SwiftRequestFailed,
     SwiftUnreachable,
@@ -50,6 +51,9 @@ from undercloud_backup.swift import READ_CHUNK, SwiftSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# What get_bytes reads at most by default: a manifest lists a few hundred bytes per segment,
+# about 1 MiB for 300 GB in 64 MiB segments.
+SMALL_OBJECT_LIMIT = 64 << 20
 
 # What a lost or broken connection looks like from below swiftclient (reading a body).
 _CONNECTION_ERRORS = (requests.exceptions.RequestException, urllib3.exceptions.HTTPError,
@@ -250,10 +254,28 @@ class SwiftStore:
                                          reason="the object changed while it was being read",
                                          transaction_id=again.get("x-trans-id", "none"))
 
-    def get_bytes(self, container: str, name: str) -> bytes:
-        """A small object, whole (a failed read is retried from the start)."""
-        return self._call("GET object", f"{container}/{name}",
-                          lambda: self._conn.get_object(container, name)[1])
+    def get_bytes(self, container: str, name: str, *, what: str = "manifest",
+                  limit: int = SMALL_OBJECT_LIMIT) -> bytes:
+        """A small object (a ``what``), whole, read as :meth:`get` reads; ObjectTooLarge
+        beyond ``limit`` bytes, before holding them: whoever can write to the container must
+        not be able to make a run hold gigabytes."""
+        target = f"{container}/{name}"
+        headers, body = self.get(container, name)
+        data = bytearray()
+        announced = int(headers.get("content-length") or 0)
+        try:
+            if announced > limit:
+                raise ObjectTooLarge(target=target, what=what, size=f"{announced:,} bytes",
+                                     limit=f"{limit:,}")
+            for chunk in body:
+                data += chunk
+                if len(data) > limit:
+                    raise ObjectTooLarge(target=target, what=what, size="more bytes",
+                                         limit=f"{limit:,}")
+        except ObjectTooLarge:
+            self._conn.close()  # the rest of the body stays unread
+            raise
+        return bytes(data)
 
     def put(self, container: str, name: str, body: bytes | IO[bytes], *,
             etag: str | None = None, content_type: str | None = None,
