@@ -354,3 +354,18 @@ def test_flow_runs_use_heartbeats_that_stop_with_the_run():
     off = _Engine(every=None)
     with heartbeats.send_heartbeats(off):
         assert not [t for t in threading.enumerate() if t.name == "flow-run-heartbeats"]
+
+
+def test_a_snapshot_that_decompresses_beyond_the_bound_is_refused_not_held():
+    """A planted zstd bomb in place of tar's snapshot: 1.5 KB that would expand to 50 MB."""
+    import subprocess
+
+    from undercloud_backup import chain
+    from undercloud_backup.errors import ObjectTooLarge
+
+    bomb = subprocess.run("head -c 50000000 /dev/zero | zstd -q -19", shell=True, check=True,
+                          capture_output=True).stdout
+    assert len(bomb) < 4096
+    with pytest.raises(ObjectTooLarge, match="larger than a tar snapshot ever is"):
+        chain.decompress(bomb, limit=1 << 20)
+    assert chain.decompress(bomb) == bytes(50000000)  # within the default bound: whole

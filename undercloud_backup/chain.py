@@ -316,15 +316,19 @@ def _parent_snapshot(store, container: str, parent: Manifest) -> bytes:
     return plain
 
 
-def decompress(data: bytes, timeout: float = 600) -> bytes:
-    """``zstd -dc`` of ``data`` (a snapshot: small), through execute's Pipeline."""
+def decompress(data: bytes, timeout: float = 600, limit: int = SNAPSHOT_LIMIT) -> bytes:
+    """``zstd -dc`` of ``data`` (a snapshot: small), through execute's Pipeline; no more than
+    ``limit`` bytes of it are held (a planted zstd bomb is refused, not decompressed whole)."""
     with tempfile.TemporaryFile() as source:
         source.write(data)
         source.seek(0)
         with Pipeline([Command(argv=("zstd", "-dc", "-q"), name="zstd -d")], stdin=source,
                       timeout=timeout) as pipe:
             assert pipe.stdout is not None
-            plain = pipe.stdout.read()
+            plain = pipe.stdout.read(limit + 1)
+            if len(plain) > limit:
+                raise ObjectTooLarge(target="(the decompressed snapshot)", what="tar snapshot",
+                                     size="more bytes", limit=f"{limit:,}")
             pipe.wait()
     return plain
 
