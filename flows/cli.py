@@ -71,7 +71,7 @@ def _heartbeats() -> Iterator[None]:
     Against a server, as often as deployment runs: the zombie automation marks a run CRASHED
     after three missed beats, and Prefect's default (180 s) would trip it on a healthy run.
     Against the ephemeral server, which dies with this process, none: nobody watches them and
-    ending the heartbeat thread costs up to a second per run (benchmarks/RESULTS.md).
+    a heartbeat thread would only cost its start and stop.
     """
     from prefect.settings import (
         PREFECT_API_URL,
