@@ -94,6 +94,26 @@ def test_tar_report_sorts_complaints_by_kind():
     assert report.other == ["tar: something odd happened"]
 
 
+def test_tar_report_keeps_a_bounded_list_and_counts_the_rest():
+    """A mount gone bad can make tar complain about millions of files: the manifest lists the
+    first ones and says how many more, and stays far below what readers take (64 MiB)."""
+    import json
+
+    from undercloud_backup.manifest import PathsSection
+
+    report = archive.TarReport()
+    for n in range(25_000):
+        report.add(f"tar: srv/node/d{n}: Cannot open: Permission denied")
+        report.add(f"tar: var/log/{'é' * 3000}{n}: file changed as we read it")
+    assert report.count("unreadable") == 25_000 and len(report.unreadable) == 10_000
+    assert report.listed("unreadable")[-1] == "... and 15000 more, not listed"
+    assert report.count("changed") == 25_000 and len(report.changed) < 1000  # by characters
+    section = PathsSection(root="/", included=["/etc"], absent=[], excluded=[],
+                           changed=report.listed("changed"), vanished=report.listed("vanished"),
+                           unreadable=report.listed("unreadable"), other=report.listed("other"))
+    assert len(json.dumps(section.to_dict(), indent=2).encode()) < 32 << 20
+
+
 def test_dump_command_is_consistent_and_keeps_the_password_off_argv():
     command = database.dump_command(("keystone", "nova"), options_fd=9, tool="mariadb-dump")
     argv = command.argv

@@ -152,30 +152,57 @@ _VANISHED = ("File removed before we read it", "file changed as we read it",
              "Read error", "Cannot savedir", "Cannot get xattr", "Cannot get ACL")
 
 
+# Entries (and characters) kept of each kind of complaint: the manifest must stay far below
+# what a reader takes (store.SMALL_OBJECT_LIMIT, 64 MiB: 4 kinds x 2 Mi characters, 6 bytes
+# each at worst once JSON-escaped) however many files a mount gone bad makes tar complain about.
+LISTED_AT_MOST = 10_000
+LISTED_CHARS_AT_MOST = 2 << 20
+
+
 @dataclass
 class TarReport:
-    """tar's per-file complaints, sorted into what changed under it and what it could not read."""
+    """tar's per-file complaints, sorted into what changed under it and what it could not read
+    (the first :data:`LISTED_AT_MOST` of each kind; the rest are counted)."""
 
     changed: list[str] = field(default_factory=list)
     vanished: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     other: list[str] = field(default_factory=list)
+    unlisted: dict[str, int] = field(default_factory=dict)
+    chars: dict[str, int] = field(default_factory=dict)
 
     def add(self, line: str) -> None:
         match = _TAR_PROBLEM.match(line)
         if not match:
             if line.startswith("tar: ") and "Exiting with failure status" not in line:
-                self.other.append(line)
+                self._keep("other", line)
             return
         path, what, why = match["path"], match["what"], match["why"] or ""
         if what.startswith("file changed") or what.startswith("File shrank"):
-            self.changed.append(path)
+            self._keep("changed", path)
         elif what == "File removed before we read it" or why == "No such file or directory":
-            self.vanished.append(path)
+            self._keep("vanished", path)
         elif any(what.startswith(v) for v in _VANISHED):
-            self.unreadable.append(f"{path} ({why or what})")
+            self._keep("unreadable", f"{path} ({why or what})")
         else:
-            self.other.append(line)
+            self._keep("other", line)
+
+    def _keep(self, kind: str, entry: str) -> None:
+        entries = getattr(self, kind)
+        chars = self.chars.get(kind, 0) + len(entry)
+        if len(entries) < LISTED_AT_MOST and chars <= LISTED_CHARS_AT_MOST:
+            entries.append(entry)
+            self.chars[kind] = chars
+        else:
+            self.unlisted[kind] = self.unlisted.get(kind, 0) + 1
+
+    def count(self, kind: str) -> int:
+        return len(getattr(self, kind)) + self.unlisted.get(kind, 0)
+
+    def listed(self, kind: str) -> list[str]:
+        """The entries kept, and a last one saying how many were not."""
+        more = self.unlisted.get(kind, 0)
+        return [*getattr(self, kind), *([f"... and {more} more, not listed"] if more else [])]
 
     def as_dict(self) -> dict:
         return {"changed": self.changed, "vanished": self.vanished,

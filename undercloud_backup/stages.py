@@ -355,7 +355,7 @@ def archive_paths(request: BackupRequest, plan: fs.PathPlan, swift_settings: Swi
         if results[0].status == 2 and report.other:
             raise ArchiveFailed(reason="tar: " + "; ".join(report.other[:5]))
         if report.unreadable and not request.allow_unreadable:
-            raise UnreadableFiles(count=len(report.unreadable),
+            raise UnreadableFiles(count=report.count("unreadable"),
                                   examples=", ".join(report.unreadable[:3]))
 
     logger.info("archiving %s under %s", ", ".join(plan.included), plan.root)
@@ -374,14 +374,15 @@ def archive_paths(request: BackupRequest, plan: fs.PathPlan, swift_settings: Swi
                                    "bytes)")
     snapshot_object, record = store_snapshot(request, swift_settings, plain)
     for kind in ("changed", "vanished", "unreadable"):
-        for path in getattr(report, kind):
+        for path in report.listed(kind):
             logger.warning("tar: %s while archiving: %s", kind, path)
     logger.info("filesystem archive (%s) stored as %s: %s compressed, sha256 %s",
                 level.kind if level.kind == chain.FULL else f"incremental level {level.level}",
                 stored.name, format_size(stored.size), stored.sha256)
     section = PathsSection(root=plan.root, included=list(plan.included),
                            absent=list(plan.absent), excluded=list(plan.excluded),
-                           changed=report.changed, vanished=report.vanished,
-                           unreadable=report.unreadable, other=report.other)
+                           changed=report.listed("changed"),
+                           vanished=report.listed("vanished"),
+                           unreadable=report.listed("unreadable"), other=report.listed("other"))
     return ArchiveResult(section=section, object=stored, level=level.as_dict(),
                          snapshot=snapshot_object, snapshot_record=record)
