@@ -348,3 +348,8 @@ def test_a_planted_oversized_manifest_or_signature_is_refused_before_it_is_held(
     assert refused.value.exit_code == 34 and "larger than a signature ever is" in str(
         refused.value)
     assert store.get_bytes(container, f"{backup_id}/manifest.json") == b"{}"  # still usable
+    # and a run never commits a manifest that readers would refuse
+    with pytest.raises(ObjectTooLarge):
+        catalogue.put_manifest_body(store, container, "vm-x", b" " * (SMALL_OBJECT_LIMIT + 1))
+    with pytest.raises(NotFound):
+        store.head(container, "vm-x/manifest.json")

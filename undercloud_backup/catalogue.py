@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 
 from undercloud_backup.errors import BackupNotFound, NotFound, ObjectTooLarge, UploadVerifyFailed
 from undercloud_backup.manifest import MANIFEST_NAME, Manifest, ManifestError
-from undercloud_backup.store import SwiftStore
+from undercloud_backup.store import SMALL_OBJECT_LIMIT, SwiftStore
 
 
 def manifest_name(backup_id: str) -> str:
@@ -98,6 +98,9 @@ def put_manifest(store: SwiftStore, container: str, manifest: Manifest) -> str:
 
 def put_manifest_body(store: SwiftStore, container: str, backup_id: str, body: bytes) -> str:
     name = manifest_name(backup_id)
+    if len(body) > SMALL_OBJECT_LIMIT:  # never commit one that get_manifest would refuse
+        raise ObjectTooLarge(target=f"{container}/{name}", what="manifest",
+                             size=f"{len(body):,} bytes", limit=f"{SMALL_OBJECT_LIMIT:,}")
     expected = hashlib.md5(body, usedforsecurity=False).hexdigest()
     etag = store.put(container, name, body, etag=expected, content_type="application/json",
                      operation="PUT manifest")
