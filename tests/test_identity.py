@@ -360,3 +360,54 @@ def test_an_object_altered_with_its_unsigned_manifest_is_refused_by_age_naming_i
     finally:
         store.put(container, dump.name, body)
         catalogue.put_manifest_body(store, container, backup_id, manifest_body)
+
+
+@pytest.mark.slow
+def test_a_verify_host_worker_runs_the_decrypted_weekly_verify(keys, encrypted, os_env,
+                                                               tmp_path):
+    """docs/restore.md "A verify host", on this session's server standing in for the verify
+    host's own: the `verify-host` pool, `prefect deploy --name weekly-verify-decrypted` from
+    prefect.yaml, a process worker with the Swift credentials, and a run with the identity's
+    and allowed signers' paths: it decrypts and test-restores, and no key is in the run."""
+    from conftest import PREFECT_API_URL
+    from deploy_helpers import Api, stop
+
+    api, prefect = Api(PREFECT_API_URL), str(Path(sys.executable).parent / "prefect")
+    env = dict(os.environ, **os_env, PREFECT_WORKER_QUERY_SECONDS="1")
+    created = subprocess.run([prefect, "--no-prompt", "work-pool", "create", "verify-host",
+                              "--type", "process"], env=env, capture_output=True, text=True)
+    assert created.returncode == 0, created.stdout + created.stderr
+    log = open(tmp_path / "worker.log", "wb")
+    worker = None
+    try:
+        deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--name",
+                                   "weekly-verify-decrypted"], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=300)
+        assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+        deployment = api("GET", "/deployments/name/verify_backup/weekly-verify-decrypted")
+        assert deployment["work_pool_name"] == "verify-host"
+        assert deployment["parameters"]["identity"] == "/etc/undercloud-backup/verify/identity"
+        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "verify-host"],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+        run = api("POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {
+            "container": encrypted["container"], "identity": keys["operator"],
+            "allowed_signers": keys["allowed"]}})
+        final = api.wait_final(run["id"], timeout=300)
+        assert final["state"]["type"] == "COMPLETED", (
+            final["state"], (tmp_path / "worker.log").read_text()[-3000:])
+        artifacts = api("POST", "/artifacts/filter", {
+            "artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
+        report = next(a for a in artifacts if a["key"] == "backup-verification")["data"]
+        assert encrypted["backup_id"] in report and "NOT decrypted" not in report
+        assert "decrypted with the identity of recipient sha256:" in report
+        assert_no_secret(keys, json.dumps(final), json.dumps(artifacts),
+                         (tmp_path / "worker.log").read_text())
+    finally:
+        if worker is not None:
+            stop(worker)
+        log.close()
+        for deployment in api("POST", "/deployments/filter", {
+                "work_pools": {"name": {"any_": ["verify-host"]}}}):
+            api("DELETE", f"/deployments/{deployment['id']}")
+        api("DELETE", "/work_pools/verify-host")
