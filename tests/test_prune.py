@@ -120,6 +120,19 @@ def test_each_host_keeps_its_own_backups():
                     backup_id(at("2026-10-07T02:00")): ["last", "newest"]}
 
 
+def test_two_backups_of_the_same_second_keep_the_one_written_last():
+    """created_at has whole seconds: the one whose manifest Swift wrote last is the newest,
+    whatever the ids' random tails say (else a run could prune itself away)."""
+    when = at("2026-10-26T20:00")
+    older = retention.StoredBackup("vm-20261026T200000Z-ffffff", complete=True,
+                                   created_at=when, last_modified=when)
+    newer = retention.StoredBackup("vm-20261026T200000Z-000000", complete=True,
+                                   created_at=when, last_modified=when.replace(microsecond=900))
+    policy = retention.RetentionPolicy(keep_last=1, keep_daily=0, keep_weekly=0)
+    for backups in ([older, newer], [newer, older]):
+        assert retention.select(backups, policy) == {newer.backup_id: ["last", "newest"]}
+
+
 @pytest.mark.slow
 def test_prune_keeps_exactly_the_policy_set_and_removes_stale_incomplete_ones(conn, container):
     ids = {t: put_backup(conn, container, at(t)) for t in TIMES}

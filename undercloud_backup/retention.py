@@ -184,7 +184,11 @@ def keep_parents(backups: Iterable[StoredBackup],
 
 def _select_one_host(backups: list[StoredBackup],
                      policy: RetentionPolicy) -> dict[str, list[str]]:
-    ordered = sorted(backups, key=lambda b: (b.created_at, b.backup_id), reverse=True)
+    # created_at has whole seconds: two backups of one second (quick runs one after the other)
+    # are told apart by when Swift last wrote to them (their manifests), never by the id's
+    # random tail, or the run just made could be pruned as the older one.
+    ordered = sorted(backups, key=lambda b: (b.created_at, b.last_modified or b.created_at,
+                                             b.backup_id), reverse=True)
     kept: dict[str, list[str]] = {}
     rules = (("last", policy.keep_last, lambda b: b.backup_id),
              ("daily", policy.keep_daily, lambda b: _day(b.created_at)),
