@@ -345,8 +345,13 @@ class _Engine:
         self.beats.append((resource, related))
 
 
-def test_flow_runs_use_heartbeats_that_stop_with_the_run():
+def _beating() -> list:
     import threading
+
+    return [t for t in threading.enumerate() if t.name == "flow-run-heartbeats"]
+
+
+def test_flow_runs_use_heartbeats_that_stop_with_the_run():
     import types
 
     from prefect import flow_engine
@@ -362,18 +367,17 @@ def test_flow_runs_use_heartbeats_that_stop_with_the_run():
         while not engine.beats and time.monotonic() < deadline:
             time.sleep(0.05)
         assert engine.beats == [("resource", ["related"])]  # one at once, the next in 30 s
-    assert not [t for t in threading.enumerate() if t.name == "flow-run-heartbeats"]
+    assert not _beating()
     finished = _Engine(every=30)
     finished.flow_run.state = types.SimpleNamespace(is_final=lambda: True)
     with heartbeats.send_heartbeats(finished):
         deadline = time.monotonic() + 10  # the thread sees the final state and ends by itself
-        while time.monotonic() < deadline and [
-                t for t in threading.enumerate() if t.name == "flow-run-heartbeats"]:
+        while time.monotonic() < deadline and _beating():
             time.sleep(0.05)
         assert finished.beats == []  # none once the run is over
     off = _Engine(every=None)
     with heartbeats.send_heartbeats(off):
-        assert not [t for t in threading.enumerate() if t.name == "flow-run-heartbeats"]
+        assert not _beating()
 
 
 def test_a_snapshot_that_decompresses_beyond_the_bound_is_refused_not_held():

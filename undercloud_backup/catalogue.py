@@ -99,8 +99,8 @@ def put_manifest(store: SwiftStore, container: str, manifest: Manifest) -> str:
 def put_manifest_body(store: SwiftStore, container: str, backup_id: str, body: bytes) -> str:
     name = manifest_name(backup_id)
     if len(body) > SMALL_OBJECT_LIMIT:  # never commit one that get_manifest would refuse
-        raise ObjectTooLarge(target=f"{container}/{name}", what="manifest",
-                             size=f"{len(body):,} bytes", limit=f"{SMALL_OBJECT_LIMIT:,}")
+        raise ObjectTooLarge.beyond(f"{container}/{name}", "manifest", SMALL_OBJECT_LIMIT,
+                                    len(body))
     expected = hashlib.md5(body, usedforsecurity=False).hexdigest()
     etag = store.put(container, name, body, etag=expected, content_type="application/json",
                      operation="PUT manifest")

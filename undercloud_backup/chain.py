@@ -327,8 +327,8 @@ def decompress(data: bytes, timeout: float = 600, limit: int = SNAPSHOT_LIMIT) -
             assert pipe.stdout is not None
             plain = pipe.stdout.read(limit + 1)
             if len(plain) > limit:
-                raise ObjectTooLarge(target="(the decompressed snapshot)", what="tar snapshot",
-                                     size="more bytes", limit=f"{limit:,}")
+                raise ObjectTooLarge.beyond("(the decompressed snapshot)", "tar snapshot",
+                                            limit)
             pipe.wait()
     return plain
 

@@ -166,6 +166,13 @@ class ObjectTooLarge(BackupError):
 
     exit_code = 34
 
+    @classmethod
+    def beyond(cls, target: str, what: str, limit: int, size: int | None = None
+               ) -> ObjectTooLarge:
+        """``size`` bytes (None: more than ``limit``, read so far) of a ``what``."""
+        return cls(target=target, what=what, limit=f"{limit:,}",
+                   size="more bytes" if size is None else f"{size:,} bytes")
+
 
 class BackupNotFound(BackupError):
     """No complete backup {backup_id} in container {container}."""

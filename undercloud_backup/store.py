@@ -265,13 +265,11 @@ class SwiftStore:
         announced = int(headers.get("content-length") or 0)
         try:
             if announced > limit:
-                raise ObjectTooLarge(target=target, what=what, size=f"{announced:,} bytes",
-                                     limit=f"{limit:,}")
+                raise ObjectTooLarge.beyond(target, what, limit, announced)
             for chunk in body:
                 data += chunk
                 if len(data) > limit:
-                    raise ObjectTooLarge(target=target, what=what, size="more bytes",
-                                         limit=f"{limit:,}")
+                    raise ObjectTooLarge.beyond(target, what, limit)
         except ObjectTooLarge:
             self._conn.close()  # the rest of the body stays unread
             raise
