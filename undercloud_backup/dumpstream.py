@@ -1,8 +1,9 @@
 """What a mariadb-dump stream goes through between ``zstd -d`` and a ``mariadb`` client.
 
 Whoever can write the Swift container can plant a "dump"; the client runs ``\\!`` and ``system``
-lines as the user restoring it (root, in the documented restore). So a dump is only ever
-loaded by a client started with ``--sandbox`` (:func:`sandboxed`), and only if it begins the
+lines as the user restoring it (root, in the documented restore), and sends the server any
+file it can read when a ``LOAD DATA LOCAL INFILE`` asks. So a dump is only ever loaded by a
+client started with ``--sandbox --local-infile=0`` (:func:`sandboxed`), and only if it begins the
 way mariadb-dump's output begins (:class:`DumpGate`). The gate is belt and braces: the sandbox
 is what stops a shell line; the gate turns a planted object into one clear refusal before a
 single statement reaches the server.
@@ -30,7 +31,8 @@ class LineFilter(Protocol):
     def finish(self) -> bytes: ...
 
 
-SANDBOX = "--sandbox"
+SANDBOX = "--sandbox"  # no \\!, system, source, tee or pager: nothing on the host runs or is read
+NO_LOCAL_FILES = "--local-infile=0"  # LOAD DATA LOCAL INFILE would send the host's files
 
 # mariadb-dump's first line: since 10.5.25/10.6.18/10.11.8/11.x the sandbox marker, before that
 # the "-- MariaDB dump" banner (MySQL's client writes "-- MySQL dump").
@@ -39,9 +41,10 @@ _BANNERS = (b"-- MariaDB dump ", b"-- MySQL dump ")
 
 
 def sandboxed(argv: Sequence[str]) -> tuple[str, ...]:
-    """A client argv with ``--sandbox`` (last: ``--no-defaults`` and ``--defaults-extra-file``
-    must stay first)."""
-    return (*argv, SANDBOX)
+    """A client argv that reaches nothing on the host but the server: ``--sandbox`` and
+    ``--local-infile=0``, last (``--no-defaults`` and ``--defaults-extra-file`` must stay
+    first, and the command line overrides any option file)."""
+    return (*argv, NO_LOCAL_FILES, SANDBOX)
 
 
 def dump_start_ok(head: bytes) -> bool:
