@@ -286,9 +286,9 @@ def _by_hand_text(container: str, backup_id: str, manifest: dict) -> str:
         return (f"Restore without this tool (see README): `swift download {container} --prefix "
                 f"{backup_id}/`, then `zstd -dc filesystem.tar.zst | tar -x --xattrs "
                 "--xattrs-include='*' --acls --numeric-owner -C /target` and "
-                "`zstd -dc mariadb-all-databases.sql.zst | mariadb --sandbox`, then the same "
-                "for `mariadb-users-grants.sql.zst` (docs/restore.md; encrypted objects go "
-                "through `age -d -i IDENTITY` first).")
+                "`zstd -dc mariadb-all-databases.sql.zst | mariadb --sandbox --local-infile=0`, "
+                "then the same for `mariadb-users-grants.sql.zst` (docs/restore.md; encrypted "
+                "objects go through `age -d -i IDENTITY` first).")
     levels = [*manifest["chain"], backup_id]
     steps = "\n".join(
         f"{n}. `swift download {container} --prefix {level}/`, then `zstd -dc "
@@ -299,7 +299,8 @@ def _by_hand_text(container: str, backup_id: str, manifest: dict) -> str:
             "the full and every level, in this order, into the same empty target (tar applies "
             f"each level's deletions):\n\n{steps}\n\nthen the database from this backup "
             f"alone (a full dump every time): `zstd -dc {backup_id}/mariadb-all-databases.sql.zst"
-            " | mariadb --sandbox`, then the same for mariadb-users-grants.sql.zst.")
+            " | mariadb --sandbox --local-infile=0`, then the same for "
+            "mariadb-users-grants.sql.zst.")
 
 
 def _encryption_text(section: dict | None) -> str:
