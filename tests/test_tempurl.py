@@ -40,8 +40,9 @@ def account_keys(store):
 
 
 def _backup(store, container: str) -> tuple[Manifest, dict[str, bytes]]:
-    """A backup-shaped container, written object by object (not by the uploader): a 3-segment
-    SLO and a plain object, and its manifest."""
+    """An encrypted backup's shape, written object by object (not by the uploader): a
+    3-segment SLO and a plain object (random bytes: age's output looks no different), and its
+    manifest."""
     backup_id = "undercloud-20261130T220000Z-t3mp"
     segments_container = f"{container}_segments"
     store.ensure_container(container)
@@ -49,25 +50,28 @@ def _backup(store, container: str) -> tuple[Manifest, dict[str, bytes]]:
     parts = [os.urandom(300_000), os.urandom(300_000), os.urandom(123_457)]
     segments = []
     for index, data in enumerate(parts):
-        name = f"{backup_id}/filesystem.tar.zst/{index:08d}"
+        name = f"{backup_id}/filesystem.tar.zst.age/{index:08d}"
         etag = store.put(segments_container, name, data)
         segments.append(Segment(name=name, size=len(data), etag=etag,
                                 sha256=hashlib.sha256(data).hexdigest()))
-    slo = f"{backup_id}/filesystem.tar.zst"
+    slo = f"{backup_id}/filesystem.tar.zst.age"
     store.put(container, slo, swift_json([s.slo_entry(segments_container) for s in segments]),
               query={"multipart-manifest": "put"})
     whole = b"".join(parts)
     plain = os.urandom(50_001)
-    store.put(container, f"{backup_id}/mariadb-all-databases.sql.zst", plain)
+    db_name = f"{backup_id}/mariadb-all-databases.sql.zst.age"
+    store.put(container, db_name, plain)
     objects = [StoredObject(name=slo, size=len(whole), sha256=hashlib.sha256(whole).hexdigest(),
                             compression="zstd", content="tar", segments=segments,
                             segment_container=segments_container),
-               StoredObject(name=f"{backup_id}/mariadb-all-databases.sql.zst", size=len(plain),
+               StoredObject(name=db_name, size=len(plain),
                             sha256=hashlib.sha256(plain).hexdigest(), compression="zstd",
                             content="sql")]
-    manifest = Manifest(backup_id=backup_id, created_at="2026-11-30T22:00:00Z", objects=objects)
+    manifest = Manifest(backup_id=backup_id, created_at="2026-11-30T22:00:00Z", objects=objects,
+                        encryption={"format": "age", "recipients": ["sha256:" + "0" * 64]})
     store.put(container, f"{backup_id}/manifest.json", manifest.to_json())
-    return manifest, {"filesystem.tar.zst": whole, "mariadb-all-databases.sql.zst": plain,
+    return manifest, {"filesystem.tar.zst.age": whole,
+                      "mariadb-all-databases.sql.zst.age": plain,
                       "manifest.json": manifest.to_json()}
 
 
@@ -91,7 +95,7 @@ def test_links_download_whole_objects_with_curl(store, container, account_keys,
     manifest, contents = _backup(store, container)
     links = tempurl.download_links(store, container, manifest)
     assert [link.leaf for link in links] == [
-        "filesystem.tar.zst", "mariadb-all-databases.sql.zst", "manifest.json"]
+        "filesystem.tar.zst.age", "mariadb-all-databases.sql.zst.age", "manifest.json"]
     key = tempurl.plan_key(store.account(), "unused").key
     for link in links:
         assert link.expires - time.time() == pytest.approx(24 * 3600, abs=60)
@@ -103,8 +107,8 @@ def test_links_download_whole_objects_with_curl(store, container, account_keys,
             assert hashlib.sha256(target.read_bytes()).hexdigest() == link.sha256
     # the SLO came back joined, through plain urllib too, and not as its JSON manifest
     with urllib.request.urlopen(links[0].url, timeout=30) as response:
-        assert response.read() == contents["filesystem.tar.zst"]
-        assert "filesystem.tar.zst" in response.headers["Content-Disposition"]
+        assert response.read() == contents["filesystem.tar.zst.age"]
+        assert "filesystem.tar.zst.age" in response.headers["Content-Disposition"]
     markdown = tempurl.links_markdown(links)
     assert key not in markdown and links[0].url in markdown
     # the same path without a signature is refused
@@ -130,11 +134,41 @@ def test_someone_elses_key_is_never_overwritten(store, container, account_keys):
     ours = headers[tempurl.KEY_HEADERS[1]]
     assert len(ours) >= 40 and headers[tempurl.SLOT_HEADER] == "2"
     with urllib.request.urlopen(links[1].url, timeout=30) as response:
-        assert response.read() == contents["mariadb-all-databases.sql.zst"]
+        assert response.read() == contents["mariadb-all-databases.sql.zst.age"]
     # a second run signs with the same key of ours: earlier links stay valid
     again = tempurl.download_links(store, container, manifest)
     assert store.account()[tempurl.KEY_HEADERS[1]] == ours
     assert _status(links[0].url) == 200 and _status(again[0].url) == 200
+
+
+class _Untouched:
+    """An account no call may reach: a plain-text backup gets no link before any request."""
+
+    url = "http://127.0.0.1:8080/v1/AUTH_x"
+
+    def account(self):
+        raise AssertionError("Swift was asked for a key")
+
+    def post_account(self, headers):
+        raise AssertionError("Swift was asked to set a key")
+
+
+def test_a_plain_text_backup_gets_no_link_and_says_how_to_download_with_credentials():
+    """A link needs no credentials: for a backup in plain text it would hand the undercloud's
+    secrets to whoever sees the artifact. None is signed; the artifact's section names the
+    credentialed ways instead."""
+    plain = Manifest(backup_id="undercloud-20261130T220000Z-p1a1n", created_at="2026-11-30",
+                     objects=[], encryption={"format": "none", "recipients": [],
+                                             "reason": "opted out: drill", "opted_out": True})
+    for manifest in (plain, Manifest(backup_id=plain.backup_id, created_at="2026-11-30",
+                                     objects=[])):  # and one of before encryption was recorded
+        with pytest.raises(tempurl.PlainTextNoLinks) as caught:
+            tempurl.download_links(_Untouched(), "c", manifest)
+        assert plain.backup_id in str(caught.value) and "\n" not in str(caught.value)
+    markdown = tempurl.plain_text_markdown("backups", plain.backup_id)
+    assert "temp_url" not in markdown and "](" not in markdown
+    assert f"swift download backups --prefix {plain.backup_id}/" in markdown
+    assert f"python -m flows.restore --container backups --backup-id {plain.backup_id}" in markdown
 
 
 def test_plan_key_slots():
@@ -197,9 +231,14 @@ def test_a_real_runs_artifact_links_download_its_objects(os_env, db_cnf, store, 
 
     from undercloud_backup import catalogue
 
+    identity, recipients = tmp_path / "identity", tmp_path / "recipients"
+    subprocess.run(["age-keygen", "-o", str(identity)], check=True, capture_output=True)
+    recipients.write_text(subprocess.run(["age-keygen", "-y", str(identity)], check=True,
+                                         capture_output=True, text=True).stdout)
     started = time.time()
     result = backup_cli("--db-only", "--container", container, "--db-defaults-file", db_cnf,
-                        "--no-prune", "--link-lifetime-hours", "0.05", "--json")
+                        "--no-prune", "--link-lifetime-hours", "0.05", "--json",
+                        "--recipients-file", str(recipients))
     assert result.returncode == 0, result.stderr
     backup_id = json.loads(result.stdout)["backup_id"]
     with urllib.request.urlopen(f"{PREFECT_API_URL}/artifacts/undercloud-backup/latest",
@@ -210,6 +249,7 @@ def test_a_real_runs_artifact_links_download_its_objects(os_env, db_cnf, store, 
     links = dict(re.findall(r"\[([\w.-]+)\]\((https?://[^)\s]+)\)", markdown))
     manifest = catalogue.get_manifest(store, container, backup_id)
     assert set(links) == {o.leaf for o in manifest.objects} | {"manifest.json"}
+    assert all(o.leaf.endswith(".age") for o in manifest.objects)
     for key in store.account().get(tempurl.KEY_HEADERS[0]), store.account().get(
             tempurl.KEY_HEADERS[1]):
         assert not key or key not in markdown  # only signed URLs, never the key

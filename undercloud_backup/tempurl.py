@@ -12,6 +12,10 @@ The key: the tool signs with the account key it set itself (recorded, by slot on
 never overwritten: with both slots taken, their first key signs the links. Setting a key needs
 the account owner's role (``member``/``admin`` under keystoneauth). The key is never logged,
 returned or put in an artifact: only the signed links leave this module.
+
+Links are made for encrypted backups only: a link downloads without credentials, so for a
+backup stored in plain text it would hand the undercloud's secrets to whoever sees the
+artifact. Such a backup's artifact says how to download it with the Swift credentials instead.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Protocol
 
 from swiftclient.utils import generate_temp_url
 
+from . import crypto
 from .errors import ConfigError, SwiftRequestFailed
 from .manifest import Manifest
 
@@ -40,6 +45,10 @@ SLOT_HEADER = "x-account-meta-undercloud-backup-temp-url-slot"
 
 class TempURLUnavailable(ConfigError):
     """Swift cannot give download links: {detail}"""
+
+
+class PlainTextNoLinks(TempURLUnavailable):
+    """Swift cannot give download links: backup {backup_id} is stored in plain text, and a link would hand it to anyone who holds the link; download it with the Swift credentials."""  # noqa: E501
 
 
 class Account(Protocol):
@@ -157,7 +166,10 @@ def check_lifetime(seconds: int) -> int:
 def download_links(account: Account, container: str, manifest: Manifest,
                    lifetime: int = DEFAULT_LIFETIME, now: float | None = None,
                    ) -> list[DownloadLink]:
-    """One signed link per object of ``manifest`` (the manifest itself last)."""
+    """One signed link per object of ``manifest`` (the manifest itself last); an encrypted
+    backup's only (PlainTextNoLinks otherwise)."""
+    if not crypto.is_encrypted(manifest):
+        raise PlainTextNoLinks(backup_id=manifest.backup_id)
     check_lifetime(lifetime)
     storage_url = account.url
     digest = choose_digest(swift_capabilities(storage_url))
@@ -190,3 +202,17 @@ def links_markdown(links: list[DownloadLink]) -> str:
     lines += ["", "Each link downloads the whole object (Swift joins the segments): "
               "`curl -fo FILE 'LINK'`, then compare `sha256sum FILE`."]
     return "\n".join(lines)
+
+
+def plain_text_markdown(container: str, backup_id: str) -> str:
+    """The artifact's section for a backup stored in plain text: no links, the ways to
+    download it with the Swift credentials (``OS_*``, as in worker.env) instead."""
+    return "\n".join([
+        "### Download (no links: stored in plain text)", "",
+        "Download links are made for encrypted backups only: a link needs no credentials, and "
+        "this backup holds the undercloud's secrets in plain text. With the Swift credentials "
+        "(`OS_*`, as in `worker.env`):", "",
+        f"- `swift download {container} --prefix {backup_id}/`, then compare each object's "
+        "`sha256sum` with `manifest.json` (or run `sha256sum -c SHA256SUMS` when signed);",
+        f"- or restore it: `python -m flows.restore --container {container} --backup-id "
+        f"{backup_id} --target DIR` (docs/restore.md)."])
