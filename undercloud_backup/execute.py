@@ -4,14 +4,16 @@ Commands arrive as data (:class:`Command`, built by pure functions elsewhere). A
 joins them stdout-to-stdin like a shell pipe with ``pipefail``: every stage's exit status is
 checked, the whole tree lives in one process group that is killed on timeout, error or
 cancellation, stderr is collected per stage and secrets are redacted from everything that leaves.
-Every child also dies with this process (``PR_SET_PDEATHSIG``), and :func:`kill_all` stops every
-live pipeline at once (an interrupted run).
+Every child also dies with this process (``PR_SET_PDEATHSIG``, set by ``setpriv`` in the child:
+Python's ``preexec_fn`` can deadlock a child forked while other threads run), and
+:func:`kill_all` stops every live pipeline at once (an interrupted run).
 """
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -25,19 +27,23 @@ from undercloud_backup.errors import CommandFailed, CommandTimedOut, SudoRefused
 
 KILL_GRACE_SECONDS = 5.0
 MAX_STDERR_LINES = 10_000
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
 # Every pipeline between __enter__ and its reaping; kill_all() stops them on an interruption.
 _LIVE: set[Pipeline] = set()
 _LIVE_LOCK = threading.Lock()
 _TRACKERS = threading.local()
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the thread that started us ends, whatever killed
-    it. The kernel drops this on a set-uid exec (sudo): such a child ends by SIGPIPE once the
-    stage reading its output (zstd, or us) is gone."""
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+@functools.cache
+def _die_with_parent() -> tuple[str, ...]:
+    """The argv prefix that makes a child get SIGKILL when the thread that started it ends,
+    whatever killed it: util-linux's ``setpriv --pdeathsig`` sets it and execs the command
+    (empty where setpriv is too old to). The kernel drops it on a set-uid exec (sudo): such a
+    child ends by SIGPIPE once the stage reading its output (zstd, or us) is gone."""
+    setpriv = shutil.which("setpriv") or shutil.which("setpriv", path="/usr/bin:/bin")
+    if setpriv is None:
+        return ()
+    probe = subprocess.run([setpriv, "--help"], capture_output=True, text=True, check=False)
+    return (setpriv, "--pdeathsig", "KILL", "--") if "--pdeathsig" in probe.stdout else ()
 
 
 def kill_all() -> int:
@@ -190,7 +196,7 @@ class Pipeline:
             stdin = self.stdin if index == 0 else previous_stdout
             stdout = self.stdout_target if index == last else subprocess.PIPE
             process = subprocess.Popen(
-                command.argv,
+                (*_die_with_parent(), *command.argv),
                 stdin=stdin,
                 stdout=stdout,
                 stderr=subprocess.PIPE,
@@ -200,7 +206,6 @@ class Pipeline:
                 process_group=0 if self.pgid is None else self.pgid,
                 env=self.env,
                 close_fds=True,
-                preexec_fn=_die_with_parent,
             )
             if self.pgid is None:
                 self.pgid = process.pid
