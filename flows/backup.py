@@ -99,7 +99,8 @@ def _request(what: WhatToBackUp, swift: SwiftParams,
     backup_id, created_at = _backup_identity()
     # Once install configured recipients, plain text needs --no-encryption REASON (58 / 2 here)
     encryption = crypto.require_encryption(advanced.recipients_file, advanced.no_encryption,
-                                           crypto.installed_recipients())
+                                           crypto.installed_recipients(),
+                                           crypto.installed_opt_out())
     return backup.BackupRequest(
         backup_id=backup_id, created_at=created_at, hostname=socket.gethostname(),
         root=what.root, add_paths=tuple(what.add_paths),
@@ -141,7 +142,7 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
     started = time.monotonic()
     request = _request(what, swift, advanced)
     backup_id = request.backup_id
-    _check_keys(request)  # a bad recipients file or signing key fails before anything
+    warnings = _check_keys(request)  # a bad recipients file or signing key fails before anything
     db_source = database.source()
     swift_source = _swift_source(swift)
     settings = swift_source.settings()  # a bad container name fails here, before anything
@@ -158,7 +159,7 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
     summary = {"backup_id": backup_id, "container": settings.container,
                "manifest": None, "objects": [], "dry_run": dry_run,
                "paths": list(plan.included), "absent": list(plan.absent),
-               "kind": "full", "parent": None}
+               "kind": "full", "parent": None, "warnings": warnings}
     if dry_run:
         return _dry_run(summary, request, plan, space, settings, logger)
 
@@ -189,15 +190,20 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
     summary["signing_key"] = request.signing_key
     _summary_artifact(summary, manifest.to_dict(), time.monotonic() - started,
                       _download_links(swift_source, manifest, swift.link_lifetime_hours))
+    for warning in warnings:  # said again last, after the run's other lines
+        logger.warning("%s", warning)
     return summary
 
 
 def _download_links(swift_source: SwiftSource, manifest, hours: float = 24) -> str:
-    """The artifact's TempURLs, valid ``hours``; a failure costs the links, never the backup."""
+    """The artifact's TempURLs, valid ``hours``, for an encrypted backup; for one in plain text
+    how to download it with credentials. A failure costs the links, never the backup."""
     from undercloud_backup import tempurl
     from undercloud_backup.store import SwiftStore
 
     settings = swift_source.settings()
+    if not crypto.is_encrypted(manifest):
+        return tempurl.plain_text_markdown(settings.container, manifest.backup_id)
     try:
         store = SwiftStore.connect(settings)
         try:
@@ -211,16 +217,23 @@ def _download_links(swift_source: SwiftSource, manifest, hours: float = 24) -> s
         return ""
 
 
-def _check_keys(request: backup.BackupRequest) -> None:
-    """Parse the recipients file (exit 50) and sign a probe with the key (exit 57) now."""
+def _check_keys(request: backup.BackupRequest) -> list[str]:
+    """Parse the recipients file (exit 50) and sign a probe with the key (exit 57) now; the
+    warnings the artifact and the CLI repeat: a break-glass identity still on the node."""
+    logger = get_run_logger()
     if request.recipients_file is not None:
         crypto.load_recipients(request.recipients_file)
     else:
-        get_run_logger().warning("this backup is stored in plain text: %s", request.plain_reason)
+        logger.warning("this backup is stored in plain text: %s", request.plain_reason)
     if request.signing_key is not None:
         signing.sign_manifest(b"probe", request.signing_key)
     elif (why := signing.unsigned_warning()) is not None:
-        get_run_logger().warning("%s", why)
+        logger.warning("%s", why)
+    # Never fails the backup: the night's backup matters more than the reminder.
+    warnings = [why] if (why := crypto.break_glass_warning()) else []
+    for warning in warnings:
+        logger.warning("%s", warning)
+    return warnings
 
 
 def _prune(swift_source: SwiftSource, policy: RetentionPolicy, backup_id: str,
@@ -244,10 +257,11 @@ def _summary_artifact(summary: dict, manifest: dict, seconds: float,
     paths = manifest["paths"] or {}
     mariadb = manifest["mariadb"] or {}
     partial = f"\n- **{summary['partial_database']}**" if summary.get("partial_database") else ""
+    warnings = "".join(f"\n**WARNING: {w}**\n" for w in summary.get("warnings") or [])
     markdown = f"""# Undercloud backup `{summary['backup_id']}`
 
 Complete: manifest `{container}/{summary['manifest']}` written in {seconds:.0f} s.
-
+{warnings}
 | object | size | segments | sha256 |
 |---|---|---|---|
 {rows}
@@ -378,17 +392,21 @@ def main(argv: list[str] | None = None) -> int:
                              ("backup_id", "container", "manifest", "objects", "dry_run",
                               "kind", "parent")},
                           "pruned": summary.get("pruned"),
-                          "partial_database": summary.get("partial_database")}))
+                          "partial_database": summary.get("partial_database"),
+                          "warnings": summary.get("warnings") or []}))
     elif summary["manifest"]:
         kind = summary["kind"] if not summary["parent"] else \
             f"incremental on {summary['parent']}"
         print(f"backup {summary['backup_id']} ({kind}) complete: "
               f"{summary['container']}/{summary['manifest']}")
-        if summary.get("partial_database"):  # loudly, last, with the logs (issue 15.2)
+        if summary.get("partial_database"):  # loudly, last, with the logs
             sys.stdout.flush()
             print(f"WARNING: {summary['partial_database']}", file=sys.stderr)
     else:
         print(f"dry run: backup {summary['backup_id']} would go to {summary['container']}")
+    sys.stdout.flush()
+    for warning in summary.get("warnings") or []:  # last, whatever the output's form
+        print(f"WARNING: {warning}", file=sys.stderr)
     return 0
 
 

@@ -240,3 +240,85 @@ def test_once_recipients_are_installed_every_backup_is_encrypted_unless_opted_ou
                                    "reason": "opted out: restore drill on a test node"}
     assert not any(o.name.endswith(".age") for o in manifest.objects)
     assert "stored in plain text: opted out: restore drill" in plain.stderr
+
+
+def latest_artifact() -> str:
+    """The `undercloud-backup` artifact of the last run, as the UI reads it."""
+    import urllib.request
+
+    from conftest import PREFECT_API_URL
+
+    with urllib.request.urlopen(f"{PREFECT_API_URL}/artifacts/undercloud-backup/latest",
+                                timeout=30) as response:
+        return json.loads(response.read())["data"]
+
+
+@pytest.fixture
+def left_break_glass(installed_recipients, keys):
+    """The break-glass identity where install.sh leaves it (root's, 0600), removed afterwards."""
+    path = Path(crypto.INSTALLED_BREAK_GLASS)
+    assert not os.path.lexists(path), f"{path} exists already: this machine has an installation"
+    path.write_bytes(Path(keys["breakglass"]).read_bytes())
+    path.chmod(0o600)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_a_break_glass_identity_left_on_the_node_warns_every_backup_until_it_is_gone(
+        left_break_glass, sample_databases, container, db_cnf, keys):
+    """The backup still runs and is encrypted; the run's log (WARNING), its artifact and the
+    CLI's last lines say the identity must leave the node, naming the path, never the key;
+    once it is gone, nothing says so."""
+    def backup() -> subprocess.CompletedProcess:
+        return backup_cli("--db-only", "--container", container, "--db-defaults-file", db_cnf,
+                          "--no-prune", "--json")
+
+    warning = f"the break-glass identity {left_break_glass} is still on this node"
+    done = backup()
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert [w for w in result["warnings"] if warning in w] == result["warnings"] != []
+    assert get_manifest(container, result["backup_id"]).encryption["format"] == "age"
+    assert f"WARNING: {warning}" in done.stderr.strip().splitlines()[-1]
+    assert re.search(rf"WARNING .*{re.escape(warning)}", done.stderr)  # the run's log
+    artifact = latest_artifact()
+    assert result["backup_id"] in artifact and f"**WARNING: {warning}" in artifact
+    secret = Path(keys["breakglass"]).read_text().strip().splitlines()[-1]
+    assert secret.startswith("AGE-SECRET-KEY-")
+    assert secret not in done.stdout + done.stderr + artifact
+
+    left_break_glass.unlink()  # moved off the node
+    done = backup()
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["warnings"] == []
+    assert "break-glass" not in done.stderr and "break-glass" not in latest_artifact()
+
+
+def test_an_install_that_chose_plain_text_records_its_reason_and_gives_no_links(
+        sample_databases, container, db_cnf):
+    """install.sh with UCB_NO_ENCRYPTION=REASON writes the reason (no recipients): every
+    backup is plain text, its manifest and artifact record the reason, and the artifact gives
+    no download link, only how to download with the Swift credentials."""
+    marker = Path(crypto.INSTALLED_NO_ENCRYPTION)
+    assert not os.path.lexists(crypto.INSTALLED_RECIPIENTS) and not os.path.lexists(marker)
+    made_dir = not marker.parent.exists()
+    marker.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    marker.write_text("lab node, no secrets\n")
+    try:
+        done = backup_cli("--db-only", "--container", container, "--db-defaults-file", db_cnf,
+                          "--no-prune", "--json")
+    finally:
+        marker.unlink()
+        if made_dir:
+            marker.parent.rmdir()
+    assert done.returncode == 0, done.stderr
+    backup_id = json.loads(done.stdout)["backup_id"]
+    manifest = get_manifest(container, backup_id)
+    assert manifest.encryption == {"format": "none", "recipients": [], "opted_out": True,
+                                   "reason": "opted out at install: lab node, no secrets"}
+    artifact = latest_artifact()
+    assert "NONE: stored in plain text** (opted out at install: lab node" in artifact
+    assert "temp_url_sig" not in artifact and "no links: stored in plain text" in artifact
+    assert f"swift download {container} --prefix {backup_id}/" in artifact

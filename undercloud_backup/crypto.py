@@ -34,6 +34,11 @@ DECRYPT_STAGE = "age -d"
 # Installed once by install.sh (root-owned, public keys only): when it exists, every backup is
 # encrypted to it unless the run names other recipients or opts out with a reason.
 INSTALLED_RECIPIENTS = "/etc/undercloud-backup/recipients"
+# Made by install.sh when it was given no recipients: the break-glass identity, shown once and
+# left here (root's, 0600) until the operator moves it off the node; every backup warns until
+# it is gone. The reason install recorded for plain text (UCB_NO_ENCRYPTION), if it did.
+INSTALLED_BREAK_GLASS = "/etc/undercloud-backup/break-glass.agekey"
+INSTALLED_NO_ENCRYPTION = "/etc/undercloud-backup/no-encryption"
 
 # age's native X25519 recipients are Bech32 with the "age" prefix; plugin recipients are
 # "age1<plugin>1..."; both are lower-case Bech32 characters after "age1".
@@ -340,14 +345,36 @@ def installed_recipients(path: str = INSTALLED_RECIPIENTS) -> str | None:
     return path if os.path.lexists(path) else None
 
 
+def installed_opt_out(path: str = INSTALLED_NO_ENCRYPTION) -> str | None:
+    """The reason install recorded for storing backups in plain text, if it did."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            reason = " ".join(file.read(MAX_REASON + 1).split())[:MAX_REASON]
+    except OSError:
+        return None
+    return reason or "no reason recorded"
+
+
+def break_glass_warning(path: str = INSTALLED_BREAK_GLASS) -> str | None:
+    """Why a node that still holds the break-glass identity install made is a risk, if it does
+    (the path only: the worker cannot read the file, and nothing here ever reads it)."""
+    if not os.path.lexists(path):
+        return None
+    return (f"the break-glass identity {path} is still on this node: whoever becomes root here "
+            "can decrypt every backup with it; copy it to the safe, then remove it from the node "
+            f"(shred -u {path})")
+
+
 def require_encryption(recipients_file: str | None, opt_out: str | None,
-                       installed_default: str | None) -> EncryptionChoice:
+                       installed_default: str | None,
+                       installed_reason: str | None = None) -> EncryptionChoice:
     """Decide a backup's encryption before anything runs (pure; the files are parsed later).
 
     ``recipients_file`` (the run's --recipients-file) wins; else the installed default, so
     once install configured recipients a run that names none is still encrypted; plain text
-    then needs ``opt_out`` (--no-encryption REASON), whose reason the manifest records.
-    Without an installed default, a run without recipients is plain text, said so.
+    then needs ``opt_out`` (--no-encryption REASON), whose reason the manifest records. An
+    install that chose plain text (``installed_reason``, UCB_NO_ENCRYPTION) records its reason
+    the same way. Without either, a run without recipients is plain text, said so.
     """
     if opt_out is not None:
         reason = " ".join(opt_out.split())
@@ -364,9 +391,8 @@ def require_encryption(recipients_file: str | None, opt_out: str | None,
         return EncryptionChoice(recipients_file)
     if installed_default:
         return EncryptionChoice(installed_default)
+    if installed_reason:
+        return EncryptionChoice(None, f"opted out at install: {installed_reason}",
+                                opted_out=True)
     return EncryptionChoice(None, "no recipients file given and none installed: the objects "
                                   "are stored in plain text")
-
-
-
-

@@ -49,6 +49,11 @@ from undercloud_backup.upload import StreamUploader
 
 Logger = logging.Logger | logging.LoggerAdapter
 
+# Relative to the archive's root, as the wrappers' `deny =` lines (deployments/privileged.conf).
+INSTALL_SECRETS = (INSTALLED_SIGNING_KEY, crypto.INSTALLED_BREAK_GLASS,
+                   "/etc/undercloud-backup/server.env", "/etc/undercloud-backup/alert-webhook-url",
+                   "/var/lib/undercloud-backup/server")
+
 
 @dataclass
 class DumpResult:
@@ -344,9 +349,10 @@ def archive_paths(request: BackupRequest, plan: fs.PathPlan, swift_settings: Swi
     # Never archive our own spools, should staging sit inside a backed-up path.
     staging = os.path.realpath(request.staging_dir)
     extra = (os.path.relpath(staging, plan.root),) if fs.inside(staging, plan.root) else ()
-    # Nor the node's signing key, in direct mode too (the wrappers' deny list has it), nor the
-    # run's own: whoever reads a backup stored in plain text could sign forged ones with it.
-    extra += (INSTALLED_SIGNING_KEY,)
+    # Nor the install's own secrets that no restore needs, in direct mode too (the wrappers'
+    # deny list has them), nor the run's signing key: whoever reads a backup could sign forged
+    # ones, decrypt every backup (the break-glass identity) or use the server's password.
+    extra += INSTALL_SECRETS
     if request.signing_key is not None:
         key = os.path.realpath(request.signing_key)
         extra += (os.path.relpath(key, plan.root),) if fs.inside(key, plan.root) else ()
