@@ -29,7 +29,14 @@
 #   PREFECT_API_URL [http://127.0.0.1:$UCB_PORT/api]  (PREFECT_API_AUTH_STRING if it needs one)
 #   UCB_ZOMBIE_AFTER [90] seconds without a heartbeat before a run is marked CRASHED
 #   UCB_RECIPIENTS_FILE [] age recipients (public keys) to encrypt every backup to, installed as
-#                         $ETC/recipients; a backup in plain text then needs --no-encryption REASON
+#                         $ETC/recipients; a backup in plain text then needs --no-encryption REASON.
+#                         Without it (and none installed yet) a break-glass age key pair is made:
+#                         its public key becomes the recipient, its identity is shown once on
+#                         stdout and left in $ETC/break-glass.agekey (root's, 0600) to be moved
+#                         off the node; every backup warns until it is gone
+#   UCB_NO_ENCRYPTION []  a REASON instead of recipients: backups are stored in plain text (the
+#                         manifest and the artifact record the reason); refused while recipients
+#                         are installed
 #   UCB_SIGNING_KEY []    an unencrypted SSH private key to sign every backup with, installed as
 #                         $ETC/signing-key (root:undercloud-backup 0640); without it a new ed25519
 #                         key is made there once and kept. Its public half goes into
@@ -60,6 +67,7 @@ UCB_PORT=${UCB_PORT:-4200}
 UCB_ZOMBIE_AFTER=${UCB_ZOMBIE_AFTER:-90}
 UCB_PYTHON=${UCB_PYTHON:-/usr/bin/python3}
 ETC=/etc/undercloud-backup
+BREAK_GLASS=$ETC/break-glass.agekey
 UNDERCLOUD_DEPLOYMENTS="on-demand nightly weekly-full weekly-verify prune"
 LIBEXEC=/usr/local/libexec/undercloud-backup
 SUDOERS=/etc/sudoers.d/undercloud-backup
@@ -185,6 +193,7 @@ step_privileged() {
   done
   fs dir "$ETC" root root 0755
   fs file "$ETC/privileged.conf" root root 0644 --keep <"$SRC/deployments/privileged.conf" >/dev/null
+  merge_deny
   # sudo ignores files in sudoers.d whose name contains a dot: the check copy is inert.
   local staged="$SUDOERS.new"
   fs check "$(dirname "$SUDOERS")"
@@ -199,6 +208,27 @@ step_privileged() {
     die "sudo's configuration fails visudo -c with $SUDOERS; removed it again"
   fi
   say "privileged: wrappers in $LIBEXEC, $SUDOERS installed, policy in $ETC/privileged.conf"
+}
+
+deny_values() {  # the `deny =` values of the policy on stdin, one a line
+  sed -n 's/^[[:space:]]*deny[[:space:]]*=[[:space:]]*//p' | sed 's/[[:space:]]*$//'
+}
+
+# The policy is the operator's once installed, but the deny list only ever grows: a kept policy
+# gets the shipped `deny =` lines it lacks (the secrets of later versions, such as this
+# installation's own), appended with a comment; no line of it is changed or removed.
+merge_deny() {
+  local policy=$ETC/privileged.conf have missing=() value
+  have=$(deny_values <"$policy")
+  while IFS= read -r value; do
+    grep -qxF -- "$value" <<<"$have" || missing+=("$value")
+  done < <(deny_values <"$SRC/deployments/privileged.conf")
+  [ ${#missing[@]} -gt 0 ] || return 0
+  { sed -e '$a\' "$policy"
+    printf '\n# Added by install.sh: deny lines of the shipped policy this one lacked.\n'
+    printf 'deny = %s\n' "${missing[@]}"
+  } | fs file "$policy" root root 0644 >/dev/null
+  say "privileged: added to $policy: ${missing[*]/#/deny = }"
 }
 
 render() {  # render TEMPLATE DEST GROUP: fill in @...@ once (0640 root:GROUP); DEST is kept
@@ -282,18 +312,80 @@ public_key() {
   cat | ssh-keygen -y -P '' -f /dev/stdin 2>/dev/null | cut -d' ' -f1,2
 }
 
-# UCB_RECIPIENTS_FILE: the age recipients (public keys only: an operator's and a break-glass
-# key) every backup is encrypted to from now on, unless a run opts out with --no-encryption
-# REASON (undercloud_backup/crypto.py). Checked before it replaces the installed ones.
+# Encryption is the default. UCB_RECIPIENTS_FILE: the age recipients (public keys only: an
+# operator's and a break-glass key) every backup is encrypted to from now on, unless a run opts
+# out with --no-encryption REASON (undercloud_backup/crypto.py); checked before it replaces the
+# installed ones. Installed recipients are kept on a re-run. Without either, a break-glass key
+# pair is made (make_break_glass). UCB_NO_ENCRYPTION=REASON: no recipients, plain text on
+# purpose, the reason recorded in $ETC/no-encryption for every run's manifest and artifact.
 install_recipients() {
-  [ -n "${UCB_RECIPIENTS_FILE:-}" ] || return 0
-  [ -r "$UCB_RECIPIENTS_FILE" ] || die "UCB_RECIPIENTS_FILE $UCB_RECIPIENTS_FILE is not readable"
+  local recipients=$ETC/recipients opt_out=$ETC/no-encryption reason
+  if [ -n "${UCB_RECIPIENTS_FILE:-}" ]; then
+    [ -r "$UCB_RECIPIENTS_FILE" ] || die "UCB_RECIPIENTS_FILE $UCB_RECIPIENTS_FILE is not readable"
+    check_recipients "$UCB_RECIPIENTS_FILE" \
+      || die "UCB_RECIPIENTS_FILE $UCB_RECIPIENTS_FILE is not an age recipients file"
+    fs file "$recipients" root root 0644 <"$UCB_RECIPIENTS_FILE" >/dev/null
+  elif [ -n "${UCB_NO_ENCRYPTION:-}" ]; then
+    reason=$(tr -s '[:space:]' ' ' <<<"$UCB_NO_ENCRYPTION" | sed 's/^ //; s/ $//')
+    [ -n "$reason" ] && [ ${#reason} -le 200 ] \
+      || die "UCB_NO_ENCRYPTION must be a reason of 1 to 200 characters"
+    if [ -e "$recipients" ] || [ -L "$recipients" ]; then
+      die "recipients are installed ($recipients), so UCB_NO_ENCRYPTION changes nothing: remove\
+ that file first if every backup is really to be stored in plain text"
+    fi
+    printf '%s\n' "$reason" | fs file "$opt_out" root root 0644 >/dev/null
+    say "encryption: NONE (UCB_NO_ENCRYPTION): every backup is stored in plain text and says\
+ why; its download links are never made. Set UCB_RECIPIENTS_FILE to encrypt"
+    return 0
+  elif [ ! -e "$recipients" ] && [ ! -L "$recipients" ]; then
+    make_break_glass
+  fi
+  fs touch "$recipients" root root 0644  # a kept file too; a symlink or hard link is refused
+  rm -f "$opt_out"  # recipients win: an earlier plain-text choice is over
+  check_recipients "$recipients" || die "$recipients is not an age recipients file: fix it, or\
+ replace it with UCB_RECIPIENTS_FILE=FILE"
+  say "encryption: every backup is encrypted to the recipients in $recipients"
+  if [ -e "$BREAK_GLASS" ] || [ -L "$BREAK_GLASS" ]; then
+    say "encryption: WARNING: the break-glass identity $BREAK_GLASS is still on this node; every\
+ backup warns until it is gone: copy it to the safe, then 'shred -u $BREAK_GLASS'"
+  fi
+}
+
+check_recipients() {  # check_recipients FILE: parses, and age encrypts to it (one line if not)
   (cd "$UCB_APP" && "$UCB_VENV/bin/python" -c \
     'import sys; from undercloud_backup import crypto; crypto.load_recipients(sys.argv[1])' \
-    "$UCB_RECIPIENTS_FILE" 2>&1 | tail -1 >&2; exit "${PIPESTATUS[0]}") \
-    || die "UCB_RECIPIENTS_FILE $UCB_RECIPIENTS_FILE is not an age recipients file"
-  fs file "$ETC/recipients" root root 0644 <"$UCB_RECIPIENTS_FILE" >/dev/null
-  say "encryption: every backup is encrypted to the recipients in $ETC/recipients"
+    "$1" 2>&1 | tail -1 >&2; exit "${PIPESTATUS[0]}")
+}
+
+# A break-glass age key pair for a node given no recipients: made by age-keygen in a directory
+# of root's alone, its public key installed as the recipients, its identity kept root's 0600 in
+# $BREAK_GLASS and shown once, here, on stdout (never in a log the installer writes, never on
+# an argv). It must leave the node: a node that holds it can decrypt every backup.
+make_break_glass() {
+  local tmp public
+  command -v age-keygen >/dev/null && command -v age >/dev/null || die "age is missing\
+ (apt-get install age / dnf install age): backups are encrypted by default. Give\
+ UCB_RECIPIENTS_FILE (public keys) or UCB_NO_ENCRYPTION=REASON to store them in plain text"
+  tmp=$(umask 077 && mktemp -d "$ETC/.break-glass.XXXXXX")
+  if ! age-keygen -o "$tmp/identity" 2>/dev/null \
+      || ! public=$(age-keygen -y "$tmp/identity") || [ -z "$public" ] \
+      || ! fs file "$BREAK_GLASS" root root 0600 <"$tmp/identity" >/dev/null \
+      || ! printf '# break-glass key made by install.sh on %s, %s\n%s\n' "$(hostname)" \
+             "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$public" \
+           | fs file "$ETC/recipients" root root 0644 >/dev/null; then
+    rm -rf "$tmp"
+    die "could not make the break-glass key pair"
+  fi
+  rm -rf "$tmp"
+  say "encryption: no UCB_RECIPIENTS_FILE given: made a break-glass age key pair; every backup is"
+  say "encryption: encrypted to its public key $public. Its identity (the only key that decrypts"
+  say "encryption: them) is shown now, once; it is also in $BREAK_GLASS until you remove it:"
+  printf -- '----- BEGIN BREAK-GLASS IDENTITY (keep it in the safe, never on this node) -----\n'
+  cat "$BREAK_GLASS"
+  printf -- '----- END BREAK-GLASS IDENTITY -----\n'
+  say "encryption: copy it off this node (to the safe), then 'shred -u $BREAK_GLASS': every backup"
+  say "encryption: warns until it is gone. Add an operator's key with UCB_RECIPIENTS_FILE=FILE"
+  say "encryption: (both public keys, one a line) and '$0 config'"
 }
 
 unit_text() {  # unit_text UNIT USER GROUP: the unit with this installation's paths and user

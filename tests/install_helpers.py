@@ -38,7 +38,7 @@ from deploy_helpers import (
     scratch_dir,
 )
 
-from undercloud_backup import privileged
+from undercloud_backup import crypto, privileged
 
 ETC = Path("/etc/undercloud-backup")
 RUN_DIR = Path("/run/undercloud-backup")
@@ -59,6 +59,8 @@ class FullInstall:
         self.step_seconds: dict[str, float] = {}  # "services", "prefect": the last run of each
         self.first_step_seconds: dict[str, float] = {}  # each step as the installation ran it
         self.output = ""
+        self.config_output = ""  # what `privileged config` printed: the break-glass identity
+        self.identity: Path | None = None  # a root-only copy of it, for the tests to decrypt
         self.traces: list[Path] = []  # strace logs of every exec of the traced steps
 
     @property
@@ -141,7 +143,9 @@ def full_install(worker_env: dict[str, str] | None = None, trace: bool = False,
     (`install_extra`: more of install.sh's environment). Everything is stopped, removed and
     put back afterwards; the install's output and duration are kept on the result.
     ``trace``: every step but `services` runs under strace (FullInstall.traces)."""
-    managed = [*MANAGED, str(ETC / "server.env"), str(ETC / "worker.env")]
+    managed = [*MANAGED, str(ETC / "server.env"), str(ETC / "worker.env"),
+               crypto.INSTALLED_RECIPIENTS, crypto.INSTALLED_BREAK_GLASS,
+               crypto.INSTALLED_NO_ENCRYPTION]
     saved = {p: Path(p).read_bytes() if os.path.lexists(p) else None for p in managed}
     new_dirs = [d for d in (privileged.LIBEXEC, str(ETC), str(RUN_DIR), str(LOG_DIR))
                 if not os.path.lexists(d)]
@@ -160,6 +164,11 @@ def full_install(worker_env: dict[str, str] | None = None, trace: bool = False,
                 granted[user] = grant_traverse(user, [REPO, VENV])
             done = install.run("privileged", "config", trace=traced("privileged-config"))
             assert done.returncode == 0, done.stdout + done.stderr
+            install.config_output = done.stdout
+            if os.path.exists(crypto.INSTALLED_BREAK_GLASS):  # the default: no recipients given
+                install.identity = traces / "break-glass.agekey"
+                install.identity.write_bytes(Path(crypto.INSTALLED_BREAK_GLASS).read_bytes())
+                install.identity.chmod(0o600)
             for name, lines in (("worker.env", worker_env), ("server.env", server_env)):
                 if lines:  # the last line of a name wins (the launcher reads them in order)
                     with open(ETC / name, "a") as env_file:

@@ -4,9 +4,12 @@ configured as deployments/env/server.env says (filesystem lease storage, API bas
 the start), the work pool, queue, `prefect deploy` of the undercloud's deployments in
 prefect.yaml and the zombie automation, a process worker running as an unprivileged user with
 the project's sudoers; runs created the way the UI creates them, and the backups checked in
-Swift with plain swiftclient, zstd and tar. The installed recipients and signing key are
-checked through a deployed run (encrypted, signed, verified by weekly-verify, an altered
-manifest refused). The last test kills the worker and restarts the server.
+Swift with plain swiftclient, age, zstd and tar. The installation was given no recipients, so
+it made a break-glass key pair: every run is encrypted to it and warns while its identity is on
+the node (the tests decrypt with a copy install_helpers kept). Installed recipients, the
+explicit plain-text install (UCB_NO_ENCRYPTION) and the signing key are checked through
+deployed runs (encrypted, signed, verified by weekly-verify, an altered manifest refused; plain
+text without download links). The last test kills the worker and restarts the server.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from install_helpers import LOG_DIR, ZOMBIE_AFTER_S, FullInstall
 from keystoneauth1 import session
 from keystoneauth1.identity import v3
 
-from undercloud_backup import privileged, signing
+from undercloud_backup import crypto, privileged, signing
 
 pytestmark = pytest.mark.slow
 
@@ -127,11 +130,30 @@ def manifests(os_env: dict[str, str], container: str) -> list[str]:
     return sorted(o["name"] for o in objects if o["name"].endswith("/manifest.json"))
 
 
-def archive_members(os_env: dict[str, str], container: str, backup_id: str) -> list[str]:
-    _, body = swift_connection(os_env).get_object(container, f"{backup_id}/filesystem.tar.zst")
-    listing = subprocess.run("zstd -dc | tar -t", shell=True, input=body, capture_output=True,
-                             check=True)
+def decrypted(os_env: dict[str, str], container: str, name: str, identity: Path) -> bytes:
+    """An encrypted object as stored, through `age -d -i IDENTITY | zstd -dc`."""
+    _, body = swift_connection(os_env).get_object(container, name)
+    return subprocess.run(f"age -d -i {identity} | zstd -dc", shell=True, input=body,
+                          capture_output=True, check=True).stdout
+
+
+def archive_members(os_env: dict[str, str], container: str, backup_id: str,
+                    identity: Path) -> list[str]:
+    tar = decrypted(os_env, container, f"{backup_id}/filesystem.tar.zst.age", identity)
+    listing = subprocess.run(["tar", "-t"], input=tar, capture_output=True, check=True)
     return listing.stdout.decode().splitlines()
+
+
+def run_messages(deployed: Deployment, run_id: str, level: int = 0) -> list[str]:
+    logs = deployed.api("POST", "/logs/filter", {"logs": {
+        "flow_run_id": {"any_": [run_id]}, "level": {"ge_": level}}, "limit": 200})
+    return [entry["message"] for entry in logs]  # type: ignore[union-attr]
+
+
+def run_artifact(deployed: Deployment, run_id: str) -> str:
+    [artifact] = deployed.api("POST", "/artifacts/filter", {"artifacts": {
+        "flow_run_id": {"any_": [run_id]}, "key": {"any_": ["undercloud-backup"]}}})
+    return artifact["data"]
 
 
 def run_parameters(root: Path, container: str) -> dict:
@@ -183,12 +205,12 @@ def test_run_from_the_ui_backs_up_root_only_files(deployed, os_env, container):
 
     [manifest] = manifests(os_env, container)
     backup_id = manifest.split("/")[0]
-    members = archive_members(os_env, container, backup_id)
+    identity = deployed.install.identity
+    members = archive_members(os_env, container, backup_id, identity)
     assert "root/.my.cnf" in members
     assert "etc/keystone/fernet-keys/0" in members and "etc/keystone/fernet-keys/1" in members
-    _, dump = swift_connection(os_env).get_object(
-        container, f"{backup_id}/mariadb-all-databases.sql.zst")
-    sql = subprocess.run(["zstd", "-dc"], input=dump, capture_output=True, check=True).stdout
+    sql = decrypted(os_env, container, f"{backup_id}/mariadb-all-databases.sql.zst.age",
+                    identity)
     assert b"CREATE DATABASE /*!32312 IF NOT EXISTS*/ `ucb_sample_nova`" in sql
     assert sql.rstrip().splitlines()[-1].startswith(b"-- Dump completed")
 
@@ -355,10 +377,116 @@ def an_altered_manifest_is_refused(conn: swiftclient.Connection, container: str,
         assert "does not match its signature" in stderr.strip().splitlines()[-1]
 
 
+RECIPIENTS = Path(crypto.INSTALLED_RECIPIENTS)
+BREAK_GLASS = Path(crypto.INSTALLED_BREAK_GLASS)
+NO_ENCRYPTION = Path(crypto.INSTALLED_NO_ENCRYPTION)
+
+
+def run_backup(deployed: Deployment, os_env: dict[str, str], container: str,
+               ) -> tuple[str, str]:
+    """A UI-style run of on-demand on the small sample; its run id and backup id."""
+    run_id = deployed.create_run("on-demand", **run_parameters(deployed.roots["small"],
+                                                               container))
+    run = deployed.api.wait_final(run_id, timeout=120)
+    assert run["state"]["type"] == "COMPLETED", (run["state"], deployed.worker_log_tail())
+    [backup_id] = [m.split("/")[0] for m in manifests(os_env, container)
+                   if m.split("/")[0].endswith(run_id[:6])]
+    return run_id, backup_id
+
+
+def test_a_default_install_encrypts_every_backup_to_a_break_glass_key_it_shows_once(
+        deployed, os_env, container):
+    """install.sh given no recipients made an age key pair: the identity root's 0600 in
+    break-glass.agekey, shown once on the installer's stdout, on no argv; its public key the
+    recipients. A re-run keeps both and shows nothing. Every deployed run is encrypted to it
+    and warns (log WARNING, artifact) while the identity is on the node; once it is moved off,
+    no run warns, and the identity kept off the node decrypts the backups."""
+    install = deployed.install
+    assert install.identity is not None, install.config_output
+    assert owner(BREAK_GLASS) == ("root", "root", 0o600)
+    [secret] = [row for row in BREAK_GLASS.read_text().splitlines()
+                if row.startswith("AGE-SECRET-KEY-")]
+    assert install.config_output.count(secret) == 1
+    assert f"shred -u {BREAK_GLASS}" in install.config_output
+    public = subprocess.run(["age-keygen", "-y", str(BREAK_GLASS)], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    assert owner(RECIPIENTS) == ("root", "root", 0o644)
+    assert [row for row in RECIPIENTS.read_text().splitlines()
+            if not row.startswith("#")] == [public]
+    traced = b"".join(trace.read_bytes() for trace in install.traces if trace.exists())
+    assert b"age-keygen" in traced and secret.encode() not in traced
+    for user in (WORKER, NOSUDO, API_USER):
+        assert as_user(user, ["cat", str(BREAK_GLASS)]).returncode != 0, user
+    kept = (BREAK_GLASS.read_bytes(), RECIPIENTS.read_bytes())
+    again = install.run("config")
+    assert again.returncode == 0, again.stderr
+    assert secret not in again.stdout + again.stderr
+    assert f"break-glass identity {BREAK_GLASS} is still on this node" in again.stdout
+    assert (BREAK_GLASS.read_bytes(), RECIPIENTS.read_bytes()) == kept
+
+    warning = f"the break-glass identity {BREAK_GLASS} is still on this node"
+    run_id, backup_id = run_backup(deployed, os_env, container)
+    manifest = json.loads(swift_connection(os_env).get_object(
+        container, f"{backup_id}/manifest.json")[1])
+    assert manifest["encryption"] == {"format": "age",
+                                      "recipients": [crypto.fingerprint(public)]}
+    assert {o["name"].rsplit(".", 1)[-1] for o in manifest["objects"]} == {"age"}
+    assert any(warning in m for m in run_messages(deployed, run_id, level=30))
+    artifact = run_artifact(deployed, run_id)
+    assert f"**WARNING: {warning}" in artifact and secret not in artifact
+    assert "temp_url_sig=" in artifact  # links: the objects are encrypted
+    moved = install.identity.parent / "moved-off-the-node"
+    BREAK_GLASS.rename(moved)
+    try:
+        run_id, backup_id = run_backup(deployed, os_env, container)
+        assert not [m for m in run_messages(deployed, run_id) if "break-glass" in m]
+        assert "break-glass" not in run_artifact(deployed, run_id)
+        assert "root/.my.cnf" in archive_members(os_env, container, backup_id, moved)
+    finally:
+        moved.rename(BREAK_GLASS)
+
+
+def test_an_install_that_opts_out_stores_plain_text_and_gives_no_download_links(
+        deployed, os_env, container):
+    """UCB_NO_ENCRYPTION=REASON: refused while recipients are installed (one line); without
+    them, recorded in no-encryption, and every deployed run is plain text with that reason in
+    its manifest, log and artifact, which gives no TempURL, only the credentialed download.
+    Installing recipients again ends the opt-out."""
+    saved = RECIPIENTS.read_bytes()
+    refused = deployed.install.run("config", UCB_NO_ENCRYPTION="lab node")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "recipients are installed" in refused.stderr and not NO_ENCRYPTION.exists()
+    RECIPIENTS.unlink()
+    try:
+        done = deployed.install.run("config", UCB_NO_ENCRYPTION="lab  node,\nno secrets")
+        assert done.returncode == 0, done.stderr
+        assert "encryption: NONE (UCB_NO_ENCRYPTION)" in done.stdout
+        assert NO_ENCRYPTION.read_text() == "lab node, no secrets\n"
+        assert owner(NO_ENCRYPTION) == ("root", "root", 0o644) and not RECIPIENTS.exists()
+        run_id, backup_id = run_backup(deployed, os_env, container)
+        manifest = json.loads(swift_connection(os_env).get_object(
+            container, f"{backup_id}/manifest.json")[1])
+        reason = "opted out at install: lab node, no secrets"
+        assert manifest["encryption"] == {"format": "none", "recipients": [],
+                                          "reason": reason, "opted_out": True}
+        assert not [o for o in manifest["objects"] if o["name"].endswith(".age")]
+        assert any(f"stored in plain text: {reason}" in m
+                   for m in run_messages(deployed, run_id, level=30))
+        artifact = run_artifact(deployed, run_id)
+        assert "temp_url_sig" not in artifact and "no links: stored in plain text" in artifact
+        assert f"swift download {container} --prefix {backup_id}/" in artifact
+    finally:
+        RECIPIENTS.write_bytes(saved)
+        RECIPIENTS.chmod(0o644)
+    done = deployed.install.run("config")
+    assert done.returncode == 0, done.stderr
+    assert not NO_ENCRYPTION.exists() and RECIPIENTS.read_bytes() == saved
+
+
 def test_installed_recipients_and_signing_key_protect_the_deployed_runs(
         deployed, os_env, container, tmp_path):
     """install.sh with UCB_RECIPIENTS_FILE: every run from then on is encrypted to them; a file
-    that is not an age recipients file is refused in one line and installs nothing. The
+    that is not an age recipients file is refused in one line and changes nothing. The
     signing key the install made (kept when it runs again) signs every run, weekly-verify
     checks that signature, and the default verify and restore refuse a manifest altered in
     Swift."""
@@ -367,7 +495,8 @@ def test_installed_recipients_and_signing_key_protect_the_deployed_runs(
     recipients.write_text(subprocess.run(["age-keygen", "-y", str(identity)], check=True,
                                          capture_output=True, text=True).stdout)
     bad.write_text("not a key\n")
-    installed = Path("/etc/undercloud-backup/recipients")
+    installed = RECIPIENTS
+    before = installed.read_bytes()  # the break-glass key's, made by the installation
     env_files = [Path("/etc/undercloud-backup") / n for n in ("worker.env", "server.env")]
     saved = {p: p.read_bytes() for p in env_files if p.exists()}
     check_installed_signing_key(deployed.install)
@@ -376,7 +505,7 @@ def test_installed_recipients_and_signing_key_protect_the_deployed_runs(
         done = deployed.install.run("config", UCB_RECIPIENTS_FILE=str(bad))
         assert done.returncode != 0
         assert "not an age recipients file" in done.stderr.strip().splitlines()[-1]
-        assert not installed.exists()
+        assert installed.read_bytes() == before
         done = deployed.install.run("config", UCB_RECIPIENTS_FILE=str(recipients))
         assert done.returncode == 0, done.stderr
         st = installed.stat()
@@ -397,16 +526,13 @@ def test_installed_recipients_and_signing_key_protect_the_deployed_runs(
         names = [o["name"] for o in conn.get_container(container, full_listing=True)[1]]
         assert f"{backup_id}/filesystem.tar.zst.age" in names
         assert f"{backup_id}/filesystem.tar.zst" not in names
-        _, body = conn.get_object(container, f"{backup_id}/filesystem.tar.zst.age")
-        listing = subprocess.run(f"age -d -i {identity} | zstd -dc | tar -t", shell=True,
-                                 input=body, capture_output=True, check=True)
-        assert "root/.my.cnf" in listing.stdout.decode().splitlines()
+        assert "root/.my.cnf" in archive_members(os_env, container, backup_id, identity)
 
         check_signed_by_hand(conn, container, backup_id)
         weekly_verify_checks_the_signature(deployed, container)
         an_altered_manifest_is_refused(conn, container, backup_id)
     finally:
-        installed.unlink(missing_ok=True)
+        installed.write_bytes(before)
         for path, body in saved.items():
             path.write_bytes(body)
 

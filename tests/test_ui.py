@@ -226,11 +226,15 @@ def test_operator_runs_backups_from_the_ui(installed, browser, os_env, container
     assert what["add_paths"] == [ADDED] and what["exclude_paths"] == [EXCLUDED]
     [manifest] = manifests(os_env, container)
     backup_id = manifest.split("/")[0]
-    members = archive_members(os_env, container, backup_id)
+    members = archive_members(os_env, container, backup_id, installed.identity)
     assert "opt/extra/notes.txt" in members and "root/.my.cnf" in members
     assert not [m for m in members if m.startswith("home/stack/templates")]
     shown = op.artifact("custom", backup_id)
     assert backup_id in shown and "Complete: manifest" in shown
+    # encrypted by default, to the installation's break-glass key, whose identity is still on
+    # this node: the artifact says so, and gives the links encrypted objects get
+    assert "Encryption: age, to sha256:" in shown and "Download (links valid until" in shown
+    assert "WARNING: the break-glass identity" in shown
     archived = next(line for line in shown.splitlines() if line.startswith("Paths archived"))
     assert "opt/extra" in archived and "home/stack" in archived, archived
 
@@ -249,7 +253,7 @@ def test_operator_runs_backups_from_the_ui(installed, browser, os_env, container
     assert len(newest) == 1
     db_backup = newest[0].split("/")[0]
     shown = op.artifact("db-only", db_backup)
-    assert db_backup in shown and f"{db_backup}/mariadb-all-databases.sql.zst" in shown
+    assert db_backup in shown and f"{db_backup}/mariadb-all-databases.sql.zst.age" in shown
     assert f"{db_backup}/filesystem.tar.zst" not in shown and "Paths archived: none" in shown
 
     # Quick run with the deployment's defaults (pointed at the sample tree, as an operator of
