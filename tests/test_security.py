@@ -258,6 +258,12 @@ def test_daemons_without_systemd_have_umask_0077_and_private_logs(full):
         assert as_user(NOSUDO, ["cat", str(LOG_DIR / f"{name}.log")]).returncode != 0
     assert "PREFECT_API_URL" in (LOG_DIR / "server.log").read_text()  # it did log there
     assert owner(full.state / "server/prefect.db")[2] == 0o600
+    # Nor the settings, the state, or the keys the installation made.
+    for path in (ETC / "worker.env", ETC / "server.env", full.state / "server/prefect.db",
+                 full.state / "worker", ETC / "break-glass.agekey"):
+        assert path.exists(), path
+        read = as_user(NOSUDO, ["cat" if path.is_file() else "ls", str(path)])
+        assert read.returncode != 0 and "Permission denied" in read.stderr, path
 
 
 # ---------------------------------------------------------- 6: the group holds the worker only
