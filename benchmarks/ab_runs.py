@@ -8,8 +8,9 @@ beside it) against the data ``bench.py --keep`` left at SCALE, timed and sampled
 and prints one JSON line (wall, CPU per command and server, timeline, kind, stored bytes).
 MODE: ``plain``; ``spy`` (under py-spy, ``$PY_SPY``: a raw profile NAME.prof beside the logs,
 for ``profile_summary.py``); ``incr`` (into the previous NAME's container, not emptied: the
-nightly incremental after it). Session 4 ran it from copies of the tree with one change each
-(benchmarks/RESULTS.md, "Candidates measured"). Take the test lock around it.
+nightly incremental after it). Run from copies of the tree with one change each, it measures
+candidate changes one at a time (benchmarks/RESULTS.md, "Candidates measured"). Take the test
+lock around it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark undercloud-backup against the plain-tools pipelines (issue 5).
+"""Benchmark undercloud-backup against the plain-tools pipelines.
 
     python benchmarks/bench.py [--scale N] [--runs K] [--json FILE]
 

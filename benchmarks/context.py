@@ -29,8 +29,8 @@ class Context:
     restore_help: str = ""
     last_backup: dict[str, dict] = field(default_factory=dict)  # variant -> our --json output
     recipients_file: Path | None = None  # age recipients for the encrypted variant
-    no_encryption_flag: bool = False  # our CLI has --no-encryption REASON (issue 12.1)
-    incremental: str | None = "not run"  # None: the CLI has issue 13.1's contract
+    no_encryption_flag: bool = False  # our CLI has --no-encryption REASON
+    incremental: str | None = "not run"  # None: the CLI has the incremental contract
 
     @property
     def segment_bytes(self) -> int:

@@ -1,4 +1,4 @@
-"""Nightly incrementals (issue 13.3): a full, a nightly after 0 % and after 1 % of the files
+"""Nightly incrementals: a full, a nightly after 0 % and after 1 % of the files
 changed, four more 1 % nights (a full plus 6 incrementals), a full of the same final state,
 and the restores of the chain and of that equivalent full (files only: the database is a
 full dump in every backup, so it restores the same either way).
@@ -9,7 +9,7 @@ journalled under the workdir and undone at the end of the sequence (appends trun
 files removed, deleted files renamed back), so the other variants always read the same tree;
 a journal left by an interrupted run is undone before the next one.
 
-The sequence needs the CLI contract of issue 13.1: ``python -m flows.backup --full``, an
+The sequence needs the incremental CLI contract: ``python -m flows.backup --full``, an
 incremental by default when the container holds a recent full of this host, ``--json`` with
 ``kind`` and ``parent``, and ``flows.restore`` of an incremental's id applying its chain.
 Without ``--full`` in ``flows.backup --help`` it is not run ("not available", one line).
@@ -56,7 +56,7 @@ def available(ctx: Context) -> str | None:
     if done.returncode != 0:
         return "python -m flows.backup --help failed"
     if "--full" not in done.stdout.decode():
-        return "python -m flows.backup has no --full yet (issue 13.1 not landed)"
+        return "python -m flows.backup has no --full (this tree has no incremental backups)"
     return None
 
 

@@ -95,8 +95,8 @@ def paired(variants: dict[str, dict], a: str, b: str) -> float | None:
 
 
 def ratios(variants: dict[str, dict]) -> dict:
-    """Ratios of medians: ours against the references; the incrementals against their full
-    (issue 13.3); encrypted against plain (issue 12.5)."""
+    """Ratios of medians: ours against the references; the incrementals against their full;
+    encrypted against plain."""
     out: dict = {key: ratio(variants, a, b) for key, (a, b) in RATIOS.items()}
     out["incremental_vs_full"] = {
         f"after_{pct}": {

@@ -81,8 +81,8 @@ def shell_variant(name: str, label: str, script: Callable[[Context, str], str],
 def ours_argv(ctx: Context, c: str, *extra: str) -> list[str]:
     # Our own segment size (64 MiB at these sizes), unless --segment-mib was given.
     size = ["--segment-size", f"{ctx.args.segment_mib}MiB"] if ctx.args.segment_mib else []
-    # Plain text on purpose, even where install configured recipients (issue 12.1): the
-    # encrypted variant is the one that says --recipients-file.
+    # Plain text on purpose, even where install configured recipients: the encrypted
+    # variant is the one that says --recipients-file, so the two measure the difference.
     plain = (["--no-encryption", "benchmark: the plain-text variant"]
              if ctx.no_encryption_flag and "--recipients-file" not in extra else [])
     return [str(ctx.python), "-m", "flows.backup", "--root", str(ctx.root), "--container", c,
@@ -118,7 +118,7 @@ def ours_variant(name: str, label: str, ephemeral: bool, *extra: str,
 
 
 def encrypted_variant(name: str, label: str) -> Variant:
-    """Ours with its defaults and ``--recipients-file`` (age, issue 12.5): every object
+    """Ours with its defaults and ``--recipients-file`` (age): every object
     ``zstd | age -R``. Not run without ``age-keygen`` or without the option in --help."""
     def build(ctx: Context, _round: int) -> Built:
         if ctx.recipients_file is None:

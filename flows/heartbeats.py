@@ -2,7 +2,7 @@
 
 Prefect 3.9.1's heartbeat thread (``prefect.flow_engine._send_heartbeats``) sleeps in one-second
 steps, and the engine joins it when a flow run ends. Every run, ad hoc or deployed, waited up
-to a second after its last task, half a second on average (benchmarks/RESULTS.md, session 6).
+to a second after its last task, half a second on average (benchmarks/RESULTS.md, "Heartbeats").
 This sends the same beats from a thread that waits on the stop event, so the join returns at
 once. :func:`install` puts it in place when the ``flows`` package is imported (the deployments'
 entrypoints and the CLI alike), and only over the Prefect version it was written against: any

@@ -1,9 +1,10 @@
-"""The fault matrix (issue 14 part 2, issue 15): every fault case once, against the real services.
+"""The fault matrix: every fault case once, against the real services.
 
-Not a pytest module (pytest collects test_*.py only): run it as a script, under the machine lock::
+Not a pytest module (pytest collects test_*.py only): run it as a script from the repository
+root, under the machine lock that test runs take::
 
-    PATH=/work/main/.venv/bin:$PATH flock /tmp/ucb-pytest.lock \\
-        /work/main/.venv/bin/python tests/fault_matrix.py --markdown /work/coord/matrix.md
+    PATH=$PWD/.venv/bin:$PATH flock /tmp/ucb-pytest.lock \\
+        .venv/bin/python tests/fault_matrix.py --markdown matrix.md
 
 Per case: one good "earlier" backup into a fresh container (ucbtest-matrix-<random>), then the
 faulty run (``python -m flows.backup`` as an operator runs it) into the same container, then what

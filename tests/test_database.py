@@ -409,8 +409,8 @@ def _wrapper_processes() -> list[str]:
 
 def test_a_lock_taken_after_the_check_ends_the_dump_within_the_bound(bounded, schema,
                                                                       tmp_path):
-    """Issue 14.2.2: the check passes, then another session locks the table the dump reaches
-    last; the dump's own wait ends after the bound, as the same clear lock error (exit 26)."""
+    """The check passes, then another session locks the table the dump reaches last;
+    the dump's own wait ends after the bound, as the same clear lock error (exit 26)."""
     bounded.check_locks(schema)  # nothing locked yet: the pre-check passes
     holder = pymysql.connect(unix_socket=SOCKET, user="root")
     try:
@@ -475,7 +475,7 @@ def _db_only(container: str, cnf: str, *extra: str) -> subprocess.CompletedProce
 
 def test_a_partial_dump_is_recorded_and_said_and_a_full_one_records_its_grants(
         schema, account, container, db_cnf, tmp_path):
-    """Issue 15.2: an account without TRIGGER, with --allow-partial-database, completes; its
+    """An account without TRIGGER, with --allow-partial-database, completes; its
     manifest says partial and what was missing, its last line says so, and so does verify.
     A full-privilege run's manifest records the grants it ran with, and no partial."""
     account("ucb_dbt_partial", ["SELECT, SHOW VIEW, EVENT, SHOW DATABASES ON *.*"])

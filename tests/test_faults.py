@@ -250,9 +250,10 @@ def test_dump_killed_half_way_fails_the_run(earlier, staging, db_cnf, big_databa
         root.close()
 
 
-# `python -m flows.backup` with a hook between the pre-check and the dump (issue 14.2.2): the
-# run's lock bound is argv[1] s, and once the check has passed a session of root's runs
-# argv[2] (a LOCK TABLES) and keeps it; the time it did is written to argv[3].
+# `python -m flows.backup` with a hook between the pre-check and the dump, so that a lock the
+# check could not see meets the dump itself: the run's lock bound is argv[1] s, and once the
+# check has passed a session of root's runs argv[2] (a LOCK TABLES) and keeps it; the time it
+# did is written to argv[3].
 LOCK_AFTER_CHECK = """
 import runpy, sys, time
 import pymysql
@@ -471,7 +472,7 @@ def test_segment_size_too_small_for_swift_is_refused_up_front(earlier, staging, 
                           says="more than Swift's 1000 segments per object")
 
 
-# ------------------------------------------------------------------ signals (issue 15 item 3)
+# ------------------------------------------------------------------------------------ signals
 def _stalling_zstd(directory: Path, marker: int) -> dict[str, str]:
     """A `zstd` first in PATH that compresses, closes its output, then hangs: the run is
     mid-stream (segments uploaded, the pipe not finished) for as long as the test wants."""
@@ -570,7 +571,7 @@ def _environ_has(ps_line: str, entry: str) -> bool:
         return False
 
 
-# --------------------------------------------------------- staging bound (issue 15 item 4)
+# --------------------------------------------------------------------------- staging bound
 def test_staging_the_space_check_asks_for_is_enough(tmp_path, container, db_cnf):
     """The check counts what the uploader really spools (upload.SPOOLS_PER_STREAM segments per
     stream): a staging filesystem just that big completes a run of many segments, and one a
@@ -605,7 +606,7 @@ def test_staging_the_space_check_asks_for_is_enough(tmp_path, container, db_cnf)
         subprocess.run(["umount", str(small)], check=True)
 
 
-# ---------------------------------------------------- excluding everything (issue 15 item 7)
+# ---------------------------------------------------------------------- excluding everything
 @pytest.mark.parametrize("pattern", ["/*", "/"])
 def test_excluding_everything_is_an_error_not_an_empty_backup(earlier, staging, db_cnf,
                                                               pattern):

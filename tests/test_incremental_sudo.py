@@ -1,4 +1,4 @@
-"""Issue 13 through real sudo: incremental levels taken by the unprivileged worker with the
+"""Incremental backups through real sudo: levels taken by the unprivileged worker with the
 installed ucb-archive, the parent snapshot handed over on stdin and the new one taken back,
 and every way the worker could try to make root read or write a path of its choosing."""
 

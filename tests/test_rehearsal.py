@@ -1,4 +1,4 @@
-"""The restore day rehearsed end to end (issue 14.1): a real Keystone, backed by MariaDB, is
+"""The restore day rehearsed end to end: a real Keystone, backed by MariaDB, is
 backed up, its node is lost and reinstalled, and docs/restore.md's steps, in their order, bring
 it back: a token issued before the backup validates afterwards and a credential encrypted with
 the old credential keys reads back.

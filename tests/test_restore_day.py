@@ -1,4 +1,4 @@
-"""The restore day (issue 14 part 1, issue 9 bug 1): a reinstalled node keeps its identity,
+"""The restore day: a reinstalled node keeps its identity,
 requested paths are checked before anything is written, a fresh MariaDB's empty databases do
 not stop the restore, a named target can be entered, and the manual procedure of
 docs/restore.md works with the stock client."""

@@ -116,8 +116,8 @@ def test_backup_restores_with_standard_tools(sample_root, sample_databases, cont
     assert (restored / "home/stack/empty dir/inner").is_dir()
 
     # Databases: drop them and the service user. One database alone with the stock client's
-    # --one-database (issue 9 bug 1: users and grants in the same stream broke this), then
-    # everything, then users and grants.
+    # --one-database (which users and grants in the databases' stream would break: why they
+    # are an object of their own), then everything, then users and grants.
     user, host = sample.SAMPLE_USER
     mariadb("".join(f"DROP DATABASE {d};" for d in sample_databases)
             + f"DROP USER '{user}'@'{host}';")

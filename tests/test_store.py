@@ -96,7 +96,7 @@ def test_retry_after_beyond_the_budget_fails_at_once(swift_proxy, container):
 
 
 def test_the_manifest_put_is_retried_after_a_503(store, swift_proxy, container):
-    """Its body is bytes: swiftclient alone could not send it again (issue 15.5)."""
+    """Its body is bytes: swiftclient alone could not send it again."""
     manifest = Manifest(backup_id="uc-20261130T000000Z-000001", created_at="2026-11-30")
     swift_proxy.fail(503, times=1, method="PUT", path="manifest.json")
     name = catalogue.put_manifest(store, container, manifest)
@@ -278,7 +278,7 @@ def small_staging(tmp_path):
 
 def test_a_full_staging_disk_is_insufficient_space(store, container, small_staging):
     """The space check passed, then the disk filled: exit 14 naming the filesystem, not an
-    OSError (issue 14, item 1); nothing is left in the staging directory or in Swift."""
+    OSError; nothing is left in the staging directory or in Swift."""
     uploader = upload.StreamUploader(store, container, "b/full", segment_size=2 * MiB,
                                      staging_dir=str(small_staging), compression="none",
                                      content="test")

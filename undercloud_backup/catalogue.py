@@ -56,8 +56,8 @@ def list_backups(store: SwiftStore, container: str) -> list[BackupEntry]:
 
 def describe(store: SwiftStore, container: str,
              entries: list[BackupEntry]) -> list[BackupEntry]:
-    """``entries`` with each manifest's kind, parent (backups from before issue 13 are fulls)
-    and partial-dump note."""
+    """``entries`` with each manifest's kind, parent (backups from before incrementals existed
+    are fulls) and partial-dump note."""
     described = []
     for entry in entries:
         try:

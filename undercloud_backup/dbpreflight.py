@@ -1,7 +1,7 @@
 """Before a dump: can this account dump everything, is any table locked, what is there to dump.
 
 ``mariadb-dump`` skips silently what its account may not see: triggers without ``TRIGGER``,
-whole databases without ``SHOW DATABASES`` (issue 15). So the account's grants are read
+whole databases without ``SHOW DATABASES``. So the account's grants are read
 (``SHOW GRANTS``) and compared with what a complete dump needs, per database to dump, before
 anything is written; the grants and the number of views, triggers, routines and events per
 database go into the manifest, so verify can compare what a restore brings back.

@@ -180,7 +180,7 @@ class BackupNotFound(BackupError):
     exit_code = 40
 
 
-# ----------------------------------------------------------- issue 13: incremental chains
+# ------------------------------------------------------------------------ incremental chains
 class ChainBroken(BackupError):
     """Backup {backup_id} is an incremental that needs every backup before it, and its chain is broken: {problems}. Restore an earlier complete chain (python -m flows.backup --list) or a full."""  # noqa: E501
 

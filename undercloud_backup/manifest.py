@@ -4,7 +4,7 @@
 Inside the code it is a :class:`Manifest`; it becomes JSON only where it leaves the process
 (the object in Swift, ``--json``, Prefect results and artifacts).
 
-Format versions: ``undercloud-backup/3`` is an incremental backup (issue 13): its archive holds
+Format versions: ``undercloud-backup/3`` is an incremental backup: its archive holds
 only what changed since its parent and restores only after the full and every level before it
 (``chain``), so tools that read at most version 2 refuse it rather than restore one level alone.
 Fulls stay version 2, with ``kind``, ``level`` and ``snapshot`` as fields older tools keep.
@@ -130,7 +130,7 @@ class DatabaseSection:
     privileges: list[str] = field(default_factory=list)
     # Per database: {"views": n, "triggers": n, "routines": n, "events": n}.
     schema_objects: dict[str, dict[str, int]] = field(default_factory=dict)
-    # The account the dump ran as and what its grants left out of the dump (issue 15.2): a
+    # The account the dump ran as and what its grants left out of the dump: a
     # partial dump exists only with --allow-partial-database (without it the run fails, exit
     # 25). ``missing`` as the check said it ("TRIGGER on nova, mysql"), ``fix`` the GRANT.
     account: str | None = None
@@ -212,13 +212,15 @@ class Manifest:
     format: str = FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
     # {"format": "age", "recipients": [fingerprints]} or {"format": "none", "reason": ...};
-    # None in manifests written before issue 12 (plain text). See undercloud_backup/crypto.py.
+    # None in manifests written before backups could be encrypted (all plain text). See
+    # undercloud_backup/crypto.py.
     encryption: dict[str, Any] | None = None
-    # Issue 13. ``kind`` "full" (level 0) or "incremental"; ``parent`` the backup this level
-    # was taken against; ``chain`` every backup from the level-0 full to the parent, in order;
+    # ``kind`` "full" (level 0) or "incremental"; ``parent`` the backup this level was taken
+    # against; ``chain`` every backup from the level-0 full to the parent, in order;
     # ``snapshot`` the tar snapshot object after this level ({object, size, sha256 of the stored
     # bytes, plain_size, plain_sha256}); ``full_reason`` why a full was taken. None: a backup
-    # from before issue 13 (a full without a snapshot: no incremental can build on it).
+    # from before incrementals existed (a full without a snapshot: no incremental can build
+    # on it).
     kind: str | None = None
     parent: str | None = None
     chain: list[str] = field(default_factory=list)

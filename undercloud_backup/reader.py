@@ -42,7 +42,7 @@ class ObjectDamaged(BackupError):
 def load_manifest(store, container: str, backup_id: str | None,
                   allowed_signers: str | None = None) -> Manifest:
     """The manifest of ``backup_id``, or of the latest complete backup when it is None;
-    with ``allowed_signers``, only if its signature passes (issue 12, exit 53-55)."""
+    with ``allowed_signers``, only if its signature passes (else exit 53-55)."""
     backup_id = backup_id or catalogue.latest_backup(store, container)
     try:
         if allowed_signers is not None:

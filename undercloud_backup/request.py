@@ -40,7 +40,7 @@ class BackupRequest:
     segment_size: int | None = None
     database_segment_size: int | None = None
     files_segment_size: int | None = None
-    # Issue 12: an age recipients file (public keys; None: stored in plain text, said so in
+    # An age recipients file (public keys; None: stored in plain text, said so in
     # the manifest) and the SSH key that signs the manifest (paths only, never key text).
     recipients_file: str | None = None
     signing_key: str | None = None
@@ -48,7 +48,7 @@ class BackupRequest:
     # whether the run opted out on purpose (--no-encryption REASON).
     plain_reason: str | None = None
     encryption_opted_out: bool = False
-    # Issue 13: force a level-0 full; otherwise an incremental against this host's newest
+    # Force a level-0 full; otherwise an incremental against this host's newest
     # complete backup while its chain's full is younger than full_every_s (0: always full).
     full: bool = False
     full_every_s: float = 7 * 86400

@@ -1,4 +1,4 @@
-"""Signed manifests and SHA256SUMS (issue 12): what makes a backup authentic.
+"""Signed manifests and SHA256SUMS: what makes a backup authentic.
 
 The manifest is signed with ``ssh-keygen -Y sign -n undercloud-backup``; the signature is
 ``<backup_id>/manifest.json.sig``, written before the manifest (the commit point), beside

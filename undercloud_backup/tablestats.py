@@ -88,7 +88,7 @@ UNKNOWN_QUERY_ID = 1957  # ER_NO_SUCH_QUERY: KILL QUERY ID of a statement that h
 
 
 class DumpLockWatch:
-    """End a wait of the dump's for a locked table after ``lock_wait_s`` (issue 14.2.2).
+    """End a wait of the dump's for a locked table after ``lock_wait_s``.
 
     ``mariadb-dump`` cannot be given a session ``lock_wait_timeout`` (dbpreflight), so a lock
     taken after the check would hold its SELECT up to the server's (a day). From a connection
