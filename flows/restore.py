@@ -70,9 +70,11 @@ def undercloud_restore(
             undercloud-backups).
         files: Restore the filesystem archive.
         target: Directory to restore the files under (default: a new directory
-            undercloud-restore-BACKUP_ID under staging_dir, created 0700). / means the live
-            system and needs allow_root_target. A named target that does not exist is
-            created 0755, so services restored into a stand-in root can enter it.
+            undercloud-restore-BACKUP_ID-RANDOM under staging_dir, created 0700; the result
+            names it). / means the live system and needs allow_root_target. A named target
+            that does not exist is created 0755, so services restored into a stand-in root
+            can enter it; one that exists must be root's and writable by nobody else, and
+            every directory on the way to it one only root can change.
         allow_root_target: Allow target / (writing into the live system).
         paths: Only restore these absolute paths (as they were on the backed-up host), e.g.
             /etc/keystone; default: everything in the archive. Every one is looked up in
@@ -120,7 +122,7 @@ def undercloud_restore(
     for warning in warnings:
         get_run_logger().warning("%s", warning)
     request = restore.RestoreRequest(
-        backup_id=backup_id, target=target or restore.default_target(staging_dir, backup_id),
+        backup_id=backup_id, target=target or "",  # empty: a new directory, made when used
         paths=tuple(paths or ()), exclude_paths=tuple(exclude_paths or ()),
         reinstalled_host=reinstalled_host, overwrite=overwrite, skip_existing=skip_existing,
         overwrite_empty=overwrite_empty, allow_root_target=allow_root_target,
@@ -186,6 +188,8 @@ def _warnings(decryption: crypto.Decryption | None, allowed_signers: str | None)
 
 def _fresh(request: restore.RestoreRequest) -> bool:
     """Whether the target is missing or empty (refusing / before anything else)."""
+    if not request.target:
+        return True  # the default one does not exist yet
     real = restore.check_target(request.target, request.allow_root_target)
     return not os.path.isdir(real) or not any(os.scandir(real))
 
@@ -279,8 +283,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Restore an undercloud backup: files into a target root (a new scratch "
                     "directory by default), databases into a MariaDB server.")
     cli.add_backup_arguments(p, "restore")
-    p.add_argument("--target", help="restore files under this directory (default: "
-                                    "<staging-dir>/undercloud-restore-<backup_id>)")
+    p.add_argument("--target", help="restore files under this directory (default: a new "
+                                    "<staging-dir>/undercloud-restore-<backup_id>-<random>)")
     p.add_argument("--allow-root-target", action="store_true",
                    help="allow --target / (write into the live system)")
     p.add_argument("--path", action="append", default=[], metavar="PATH",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import stat
 import subprocess
 import sys
@@ -87,8 +88,11 @@ def test_files_come_back_identical_in_a_new_scratch_root(shared_backup, tmp_path
     assert result.returncode == 0, result.stderr
     restored = json.loads(result.stdout)["files"]
     target = Path(restored["target"])
-    # The default target: a new directory named after the backup, only root may enter it.
-    assert target == tmp_path / f"undercloud-restore-{files_backup['backup_id']}"
+    # The default target: a new directory named after the backup, with a random suffix
+    # nobody could plant in advance; only root may enter it.
+    assert target.parent == tmp_path
+    assert re.fullmatch(rf"undercloud-restore-{files_backup['backup_id']}-[a-z0-9_]{{8}}",
+                        target.name)
     assert stat.S_IMODE(target.stat().st_mode) == 0o700
     assert restored["entries"] == len(archived(before))  # the parents of /home/stack aren't
     assert describe_tree(target) == before  # bytes, owners, modes, xattrs, links, empty dirs

@@ -17,6 +17,13 @@ requested path is looked up in the archive's listing before anything is written.
 paths (``exclude_paths``, and with ``reinstalled_host`` the host-identity files of
 :data:`restoreplan.HOST_IDENTITY`) are left alone. A dry run says what would be created,
 replaced, merged and kept, and writes nothing (:mod:`restoreplan`).
+
+Whatever the archives hold, nothing outside the target is written, changed or deleted: each
+``tar -x`` runs confined to the target (:mod:`undercloud_backup.confine`), and a chain restored
+into ``/`` is refused, before anything is written, when a level would write through a symlink
+an earlier level made (:func:`tarlist.leading_out`). The default target is a new directory
+with a random suffix, made exclusively; a named one is reached only through directories only
+root can change.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import time
 from collections.abc import Sequence
 
 from undercloud_backup import archive as fs
-from undercloud_backup import chain
+from undercloud_backup import chain, confine
 from undercloud_backup.errors import (
     BackupError,
     ChainBroken,
@@ -49,8 +56,14 @@ from undercloud_backup.restoreplan import (
     select,
 )
 from undercloud_backup.sizes import format_size
-from undercloud_backup.streams import Consumer, stream_object
-from undercloud_backup.tarlist import read_members, tar_list_command
+from undercloud_backup.streams import Consumer, StreamOutcome, stream_object
+from undercloud_backup.tarlist import (
+    ChainLeadsOut,
+    ChainPaths,
+    Entry,
+    read_entries,
+    tar_list_command,
+)
 
 EXAMPLES = 5
 
@@ -73,21 +86,34 @@ class RestoreFailed(BackupError):
     exit_code = 48
 
 
-def default_target(staging_dir: str, backup_id: str) -> str:
-    """A predictable scratch root, so the operator knows where to look."""
-    return os.path.join(staging_dir, f"undercloud-restore-{backup_id}")
+def default_target(staging_dir: str, backup_id: str, *, create: bool = True) -> str:
+    """A new scratch root ``undercloud-restore-<backup_id>-<random>`` in ``staging_dir``, so
+    the operator knows where to look and nobody can plant it in advance; a dry run only
+    shows its pattern."""
+    if not create:
+        return confine.default_target_pattern(staging_dir, backup_id)
+    return confine.new_default_target(staging_dir, backup_id)
 
 
 def check_target(target: str, allow_root_target: bool) -> str:
-    """The real target directory; ``/`` only with the explicit flag."""
+    """The real target directory; ``/`` only with the explicit flag; reached only through
+    names only root can change, and, if it exists, a directory of root's nobody else writes
+    into (:func:`confine.secure_directory`)."""
     if not os.path.isabs(target):
         raise ConfigError(detail=f"restore target {target!r} must be an absolute path")
-    real = os.path.realpath(target)
+    if os.path.normpath(target) == "/" and not allow_root_target:
+        raise RootTargetRefused()
+    real = confine.secure_directory(target)
     if real == "/" and not allow_root_target:
         raise RootTargetRefused()
-    if os.path.exists(real) and not os.path.isdir(real):
-        raise ConfigError(detail=f"restore target {real} exists and is not a directory")
     return real
+
+
+def target_of(request: RestoreRequest) -> str:
+    """The request's target: named, or (empty) the default one, made now unless a dry run."""
+    if request.target:
+        return check_target(request.target, request.allow_root_target)
+    return default_target(request.staging_dir, request.backup_id, create=not request.dry_run)
 
 
 def archive_object(manifest: Manifest) -> StoredObject:
@@ -107,15 +133,20 @@ def archive_object(manifest: Manifest) -> StoredObject:
 
 
 def plan_files(store, container: str, manifest: Manifest, request: RestoreRequest,
-               check_found: bool = True) -> FilesPlan:
+               check_found: bool = True, *, target: str | None = None,
+               paths: ChainPaths | None = None) -> FilesPlan:
     """Read the archive's listing; compare it with what exists under the target, and check
-    that every requested path is in it (before anything is written)."""
+    that every requested path is in it (before anything is written). ``paths``: also feed
+    every entry to the chain's check of links leading out."""
     obj = archive_object(manifest)
     selection = select(manifest, request)
     literal = selection._literal
-    plan = FilesPlan(target=check_target(request.target, request.allow_root_target))
+    plan = FilesPlan(target=target or target_of(request))
 
-    def on_member(member: str) -> None:
+    def on_entry(entry: Entry) -> None:
+        if paths is not None:
+            paths.add(entry)
+        member = entry.name
         if not selection.wanted(member):
             return
         bare = member.rstrip("/")
@@ -131,7 +162,7 @@ def plan_files(store, container: str, manifest: Manifest, request: RestoreReques
             plan.add(member, plan.action(member))
 
     outcome = stream_object(store, container, obj, Consumer(
-        [tar_list_command()], read_output=lambda out: read_members(out, on_member)),
+        [tar_list_command()], read_output=lambda out: read_entries(out, on_entry)),
         timeout=request.timeout_s, strict=True, spool_dir=request.staging_dir)
     if outcome.first_failure is not None:
         raise RestoreFailed(what=f"the listing of {obj.name}", reason=outcome.reason())
@@ -151,8 +182,8 @@ def extract_command(target: str, selection: Selection, overwrite: bool,
             "--no-wildcards-match-slash"]
     if incremental:
         argv.append("--listed-incremental=/dev/null")
-    if os.geteuid() == 0:
-        argv.append("--same-owner")
+    # Not root, tar runs as root of a user namespace: it must not try to give files away.
+    argv.append("--same-owner" if os.geteuid() == 0 else "--no-same-owner")
     if not overwrite:
         argv.append("--keep-old-files")  # belt and braces: the plan already checked
     argv += [f"--exclude={pattern}" for pattern in selection.excluded]
@@ -161,13 +192,15 @@ def extract_command(target: str, selection: Selection, overwrite: bool,
     return Command(argv=tuple(argv), name="tar --extract")
 
 
-def make_target(target: str, explicit: bool) -> None:
-    """Create a missing target: 0755 when named (a stand-in root services must enter),
-    0700 for the default scratch directory (the restored tree holds secrets)."""
-    if os.path.isdir(target):
-        return
-    os.makedirs(target, exist_ok=True)
-    os.chmod(target, 0o755 if explicit else 0o700)
+def make_target(target: str, explicit: bool) -> str:
+    """Make a missing named target (and its missing parents), never through a link: 0755 (a
+    stand-in root services must enter); a scratch one 0700 (the restored tree holds secrets).
+    Then check that it can be confined to, before anything is read."""
+    mode = 0o755 if explicit else 0o700
+    real = confine.secure_directory(target, create=True, mode=mode)
+    if real != "/":
+        confine.probe(real)
+    return real
 
 
 def restore_files(store, container: str, manifest: Manifest, request: RestoreRequest,
@@ -180,12 +213,12 @@ def restore_files(store, container: str, manifest: Manifest, request: RestoreReq
     started = time.monotonic()
     obj = archive_object(manifest)
     selection = select(manifest, request)
-    target = check_target(request.target, request.allow_root_target)
+    target = target_of(request)
     occupied = os.path.isdir(target) and bool(os.listdir(target))
     plan: FilesPlan | None = None
     if request.dry_run or selection.members or (occupied and not request.overwrite):
         logger.info("reading the listing of %s to check it against %s", obj.name, target)
-        plan = plan_files(store, container, manifest, request)
+        plan = plan_files(store, container, manifest, request, target=target)
         if plan.conflicts and not request.overwrite and not request.dry_run:
             raise WouldOverwrite(count=plan.replaces, target=target, examples=", ".join(
                 os.path.relpath(p, target) for p in plan.conflicts[:EXAMPLES]))
@@ -196,7 +229,7 @@ def restore_files(store, container: str, manifest: Manifest, request: RestoreReq
                     target, plan.creates, plan.replaces, plan.merges, plan.kept)
         return {"target": target, "dry_run": True, "excluded": list(selection.excluded),
                 **plan.as_dict()}
-    make_target(target, request.explicit_target)
+    target = make_target(target, request.explicit_target)
     if os.geteuid() != 0:
         logger.warning("not running as root: owners and trusted/security xattrs cannot be "
                        "restored")
@@ -221,26 +254,41 @@ def _extract(store, container: str, obj: StoredObject, selection: Selection, tar
     logger.info("extracting %s (%s) into %s%s%s", obj.name, format_size(obj.size), target,
                 f" (only {', '.join(selection.members)})" if selection.members else "",
                 f" (excluding {', '.join(selection.excluded)})" if selection.excluded else "")
+    command = confine.confined(extract_command(
+        target, selection, request.overwrite if overwrite is None else overwrite,
+        incremental), target)
     try:
-        outcome = stream_object(store, container, obj, Consumer(
-            [extract_command(target, selection,
-                             request.overwrite if overwrite is None else overwrite,
-                             incremental)], read_output=record),
-            timeout=request.timeout_s, strict=True, spool_dir=request.staging_dir)
+        outcome = stream_object(store, container, obj, Consumer([command], read_output=record),
+                                timeout=request.timeout_s, strict=True,
+                                spool_dir=request.staging_dir)
     except ObjectDamaged as error:
         raise RestoreFailed(what=f"files into {target}",
                             reason=f"{error} ({len(written)} entries had been written)") \
             from None
     if outcome.first_failure is not None:
-        raise RestoreFailed(what=f"files into {target}",
-                            reason=f"{outcome.reason()} ({len(written)} entries had been "
-                                   "written)")
+        raise _extract_failure(outcome, obj, target, len(written))
     seconds = time.monotonic() - started
     logger.info("restored %d entries into %s in %.1f s", len(written), target, seconds)
     return {"target": target, "dry_run": False, "entries": len(written),
             "paths": list(selection.members), "excluded": list(selection.excluded),
             "object": outcome.check.as_dict(), "seconds": round(seconds, 2),
             "deleted": len(deleted)}
+
+
+def _extract_failure(outcome: StreamOutcome, obj: StoredObject, target: str,
+                     written: int) -> BackupError:
+    """Why a confined ``tar -x`` failed: the confinement itself, an attempt to leave the
+    target (which it stopped), or tar's own reasons."""
+    stderr = outcome.results[0].stderr_lines if outcome.results else []
+    if outcome.first_failure is outcome.consumer_error:
+        setup = confine.setup_failure(stderr)
+        if setup is not None:
+            return confine.ConfinementUnavailable(target=target, reason=setup)
+        escape = confine.escape_attempt(stderr)
+        if escape is not None:
+            return confine.OutsideRefused(name=obj.name, target=target, example=escape)
+    return RestoreFailed(what=f"files into {target}",
+                         reason=f"{outcome.reason()} ({written} entries had been written)")
 
 
 # ---------------------------------------------------------------------- incremental chains
@@ -257,24 +305,44 @@ def chain_of(store, container: str, manifest: Manifest) -> list[Manifest]:
     return [*ancestors, manifest]
 
 
+def _read_chain(store, container: str, levels: list[Manifest], request: RestoreRequest,
+                target: str, logger: logging.Logger | logging.LoggerAdapter
+                ) -> list[FilesPlan]:
+    """Every level's listing, before anything is written: the plans, and the refusal of a
+    chain whose levels would lead out of the target (:class:`tarlist.ChainLeadsOut`)."""
+    paths = ChainPaths()
+    plans = []
+    for index, level in enumerate(levels):
+        logger.info("reading the listing of %s", archive_object(level).name)
+        paths.start_level(index)
+        plans.append(plan_files(store, container, level, request, check_found=False,
+                                target=target, paths=paths))
+    if paths.problems:
+        more = f" (and {paths.count - len(paths.problems)} more)" \
+            if paths.count > len(paths.problems) else ""
+        raise ChainLeadsOut(backup_id=levels[-1].backup_id, target=target,
+                            problems="; ".join(paths.problems[:3]) + more)
+    return plans
+
+
 def restore_chain(store, container: str, levels: list[Manifest], request: RestoreRequest,
                   logger: logging.Logger | logging.LoggerAdapter) -> dict:
-    """The full, then each incremental level, in order, deletions included."""
+    """The full, then each incremental level, in order, deletions included. Into ``/`` (and
+    whenever the listings are read anyway) the chain is checked first for links leading out;
+    elsewhere each extraction is confined to the target."""
     started = time.monotonic()
     manifest = levels[-1]
     ids = [m.backup_id for m in levels]
     selection = select(manifest, request)
-    target = check_target(request.target, request.allow_root_target)
+    target = target_of(request)
     occupied = os.path.isdir(target) and bool(os.listdir(target))
     if occupied and not request.overwrite and not request.dry_run:
         raise ChainTargetNotEmpty(backup_id=manifest.backup_id, target=target)
     logger.info("backup %s is incremental level %d: restoring its chain %s in this order",
                 manifest.backup_id, len(levels) - 1, " > ".join(ids))
     plans: list[FilesPlan] = []
-    if request.dry_run or selection.members:
-        for level in levels:
-            logger.info("reading the listing of %s", archive_object(level).name)
-            plans.append(plan_files(store, container, level, request, check_found=False))
+    if request.dry_run or selection.members or target == "/":
+        plans = _read_chain(store, container, levels, request, target, logger)
         merged = merge_plans(target, plans)
         require_found(manifest, selection, merged.found)
     if request.dry_run:
@@ -284,7 +352,7 @@ def restore_chain(store, container: str, levels: list[Manifest], request: Restor
                     merged.merges, merged.kept)
         return {"target": target, "dry_run": True, "excluded": list(selection.excluded),
                 "chain": ids, **merged.as_dict()}
-    make_target(target, request.explicit_target)
+    target = make_target(target, request.explicit_target)
     if occupied:
         logger.warning("restoring an incremental chain over %s (--overwrite): archived "
                        "directories become exactly what they were, files the backup did not "
@@ -292,7 +360,7 @@ def restore_chain(store, container: str, levels: list[Manifest], request: Restor
     results = []
     for index, level in enumerate(levels):
         level_selection = selection
-        if plans and selection.members:  # a level holds only what changed: its own members
+        if selection.members:  # a level holds only what changed: its own members
             level_selection = Selection(
                 members=tuple(m for m in selection.members if m in plans[index].found),
                 excluded=selection.excluded)

@@ -4,8 +4,9 @@ Every object is read with the collecting reader (:mod:`undercloud_backup.reader`
 segment, each checked against the SHA-256 the manifest recorded for it (Swift's MD5, its ETag,
 for manifests older than per-segment SHA-256), then the whole object's size and SHA-256, every
 problem recorded. The filesystem archive goes through ``zstd -d | tar --list`` (every entry
-readable, every archived path present); the dump, and the users-and-grants object after it,
-through ``zstd -d | mariadb --sandbox`` into a throwaway server
+readable, every archived path present, nothing that would lead a restore out of its target:
+for an incremental, its earlier levels' listings are read first); the dump, and the
+users-and-grants object after it, through ``zstd -d | mariadb --sandbox`` into a throwaway server
 (:mod:`undercloud_backup.scratchdb`), whose per-table row counts and checksums are then
 compared with the manifest's.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 import pymysql
 
+from undercloud_backup import chain
 from undercloud_backup.archive import inside
 from undercloud_backup.dbcheck import TableComparison, compare_schema_objects, compare_tables
 from undercloud_backup.dumpstream import DumpGate
@@ -28,7 +30,13 @@ from undercloud_backup.reader import read_collecting
 from undercloud_backup.scratchdb import ScratchServer, scratch_mariadb
 from undercloud_backup.sizes import format_size
 from undercloud_backup.streams import Consumer, StreamOutcome, stream_object
-from undercloud_backup.tarlist import read_members, tar_list_command
+from undercloud_backup.tarlist import (
+    ChainPaths,
+    Entry,
+    ListingUnreadable,
+    read_entries,
+    tar_list_command,
+)
 
 # What a restore of an undercloud cannot do without (docs/restore.md); missing ones are warned
 # about when the path that should hold them was archived.
@@ -83,19 +91,37 @@ class ArchiveReport:
 
 def check_archive(store, container: str, manifest: Manifest, obj: StoredObject, *,
                   timeout: float) -> dict:
-    """Read the archive through ``tar --list``; every entry must be readable to the end."""
+    """Read the archive through ``tar --list``; every entry must be readable to the end, and
+    nothing in it (after its chain's levels, for an incremental) may lead out of a restore's
+    target: a member under a symlink an earlier level made, a hard link through one, a
+    device node (:class:`tarlist.ChainPaths`)."""
     started = time.monotonic()
     report = ArchiveReport(included=list(manifest.paths.included if manifest.paths else []))
+    paths = ChainPaths()
+    problems = _list_ancestors(store, container, manifest, paths, timeout)
+    paths.start_level(len(manifest.chain))
     tar_errors: list[str] = []
-    outcome = stream_object(store, container, obj, Consumer(
-        [tar_list_command()], read_output=lambda out: read_members(out, report.add),
-        on_stderr={0: tar_errors.append}), timeout=timeout, strict=False)
-    problems = list(outcome.check.problems)
+
+    def on_entry(entry: Entry) -> None:
+        report.add(entry.name)
+        paths.add(entry)
+
+    try:
+        outcome = stream_object(store, container, obj, Consumer(
+            [tar_list_command()], read_output=lambda out: read_entries(out, on_entry),
+            on_stderr={0: tar_errors.append}), timeout=timeout, strict=False)
+    except ListingUnreadable as error:
+        problems.append(f"{obj.name}: {error}")
+        return {"object": {"name": obj.name, "ok": False}, "problems": problems,
+                "warnings": [], "entries": report.entries, "seconds": 0}
+    problems += list(outcome.check.problems)
     if outcome.first_failure is not None and outcome.check.ok:
         problems.append(f"{obj.name}: the archive is unreadable: {outcome.reason()}")
     elif outcome.first_failure is None:
         for path in report.missing():
             problems.append(f"{obj.name}: {path} was archived but is not in the archive")
+    problems += [f"{obj.name}: a restore would lead out of its target: {p}"
+                 for p in paths.problems]
     warnings = [f"{e} is not in the backup: {ESSENTIALS[e]}" for e in report.essentials_missing()]
     return {"object": outcome.check.as_dict(), "entries": report.entries,
             "directories": report.directories, "files": report.entries - report.directories,
@@ -104,6 +130,34 @@ def check_archive(store, container: str, manifest: Manifest, obj: StoredObject, 
             "essentials_found": report.essentials_found,
             "problems": problems, "warnings": warnings,
             "seconds": round(time.monotonic() - started, 2)}
+
+
+def _list_ancestors(store, container: str, manifest: Manifest, paths: ChainPaths,
+                    timeout: float) -> list[str]:
+    """Feed the listings of an incremental's earlier levels to ``paths`` (level 0 first): a
+    later level is only dangerous with what they leave. A broken chain is the chain check's
+    to report; here it is only not listed."""
+    if not manifest.chain:
+        return []
+    ancestors, broken = chain.load_ancestors(store, container, manifest)
+    if broken:
+        return []
+    problems = []
+    for index, ancestor in enumerate(ancestors):
+        paths.start_level(index)
+        obj = chain.archive_of(ancestor)
+        assert obj is not None  # load_ancestors checked it
+        try:
+            outcome = stream_object(store, container, obj, Consumer(
+                [tar_list_command()], read_output=lambda out: read_entries(out, paths.add)),
+                timeout=timeout, strict=False)
+        except ListingUnreadable as error:
+            problems.append(f"{obj.name}: {error}")
+            continue
+        if outcome.first_failure is not None or not outcome.check.ok:
+            problems.append(f"{obj.name} (level {index} of the chain) could not be listed: "
+                            f"{outcome.reason() or '; '.join(outcome.check.problems)}")
+    return problems
 
 
 # ------------------------------------------------------------------------------ database
