@@ -4,6 +4,9 @@
 started once per session on a free loopback port with its own PREFECT_HOME. The environment
 is set here, before anything imports prefect, so in-process flows and CLI subprocesses alike
 talk to that server.
+
+Tests marked ``unit`` need none of this: a session that selects only them (``pytest -m unit``)
+starts no server and no service, and runs as any user.
 """
 
 from __future__ import annotations
@@ -86,16 +89,48 @@ def _stop_prefect_server() -> None:
         stop(_SERVER.pop(), timeout=15)
 
 
+UNIT = "unit"
+# Whether the session's tests need the Prefect server: true until the collection shows that
+# every selected test is marked unit.
+_SERVER_NEEDED = [True]
+# The server's log stays in PREFECT_HOME when it did not start, to be read.
+_KEEP_PREFECT_HOME = [False]
+
+
+def _selects_unit_tests_only(markexpr: str) -> bool:
+    """Whether a -m expression can only select tests marked unit: "unit", or "unit and ..."
+    with no "or". Anything else may select others (then the server is started early, and
+    stopped again if the collection finds no test that needs it)."""
+    words = markexpr.replace("(", " ( ").replace(")", " ) ").split()
+    return (bool(words) and words[0] == UNIT and "or" not in words
+            and (len(words) == 1 or words[1] == "and"))
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Start the session's Prefect server before collecting: its first start (migrations of a
-    new database, about 10 s) overlaps with the collection and the services' start-up."""
-    if not session.config.option.collectonly:
+    new database, about 10 s) overlaps with the collection and the services' start-up. Not
+    for the unit tier, which needs no server."""
+    option = session.config.option
+    if not option.collectonly and not _selects_unit_tests_only(option.markexpr):
         _start_prefect_server()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """After deselection: a session of unit tests only needs no server; stop the one started
+    in case it did (``pytest tests/test_units.py``, ``-k``)."""
+    _SERVER_NEEDED[0] = any(item.get_closest_marker(UNIT) is None for item in session.items)
+    if not _SERVER_NEEDED[0]:
+        _stop_prefect_server()
 
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server():
-    """A real Prefect server for the session (SQLite under a temporary PREFECT_HOME)."""
+    """A real Prefect server for the session (SQLite under a temporary PREFECT_HOME), started
+    for the first test when any selected test is not marked unit; None in a session of unit
+    tests only, which must not reach a server (PREFECT_API_URL points at a closed port)."""
+    if not _SERVER_NEEDED[0]:
+        yield None
+        return
     server = _start_prefect_server()
     deadline = time.monotonic() + 120
     while True:
@@ -106,11 +141,11 @@ def prefect_server():
         except OSError:
             pass
         if server.poll() is not None or time.monotonic() > deadline:
+            _KEEP_PREFECT_HOME[0] = True
             raise RuntimeError(f"Prefect server did not start; see {_PREFECT_HOME}/server.log")
         time.sleep(0.2)
     yield PREFECT_API_URL
     _stop_prefect_server()
-    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
 
 FULL_SYSTEM = "full_system"
@@ -155,6 +190,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
     SHARED.close()  # after an interrupted run too
     _stop_prefect_server()
+    if not _KEEP_PREFECT_HOME[0]:
+        shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

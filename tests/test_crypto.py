@@ -12,6 +12,8 @@ import pytest
 from undercloud_backup import crypto, execute, signing
 from undercloud_backup.errors import CommandFailed
 
+pytestmark = pytest.mark.unit
+
 PAYLOAD = b"".join(b"line %d of a database dump\n" % n for n in range(20_000))
 
 

@@ -234,6 +234,7 @@ def test_full_account_passes_and_its_grants_are_recorded_without_secrets(schema,
     assert access.privileges() == report.grants
 
 
+@pytest.mark.unit
 def test_grants_parsing():
     grants = ["GRANT USAGE ON *.* TO `u`@`h` IDENTIFIED BY PASSWORD '*AB'",
               "GRANT SELECT, SHOW VIEW, TRIGGER, EVENT ON `nova`.* TO `u`@`h`",
@@ -305,6 +306,7 @@ def test_locked_table_does_not_hang_the_stats_read_beside_a_dump(held_lock, sche
             pool.submit(read).result(timeout=15)
 
 
+@pytest.mark.unit
 def test_block_keeps_the_option_file_and_overrides_only_what_is_set(tmp_path):
     cnf = tmp_path / "my.cnf"
     cnf.write_text("[client]\nhost=db.example\nport=3307\nsocket=/run/other.sock\n"
@@ -382,6 +384,7 @@ def test_locked_table_names_a_holder_running_a_statement_on_it(held_lock, schema
         holder.close()
 
 
+@pytest.mark.unit
 def test_name_pattern_matches_whole_words_only():
     import re
 

@@ -11,7 +11,10 @@ import sys
 import textwrap
 import time
 
+import pytest
 from conftest import REPO
+
+pytestmark = pytest.mark.unit
 
 CHILD = textwrap.dedent("""
     import sys, threading, time

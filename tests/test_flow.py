@@ -48,6 +48,7 @@ def small_root(tmp_path) -> Path:
     return root
 
 
+@pytest.mark.unit
 def test_the_ui_form_has_sections_every_field_described_and_nothing_required():
     schema = parameter_schema(undercloud_backup).model_dump_for_openapi()
     properties = schema["properties"]
@@ -85,6 +86,7 @@ def _descriptions(node: object) -> Iterator[tuple[str, str]]:
             yield from _descriptions(value)
 
 
+@pytest.mark.unit
 def test_no_deployed_flow_form_has_angle_brackets_or_a_field_without_description():
     """Every form the UI shows (each entrypoint of prefect.yaml): the classic UI takes
     ``<container>`` for an HTML tag and drops it."""
@@ -101,6 +103,7 @@ def test_no_deployed_flow_form_has_angle_brackets_or_a_field_without_description
             assert "<" not in text and ">" not in text, f"{entrypoint}: {field}: {text}"
 
 
+@pytest.mark.unit
 def test_every_flow_parameter_is_a_cli_flag_with_its_default():
     """One definition: each field of each group is a flag of python -m flows.backup."""
     args = _parser().parse_args([])
@@ -117,6 +120,7 @@ def test_every_flow_parameter_is_a_cli_flag_with_its_default():
     assert groups["database"].db_port == 3307 and groups["swift"].swift_timeout == 7
 
 
+@pytest.mark.unit
 def test_restore_takes_the_backups_database_group_and_its_flags():
     """The db_* group is defined once: the restore's form section and flags are the backup's."""
     from flows.restore import _parser as restore_parser
@@ -132,6 +136,7 @@ def test_restore_takes_the_backups_database_group_and_its_flags():
     assert (database.db_socket, database.db_user) == ("/run/m.sock", "root")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("value", ["0", "0MiB", "-1"])
 def test_a_zero_segment_size_is_refused(value, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -279,6 +284,7 @@ def test_prune_after_a_successful_backup_keeps_the_policy(os_env, db_cnf, small_
     assert not [o["name"] for o in objects if o["name"].startswith(first["backup_id"])]
 
 
+@pytest.mark.unit
 def test_ad_hoc_runs_beat_as_often_as_the_zombie_automation_expects():
     """Prefect's default (every 180 s) would let the automation (3 x 30 s) crash a healthy
     ad hoc run; the ephemeral server, which dies with the run, gets none."""

@@ -43,6 +43,7 @@ def root(installed, snapshot_dir_removed_after):  # noqa: F811 - the imported fi
     return installed
 
 
+@pytest.mark.unit
 def test_wrapper_and_library_build_the_same_incremental_tar_command():
     plan = archive.PathPlan(root="/srv/uc", included=("/etc", "/home/stack"), absent=(),
                             excluded=("/home/stack/.cache",))

@@ -14,6 +14,8 @@ from undercloud_backup.manifest import (
     StoredObject,
 )
 
+pytestmark = pytest.mark.unit
+
 V1 = {
     "format": "undercloud-backup/1", "backup_id": "uc-20260101T000000Z-abcdef",
     "created_at": "2026-01-01T00:00:00+00:00", "completed_at": "2026-01-01T00:01:00+00:00",

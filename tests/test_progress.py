@@ -30,6 +30,7 @@ class Recorder:
         self.seen.append(snapshot)
 
 
+@pytest.mark.unit
 def test_snapshot_maths():
     half = Snapshot(done=50 * MiB, estimate=100 * MiB, elapsed=10, rate=5 * MiB)
     assert half.percent == 50.0 and half.eta == 10.0
@@ -46,6 +47,7 @@ def test_snapshot_maths():
     assert progress.format_duration(7322) == "2 h 02 min"
 
 
+@pytest.mark.unit
 def test_reporter_sums_streams_and_measures_the_rate():
     clock, sink = Clock(), Recorder()
     reporter = Reporter(400 * MiB, [sink], clock=clock)
@@ -67,6 +69,7 @@ def test_reporter_sums_streams_and_measures_the_rate():
     assert sink.seen[-1] is final
 
 
+@pytest.mark.unit
 def test_rate_follows_the_recent_window():
     meter = progress.RateMeter(window=10)
     t, done = 0.0, 0
@@ -81,6 +84,7 @@ def test_rate_follows_the_recent_window():
     assert rate == pytest.approx(10 * MiB, rel=0.01)
 
 
+@pytest.mark.unit
 def test_throttling_per_sink_and_the_final_update_always_passes():
     clock = Clock()
     fast, slow = Recorder(every=1.0), Recorder(every=10.0)
@@ -95,6 +99,7 @@ def test_throttling_per_sink_and_the_final_update_always_passes():
     assert fast.seen[-1].finished and slow.seen[-1].finished and len(slow.seen) == 4
 
 
+@pytest.mark.unit
 def test_threads_feeding_at_once_lose_nothing():
     sink = Recorder()
     reporter = Reporter(8 * 1000, [sink])
@@ -113,6 +118,7 @@ class FakeTTY(io.StringIO):
         return True
 
 
+@pytest.mark.unit
 def test_console_bar_on_a_terminal_and_lines_otherwise():
     clock = Clock()
     tty, plain = FakeTTY(), io.StringIO()
@@ -159,6 +165,7 @@ def test_progress_artifact_in_a_flow_run(prefect_server):
     assert progress.for_run(1, console=io.StringIO()).sinks[1:] == []   # no flow: no artifact
 
 
+@pytest.mark.unit
 def test_run_reporter_fed_by_stream_name():
     out = io.StringIO()
     progress.feed("database dump", 5)                      # no run started: ignored

@@ -88,6 +88,7 @@ def stored(times: list[str]) -> list[retention.StoredBackup]:
             for t in times]
 
 
+@pytest.mark.unit
 def test_policy_selection_by_hand():
     kept = retention.select(stored(TIMES), retention.RetentionPolicy(
         keep_last=2, keep_daily=3, keep_weekly=3))
@@ -101,6 +102,7 @@ def test_policy_selection_by_hand():
     }
 
 
+@pytest.mark.unit
 def test_the_newest_backup_is_always_kept_and_an_empty_policy_is_refused():
     kept = retention.select(stored(TIMES[:3]), retention.RetentionPolicy(
         keep_last=0, keep_daily=0, keep_weekly=1))
@@ -109,6 +111,7 @@ def test_the_newest_backup_is_always_kept_and_an_empty_policy_is_refused():
         retention.RetentionPolicy(keep_last=0, keep_daily=0, keep_weekly=0)
 
 
+@pytest.mark.unit
 def test_each_host_keeps_its_own_backups():
     """Two underclouds sharing a container: neither prunes the other's backups away."""
     backups = stored(TIMES)
@@ -120,6 +123,7 @@ def test_each_host_keeps_its_own_backups():
                     backup_id(at("2026-10-07T02:00")): ["last", "newest"]}
 
 
+@pytest.mark.unit
 def test_two_backups_of_the_same_second_keep_the_one_written_last():
     """created_at has whole seconds: the one whose manifest Swift wrote last is the newest,
     whatever the ids' random tails say (else a run could prune itself away)."""

@@ -236,6 +236,7 @@ def test_the_manual_procedure_works_with_the_stock_client(services_backup, tmp_p
 
 
 # ------------------------------------------------------------------------ pure functions
+@pytest.mark.unit
 def test_selection_matches_as_tar_does_and_identity_is_kept_unless_asked():
     from undercloud_backup.manifest import Manifest, PathsSection
 
@@ -261,6 +262,7 @@ def test_selection_matches_as_tar_does_and_identity_is_kept_unless_asked():
                                                         paths=("/opt/x",)))
 
 
+@pytest.mark.unit
 def test_the_dump_gate_passes_mariadb_dump_output_and_refuses_anything_else():
     from undercloud_backup.dumpstream import DatabaseFilter, DumpGate, NotADump
 
@@ -282,6 +284,7 @@ def test_the_dump_gate_passes_mariadb_dump_output_and_refuses_anything_else():
     assert chained.feed(old) + chained.finish() == old  # header and footer pass the filter
 
 
+@pytest.mark.unit
 def test_a_verification_failure_without_a_report_prints_one_line(monkeypatch, capsys):
     """flows.verify's error printer must not assume every VerificationFailed has a report."""
     from flows import verify as verify_flow

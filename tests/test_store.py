@@ -203,12 +203,14 @@ def test_a_slow_but_live_swift_completes(store, swift_proxy, container):
 
 
 # ---------------------------------------------------------------- container names
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["a/evil", "q?x=1", "", "x" * 248, "tab\there"])
 def test_bad_container_names_are_refused(name):
     with pytest.raises(ConfigError):
         SwiftSettings(auth_url="http://keystone", container=name)
 
 
+@pytest.mark.unit
 def test_the_longest_container_name_leaves_room_for_segments():
     SwiftSettings(auth_url="http://keystone", container="x" * 247)  # + "_segments" = 256
     SwiftSettings(auth_url="http://keystone", container="ü" * 123)  # 246 bytes of UTF-8
@@ -300,6 +302,7 @@ def test_a_full_staging_disk_is_insufficient_space(store, container, small_stagi
 
 
 # ------------------------------------------------------------------ classification
+@pytest.mark.unit
 def test_retryable_follows_the_status_and_survives_pickling():
     """Prefect pickles task exceptions; its retry condition reads ``retryable``."""
     import pickle

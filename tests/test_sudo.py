@@ -86,6 +86,7 @@ def test_sudoers_file_passes_visudo():
     assert "parsed OK" in result.stdout
 
 
+@pytest.mark.unit
 def test_sudoers_grants_the_wrappers_only():
     text = SUDOERS_SOURCE.read_text()
     granted = [line for line in text.splitlines() if "NOPASSWD" in line]
@@ -95,6 +96,7 @@ def test_sudoers_grants_the_wrappers_only():
     assert commands.count(privileged.LIBEXEC) == 7
 
 
+@pytest.mark.unit
 def test_wrappers_load_only_the_standard_library():
     for name in ("ucb-archive", "ucb-mariadb"):
         source = (LIBEXEC / name).read_text()

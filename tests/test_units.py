@@ -19,6 +19,8 @@ from undercloud_backup.errors import (
 from undercloud_backup.execute import Command, Pipeline, capture
 from undercloud_backup.sizes import format_size, parse_size
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("text,expected", [
     ("64MiB", 64 * 1024**2), ("64M", 64 * 1024**2), ("64MB", 64 * 1000**2),

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The test command: bring up the loopback services, build the venv, run the whole suite.
+# The test command: bring up the loopback services, build the venv, run the whole suite: the
+# unit tier first (`pytest -m unit`: seconds, no service, so a broken build fails fast), then
+# the rest (`-m "not unit"`), each test once. With pytest args, just what they select, once.
 #   sudo deployments/dev/test.sh [pytest args...]
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -30,11 +32,18 @@ fi
 echo "[test] services and venv ready in $((SECONDS - t0)) s"
 export PATH="$VENV/bin:$PATH"
 "$VENV/bin/ruff" check .
-if [ "${UCB_BENCH_SMOKE:-0}" != 1 ]; then
-  exec "$VENV/bin/pytest" -q "$@"
-fi
 # The 25 slowest tests in CI's log: where the suite's time goes (it is near its 20-minute budget).
-"$VENV/bin/pytest" -q --durations=25 "$@"
+durations=()
+[ "${UCB_BENCH_SMOKE:-0}" != 1 ] || durations=(--durations=25)
+if [ $# -gt 0 ]; then
+  "$VENV/bin/pytest" -q "${durations[@]}" "$@"
+else
+  echo "[test] unit tier: pytest -m unit" >&2
+  "$VENV/bin/pytest" -q -m unit
+  echo "[test] the rest: pytest -m 'not unit'" >&2
+  "$VENV/bin/pytest" -q "${durations[@]}" -m "not unit"
+fi
+[ "${UCB_BENCH_SMOKE:-0}" = 1 ] || exit 0
 # CI only: the benchmark at a tiny size, a smoke check that asserts no time (about a minute).
 # (--only: every part but "overhead", Prefect's own start-up cost measured three ways, ~40 s)
 echo "[test] benchmark smoke run: python3 benchmarks/bench.py --scale 0.01 --runs 1" >&2
