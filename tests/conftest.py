@@ -145,7 +145,17 @@ def prefect_server():
             raise RuntimeError(f"Prefect server did not start; see {_PREFECT_HOME}/server.log")
         time.sleep(0.2)
     yield PREFECT_API_URL
+    _drain_prefect()
     _stop_prefect_server()
+
+
+def _drain_prefect() -> None:
+    """Send what this process's Prefect log and event workers still hold while the server is
+    up: left for the interpreter's exit, with the server gone, they retry for more than a
+    minute (the session ends that much later) before they give up."""
+    from prefect._internal.concurrency.services import QueueService
+
+    QueueService.drain_all(timeout=10)
 
 
 FULL_SYSTEM = "full_system"
