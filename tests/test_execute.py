@@ -38,16 +38,23 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _command(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        return cmdline.read().split(b"\0")[0]
+
+
 def test_a_child_dies_with_its_killed_parent():
     parent = subprocess.Popen([sys.executable, "-c", CHILD], cwd=REPO, stdout=subprocess.PIPE,
                               text=True, start_new_session=True)
     try:
         child = int(parent.stdout.readline())
         assert _alive(child)
-        with open(f"/proc/{child}/status") as status:  # the death signal is SIGKILL
+        with open(f"/proc/{child}/status") as status:  # a child of the process killed below
             assert any(line.split() == ["PPid:", str(parent.pid)] for line in status)
-        with open(f"/proc/{child}/cmdline", "rb") as cmdline:
-            assert cmdline.read().split(b"\0")[0] == b"sleep"  # setpriv exec'd it
+        deadline = time.monotonic() + 5  # setpriv sets the signal, then execs the command
+        while _command(child) != b"sleep" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _command(child) == b"sleep"
         parent.kill()
         parent.wait(timeout=10)
         deadline = time.monotonic() + 5
