@@ -305,14 +305,16 @@ def _by_hand_text(container: str, backup_id: str, manifest: dict) -> str:
                 "objects go through `age -d -i IDENTITY` first).")
     levels = [*manifest["chain"], backup_id]
     steps = "\n".join(
-        f"{n}. `swift download {container} --prefix {level}/`, then `zstd -dc "
-        f"{level}/filesystem.tar.zst | tar -x --listed-incremental=/dev/null --xattrs "
-        "--xattrs-include='*' --acls --numeric-owner -C /target`"
+        f"{n}. `swift download {container} {level}/filesystem.tar.zst -o - | zstd -dc | "
+        "confined_tar /target --listed-incremental=/dev/null --xattrs --xattrs-include='*' "
+        "--acls --numeric-owner -p --same-owner`"
         for n, level in enumerate(levels, 1))
     return ("Restore without this tool (see README): the files are an incremental, so extract "
             "the full and every level, in this order, into the same empty target (tar applies "
-            f"each level's deletions):\n\n{steps}\n\nthen the database from this backup "
-            f"alone (a full dump every time): `zstd -dc {backup_id}/mariadb-all-databases.sql.zst"
+            "each level's deletions), each confined to the target: plain `tar -x` is not safe "
+            "across levels (`confined_tar`: docs/restore.md, \"Incremental backups, by "
+            f"hand\"):\n\n{steps}\n\nthen the database from this backup alone (a full dump "
+            f"every time): `zstd -dc {backup_id}/mariadb-all-databases.sql.zst"
             " | mariadb --sandbox --local-infile=0`, then the same for "
             "mariadb-users-grants.sql.zst.")
 

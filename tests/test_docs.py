@@ -1,0 +1,43 @@
+"""What the docs point at exists: every test a claim names (the threat model's lines each name
+theirs), every file or page a link or a path names."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.unit
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def _tests_defined() -> set[str]:
+    return {name for path in (REPO / "tests").glob("*.py")
+            for name in re.findall(r"^(?:async )?def (test_\w+)", path.read_text(), re.M)}
+
+
+def test_every_test_the_docs_name_exists():
+    defined = _tests_defined()
+    named = {(doc.name, name) for doc in DOCS
+             for name in re.findall(r"\b(test_\w+)", doc.read_text())
+             if not (REPO / "tests" / f"{name}.py").exists()}  # a module, not a test
+    assert sorted((doc, name) for doc, name in named if name not in defined) == []
+
+
+def test_every_relative_link_and_named_file_of_the_docs_exists():
+    missing = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            if not (doc.parent / target).exists():
+                missing.append(f"{doc.relative_to(REPO)}: link {target}")
+        for path in re.findall(r"`((?:tests|docs|deployments|flows|tasks|blocks|benchmarks|"
+                               r"undercloud_backup)/[\w./-]+\.(?:py|md|sh|conf|yaml|png))",
+                               text):
+            if not (REPO / path).exists():
+                missing.append(f"{doc.relative_to(REPO)}: {path}")
+    assert missing == []
