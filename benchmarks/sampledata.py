@@ -16,7 +16,7 @@ from pathlib import Path
 from shell import REPO, MiB, log, run
 
 BENCH_DB = "ucb_bench"
-# The flow's default paths (undercloud_backup.archive.DEFAULT_PATHS), relative to the root:
+# The flow's default paths (undercloud_backup.files.archive.DEFAULT_PATHS), relative to the root:
 # the reference tar archives exactly what ours does.
 PATHS = ("etc", "root", "home/stack", "srv/node", "var/lib/glance/images")
 DUMP_OPTS = "--single-transaction --all-databases --routines --events --triggers"

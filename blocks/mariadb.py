@@ -8,7 +8,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from undercloud_backup.config import database_settings
-from undercloud_backup.database import DatabaseSettings
+from undercloud_backup.db.connection import DatabaseSettings
 
 
 class MariaDBConnection(Block):

@@ -11,9 +11,9 @@ from dataclasses import dataclass, replace
 from blocks.mariadb import MariaDBConnection
 from blocks.swift import SwiftTarget
 from undercloud_backup.config import database_settings, swift_settings_from_env
-from undercloud_backup.database import DatabaseSettings
-from undercloud_backup.sizes import parse_size
-from undercloud_backup.swift import SwiftSettings
+from undercloud_backup.core.sizes import parse_size
+from undercloud_backup.db.connection import DatabaseSettings
+from undercloud_backup.store.swift import SwiftSettings
 
 
 @dataclass(frozen=True)

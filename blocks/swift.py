@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from undercloud_backup import swift
-from undercloud_backup.sizes import parse_size
-from undercloud_backup.store import SwiftStore
+from undercloud_backup.core.sizes import parse_size
+from undercloud_backup.store import swift
+from undercloud_backup.store.connection import SwiftStore
 
 
 class SwiftTarget(Block):

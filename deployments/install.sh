@@ -263,7 +263,7 @@ step_config() {
   install_recipients
 }
 
-# The node's signing key (undercloud_backup/signing.py): every backup that names no key is
+# The node's signing key (undercloud_backup/trust/signing.py): every backup that names no key is
 # signed with it, and verify and restore that name no allowed-signers file check against
 # $ETC/allowed_signers. Made once with ssh-keygen in a directory of root's alone and kept on
 # every re-run (UCB_SIGNING_KEY=FILE installs that key instead); root:$GROUP 0640, so that the
@@ -314,7 +314,7 @@ public_key() {
 
 # Encryption is the default. UCB_RECIPIENTS_FILE: the age recipients (public keys only: an
 # operator's and a break-glass key) every backup is encrypted to from now on, unless a run opts
-# out with --no-encryption REASON (undercloud_backup/crypto.py); checked before it replaces the
+# out with --no-encryption REASON (undercloud_backup/trust/crypto.py); checked before it replaces the
 # installed ones. Installed recipients are kept on a re-run. Without either, a break-glass key
 # pair is made (make_break_glass). UCB_NO_ENCRYPTION=REASON: no recipients, plain text on
 # purpose, the reason recorded in $ETC/no-encryption for every run's manifest and artifact.
@@ -353,7 +353,7 @@ install_recipients() {
 
 check_recipients() {  # check_recipients FILE: parses, and age encrypts to it (one line if not)
   (cd "$UCB_APP" && "$UCB_VENV/bin/python" -c \
-    'import sys; from undercloud_backup import crypto; crypto.load_recipients(sys.argv[1])' \
+    'import sys; from undercloud_backup.trust import crypto; crypto.load_recipients(sys.argv[1])' \
     "$1" 2>&1 | tail -1 >&2; exit "${PIPESTATUS[0]}")
 }
 

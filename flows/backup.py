@@ -30,12 +30,16 @@ from flows.params import (
 )
 from tasks import backup as stages
 from tasks.prune import apply_retention
-from undercloud_backup import backup, crypto, progress, signing
-from undercloud_backup import stages as stages_lib
-from undercloud_backup.errors import BackupError, ConfigError
-from undercloud_backup.retention import RetentionPolicy
-from undercloud_backup.sizes import format_size
-from undercloud_backup.space import SpaceReport
+from undercloud_backup.backup import run as backup
+from undercloud_backup.backup import stages as stages_lib
+from undercloud_backup.core import progress
+from undercloud_backup.core.errors import BackupError, ConfigError
+from undercloud_backup.core.sizes import format_size
+from undercloud_backup.store import catalogue, tempurl
+from undercloud_backup.store.connection import SwiftStore
+from undercloud_backup.store.retention import RetentionPolicy
+from undercloud_backup.store.space import SpaceReport
+from undercloud_backup.trust import crypto, signing
 
 logs.quiet_expected_errors()
 
@@ -198,9 +202,6 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
 def _download_links(swift_source: SwiftSource, manifest, hours: float = 24) -> str:
     """The artifact's TempURLs, valid ``hours``, for an encrypted backup; for one in plain text
     how to download it with credentials. A failure costs the links, never the backup."""
-    from undercloud_backup import tempurl
-    from undercloud_backup.store import SwiftStore
-
     settings = swift_source.settings()
     if not crypto.is_encrypted(manifest):
         return tempurl.plain_text_markdown(settings.container, manifest.backup_id)
@@ -356,9 +357,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from undercloud_backup import catalogue
-    from undercloud_backup.store import SwiftStore
-
     settings = SwiftSource(block=args.swift_block, container=args.container).settings()
     store = SwiftStore.connect(settings)
     entries = catalogue.describe(store, settings.container,

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from flows import params
+from flows import interrupt, params
 from flows.server import temporary_server
-from undercloud_backup import signing
-from undercloud_backup.errors import BackupError
+from undercloud_backup.core.errors import BackupError
+from undercloud_backup.trust import signing
 
 T = TypeVar("T")
 # True while a flow is run from ``python -m flows.*``: its errors then name CLI flags
@@ -104,8 +104,6 @@ def run(prog: str, call: Callable[[], T], *, interrupted: str = "",
         line, status = f"error: {error}", error.exit_code
     except (KeyboardInterrupt, TerminationSignal) as signalled:
         signum = signal.SIGINT if isinstance(signalled, KeyboardInterrupt) else signal.SIGTERM
-        from flows import interrupt
-
         line = interrupt.outcome or (f"interrupted by {signal.Signals(signum).name}"
                                      f"{'; ' + interrupted if interrupted else ''}")
         status = SIGNAL_STATUS[signum]

@@ -13,7 +13,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from blocks.sources import SwiftSource
-from undercloud_backup import execute
+from undercloud_backup.core import execute
+from undercloud_backup.store.connection import SwiftStore
 
 STAGE_GRACE_S = 15.0
 # The line about what an interrupted run left; the CLI prints it.
@@ -38,8 +39,6 @@ def _signals_ignored() -> Iterator[None]:
 
 def _delete_prefix(swift_source: SwiftSource, backup_id: str) -> tuple[int, int, str]:
     """Delete every object and segment under ``backup_id/``: (deleted, left, container)."""
-    from undercloud_backup.store import SwiftStore
-
     settings = swift_source.settings()
     store = SwiftStore.connect(settings)
     deleted = left = 0

@@ -2,7 +2,7 @@
 
 Prefect logs a failing task or flow with the exception's traceback, and the flow once more as
 "Encountered exception during execution" before its final state line. For our own errors
-(:class:`~undercloud_backup.errors.BackupError`: a wrong password, a missing path, no space)
+(:class:`~undercloud_backup.core.errors.BackupError`: a wrong password, a missing path, no space)
 the traceback says nothing the one-line message does not; unexpected errors keep theirs.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from undercloud_backup.errors import BackupError
+from undercloud_backup.core.errors import BackupError
 
 LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from blocks.sources import DatabaseSource
-from undercloud_backup.errors import ConfigError
-from undercloud_backup.sizes import parse_size
+from undercloud_backup.core.errors import ConfigError
+from undercloud_backup.core.sizes import parse_size
+from undercloud_backup.files.chain import parse_duration
 
 
 def segment_size_bytes(text: str | None) -> int | None:
@@ -35,8 +36,6 @@ def segment_size_bytes(text: str | None) -> int | None:
 
 def duration_seconds(text: str) -> float:
     """``full_every``: 7d, 36h, 90m, 2w or 0 in seconds; nonsense is a ValueError."""
-    from undercloud_backup.chain import parse_duration
-
     return parse_duration(text)
 
 

@@ -20,7 +20,7 @@ from prefect.runtime import flow_run
 from blocks.sources import SwiftSource
 from flows import cli
 from tasks.prune import apply_retention
-from undercloud_backup.retention import RetentionPolicy
+from undercloud_backup.store.retention import RetentionPolicy
 
 
 def _run_name() -> str:

@@ -25,9 +25,12 @@ from flows import cli, logs, params
 from flows.params import DatabaseParams
 from tasks import restore as steps
 from tasks import verify as checks
-from undercloud_backup import crypto, restore, restoredb, restoreplan, signing
-from undercloud_backup.errors import ConfigError
-from undercloud_backup.manifest import Manifest
+from undercloud_backup.core.errors import ConfigError
+from undercloud_backup.core.manifest import Manifest
+from undercloud_backup.restore import databases as restoredb
+from undercloud_backup.restore import files as restore
+from undercloud_backup.restore import plan as restoreplan
+from undercloud_backup.trust import crypto, signing
 
 logs.quiet_expected_errors()  # a refused signature is one line, not a traceback
 

@@ -2,7 +2,7 @@
 
 Prefect would start one itself, in our process group: a Ctrl-C then kills it mid-run, and a
 SIGKILL of the run leaves it running (190 MB). Started here instead, through
-:mod:`undercloud_backup.execute`, it has a process group of its own (the terminal's Ctrl-C
+:mod:`undercloud_backup.core.execute`, it has a process group of its own (the terminal's Ctrl-C
 reaches only us), dies with us whatever kills us (``PR_SET_PDEATHSIG``), and is stopped quietly
 before the run's last line is printed.
 
@@ -40,8 +40,8 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 
-from undercloud_backup.errors import redact
-from undercloud_backup.execute import Command, Pipeline
+from undercloud_backup.core.errors import redact
+from undercloud_backup.core.execute import Command, Pipeline
 
 STARTUP_TIMEOUT_S = 90.0  # the first start migrates a new database: 16 s seen, more on CI
 PRIVATE_PREFIX = "ucb-prefect-server-"  # then <our pid>-<random>: whose leftover it is

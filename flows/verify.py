@@ -21,10 +21,11 @@ from prefect.runtime import flow_run
 from blocks.sources import SwiftSource
 from flows import cli, logs
 from tasks import verify as checks
-from undercloud_backup import crypto, signing, verify
-from undercloud_backup.errors import BackupError
-from undercloud_backup.manifest import Manifest
-from undercloud_backup.sizes import format_size
+from undercloud_backup.core.errors import BackupError
+from undercloud_backup.core.manifest import Manifest
+from undercloud_backup.core.sizes import format_size
+from undercloud_backup.restore import verify
+from undercloud_backup.trust import crypto, signing
 
 logs.quiet_expected_errors()  # a refused signature is one line, not a traceback
 

@@ -12,12 +12,16 @@ from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
 from blocks.sources import DatabaseSource, SwiftSource
-from undercloud_backup import backup, database, space, stages
-from undercloud_backup.archive import PathPlan, estimate_bytes
-from undercloud_backup.errors import BackupError
-from undercloud_backup.manifest import Manifest
-from undercloud_backup.request import BackupRequest
-from undercloud_backup.store import SwiftStore
+from undercloud_backup.backup import run as backup
+from undercloud_backup.backup import stages
+from undercloud_backup.backup.request import BackupRequest
+from undercloud_backup.core.errors import BackupError
+from undercloud_backup.core.manifest import Manifest
+from undercloud_backup.db import database
+from undercloud_backup.db.connection import ServerInfo
+from undercloud_backup.files.archive import PathPlan, estimate_bytes
+from undercloud_backup.store import space
+from undercloud_backup.store.connection import SwiftStore
 
 
 def transient(task, task_run, state) -> bool:
@@ -59,7 +63,7 @@ def database_access(request: BackupRequest,
 
 
 def check_database(request: BackupRequest, access: database.DatabaseAccess,
-                   logger) -> database.ServerInfo:
+                   logger) -> ServerInfo:
     """What there is to dump, whether the account can dump all of it, and no table locked."""
     info = access.server_info()
     report = access.check_privileges(info.databases, request.allow_partial_database)

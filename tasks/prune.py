@@ -1,4 +1,4 @@
-"""The Prefect task of retention: a thin wrapper over ``undercloud_backup.retention.prune``.
+"""The Prefect task of retention: a thin wrapper over ``undercloud_backup.store.retention.prune``.
 
 Used by the ``prune_backups`` flow and, after each successful backup, by ``undercloud_backup``.
 """
@@ -12,8 +12,8 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.sources import SwiftSource
 from tasks.backup import RETRY_TRANSIENT
-from undercloud_backup import retention
-from undercloud_backup.store import SwiftStore
+from undercloud_backup.store import retention
+from undercloud_backup.store.connection import SwiftStore
 
 
 # Retrying is safe: deleting is idempotent, and the manifest goes first.

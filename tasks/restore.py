@@ -1,4 +1,5 @@
-"""Prefect tasks of the restore: thin wrappers over ``undercloud_backup.restore``/``restoredb``.
+"""Prefect tasks of the restore: thin wrappers over :mod:`undercloud_backup.restore.files` and
+:mod:`undercloud_backup.restore.databases`.
 
 No retries and no caching: a restore that half happened must be looked at, not repeated
 blindly (a second attempt would, rightly, refuse to overwrite what the first one wrote).
@@ -10,9 +11,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.sources import DatabaseSource, SwiftSource
-from undercloud_backup import restore, restoredb
-from undercloud_backup.manifest import Manifest
-from undercloud_backup.store import SwiftStore
+from undercloud_backup.core.manifest import Manifest
+from undercloud_backup.restore import databases as restoredb
+from undercloud_backup.restore import files as restore
+from undercloud_backup.store.connection import SwiftStore
 
 
 @task(name="restore_files", cache_policy=NO_CACHE)

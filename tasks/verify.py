@@ -1,4 +1,4 @@
-"""Prefect tasks of the verification: thin wrappers over ``undercloud_backup.verify``.
+"""Prefect tasks of the verification: thin wrappers over ``undercloud_backup.restore.verify``.
 
 Every task opens its own Swift store (a swiftclient connection is not shared between threads)
 and resolves credentials itself, so none ever becomes a parameter or a result. Nothing is
@@ -12,9 +12,11 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.sources import SwiftSource
 from tasks.backup import RETRY_TRANSIENT
-from undercloud_backup import chain, reader, verify
-from undercloud_backup.manifest import Manifest, StoredObject
-from undercloud_backup.store import SwiftStore
+from undercloud_backup.core.manifest import Manifest, StoredObject
+from undercloud_backup.files import chain
+from undercloud_backup.restore import verify
+from undercloud_backup.store import reader
+from undercloud_backup.store.connection import SwiftStore
 
 _check = {**RETRY_TRANSIENT, "cache_policy": NO_CACHE}
 

@@ -222,7 +222,7 @@ def db_cnf(services) -> str:
 def swift_store():
     """A store for the backup user, from the test bed's OS_* variables (no retries)."""
     from undercloud_backup import config
-    from undercloud_backup.store import SwiftStore
+    from undercloud_backup.store.connection import SwiftStore
 
     return SwiftStore.connect(config.swift_settings_from_env(retries=0))
 

@@ -30,7 +30,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from undercloud_backup import privileged, signing
+from undercloud_backup.db import privileged
+from undercloud_backup.trust import signing
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL = REPO / "deployments/install.sh"

@@ -74,8 +74,8 @@ from deploy_helpers import stop  # noqa: E402
 from swift_proxy import Rule, SwiftProxy  # noqa: E402
 
 from undercloud_backup import config  # noqa: E402
-from undercloud_backup.errors import NotFound  # noqa: E402
-from undercloud_backup.store import SwiftStore  # noqa: E402
+from undercloud_backup.core.errors import NotFound  # noqa: E402
+from undercloud_backup.store.connection import SwiftStore  # noqa: E402
 
 
 def mariadb(sql: str) -> str:

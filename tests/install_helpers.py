@@ -38,7 +38,8 @@ from deploy_helpers import (
     scratch_dir,
 )
 
-from undercloud_backup import crypto, privileged
+from undercloud_backup.db import privileged
+from undercloud_backup.trust import crypto
 
 ETC = Path("/etc/undercloud-backup")
 RUN_DIR = Path("/run/undercloud-backup")

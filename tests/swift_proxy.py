@@ -260,7 +260,7 @@ def swift_proxy_fixture(os_env):
     """A started proxy; ``swift_proxy.url`` routes the test account's storage URL through
     it (set it as OS_STORAGE_URL or SwiftSettings.storage_url)."""
     from undercloud_backup import config
-    from undercloud_backup.store import SwiftStore
+    from undercloud_backup.store.connection import SwiftStore
 
     real = SwiftStore.connect(config.swift_settings_from_env()).url
     with SwiftProxy() as proxy:

@@ -20,7 +20,7 @@ from test_faults import (  # noqa: F401 - fixtures used by name
     staging,
 )
 
-from undercloud_backup.manifest import DB_OBJECT, Manifest
+from undercloud_backup.core.manifest import DB_OBJECT, Manifest
 
 USER = "ucb_readme"
 

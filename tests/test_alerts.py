@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from undercloud_backup.errors import PathNotFound
+from undercloud_backup.core.errors import PathNotFound
 
 REPO = Path(__file__).resolve().parent.parent
 ALERTS = REPO / "deployments/prefect/alerts.py"

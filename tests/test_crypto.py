@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from undercloud_backup import crypto, execute, signing
-from undercloud_backup.errors import CommandFailed
+from undercloud_backup.core import execute
+from undercloud_backup.core.errors import CommandFailed
+from undercloud_backup.trust import crypto, signing
 
 pytestmark = pytest.mark.unit
 
@@ -254,9 +255,10 @@ def test_exit_statuses_are_distinct_and_in_the_50s():
 
 # -- wiring (pure) ---------------------------------------------------------------------------
 def test_an_encrypted_request_pipes_zstd_into_age_and_names_objects_age(keys):
-    from undercloud_backup import backup, stages
-    from undercloud_backup.manifest import Manifest
-    from undercloud_backup.request import BackupRequest
+    from undercloud_backup.backup import run as backup
+    from undercloud_backup.backup import stages
+    from undercloud_backup.backup.request import BackupRequest
+    from undercloud_backup.core.manifest import Manifest
 
     plain = BackupRequest(backup_id="h-1", created_at="now", hostname="h")
     assert [c.name for c in stages.compress_commands(plain)] == ["zstd"]
@@ -275,7 +277,7 @@ def test_an_encrypted_request_pipes_zstd_into_age_and_names_objects_age(keys):
 
 
 def test_sha256sums_is_what_sha256sum_c_reads(tmp_path):
-    from undercloud_backup.manifest import Manifest, StoredObject
+    from undercloud_backup.core.manifest import Manifest, StoredObject
 
     body = b"encrypted bytes"
     (tmp_path / "h-1").mkdir()
@@ -326,7 +328,7 @@ def test_without_installed_recipients_a_run_naming_none_is_plain_text_and_says_w
 
 
 def test_an_identity_is_prepared_before_anything_is_read(keys, tmp_path, monkeypatch):
-    from undercloud_backup.manifest import Manifest
+    from undercloud_backup.core.manifest import Manifest
 
     section = crypto.load_recipients(keys["recipients"]).manifest_section()
     sealed = Manifest(backup_id="b1", created_at="now", encryption=section)

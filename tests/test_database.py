@@ -18,13 +18,17 @@ import pytest
 from conftest import REPO, backup_cli, mariadb, swift_store
 
 from blocks.mariadb import MariaDBConnection
-from undercloud_backup import catalogue, database, dbdump, dbpreflight, verify
-from undercloud_backup.dbpreflight import DatabaseLocked, DatabasePrivileges, evaluate
-from undercloud_backup.errors import CommandFailed
-from undercloud_backup.execute import Pipeline
+from undercloud_backup.core.errors import CommandFailed
+from undercloud_backup.core.execute import Pipeline
+from undercloud_backup.db import connection, database
+from undercloud_backup.db import dump as dbdump
+from undercloud_backup.db import preflight as dbpreflight
+from undercloud_backup.db.preflight import DatabaseLocked, DatabasePrivileges, evaluate
+from undercloud_backup.restore import verify
+from undercloud_backup.store import catalogue
 
 SOCKET = "/run/mysqld/mysqld.sock"
-ROOT = database.DatabaseSettings(socket=SOCKET, user="root")
+ROOT = connection.DatabaseSettings(socket=SOCKET, user="root")
 WRAPPER = REPO / "deployments/libexec/ucb-mariadb"
 DBS = ("ucb_dbt_a", "ucb_dbt_b", "ucb_dbt_c")
 SVC, ROLE = "'ucb_dbt_svc'@'localhost'", "ucb_dbt_role"
@@ -69,12 +73,12 @@ def account(services):
     """Make restricted accounts over TCP; all dropped afterwards."""
     made: list[str] = []
 
-    def make(name: str, grants: list[str]) -> database.DatabaseSettings:
+    def make(name: str, grants: list[str]) -> connection.DatabaseSettings:
         user = f"'{name}'@'127.0.0.1'"
         made.append(user)
         mariadb(f"DROP USER IF EXISTS {user}; CREATE USER {user} IDENTIFIED BY 'pw-{name}';"
                 + "".join(f"GRANT {g} TO {user};" for g in grants))
-        return database.DatabaseSettings(host="127.0.0.1", port=3306, user=name,
+        return connection.DatabaseSettings(host="127.0.0.1", port=3306, user=name,
                                          password=f"pw-{name}")
 
     yield make
@@ -111,7 +115,7 @@ def _objects(name: str) -> list[str]:
 
 def test_dumps_load_one_database_alone_and_everything_with_grants(schema, db_cnf, tmp_path):
     a, b, c = schema
-    access = database.access(database.DatabaseSettings.from_option_file(db_cnf), False)
+    access = database.access(connection.DatabaseSettings.from_option_file(db_cnf), False)
     grants_before = mariadb(f"SHOW GRANTS FOR {SVC}")
     objects_before = _objects(b)
     dumps = access.dump_commands(schema)
@@ -226,7 +230,7 @@ def test_account_with_one_database_fails_naming_the_missing_global_privilege(sch
 
 
 def test_full_account_passes_and_its_grants_are_recorded_without_secrets(schema, db_cnf):
-    access = database.access(database.DatabaseSettings.from_option_file(db_cnf), False)
+    access = database.access(connection.DatabaseSettings.from_option_file(db_cnf), False)
     report = access.check_privileges(access.server_info().databases)
     assert report.complete and report.fix is None
     assert any(FULL.split(", ")[0] in g and "ON *.*" in g for g in report.grants)
@@ -336,7 +340,7 @@ def test_saved_block_keeps_the_option_file_fields(tmp_path, services):
 @pytest.fixture
 def through_sudo(monkeypatch):
     """PrivilegedAccess running this checkout's wrapper through `sudo -n` (the tests are root)."""
-    from undercloud_backup import privileged
+    from undercloud_backup.db import privileged
 
     monkeypatch.setattr(privileged, "MARIADB_WRAPPER", str(WRAPPER))
     return database.access(None, True, lock_wait_s=2)
@@ -388,7 +392,7 @@ def test_locked_table_names_a_holder_running_a_statement_on_it(held_lock, schema
 def test_name_pattern_matches_whole_words_only():
     import re
 
-    from undercloud_backup.dbpreflight import name_pattern
+    from undercloud_backup.db.preflight import name_pattern
 
     pattern = re.compile(name_pattern("t"), re.I)
     assert pattern.search("ALTER TABLE `t` ADD c INT") and pattern.search("DELETE FROM db.t")
@@ -447,8 +451,8 @@ def test_a_dump_nothing_locks_is_not_stopped(bounded, schema, tmp_path):
 def test_the_servers_own_lock_wait_timeout_is_the_same_lock_error(tmp_path):
     """A server whose lock_wait_timeout is below our bound ends the dump's wait itself
     (ERROR 1205): the same error, naming the table, directly and through the wrapper."""
-    from undercloud_backup import privileged
-    from undercloud_backup.scratchdb import os_user, scratch_mariadb
+    from undercloud_backup.db import privileged
+    from undercloud_backup.db.scratch import os_user, scratch_mariadb
 
     with scratch_mariadb("/var/tmp", lifetime_s=120) as server:
         with server.session.cursor() as cursor:
@@ -458,7 +462,7 @@ def test_the_servers_own_lock_wait_timeout_is_the_same_lock_error(tmp_path):
         holder = pymysql.connect(unix_socket=server.socket, user=os_user())
         with holder.cursor() as cursor:
             cursor.execute("LOCK TABLES ucb_dbt_x.u WRITE")
-        settings = database.DatabaseSettings(socket=server.socket, user=os_user())
+        settings = connection.DatabaseSettings(socket=server.socket, user=os_user())
         spec = database.access(settings, False, lock_wait_s=30).dump_commands(
             ("ucb_dbt_x",)).databases
         with pytest.raises(CommandFailed) as failed:

@@ -45,7 +45,8 @@ from install_helpers import LOG_DIR, ZOMBIE_AFTER_S, FullInstall
 from keystoneauth1 import session
 from keystoneauth1.identity import v3
 
-from undercloud_backup import crypto, privileged, signing
+from undercloud_backup.db import privileged
+from undercloud_backup.trust import crypto, signing
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from conftest import PYTHON, REPO, backup_cli, describe_tree, mariadb
 from test_roundtrip import plain_swift, table_checksums
 from test_verify import get_manifest
 
-from undercloud_backup import crypto
+from undercloud_backup.trust import crypto
 
 PRINCIPAL = "undercloud@node"
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.unit
 
 CHILD = textwrap.dedent("""
     import sys, threading, time
-    from undercloud_backup.execute import Command, Pipeline
+    from undercloud_backup.core.execute import Command, Pipeline
 
     busy = threading.Thread(target=lambda: time.sleep(600), daemon=True)
     busy.start()  # a second thread, as Prefect's are, while the child is started
@@ -68,7 +68,7 @@ def test_a_child_dies_with_its_killed_parent():
 
 def test_the_executor_hands_popen_no_preexec_fn(monkeypatch):
     """Popen's own fork path (C code only until exec) is what is safe with threads."""
-    from undercloud_backup import execute
+    from undercloud_backup.core import execute
 
     seen: list[dict] = []
     real = subprocess.Popen

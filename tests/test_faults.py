@@ -23,9 +23,10 @@ import pymysql
 import pytest
 from conftest import PYTHON, REPO, SERVICES, STATE, backup_cli, mariadb
 
-from undercloud_backup import catalogue, config
-from undercloud_backup.errors import NotFound
-from undercloud_backup.store import SwiftStore
+from undercloud_backup import config
+from undercloud_backup.core.errors import NotFound
+from undercloud_backup.store import catalogue
+from undercloud_backup.store.connection import SwiftStore
 
 DB_PASSWORD = "backuppass"  # the dev test bed's `backup` user (deployments/dev/services.sh)
 
@@ -258,7 +259,7 @@ LOCK_AFTER_CHECK = """
 import runpy, sys, time
 import pymysql
 from tasks import backup as tasks
-from undercloud_backup import database
+from undercloud_backup.db import database
 
 bound, lock, mark = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 checked, held = tasks.check_database, []

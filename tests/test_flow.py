@@ -28,10 +28,13 @@ from blocks import MariaDBConnection, SwiftTarget
 from flows import params
 from flows.backup import _parser, undercloud_backup
 from flows.params import grouped
-from undercloud_backup import backup, catalogue, config, stages
-from undercloud_backup.errors import SwiftRequestFailed
-from undercloud_backup.manifest import DB_OBJECT, FS_OBJECT, SNAPSHOT_OBJECT, USERS_OBJECT
-from undercloud_backup.store import SwiftStore
+from undercloud_backup import config
+from undercloud_backup.backup import run as backup
+from undercloud_backup.backup import stages
+from undercloud_backup.core.errors import SwiftRequestFailed
+from undercloud_backup.core.manifest import DB_OBJECT, FS_OBJECT, SNAPSHOT_OBJECT, USERS_OBJECT
+from undercloud_backup.store import catalogue
+from undercloud_backup.store.connection import SwiftStore
 
 
 def store() -> SwiftStore:

@@ -24,9 +24,9 @@ from conftest import REPO, backup_cli, describe_tree
 from test_restore import archived, checksums, remove_container
 from test_verify import database_sql, run_sql, swift_store
 
-from undercloud_backup import crypto
-from undercloud_backup.manifest import StoredObject
-from undercloud_backup.scratchdb import ScratchServer, scratch_mariadb
+from undercloud_backup.core.manifest import StoredObject
+from undercloud_backup.db.scratch import ScratchServer, scratch_mariadb
+from undercloud_backup.trust import crypto
 
 PRINCIPAL = "undercloud@node"
 
@@ -329,7 +329,7 @@ def test_an_object_altered_with_its_unsigned_manifest_is_refused_by_age_naming_i
     and age's authentication is what refuses the object (56 on restore, a verify problem)."""
     import hashlib
 
-    from undercloud_backup import catalogue
+    from undercloud_backup.store import catalogue
 
     dump = _dump(encrypted)
     store = swift_store()

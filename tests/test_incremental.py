@@ -20,9 +20,11 @@ import pytest
 import sample_undercloud as sample
 from conftest import REPO, backup_cli, describe_tree, remove_container, swift_store
 
-from undercloud_backup import catalogue, chain, restore, retention
-from undercloud_backup.errors import ChainTargetNotEmpty
-from undercloud_backup.manifest import FS_OBJECT, SNAPSHOT_OBJECT
+from undercloud_backup.core.errors import ChainTargetNotEmpty
+from undercloud_backup.core.manifest import FS_OBJECT, SNAPSHOT_OBJECT
+from undercloud_backup.files import chain
+from undercloud_backup.restore import files as restore
+from undercloud_backup.store import catalogue, retention
 
 TIMES: dict[str, float] = {}
 
@@ -369,7 +371,7 @@ def test_an_encrypted_chain_uses_the_nodes_own_copy_of_the_snapshot(os_env, db_c
 
 
 def restore_plan(root: Path):
-    from undercloud_backup import archive
+    from undercloud_backup.files import archive
 
     return archive.plan_paths(str(root))
 

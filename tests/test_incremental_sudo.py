@@ -20,7 +20,8 @@ from deploy_helpers import REPO, WORKER, as_user
 from test_sudo import ARCHIVE, PYTHON, load_wrapper, sudo
 from test_sudo import installed as installed  # noqa: F401 - the module's install fixture
 
-from undercloud_backup import archive, privileged
+from undercloud_backup.db import privileged
+from undercloud_backup.files import archive
 
 SNAPSHOTS = Path(privileged.SNAPSHOT_DIR)
 
@@ -62,9 +63,10 @@ def test_wrapper_and_library_build_the_same_incremental_tar_command():
 
 LEVELS = """
 import json, sys, tarfile, io
-from undercloud_backup import archive, stages
-from undercloud_backup.execute import Pipeline
-from undercloud_backup.request import BackupRequest
+from undercloud_backup.files import archive
+from undercloud_backup.backup import stages
+from undercloud_backup.core.execute import Pipeline
+from undercloud_backup.backup.request import BackupRequest
 
 request = BackupRequest(backup_id="b", created_at="", hostname="h", root=sys.argv[1],
                         staging_dir="/var/tmp", privileged=True)

@@ -21,9 +21,9 @@ import pytest
 from conftest import REPO
 from test_verify import plant_backup, run_sql
 
-from undercloud_backup import verify
-from undercloud_backup.restore import RestoreFailed
-from undercloud_backup.scratchdb import ScratchServer, scratch_mariadb
+from undercloud_backup.db.scratch import ScratchServer, scratch_mariadb
+from undercloud_backup.restore import verify
+from undercloud_backup.restore.files import RestoreFailed
 
 BANNER = (b"-- MariaDB dump 10.19  Distrib 10.11.19-MariaDB, for debian-linux-gnu (x86_64)\n"
           b"--\n-- Host: localhost    Database: \n")

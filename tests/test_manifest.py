@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from undercloud_backup.manifest import (
+from undercloud_backup.core.manifest import (
     FORMAT,
     Manifest,
     ManifestError,

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from undercloud_backup import progress
-from undercloud_backup.progress import Reporter, Snapshot, Throttle
+from undercloud_backup.core import progress
+from undercloud_backup.core.progress import Reporter, Snapshot, Throttle
 
 MiB = 1024**2
 

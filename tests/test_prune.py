@@ -13,9 +13,10 @@ import sys
 import pytest
 from conftest import REPO
 
-from undercloud_backup import catalogue, config, retention
-from undercloud_backup.errors import ConfigError
-from undercloud_backup.store import SwiftStore
+from undercloud_backup import config
+from undercloud_backup.core.errors import ConfigError
+from undercloud_backup.store import catalogue, retention
+from undercloud_backup.store.connection import SwiftStore
 
 UTC = dt.UTC
 

@@ -28,7 +28,7 @@ import pymysql
 import pytest
 from test_restore import cli, make_backup, remove_container
 
-from undercloud_backup.scratchdb import ScratchServer, scratch_mariadb
+from undercloud_backup.db.scratch import ScratchServer, scratch_mariadb
 
 KEYSTONE_WSGI = "/usr/bin/keystone-wsgi-public"
 REINSTALLED = {"etc/fstab": "UUID=new / xfs defaults 0 0\n", "etc/machine-id": "new-machine\n",

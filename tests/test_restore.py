@@ -29,9 +29,13 @@ from test_verify import (
     swift_store,
 )
 
-from undercloud_backup import dumpstream, restore, restoredb, upload, verify
-from undercloud_backup.reader import ObjectDamaged
-from undercloud_backup.scratchdb import ScratchServer, scratch_mariadb
+from undercloud_backup.db import dumpstream
+from undercloud_backup.db.scratch import ScratchServer, scratch_mariadb
+from undercloud_backup.restore import databases as restoredb
+from undercloud_backup.restore import files as restore
+from undercloud_backup.restore import verify
+from undercloud_backup.store import upload
+from undercloud_backup.store.reader import ObjectDamaged
 
 
 def cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -430,8 +434,8 @@ def test_a_hostile_archive_from_the_store_writes_nothing_outside_the_target(cont
     """Whoever can write the container can plant an archive; tar as root must keep every
     member under the target: no ``..`` climb, no absolute path, no write through a symlink
     the archive itself made."""
-    from undercloud_backup import catalogue
-    from undercloud_backup.manifest import FS_OBJECT, Manifest, PathsSection, StoredObject
+    from undercloud_backup.core.manifest import FS_OBJECT, Manifest, PathsSection, StoredObject
+    from undercloud_backup.store import catalogue
 
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -25,8 +25,7 @@ import pytest
 from conftest import REPO, backup_cli, swift_store
 from test_verify import put_plain
 
-from undercloud_backup import catalogue, confine, restore, tarlist, verify
-from undercloud_backup.manifest import (
+from undercloud_backup.core.manifest import (
     FS_OBJECT,
     FULL,
     INCREMENTAL,
@@ -35,7 +34,11 @@ from undercloud_backup.manifest import (
     PathsSection,
     StoredObject,
 )
-from undercloud_backup.tarlist import Entry
+from undercloud_backup.files import confine, tarlist
+from undercloud_backup.files.tarlist import Entry
+from undercloud_backup.restore import files as restore
+from undercloud_backup.restore import verify
+from undercloud_backup.store import catalogue
 
 HOST = "forged-host"
 

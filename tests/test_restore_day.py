@@ -23,8 +23,9 @@ from test_restore import (  # noqa: F401 - private_mariadb is a fixture
 )
 from test_verify import database_sql, run_sql, swift_store
 
-from undercloud_backup import restore, restoredb
-from undercloud_backup.scratchdb import ScratchServer, os_user, scratch_mariadb
+from undercloud_backup.db.scratch import ScratchServer, os_user, scratch_mariadb
+from undercloud_backup.restore import databases as restoredb
+from undercloud_backup.restore import files as restore
 
 IDENTITY = {"etc/fstab": "UUID=old / xfs defaults 0 0\n", "etc/machine-id": "old-machine\n",
             "etc/passwd": "root:x:0:0::/root:/bin/bash\nswift:x:160:160::/srv:/sbin/nologin\n",
@@ -238,7 +239,7 @@ def test_the_manual_procedure_works_with_the_stock_client(services_backup, tmp_p
 # ------------------------------------------------------------------------ pure functions
 @pytest.mark.unit
 def test_selection_matches_as_tar_does_and_identity_is_kept_unless_asked():
-    from undercloud_backup.manifest import Manifest, PathsSection
+    from undercloud_backup.core.manifest import Manifest, PathsSection
 
     manifest = Manifest(backup_id="b", created_at="", paths=PathsSection(
         root="/", included=["/etc", "/root"]))
@@ -264,7 +265,7 @@ def test_selection_matches_as_tar_does_and_identity_is_kept_unless_asked():
 
 @pytest.mark.unit
 def test_the_dump_gate_passes_mariadb_dump_output_and_refuses_anything_else():
-    from undercloud_backup.dumpstream import DatabaseFilter, DumpGate, NotADump
+    from undercloud_backup.db.dumpstream import DatabaseFilter, DumpGate, NotADump
 
     new = (b"/*M!999999\\- enable the sandbox mode */ \n"
            b"-- MariaDB dump 10.19  Distrib\n--\nSELECT 1;\n")
@@ -288,7 +289,7 @@ def test_the_dump_gate_passes_mariadb_dump_output_and_refuses_anything_else():
 def test_a_verification_failure_without_a_report_prints_one_line(monkeypatch, capsys):
     """flows.verify's error printer must not assume every VerificationFailed has a report."""
     from flows import verify as verify_flow
-    from undercloud_backup.verify import VerificationFailed
+    from undercloud_backup.restore.verify import VerificationFailed
 
     def fails(**_kwargs):
         raise VerificationFailed(backup_id="b1", summary="a new kind of failure")

@@ -36,7 +36,8 @@ from deploy_helpers import (
 )
 from install_helpers import ETC, LOG_DIR
 
-from undercloud_backup import archive, privileged
+from undercloud_backup.db import privileged
+from undercloud_backup.files import archive
 
 pytestmark = pytest.mark.slow
 LIBEXEC = REPO / "deployments/libexec"
@@ -171,7 +172,7 @@ def test_app_step_copies_root_owned_code_the_worker_cannot_change(full):
             st = path.lstat()
             assert (st.st_uid, st.st_gid) == (0, 0), path
             assert not st.st_mode & 0o022, path
-        code = app / "undercloud_backup/privileged.py"
+        code = app / "undercloud_backup/db/privileged.py"
         tamper = as_user(WORKER, ["sh", "-c", f"echo 'import os' >> {code}"])
         assert tamper.returncode != 0 and "Permission denied" in tamper.stderr
     finally:

@@ -21,8 +21,8 @@ import pytest
 from conftest import REPO
 from swift_proxy import swift_proxy_fixture  # noqa: F401 - the swift_proxy fixture
 
-from undercloud_backup import catalogue, config, upload
-from undercloud_backup.errors import (
+from undercloud_backup import config
+from undercloud_backup.core.errors import (
     ConfigError,
     InsufficientSpace,
     NotFound,
@@ -30,9 +30,10 @@ from undercloud_backup.errors import (
     SwiftRequestFailed,
     SwiftUnreachable,
 )
-from undercloud_backup.manifest import Manifest
-from undercloud_backup.store import SwiftStore
-from undercloud_backup.swift import SwiftSettings
+from undercloud_backup.core.manifest import Manifest
+from undercloud_backup.store import catalogue, upload
+from undercloud_backup.store.connection import SwiftStore
+from undercloud_backup.store.swift import SwiftSettings
 
 MiB = 1024**2
 SLO_MANIFEST = re.compile(r"/upload\.bin$")
@@ -328,9 +329,9 @@ def test_a_planted_oversized_manifest_or_signature_is_refused_before_it_is_held(
     """Whoever can write to the container (the Swift credentials) cannot make a run read
     gigabytes into memory through an object that is always small: a 64 MiB + 1 byte
     "manifest", a 100 KiB "signature"."""
-    from undercloud_backup import signing
-    from undercloud_backup.manifest import ManifestError
-    from undercloud_backup.store import SMALL_OBJECT_LIMIT
+    from undercloud_backup.core.manifest import ManifestError
+    from undercloud_backup.store.connection import SMALL_OBJECT_LIMIT
+    from undercloud_backup.trust import signing
 
     backup_id = "vm-20261201T000000Z-abcdef"
     store.put(container, f"{backup_id}/manifest.json", b"{" + b" " * SMALL_OBJECT_LIMIT)

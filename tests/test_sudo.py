@@ -1,5 +1,5 @@
 """The privileged steps through real sudo: the shipped sudoers file, the root-owned wrappers and
-undercloud_backup.privileged, tested together, as an unprivileged worker user.
+undercloud_backup.db.privileged, tested together, as an unprivileged worker user.
 
 Every escalation attempt below is made with sudo directly (no Python of ours in between) and
 must be refused by sudo itself or by a wrapper, with their own exit status and message.
@@ -36,7 +36,9 @@ from deploy_helpers import (
     scratch_dir,
 )
 
-from undercloud_backup import archive, database, privileged
+from undercloud_backup.db import connection, privileged
+from undercloud_backup.db import dump as dbdump
+from undercloud_backup.files import archive
 
 SUDOERS_SOURCE = REPO / "deployments/sudoers/undercloud-backup"
 LIBEXEC = REPO / "deployments/libexec"
@@ -121,13 +123,13 @@ def test_wrappers_run_what_the_library_would_run():
     assert module.tar_argv("tar", root, excludes, paths) == list(tar)
     assert module.DEFAULT_PATHS == archive.DEFAULT_PATHS
 
-    dump = database.dump_command(("nova", "keystone"), options_fd=9).argv
+    dump = dbdump.dump_command(("nova", "keystone"), options_fd=9).argv
     mariadb = load_wrapper("ucb-mariadb")
     expected = [a for a in dump[1:] if not a.startswith("--defaults-extra-file")]
     got = mariadb.dump_argv("mariadb-dump", ["nova", "keystone"])
     assert got[:3] == ["mariadb-dump", "--protocol=socket", "--user=root"]
     assert got[3:] == expected
-    assert set(mariadb.SYSTEM_SCHEMAS) == database.SYSTEM_SCHEMAS
+    assert set(mariadb.SYSTEM_SCHEMAS) == connection.SYSTEM_SCHEMAS
     # A lock line the wrapper's watch takes back (its statement ended before KILL QUERY ID)
     # is not the dump's failure; a later one is.
     assert privileged._WITHDRAWN == f"{mariadb.NAME}: {mariadb.WITHDRAWN}"
@@ -178,7 +180,7 @@ def test_worker_archives_root_only_files_through_sudo(installed):
 
 def test_worker_reads_the_database_as_root_through_sudo(installed, sample_databases):
     script = (
-        "import json; from undercloud_backup import privileged as p\n"
+        "import json; from undercloud_backup.db import privileged as p\n"
         "info = p.server_info()\n"
         f"stats = p.table_stats({tuple(sample_databases)!r})\n"
         f"rows = p.table_stats({tuple(sample_databases)!r}, checksums=False)\n"
@@ -189,19 +191,19 @@ def test_worker_reads_the_database_as_root_through_sudo(installed, sample_databa
     got = __import__("json").loads(result.stdout)
     connection = pymysql.connect(unix_socket="/run/mysqld/mysqld.sock", user="root")
     try:
-        expected_info = database.server_info(connection)
-        expected = database.table_stats(connection, tuple(sample_databases))
-        expected_rows = database.table_stats(connection, tuple(sample_databases),
+        expected_info = connection.server_info(connection)
+        expected = connection.table_stats(connection, tuple(sample_databases))
+        expected_rows = connection.table_stats(connection, tuple(sample_databases),
                                              checksums=False)
     finally:
         connection.close()
     assert set(sample_databases) <= set(got["databases"])
     assert tuple(got["databases"]) == expected_info.databases
     assert got["version"] == expected_info.version
-    assert [database.TableStats(**s) for s in got["stats"]] == expected
+    assert [connection.TableStats(**s) for s in got["stats"]] == expected
     assert any(s.checksum is not None for s in expected)
     # --rows-only: the same counts, no CHECKSUM TABLE
-    assert [database.TableStats(**s) for s in got["rows"]] == expected_rows
+    assert [connection.TableStats(**s) for s in got["rows"]] == expected_rows
     assert [(s.table, s.rows) for s in expected_rows] == [(s.table, s.rows) for s in expected]
     assert all(s.checksum is None for s in expected_rows)
 
@@ -324,8 +326,8 @@ def test_symlink_and_owned_directory_tricks_are_refused(installed):
 
 def test_worker_without_the_sudoers_rule_gets_a_clear_error_fast(installed):
     script = (
-        "import time; from undercloud_backup import privileged\n"
-        "from undercloud_backup.errors import SudoRefused\n"
+        "import time; from undercloud_backup.db import privileged\n"
+        "from undercloud_backup.core.errors import SudoRefused\n"
         "start = time.monotonic()\n"
         "try:\n"
         "    privileged.server_info()\n"

@@ -16,14 +16,15 @@ import urllib.request
 
 import pytest
 
-from undercloud_backup import config, tempurl
-from undercloud_backup.errors import SwiftRequestFailed
-from undercloud_backup.manifest import Manifest, Segment, StoredObject
+from undercloud_backup import config
+from undercloud_backup.core.errors import SwiftRequestFailed
+from undercloud_backup.core.manifest import Manifest, Segment, StoredObject
+from undercloud_backup.store import tempurl
 
 
 @pytest.fixture
 def store(os_env):
-    from undercloud_backup.store import SwiftStore
+    from undercloud_backup.store.connection import SwiftStore
 
     store = SwiftStore.connect(config.swift_settings_from_env(retries=0))
     yield store
@@ -229,7 +230,7 @@ def test_a_real_runs_artifact_links_download_its_objects(os_env, db_cnf, store, 
 
     from conftest import PREFECT_API_URL, backup_cli
 
-    from undercloud_backup import catalogue
+    from undercloud_backup.store import catalogue
 
     identity, recipients = tmp_path / "identity", tmp_path / "recipients"
     subprocess.run(["age-keygen", "-o", str(identity)], check=True, capture_output=True)

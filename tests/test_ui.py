@@ -27,7 +27,7 @@ from install_helpers import LOG_DIR
 from playwright import sync_api as playwright_api
 from test_deploy import archive_members, manifests
 
-from undercloud_backup import privileged
+from undercloud_backup.db import privileged
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from undercloud_backup import archive, database
-from undercloud_backup.errors import (
+from undercloud_backup.core.errors import (
     CommandFailed,
     CommandTimedOut,
     ConfigError,
@@ -16,8 +15,11 @@ from undercloud_backup.errors import (
     PathNotFound,
     redact,
 )
-from undercloud_backup.execute import Command, Pipeline, capture
-from undercloud_backup.sizes import format_size, parse_size
+from undercloud_backup.core.execute import Command, Pipeline, capture
+from undercloud_backup.core.sizes import format_size, parse_size
+from undercloud_backup.db import connection
+from undercloud_backup.db import dump as dbdump
+from undercloud_backup.files import archive
 
 pytestmark = pytest.mark.unit
 
@@ -101,7 +103,7 @@ def test_tar_report_keeps_a_bounded_list_and_counts_the_rest():
     first ones and says how many more, and stays far below what readers take (64 MiB)."""
     import json
 
-    from undercloud_backup.manifest import PathsSection
+    from undercloud_backup.core.manifest import PathsSection
 
     report = archive.TarReport()
     for n in range(25_000):
@@ -117,7 +119,7 @@ def test_tar_report_keeps_a_bounded_list_and_counts_the_rest():
 
 
 def test_dump_command_is_consistent_and_keeps_the_password_off_argv():
-    command = database.dump_command(("keystone", "nova"), options_fd=9, tool="mariadb-dump")
+    command = dbdump.dump_command(("keystone", "nova"), options_fd=9, tool="mariadb-dump")
     argv = command.argv
     assert argv[1] == "--defaults-extra-file=/dev/fd/9"
     for option in ("--single-transaction", "--routines", "--events", "--triggers"):
@@ -132,7 +134,7 @@ def test_option_file_round_trip(tmp_path):
     cnf = tmp_path / "my.cnf"
     cnf.write_text("[mysqld]\nport=1\n[client]\nhost=db.example\nport=3307\nuser=backup\n"
                    "password='p\"w d'\n!includedir /etc/mysql/conf.d/\n")
-    settings = database.DatabaseSettings.from_option_file(cnf)
+    settings = connection.DatabaseSettings.from_option_file(cnf)
     assert (settings.host, settings.port, settings.user, settings.password) == (
         "db.example", 3307, "backup", 'p"w d')
     assert 'password="p\\"w d"' in settings.option_file_text()
@@ -204,7 +206,7 @@ def test_capture_returns_output():
 
 
 def test_segment_limits_are_checked_before_anything_is_written():
-    from undercloud_backup.space import SwiftLimits, check_segments
+    from undercloud_backup.store.space import SwiftLimits, check_segments
 
     limits = SwiftLimits(max_object_bytes=5 * 1024**3, max_manifest_segments=1000)
     check_segments({"filesystem archive": 1000 * 1024**2}, 1024**2, limits)  # exactly 1000
@@ -216,7 +218,7 @@ def test_segment_limits_are_checked_before_anything_is_written():
 
 
 def test_segment_size_is_chosen_per_stream_from_its_size():
-    from undercloud_backup.space import SwiftLimits, auto_segment_size
+    from undercloud_backup.store.space import SwiftLimits, auto_segment_size
 
     mib, limits = 1024**2, SwiftLimits(max_object_bytes=5 * 1024**3, max_manifest_segments=1000)
     # small and medium streams: 64 MiB, so the upload starts early and spools stay small
@@ -231,14 +233,14 @@ def test_segment_size_is_chosen_per_stream_from_its_size():
 
 
 def test_space_check_counts_the_uploaders_spools_per_stream_of_its_own_size(tmp_path):
-    from undercloud_backup.space import (
+    from undercloud_backup.store.space import (
         DATABASE_STREAM,
         FILES_STREAM,
         STAGING_MARGIN,
         SwiftLimits,
         check_space,
     )
-    from undercloud_backup.upload import SPOOLS_PER_STREAM
+    from undercloud_backup.store.upload import SPOOLS_PER_STREAM
 
     mib = 1024**2
     staging = tmp_path / "staging"
@@ -278,7 +280,7 @@ def test_excludes_follows_tars_anchored_patterns(pattern, path, expected):
 
 @pytest.mark.parametrize("exclude", ["/*", "/", "/etc", "/e*"])
 def test_excluding_every_path_is_an_error_not_an_empty_archive(tmp_path, exclude):
-    from undercloud_backup.backup import BackupRequest, plan_files
+    from undercloud_backup.backup.run import BackupRequest, plan_files
 
     (tmp_path / "etc").mkdir()
     request = BackupRequest(backup_id="b", created_at="t", hostname="h", root=str(tmp_path),
@@ -308,7 +310,7 @@ def test_a_pipeline_tells_how_much_a_stage_has_read():
 
 
 def test_stream_progress_is_what_the_compressor_read_not_what_it_wrote():
-    from undercloud_backup import stages
+    from undercloud_backup.backup import stages
 
     size = 2 * 1024 * 1024
     producer = Command(("sh", "-c", f"head -c {size} /dev/zero; sleep 1"), "producer")
@@ -386,8 +388,8 @@ def test_a_snapshot_that_decompresses_beyond_the_bound_is_refused_not_held():
     """A planted zstd bomb in place of tar's snapshot: 1.5 KB that would expand to 50 MB."""
     import subprocess
 
-    from undercloud_backup import chain
-    from undercloud_backup.errors import ObjectTooLarge
+    from undercloud_backup.core.errors import ObjectTooLarge
+    from undercloud_backup.files import chain
 
     bomb = subprocess.run("head -c 50000000 /dev/zero | zstd -q -19", shell=True, check=True,
                           capture_output=True).stdout

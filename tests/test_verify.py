@@ -20,10 +20,13 @@ from pathlib import Path
 import pytest
 from conftest import PREFECT_API_URL, REPO, backup_cli
 
-from undercloud_backup import catalogue, config, swift, tarlist, verify
-from undercloud_backup.manifest import Manifest, StoredObject
-from undercloud_backup.scratchdb import ScratchServer, scratch_mariadb
-from undercloud_backup.store import SwiftStore
+from undercloud_backup import config
+from undercloud_backup.core.manifest import Manifest, StoredObject
+from undercloud_backup.db.scratch import ScratchServer, scratch_mariadb
+from undercloud_backup.files import tarlist
+from undercloud_backup.restore import verify
+from undercloud_backup.store import catalogue, swift
+from undercloud_backup.store.connection import SwiftStore
 
 SCRATCH_PREFIX = "undercloud-verify-db-"
 
@@ -326,7 +329,7 @@ def planted_dumps(marker: Path) -> dict[str, bytes]:
 def plant_backup(container: str, dump: bytes, users: bytes | None = None) -> str:
     """A complete-looking backup written straight into Swift with the store: a zstd dump
     (and users object) and a manifest that records them truthfully."""
-    from undercloud_backup.manifest import (
+    from undercloud_backup.core.manifest import (
         DB_OBJECT,
         USERS_OBJECT,
         DatabaseSection,

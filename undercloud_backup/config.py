@@ -9,9 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from undercloud_backup.database import DatabaseSettings
-from undercloud_backup.errors import ConfigError
-from undercloud_backup.swift import SwiftSettings, env_settings
+from undercloud_backup.core.errors import ConfigError
+from undercloud_backup.db.connection import DatabaseSettings
+from undercloud_backup.store.swift import SwiftSettings, env_settings
 
 CLOUDS_YAML_PATHS = (
     Path("clouds.yaml"),

@@ -1,0 +1,1 @@
+"""One backup run: the request, its stages and the procedure that joins them."""

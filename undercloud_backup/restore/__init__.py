@@ -1,0 +1,1 @@
+"""Getting a backup back: the restore plan, files, databases and verification."""

@@ -1,0 +1,1 @@
+"""Who may read and who wrote a backup: age encryption and SSH signatures."""
