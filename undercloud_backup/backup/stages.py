@@ -41,6 +41,7 @@ from undercloud_backup.core.sizes import format_size
 from undercloud_backup.db import connection as db
 from undercloud_backup.db import privileged
 from undercloud_backup.db.database import DatabaseAccess
+from undercloud_backup.db.dump import DumpSpec
 from undercloud_backup.db.tablestats import TableStatsReader
 from undercloud_backup.files import archive as fs
 from undercloud_backup.files import chain
@@ -84,13 +85,14 @@ def zstd_command(level: int, threads: int = 1) -> Command:
     # One compressor thread per stream: the database and the files are already two streams side
     # by side, and -T0 only added job buffers (60-70 MiB each) and, on incompressible images,
     # twice the CPU (benchmarks/RESULTS.md). The dump, the long pole of a full and nearly all of
-    # an incremental's work, gets two (+~46 MiB): -10..13 % wall at scale 1 (session 4).
+    # an incremental's work, gets two (+~46 MiB): -10..13 % wall at scale 1 (benchmarks/RESULTS.md).
     mode = "--single-thread" if threads <= 1 else f"-T{threads}"
     return Command(argv=("zstd", "-q", f"-{level}", mode, "-c", "--no-progress"), name="zstd")
 
 
 def compress_commands(request: BackupRequest, threads: int = 1) -> list[Command]:
-    """``zstd``, then ``age -R recipients`` when the backup is encrypted (issue 12)."""
+    """``zstd``, then ``age -R recipients`` when the backup is encrypted, so that
+    whoever reads the container reads no database and no file."""
     if request.recipients_file is None:
         return [zstd_command(request.compression_level, threads)]
     return [zstd_command(request.compression_level, threads),
@@ -139,8 +141,8 @@ def _reading(pipe: Pipeline, progress: Callable[..., None]) -> Callable[[int, in
 def stream_to_swift(request: BackupRequest, swift_settings: SwiftSettings, leaf: str,
                     content: str, segment_size: int | None, pipe: Pipeline, *,
                     on_failure: Callable[..., BackupError], progress: Callable[..., None],
-                    after_start: Callable[[], None] | None = None,
-                    judge: Callable[[list[StageResult]], None] | None = None) -> StoredObject:
+                    after_start: Callable[[], object] | None = None,
+                    judge: Callable[[list[StageResult]], object] | None = None) -> StoredObject:
     """Feed a producer pipe into Swift; commit only if every stage (and ``judge``) is happy.
 
     A stage that failed raises ``on_failure(reason=...)`` (an error class, or what turns the
@@ -191,6 +193,10 @@ def dump_databases(request: BackupRequest, access: DatabaseAccess,
         stats.check()  # a failed read stops the dump now, not after the last byte
         progress(sent, elapsed, read)
 
+    def started(dump: DumpSpec) -> None:
+        dump.started()
+        stats.start()
+
     objects = []
     try:
         with dumps.databases as dump:
@@ -202,7 +208,7 @@ def dump_databases(request: BackupRequest, access: DatabaseAccess,
                          pass_fds=dump.pass_fds),
                 on_failure=dump.failure, progress=progressed,
                 # as the dump opens its snapshot: the two are as close as we can
-                after_start=lambda: (dump.started(), stats.start()),
+                after_start=lambda: started(dump),
                 judge=lambda _results: stats.result()))
         if dumps.users is not None:
             with dumps.users as users:
@@ -348,7 +354,8 @@ def archive_paths(request: BackupRequest, plan: fs.PathPlan, swift_settings: Swi
     report = fs.TarReport()
     # Never archive our own spools, should staging sit inside a backed-up path.
     staging = os.path.realpath(request.staging_dir)
-    extra = (os.path.relpath(staging, plan.root),) if fs.inside(staging, plan.root) else ()
+    extra: tuple[str, ...] = ((os.path.relpath(staging, plan.root),)
+                              if fs.inside(staging, plan.root) else ())
     # Nor the install's own secrets that no restore needs, in direct mode too (the wrappers'
     # deny list has them), nor the run's signing key: whoever reads a backup could sign forged
     # ones, decrypt every backup (the break-glass identity) or use the server's password.
