@@ -19,6 +19,7 @@ re-authenticates once on a 401. A PUT body is rewound before every attempt, ``by
 
 from __future__ import annotations
 
+import builtins
 import email.utils
 import http.client
 import io
@@ -300,7 +301,7 @@ class SwiftStore:
         return self._call("GET container", container, lambda: self._conn.get_container(
             container, prefix=prefix, full_listing=True)[1])
 
-    def containers(self) -> list[dict]:
+    def containers(self) -> builtins.list[dict]:  # ``list`` here is the method above
         """Every container of the account."""
         return self._call("GET account", self.url, lambda: self._conn.get_account(
             full_listing=True)[1])
@@ -377,7 +378,8 @@ def _what_went_wrong(error: BaseException, settings: SwiftSettings | None) -> st
 
 
 def _keystone_session(settings: SwiftSettings) -> ks_session.Session:
-    if settings.application_credential_id:
+    auth: v3.ApplicationCredential | v3.Password
+    if settings.application_credential_id and settings.application_credential_secret:
         auth = v3.ApplicationCredential(
             auth_url=settings.auth_url,
             application_credential_id=settings.application_credential_id,
