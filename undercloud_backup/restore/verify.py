@@ -200,8 +200,10 @@ def check_database(store, container: str, manifest: Manifest, *, staging_dir: st
     log = logger or logging.getLogger(__name__)
     started = time.monotonic()
     recorded = manifest.mariadb.databases if manifest.mariadb else {}
+    schema_objects = manifest.mariadb.schema_objects if manifest.mariadb else {}
     objects = dump_objects(manifest)
-    checks, problems = [], []
+    checks: list[dict] = []
+    problems: list[str] = []
     loaded_in = 0.0
     comparison = TableComparison()
     with scratch_mariadb(staging_dir, lifetime_s=timeout) as server:
@@ -227,7 +229,7 @@ def check_database(store, container: str, manifest: Manifest, *, staging_dir: st
                      loaded_in, len(recorded))
             try:
                 comparison = compare_tables(server.session, recorded, ignore=ignore_tables)
-                schema = compare_schema_objects(server.session, manifest.mariadb.schema_objects)
+                schema = compare_schema_objects(server.session, schema_objects)
             except pymysql.err.MySQLError as error:
                 problems.append(f"comparing the loaded tables failed: {error}")
                 schema = []
@@ -257,7 +259,7 @@ def summarize(manifest: Manifest, container: str, results: dict[str, dict],
     problems = [p for r in results.values() for p in r.get("problems", [])]
     warnings = [w for r in results.values() for w in r.get("warnings", [])]
     partial = manifest.mariadb.partial_note() if manifest.mariadb else None
-    if partial:  # complete as taken, but not everything the server held (issue 15.2)
+    if partial:  # complete as taken, but the dump's account could not see everything
         warnings.insert(0, f"{partial}: a restore brings back only what that account saw")
     checked = {n for name, r in results.items() for n in r.get("checked", [name])}
     for obj in manifest.objects:
