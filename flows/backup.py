@@ -298,9 +298,10 @@ def _kind_text(manifest: dict) -> str:
 def _by_hand_text(container: str, backup_id: str, manifest: dict) -> str:
     """The artifact's restore without the tool: one download and tar per level of a chain."""
     if manifest.get("kind") != "incremental":
-        return (f"Restore without this tool (see README): `swift download {container} --prefix "
-                f"{backup_id}/`, then `zstd -dc filesystem.tar.zst | tar -x --xattrs "
-                "--xattrs-include='*' --acls --numeric-owner -C /target` and "
+        return ("Restore without this tool (docs/restore.md): "
+                f"`swift download {container} --prefix {backup_id}/`, then `zstd -dc "
+                "filesystem.tar.zst | tar -x --xattrs --xattrs-include='*' --acls "
+                "--numeric-owner -C /target` and "
                 "`zstd -dc mariadb-all-databases.sql.zst | mariadb --sandbox --local-infile=0`, "
                 "then the same for `mariadb-users-grants.sql.zst` (docs/restore.md; encrypted "
                 "objects go through `age -d -i IDENTITY` first).")
@@ -310,10 +311,10 @@ def _by_hand_text(container: str, backup_id: str, manifest: dict) -> str:
         "confined_tar /target --listed-incremental=/dev/null --xattrs --xattrs-include='*' "
         "--acls --numeric-owner -p --same-owner`"
         for n, level in enumerate(levels, 1))
-    return ("Restore without this tool (see README): the files are an incremental, so extract "
-            "the full and every level, in this order, into the same empty target (tar applies "
-            "each level's deletions), each confined to the target: plain `tar -x` is not safe "
-            "across levels (`confined_tar`: docs/restore.md, \"Incremental backups, by "
+    return ("Restore without this tool (docs/restore.md): the files are an incremental, so "
+            "extract the full and every level, in this order, into the same empty target (tar "
+            "applies each level's deletions), each confined to the target: plain `tar -x` is not "
+            "safe across levels (`confined_tar`: docs/restore.md, \"Incremental backups, by "
             f"hand\"):\n\n{steps}\n\nthen the database from this backup alone (a full dump "
             f"every time): `zstd -dc {backup_id}/mariadb-all-databases.sql.zst"
             " | mariadb --sandbox --local-infile=0`, then the same for "

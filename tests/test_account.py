@@ -1,4 +1,4 @@
-"""The README's database account, as an operator creates it from the README: a whole backup
+"""The database account of docs/backup.md, as an operator creates it from there: a whole backup
 with exactly its grants is complete, and the same account short of one grant fails the run
 before anything is written (exit 25, one line naming the fix)."""
 
@@ -26,9 +26,9 @@ USER = "ucb_readme"
 
 
 def readme_account_sql() -> str:
-    """The SQL block of the README's "The database account" section, as written there."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("### The database account", 1)[1]
+    """The SQL block of docs/backup.md's "The database account" section, as written there."""
+    text = (REPO / "docs/backup.md").read_text()
+    section = text.split("## The database account", 1)[1]
     return re.search(r"```sql\n(.*?)```", section, re.S).group(1)
 
 

@@ -41,3 +41,33 @@ def test_every_relative_link_and_named_file_of_the_docs_exists():
             if not (REPO / path).exists():
                 missing.append(f"{doc.relative_to(REPO)}: {path}")
     assert missing == []
+
+
+def _exit_statuses_in_code() -> dict[int, list[str]]:
+    """Every exit status a :class:`BackupError` can carry, with the errors that carry it."""
+    import importlib
+    import pkgutil
+
+    import undercloud_backup
+    from undercloud_backup.core.errors import BackupError
+
+    for module in pkgutil.walk_packages(undercloud_backup.__path__, "undercloud_backup."):
+        importlib.import_module(module.name)
+    for flow in ("backup", "restore", "verify", "prune"):
+        importlib.import_module(f"flows.{flow}")
+    found: dict[int, list[str]] = {}
+    pending = [BackupError]
+    while pending:
+        for error in pending.pop().__subclasses__():
+            found.setdefault(error.exit_code, []).append(error.__name__)
+            pending.append(error)
+    return found
+
+
+def test_every_exit_status_the_code_can_return_is_documented():
+    table = (REPO / "docs/exit-statuses.md").read_text()
+    documented = {int(n) for row in re.findall(r"^\| ([\d /]+) \|", table, re.M)
+                  for n in row.split("/")}
+    missing = {code: names for code, names in _exit_statuses_in_code().items()
+               if code not in documented}
+    assert missing == {}

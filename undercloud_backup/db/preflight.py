@@ -30,7 +30,8 @@ from undercloud_backup.core.errors import BackupError
 # What a complete `mariadb-dump --single-transaction --routines --events --triggers` needs
 # (measured on MariaDB 10.11: without TRIGGER triggers vanish silently, without SHOW DATABASES
 # whole databases do; without SHOW VIEW or EVENT the dump fails). LOCK TABLES, RELOAD and
-# PROCESS (README) are not needed by --single-transaction; PROCESS lets a lock's holder be named.
+# PROCESS (docs/backup.md) are not needed by --single-transaction; PROCESS lets a lock's holder
+# be named.
 REQUIRED_PRIVILEGES = ("SELECT", "SHOW VIEW", "TRIGGER", "EVENT", "SHOW DATABASES")
 GLOBAL_ONLY = frozenset({"SHOW DATABASES"})
 # How long a session of ours (the checks, the table statistics and the dump itself) waits for
