@@ -25,6 +25,7 @@ from undercloud_backup.db.preflight import (
     locked_error,
     set_lock_wait,
 )
+from undercloud_backup.db.rows import one_row
 
 # Schemas that are not data: information_schema/performance_schema/sys are views of the server,
 # and `mysql` is dumped portably through --system (dumping its tables directly is not restorable
@@ -141,7 +142,7 @@ def server_info(connection: pymysql.connections.Connection) -> ServerInfo:
     """Version, the databases to dump, and their size on disk from information_schema."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT VERSION()")
-        version = cursor.fetchone()[0]
+        version = one_row(cursor)[0]
         cursor.execute("SHOW DATABASES")
         databases = tuple(sorted(r[0] for r in cursor.fetchall() if r[0] not in SYSTEM_SCHEMAS))
         cursor.execute(
@@ -149,7 +150,7 @@ def server_info(connection: pymysql.connections.Connection) -> ServerInfo:
             " WHERE table_schema NOT IN %s AND table_type = 'BASE TABLE'",
             (tuple(SYSTEM_SCHEMAS),),
         )
-        size = int(cursor.fetchone()[0])
+        size = int(one_row(cursor)[0])
     return ServerInfo(version=version, databases=databases, size_bytes=size)
 
 

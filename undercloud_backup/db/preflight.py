@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import pymysql
 
 from undercloud_backup.core.errors import BackupError
+from undercloud_backup.db.rows import one_row
 
 # What a complete `mariadb-dump --single-transaction --routines --events --triggers` needs
 # (measured on MariaDB 10.11: without TRIGGER triggers vanish silently, without SHOW DATABASES
@@ -138,7 +139,7 @@ def check_privileges(connection: pymysql.connections.Connection,
     """The account's grants against what dumping ``databases`` needs (never raises for them)."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT CURRENT_USER()")
-        name, _, host = cursor.fetchone()[0].rpartition("@")
+        name, _, host = one_row(cursor)[0].rpartition("@")
         cursor.execute("SHOW GRANTS")
         grants = [row[0] for row in cursor.fetchall()]
     return evaluate(f"'{name}'@'{host}'", grants, databases)

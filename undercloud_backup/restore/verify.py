@@ -31,6 +31,7 @@ from undercloud_backup.core.manifest import (
 from undercloud_backup.core.sizes import format_size
 from undercloud_backup.db.check import TableComparison, compare_schema_objects, compare_tables
 from undercloud_backup.db.dumpstream import DumpGate
+from undercloud_backup.db.rows import one_row
 from undercloud_backup.db.scratch import ScratchServer, scratch_mariadb
 from undercloud_backup.files import chain
 from undercloud_backup.files.archive import inside
@@ -209,7 +210,7 @@ def check_database(store, container: str, manifest: Manifest, *, staging_dir: st
     with scratch_mariadb(staging_dir, lifetime_s=timeout) as server:
         with server.session.cursor() as cursor:
             cursor.execute("SELECT VERSION()")
-            scratch_version = cursor.fetchone()[0]
+            scratch_version = one_row(cursor)[0]
         for obj in objects:
             if problems:  # not into a half-loaded server: only read and checksum the rest
                 check = read_collecting(store, container, obj)
