@@ -60,5 +60,8 @@ def database_settings(defaults_file: str | None = None, *, host: str | None = No
         defaults_file = str(home_cnf) if home_cnf.is_file() else None
     settings = (DatabaseSettings.from_option_file(defaults_file) if defaults_file
                 else DatabaseSettings())
-    overrides = {"host": host, "port": port, "user": user, "socket": socket}
-    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    return replace(settings,
+                   host=settings.host if host is None else host,
+                   port=settings.port if port is None else port,
+                   user=settings.user if user is None else user,
+                   socket=settings.socket if socket is None else socket)

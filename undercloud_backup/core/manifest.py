@@ -191,7 +191,8 @@ class PathsSection:
     @classmethod
     def from_dict(cls, data: dict) -> PathsSection:
         known, _ = _known(cls, data)
-        return cls(**{k: (v if k == "root" else list(v or [])) for k, v in known.items()})
+        lists = {k: list(v or []) for k, v in known.items() if k != "root"}
+        return cls(known["root"], **lists)
 
 
 @dataclass

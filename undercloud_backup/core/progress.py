@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TextIO
+from uuid import UUID
 
 from undercloud_backup.core.sizes import format_size
 
@@ -131,8 +132,12 @@ class ArtifactSink:
 
         self.throttle = Throttle(every)
         self.description = description
-        self.artifact_id = create_progress_artifact(progress=0.0, key=ARTIFACT_KEY,
-                                                    description=f"{description}: starting")
+        artifact_id = create_progress_artifact(progress=0.0, key=ARTIFACT_KEY,
+                                               description=f"{description}: starting")
+        # Prefect's async_dispatch returns a coroutine only when called from one; the sink is
+        # made and updated from synchronous flows and tasks.
+        assert isinstance(artifact_id, UUID), "ArtifactSink needs a synchronous caller"
+        self.artifact_id = artifact_id
         self.failed = False
 
     def emit(self, snapshot: Snapshot) -> None:

@@ -50,9 +50,10 @@ from undercloud_backup.db.tablestats import DumpLockWatch
 class DatabaseAccess(Protocol):
     """How a run reaches MariaDB, chosen once (:func:`access`)."""
 
-    where: str
     lock_wait_s: int
 
+    @property
+    def where(self) -> str: ...
     def server_info(self) -> ServerInfo: ...
     def table_stats(self, databases: tuple[str, ...],
                     checksums: bool = True) -> list[TableStats]: ...
