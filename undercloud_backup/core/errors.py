@@ -143,8 +143,11 @@ class SwiftRequestFailed(BackupError):
     @property
     def status(self) -> int | None:
         """The HTTP status Swift answered with (None: no answer)."""
-        return self.fields.get("status")  # type: ignore[return-value]
+        status = self.fields.get("status")
+        return status if isinstance(status, int) else None
 
+    # BackupError.retryable is a class attribute, read only; mypy has no way to let a read-only
+    # property override a plain attribute, hence the ignore.
     @property
     def retryable(self) -> bool:  # type: ignore[override]
         return transient_status(self.status)
