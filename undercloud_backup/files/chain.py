@@ -1,4 +1,4 @@
-"""Incremental backups (issue 13): which level to take, and whether a chain is whole.
+"""Incremental backups: which level to take, and whether a chain is whole.
 
 The files of a backup are a GNU tar ``--listed-incremental`` level. Each nightly is a level
 against the previous complete backup of this host (tar's own model: the snapshot tar leaves

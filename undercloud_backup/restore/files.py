@@ -5,7 +5,7 @@ Everything streams: Swift -> one checked segment at a time (the strict reader) -
 -> ``tar -x``. Each segment is spooled to an anonymous file and its SHA-256 checked before any
 of its bytes go on, so a damaged backup stops the restore before it writes damaged data.
 
-An incremental backup (issue 13) restores with its chain: the level-0 full, then each level
+An incremental backup restores with its chain: the level-0 full, then each level
 in order, each extracted with ``--listed-incremental=/dev/null`` so that tar applies the
 deletions each level records (exactly the by-hand procedure). That makes every archived
 directory what it was at backup time, deleting files the backup did not hold: such a restore

@@ -1,4 +1,4 @@
-"""Encryption to age recipients (issue 12); the signatures are signing.py's.
+"""Encryption to age recipients (whoever reads the container reads no data); signing.py signs.
 
 The undercloud holds public keys only: an age recipients file (one public key a line, ``#``
 comments). Identities (age private keys) stay offline, so a compromised undercloud cannot read
