@@ -90,7 +90,7 @@ def verify_backup(
     # Encrypted and no identity: presence, sizes and SHA-256 of the stored bytes only.
     undecryptable = crypto.is_encrypted(manifest) and decryption is None
     futures = {}
-    if manifest.incremental:  # its chain's links (issue 13), each one a problem
+    if manifest.incremental:  # every link of its chain must be there, each missing one a problem
         futures["chain"] = checks.verify_chain.with_options(**retry).submit(swift_source,
                                                                            manifest)
     with crypto.decrypting(decryption):  # the submitted tasks run in a copy of this context
