@@ -101,7 +101,7 @@ def test_encrypted_signed_backup_restores_by_hand_and_forgeries_stop_it(
     names = {Path(o["name"]).name for o in manifest["objects"]}
     assert {"filesystem.tar.zst.age", "mariadb-all-databases.sql.zst.age",
             "mariadb-users-grants.sql.zst.age"} <= names
-    assert all(name.endswith(".age") for name in names)  # the tar snapshot too (issue 13)
+    assert all(name.endswith(".age") for name in names)  # the tar snapshot too: it lists every path
     age_key = Path(keys["recipients"]).read_text().splitlines()[1]
     assert age_key not in manifest_body.decode()  # fingerprints, never keys
     dump = conn.get_object(container, f"{backup_id}/mariadb-all-databases.sql.zst.age")[1]
