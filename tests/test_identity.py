@@ -255,7 +255,7 @@ def test_the_decryption_argv_holds_the_identity_path_only(keys):
     assert_no_secret(keys, " ".join(command.argv), decryption.describe())
 
 
-# ---------------------------------------------------------------- incremental chains (issue 13)
+# ------------------------------------------------------------------------ incremental chains
 @pytest.mark.slow
 def test_an_encrypted_signed_incremental_chain_verifies_and_restores_with_the_identity(
         keys, source_mariadb, os_env, tmp_path):
