@@ -1,4 +1,4 @@
-"""Issue 13: incremental filesystem archives (GNU tar --listed-incremental levels) end to end,
+"""Incremental filesystem archives (GNU tar --listed-incremental levels) end to end,
 against the real MariaDB and Swift behind Keystone: a full, then levels holding only what
 changed; restores of the chain by the tool and by hand with plain tar; every doubt about a
 chain (missing or damaged parent, altered snapshot, a clock that went backwards, another host)
