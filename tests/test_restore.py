@@ -187,7 +187,7 @@ def test_a_damaged_segment_stops_the_restore_before_its_bytes_are_written(
     swift_store().put(archive.segment_container, segment.name, os.urandom(segment.size))
     result = cli("restore", "--container", files_backup["container"], "--target",
                  str(tmp_path / "t"))
-    # Refused by the HEAD checks before anything is read (issue 12: reader.precheck), naming
+    # Refused by the HEAD checks before anything is read (reader.precheck), naming
     # the segment; nothing was written.
     assert result.returncode == ObjectDamaged.exit_code, result.stderr
     assert segment.name in result.stderr and f"etag {segment.etag}" in result.stderr
