@@ -1,4 +1,4 @@
-"""The trust boundary on a real installation (issue 10, issue 11 item 1): `install.sh` run by the
+"""The trust boundary on a real installation: `install.sh` run by the
 tests with every step (the installation they share with test_deploy and test_ui, conftest's
 full_system), a local Prefect server of its own user, its own prefix and state directory
 (deployments run from this checkout), no systemd (start-stop-daemon). Each attack is made the way
@@ -398,7 +398,7 @@ def test_shipped_deny_list_is_the_wrappers_default():
     assert "/etc/shadow" not in shipped and "/root/.my.cnf" not in shipped
 
 
-# --------------------------------------------------------------- issue 11.1: the UI is served
+# ----------------------------------------------------------------------------- the UI is served
 def test_the_installed_server_serves_both_uis_from_its_state(full):
     base = f"http://127.0.0.1:{full.port}"
     pages = {}
@@ -420,7 +420,7 @@ def test_the_installed_server_serves_both_uis_from_its_state(full):
 
 
 
-# --------------------------------------------------------------- issue 11.6: alerts at install
+# ----------------------------------------------------------------------------- alerts at install
 def test_install_sets_up_the_alerts_from_a_root_owned_url_file_and_no_argv_holds_it(full):
     url_file = ETC / "alert-webhook-url"
     secret = "http://127.0.0.1:9/hook/T0K3N-" + os.urandom(8).hex()
