@@ -130,8 +130,8 @@ class Operator:
     def start(self, action, name: str) -> str:
         """Do ``action`` (Submit, Quick run), then follow the toast's "View run" link;
         return the id of the flow run it created. A submit the server refused (an API error
-        recorded, no run created: seen about once in ten runs on this 2-core machine, see the
-        closing note of session 4) is warned about and submitted once more."""
+        recorded, no run created: seen about once in ten runs on this 2-core machine) is
+        warned about and submitted once more."""
         refused: list[str] = []
 
         def record(response) -> None:
