@@ -315,7 +315,7 @@ def test_member_names_are_unescaped_as_tar_prints_them():
     assert tarlist.unescape_member(rb"a\\b\nc") == "a\\b\nc"
 
 
-# ------------------------------------------------------------------- planted dumps (#10.4)
+# -------------------------------------- planted dumps: a verify must never run their commands
 def planted_dumps(marker: Path) -> dict[str, bytes]:
     """Dumps that run shell commands if a client executes them: one that does not even look
     like a dump, one that wears mariadb-dump's older banner (no sandbox line of its own)."""
