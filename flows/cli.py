@@ -9,12 +9,14 @@ unexpected error.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from flows import interrupt, params
 from flows.server import temporary_server
@@ -140,4 +142,33 @@ def entry_point(main: Callable[[], int]) -> None:
     # Even when started in the background by a script (which ignores SIGINT for its jobs):
     # `kill -INT` is an operator asking for a stop.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    sys.exit(main())
+    try:
+        status = main()
+    except SystemExit as done:  # argparse: --help, a wrong flag
+        if done.code is not None and not isinstance(done.code, int):
+            raise
+        status = done.code or 0
+    _exit(status)
+
+
+def _exit(status: int) -> NoReturn:
+    """Exit the way the interpreter does, less the teardown of its modules one by one.
+
+    What an exit runs in Python still runs, in the interpreter's order: the non-daemon threads
+    are joined (thread pools shut down first), then the atexit handlers (logging's last flush,
+    Prefect's log and event services), then stdout and stderr are flushed (a failed flush
+    exits 120, as Python's own exit does). Skipped is only the clean-up of the 1600 modules
+    Prefect imports, which nobody sees and which kept the process alive 0.6 to 2.3 s after
+    its last line on 2 busy cores.
+    """
+    join_threads = getattr(threading, "_shutdown", None)  # what Py_FinalizeEx calls first
+    if join_threads is None:  # another interpreter: its own exit
+        sys.exit(status)
+    join_threads()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            status = status or 120
+    os._exit(status)
