@@ -1,6 +1,6 @@
-"""What every ``python -m flows.<name>`` shares: database flags, a temporary Prefect server that
-dies with us, and one-line errors with the stable exit status of the error, printed last (a
-traceback helps no operator at 3 a.m.).
+"""What every ``python -m flows.<name>`` shares besides its flags (those are made by
+:mod:`flows.params`): a temporary Prefect server that dies with us, and one-line errors with the
+stable exit status of the error, printed last (a traceback helps no operator at 3 a.m.).
 
 Exit statuses besides the errors' own: 130 after SIGINT (Ctrl-C), 143 after SIGTERM, 1 for an
 unexpected error.
@@ -8,7 +8,6 @@ unexpected error.
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import os
 import signal
@@ -18,47 +17,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NoReturn, TypeVar
 
-from flows import interrupt, params
+from flows import interrupt
 from flows.server import temporary_server
 from undercloud_backup.core.errors import BackupError
-from undercloud_backup.trust import signing
 
 T = TypeVar("T")
 # True while a flow is run from ``python -m flows.*``: its errors then name CLI flags
 # (--add-path); a run from the UI or a deployment names parameters (add_paths).
 FROM_CLI = False
 SIGNAL_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-def add_database_arguments(parser: argparse.ArgumentParser, role: str = "") -> None:
-    """``--db-block``, ``--db-defaults-file`` and the host/port/user/socket overrides, from
-    :class:`flows.params.DatabaseParams` (the flows' ``db_*`` parameters)."""
-    params.add_arguments(parser, params.DatabaseParams, role=role)
-
-
-def add_backup_arguments(parser: argparse.ArgumentParser, verb: str | None) -> None:
-    """Which backups: ``--container`` and ``--swift-block``, and with ``verb`` the
-    ``--backup-id`` to act on (verify, restore)."""
-    if verb:
-        parser.add_argument("--backup-id",
-                            help=f"backup to {verb} (default: the latest complete one)")
-    parser.add_argument("--container", help="Swift container (default undercloud-backups)")
-    parser.add_argument("--swift-block",
-                        help="saved Swift Backup Target block (default: OS_* env)")
-
-
-def add_trust_arguments(parser: argparse.ArgumentParser, verb: str, identity_help: str) -> None:
-    """``--allowed-signers``, ``--no-signature-check`` and ``--identity`` (verify, restore)."""
-    parser.add_argument(
-        "--allowed-signers", metavar="FILE",
-        help=f"ssh-keygen allowed-signers file: {verb} only a manifest signed by a key in it "
-             "(exit 53 unsigned, 54 other key, 55 altered); default: "
-             f"{signing.INSTALLED_ALLOWED_SIGNERS}, if install configured it")
-    parser.add_argument("--no-signature-check", action="store_true",
-                        help="do not check the manifest's signature (a backup made before "
-                             "signing was installed); not with --allowed-signers")
-    parser.add_argument("--identity", metavar="FILE", help="age identity file (a path: the key "
-                        f"is never an argument) {identity_help}")
 
 
 # Equal to PREFECT_FLOWS_HEARTBEAT_FREQUENCY of prefect.yaml's deployments and to HEARTBEAT_S

@@ -12,15 +12,20 @@ Descriptions contain no angle brackets: the classic UI takes them for HTML tags.
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from blocks.sources import DatabaseSource
+from undercloud_backup.core import defaults
 from undercloud_backup.core.errors import ConfigError
 from undercloud_backup.core.sizes import parse_size
 from undercloud_backup.files.chain import parse_duration
+from undercloud_backup.trust import signing
 
 
 def segment_size_bytes(text: str | None) -> int | None:
@@ -37,6 +42,12 @@ def segment_size_bytes(text: str | None) -> int | None:
 def duration_seconds(text: str) -> float:
     """``full_every``: 7d, 36h, 90m, 2w or 0 in seconds; nonsense is a ValueError."""
     return parse_duration(text)
+
+
+# The retention counts' meaning: the backup's Retention section and the prune flow say it alike.
+KEEP_LAST = "Keep the N most recent complete backups."
+KEEP_DAILY = "Keep the newest backup of each of the last N days that have backups (UTC)."
+KEEP_WEEKLY = "Keep the newest backup of each of the last N ISO weeks that have backups."
 
 
 class _Group(BaseModel):
@@ -137,19 +148,18 @@ class RetentionParams(_Group):
     prune: bool = Field(True, description="Once the backup is complete, delete the backups "
                                           "the policy below no longer keeps, and incomplete "
                                           "ones untouched for a day.")
-    keep_last: int = Field(3, ge=0, description="Keep the N most recent complete backups.")
-    keep_daily: int = Field(7, ge=0, description="Keep the newest backup of each of the last "
-                                                 "N days that have backups (UTC).")
-    keep_weekly: int = Field(4, ge=0, description="Keep the newest backup of each of the last "
-                                                  "N ISO weeks that have backups.")
+    keep_last: int = Field(defaults.KEEP_LAST, ge=0, description=KEEP_LAST)
+    keep_daily: int = Field(defaults.KEEP_DAILY, ge=0, description=KEEP_DAILY)
+    keep_weekly: int = Field(defaults.KEEP_WEEKLY, ge=0, description=KEEP_WEEKLY)
 
 
 class AdvancedParams(_Group):
     """Staging, privileges, compression and retries: the defaults suit most runs."""
     model_config = ConfigDict(extra="forbid", title="Advanced")
 
-    staging_dir: str = Field("/var/tmp", description="Where segments are spooled on their way "
-                                                     "to Swift (up to two per stream).")
+    staging_dir: str = Field(defaults.STAGING_DIR, description="Where segments are spooled on "
+                                                               "their way to Swift (up to two "
+                                                               "per stream).")
     privileged: bool = Field(False, description="Run tar and the dump as root through the "
                                                 "project's sudo wrappers (a worker running as "
                                                 "an unprivileged user); the database is then "
@@ -168,8 +178,9 @@ class AdvancedParams(_Group):
                                   "besides its row count, read while the dump runs (on a "
                                   "second connection: the database user needs two). Off: row "
                                   "counts only.")
-    task_retries: int = Field(2, ge=0, description="Retries of a stage after a transient "
-                                                   "failure (Swift or database down).")
+    task_retries: int = Field(defaults.TASK_RETRIES, ge=0,
+                              description="Retries of a stage after a transient failure (Swift "
+                                          "or database down).")
     recipients_file: str | None = Field(
         None, description="age recipients file (one public key a line, age1... or ssh-ed25519): "
                           "every object is encrypted to all of them and named .age. Unset: "
@@ -194,6 +205,7 @@ class Flag:
     metavar: str | None = None
     invert: bool = False
     help: str | None = None  # shorter than the description, where that is too long
+    type: Callable[[str], object] | None = None  # argparse's; by default from the annotation
 
 
 FLAGS: dict[str, Flag] = {
@@ -292,3 +304,142 @@ def grouped(**flat: object) -> dict[str, _Group]:
     if flat:
         raise TypeError(f"unknown backup parameter(s): {', '.join(sorted(flat))}")
     return {"dry_run": dry_run, **groups}
+
+
+# ----------------------------------------------------- the flat flows: restore, verify, prune
+# Their deployments take flat parameters (prefect.yaml), so each is declared once in the flow's
+# signature, ``name: Annotated[type, Param(...)] = default``: the docstring's Args (and so the
+# UI form's descriptions) and the argparse flags are made from it, and parsed flags go back to
+# the flow as its keyword arguments.
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a flat flow: what the form and the docstring say of it, its flag
+    (None: none, or a group's own flags), the --help section it is listed in (empty: the
+    first), and for a group the words said before each of its flags."""
+
+    description: str
+    flag: Flag | None = None
+    section: str = ""
+    role: str = ""
+
+
+@dataclass(frozen=True)
+class Declared:
+    name: str
+    kind: object  # the annotation without its Param
+    param: Param
+    default: object
+
+
+def declared(fn: Callable[..., object]) -> list[Declared]:
+    """The flow function's parameters in signature order, each with its :class:`Param`."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    found = []
+    for name, parameter in inspect.signature(fn).parameters.items():
+        hint = hints.get(name)
+        params = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Param)]
+        if not params:
+            raise TypeError(f"{fn.__qualname__}: parameter {name} is not declared with a Param")
+        found.append(Declared(name, typing.get_args(hint)[0], params[0], parameter.default))
+    return found
+
+
+def described(fn: Callable[..., object]) -> Callable[..., object]:
+    """Below ``@flow``: the docstring's Args section from the parameters' descriptions (Prefect
+    reads the form's descriptions from there, Google style)."""
+    args = [f"    {d.name}: {d.param.description}" for d in declared(fn)]
+    fn.__doc__ = inspect.cleandoc(fn.__doc__ or "") + "\n\nArgs:\n" + "\n".join(args) + "\n"
+    return fn
+
+
+def _is_group(kind: object) -> bool:
+    return isinstance(kind, type) and issubclass(kind, _Group)
+
+
+def _scalar(kind: object) -> Callable[[str], object]:
+    """argparse's type of ``int``, ``float | None``, ``str | None``..."""
+    inner = [k for k in typing.get_args(kind) if k is not type(None)] or [kind]
+    return inner[0] if inner[0] in (int, float) else str  # type: ignore[return-value]
+
+
+def add_flow_arguments(parser: argparse.ArgumentParser, parameters: list[Declared]) -> None:
+    """The flags of a flow's :func:`declared` parameters (a group's: those of its fields)."""
+    sections: dict[str, argparse._ActionsContainer] = {"": parser}
+    for d in parameters:
+        if _is_group(d.kind):
+            add_arguments(parser, d.kind, role=d.param.role)  # type: ignore[arg-type]
+            continue
+        flag = d.param.flag
+        if flag is None:
+            continue
+        if d.param.section not in sections:
+            sections[d.param.section] = parser.add_argument_group(d.param.section)
+        where = sections[d.param.section]
+        help_text = (flag.help or d.param.description).replace("%", "%%")
+        if d.kind is bool:
+            where.add_argument(flag.flag, dest=d.name, help=help_text,
+                               action="store_false" if flag.invert else "store_true")
+        elif typing.get_origin(d.kind) is list or "list[" in str(d.kind):
+            where.add_argument(flag.flag, dest=d.name, action="append", default=[],
+                               metavar=flag.metavar, help=help_text)
+        else:
+            if d.default is not None and "(default" not in help_text:
+                value = f"{d.default:g}" if isinstance(d.default, float) else d.default
+                help_text = f"{help_text.rstrip('.')} (default {value})"
+            where.add_argument(flag.flag, dest=d.name, type=flag.type or _scalar(d.kind),
+                               default=d.default, metavar=flag.metavar, help=help_text)
+
+
+def flow_arguments(args: argparse.Namespace, parameters: list[Declared]) -> dict[str, object]:
+    """The flow's keyword arguments from the flags :func:`add_flow_arguments` made."""
+    values: dict[str, object] = {}
+    for d in parameters:
+        if _is_group(d.kind):
+            values[d.name] = from_args(args, d.kind)  # type: ignore[arg-type]
+        elif d.param.flag is not None:
+            values[d.name] = getattr(args, d.name)
+    return values
+
+
+# The parameters the flat flows share, said the same way in each.
+def backup_id(verb: str) -> Param:
+    return Param(f"The backup to {verb} (default: the latest complete one in the container).",
+                 Flag("--backup-id", help=f"backup to {verb} (default: the latest complete one)"))
+
+
+def container(more: str = "") -> Param:
+    return Param("Swift container of the backups (default: the Swift block's, or "
+                 f"undercloud-backups){more}.",
+                 Flag("--container", help="Swift container (default undercloud-backups)"))
+
+
+SWIFT_BLOCK = Param("Name of a saved Swift Backup Target block (otherwise the OS_* "
+                    "environment).",
+                    Flag("--swift-block", help="saved Swift Backup Target block (default: "
+                                               "OS_* env)"))
+
+
+def allowed_signers(verb: str, description: str) -> Param:
+    """``description``: what the flow does with the file (the CLI's text is the same for all)."""
+    return Param(description, Flag(
+        "--allowed-signers", "FILE",
+        help=f"ssh-keygen allowed-signers file: {verb} only a manifest signed by a key in it "
+             "(exit 53 unsigned, 54 other key, 55 altered); default: "
+             f"{signing.INSTALLED_ALLOWED_SIGNERS}, if install configured it"))
+
+
+def identity(description: str, cli_help: str) -> Param:
+    return Param(description, Flag("--identity", "FILE", help="age identity file (a path: the "
+                                   f"key is never an argument) {cli_help}"))
+
+
+CHECK_SIGNATURE = Param(
+    "Off: do not check the manifest's signature at all (a backup made before signing was "
+    "installed); allowed_signers must then be unset.",
+    Flag("--no-signature-check", invert=True,
+         help="do not check the manifest's signature (a backup made before signing was "
+              "installed); not with --allowed-signers"))
+
+
+def timeout_hours(description: str) -> Param:
+    return Param(description, Flag("--timeout-hours"))

@@ -12,14 +12,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+from typing import Annotated
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from blocks.sources import SwiftSource
-from flows import cli
+from flows import cli, params
+from flows.params import Flag, Param
 from tasks.prune import apply_retention
+from undercloud_backup.core import defaults
 from undercloud_backup.store.retention import RetentionPolicy
 
 
@@ -28,33 +31,37 @@ def _run_name() -> str:
     return f"prune-{mode}{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}"
 
 
-@flow(name="prune_backups", flow_run_name=_run_name, validate_parameters=True)
-def prune_backups(
-    container: str | None = None,
-    swift_block: str | None = None,
-    keep_last: int = 3,
-    keep_daily: int = 7,
-    keep_weekly: int = 4,
-    grace_hours: float = 24.0,
-    dry_run: bool = False,
-    now: dt.datetime | None = None,
-) -> dict:
-    """Delete the backups a retention policy does not keep, manifest first (for each host).
+def _when(text: str) -> dt.datetime:
+    value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
-    Args:
-        container: Swift container of the backups (default: the Swift block's, or
-            undercloud-backups); their segments are in the container of that name
-            followed by _segments.
-        swift_block: Name of a saved Swift Backup Target block (otherwise the OS_* environment).
-        keep_last: Keep the N most recent complete backups.
-        keep_daily: Keep the newest backup of each of the last N days that have backups (UTC).
-        keep_weekly: Keep the newest backup of each of the last N ISO weeks that have backups.
-        grace_hours: Remove an incomplete backup (no manifest) only when nothing was written
-            to it for this long; a backup still uploading is never touched.
-        dry_run: List what would be deleted; delete nothing.
-        now: Evaluate the grace period as of this time (default: now), to see what a later
-            prune would do.
-    """
+
+@flow(name="prune_backups", flow_run_name=_run_name, validate_parameters=True)
+@params.described
+def prune_backups(
+    container: Annotated[str | None, params.container(
+        "; their segments are in the container of that name followed by _segments")] = None,
+    swift_block: Annotated[str | None, params.SWIFT_BLOCK] = None,
+    keep_last: Annotated[int, Param(params.KEEP_LAST, Flag("--keep-last", "N"))
+                         ] = defaults.KEEP_LAST,
+    keep_daily: Annotated[int, Param(params.KEEP_DAILY, Flag("--keep-daily", "D"))
+                          ] = defaults.KEEP_DAILY,
+    keep_weekly: Annotated[int, Param(params.KEEP_WEEKLY, Flag("--keep-weekly", "W"))
+                           ] = defaults.KEEP_WEEKLY,
+    grace_hours: Annotated[float, Param(
+        "Remove an incomplete backup (no manifest) only when nothing was written to it for "
+        "this long; a backup still uploading is never touched.",
+        Flag("--grace-hours", help="age of the last write before an incomplete backup is "
+                                   "removed"))] = defaults.GRACE_HOURS,
+    dry_run: Annotated[bool, Param("List what would be deleted; delete nothing.",
+                                   Flag("--dry-run", help="list what would be deleted"))
+                       ] = False,
+    now: Annotated[dt.datetime | None, Param(
+        "Evaluate the grace period as of this time (default: now), to see what a later prune "
+        "would do.", Flag("--now", type=_when,
+                          help="evaluate as of this ISO 8601 time (default: now)"))] = None,
+) -> dict:
+    """Delete the backups a retention policy does not keep, manifest first (for each host)."""
     policy = RetentionPolicy(keep_last=keep_last, keep_daily=keep_daily,
                              keep_weekly=keep_weekly, grace=dt.timedelta(hours=grace_hours))
     result = apply_retention(SwiftSource(block=swift_block, container=container), policy, now,
@@ -66,6 +73,10 @@ def prune_backups(
         "would be deleted" if dry_run else "deleted", len(result["incomplete_deleted"]),
         "would be removed" if dry_run else "removed")
     return result
+
+
+# The flow's parameters as declared: its CLI's flags, and the call they make.
+PARAMETERS = params.declared(prune_backups.fn)
 
 
 def _report_artifact(result: dict) -> None:
@@ -93,29 +104,15 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m flows.prune",
         description="Delete the backups a retention policy does not keep (manifest first).")
-    cli.add_backup_arguments(p, None)
-    p.add_argument("--keep-last", type=int, default=3, metavar="N")
-    p.add_argument("--keep-daily", type=int, default=7, metavar="D")
-    p.add_argument("--keep-weekly", type=int, default=4, metavar="W")
-    p.add_argument("--grace-hours", type=float, default=24.0,
-                   help="age of the last write before an incomplete backup is removed")
-    p.add_argument("--now", type=_when, help="evaluate as of this ISO 8601 time (default: now)")
-    p.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+    params.add_flow_arguments(p, PARAMETERS)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return p
-
-
-def _when(text: str) -> dt.datetime:
-    value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     result, status = cli.run("undercloud-prune", lambda: prune_backups(
-        container=args.container, swift_block=args.swift_block, keep_last=args.keep_last,
-        keep_daily=args.keep_daily, keep_weekly=args.keep_weekly,
-        grace_hours=args.grace_hours, dry_run=args.dry_run, now=args.now),
+        **params.flow_arguments(args, PARAMETERS)),
         interrupted="every backup is complete or clearly incomplete")
     if result is None:
         return status

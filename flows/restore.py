@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 from dataclasses import replace
+from typing import Annotated
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -22,9 +23,10 @@ from prefect.runtime import flow_run
 
 from blocks.sources import DatabaseSource, SwiftSource
 from flows import cli, logs, params
-from flows.params import DatabaseParams
+from flows.params import DatabaseParams, Flag, Param
 from tasks import restore as steps
 from tasks import verify as checks
+from undercloud_backup.core import defaults
 from undercloud_backup.core.errors import ConfigError
 from undercloud_backup.core.manifest import Manifest
 from undercloud_backup.restore import databases as restoredb
@@ -41,78 +43,103 @@ def _run_name() -> str:
     return f"restore-{mode}{backup_id}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}"
 
 
-@flow(name="undercloud_restore", flow_run_name=_run_name, validate_parameters=True)
-def undercloud_restore(
-    backup_id: str | None = None,
-    container: str | None = None,
-    files: bool = True,
-    target: str | None = None,
-    allow_root_target: bool = False,
-    paths: list[str] | None = None,
-    exclude_paths: list[str] | None = None,
-    reinstalled_host: bool = False,
-    all_databases: bool = False,
-    databases: list[str] | None = None,
-    overwrite: bool = False,
-    skip_existing: bool = False,
-    overwrite_empty: bool = False,
-    dry_run: bool = False,
-    database: DatabaseParams = DatabaseParams(),  # noqa: B008 - a pydantic group (UI section)
-    swift_block: str | None = None,
-    staging_dir: str = "/var/tmp",
-    timeout_hours: float = 12.0,
-    allowed_signers: str | None = None,
-    identity: str | None = None,
-    check_signature: bool = True,
-) -> dict:
-    """Restore an undercloud backup: files into a target root, databases into a MariaDB.
+FILES, DATABASES = "What to restore", "Databases already there"
 
-    Args:
-        backup_id: The backup to restore (default: the latest complete one in the container).
-        container: Swift container of the backups (default: the Swift block's, or
-            undercloud-backups).
-        files: Restore the filesystem archive.
-        target: Directory to restore the files under (default: a new directory
-            undercloud-restore-BACKUP_ID-RANDOM under staging_dir, created 0700; the result
-            names it). / means the live system and needs allow_root_target. A named target
-            that does not exist is created 0755, so services restored into a stand-in root
-            can enter it; one that exists must be root's and writable by nobody else, and
-            every directory on the way to it one only root can change.
-        allow_root_target: Allow target / (writing into the live system).
-        paths: Only restore these absolute paths (as they were on the backed-up host), e.g.
-            /etc/keystone; default: everything in the archive. Every one is looked up in
-            the archive before anything is written.
-        exclude_paths: Leave these alone (absolute, anchored patterns as the backup's
-            --exclude-path: * does not match /), e.g. /etc/fstab.
-        reinstalled_host: Also leave the host-identity files alone (fstab, machine-id,
-            passwd/group/shadow, hostname, network configuration; docs/restore.md), unless
-            asked for with paths.
-        all_databases: Load every database of the dump, with users, roles and grants, into
-            the target MariaDB.
-        databases: Load only these databases (without users and grants).
-        overwrite: Replace existing files and drop and replace existing databases; without it
-            the restore refuses and names them.
-        skip_existing: Leave databases that already exist alone and load the others.
-        overwrite_empty: Replace existing databases that are empty (no tables, views,
-            routines or events), e.g. the test database of a fresh install.
-        dry_run: Say what would be written where (every file, every database); write nothing.
-        database: The target MariaDB and how to log in (the backup's Database group; its
-            user needs to create databases, users and grants).
-        swift_block: Name of a saved Swift Backup Target block (otherwise the OS_* environment).
-        staging_dir: Where each segment is spooled and checked before it is used, and where
-            the default target is created.
-        timeout_hours: Longest the files or the databases may take before the restore's
-            processes are killed.
-        allowed_signers: ssh-keygen allowed-signers file: restore only from a manifest
-            signed by a key in it (checked before anything is written). Unset: the one
-            install configured (/etc/undercloud-backup/allowed_signers), if any.
-        identity: Path of the age identity file (private key; never its content) that
-            decrypts an encrypted backup: the operator's or the break-glass key, on the
-            machine that restores. Checked against the backup's recipients before anything
-            is read or written.
-        check_signature: Off: do not check the manifest's signature at all (a backup made
-            before signing was installed); allowed_signers must then be unset.
-    """
+
+@flow(name="undercloud_restore", flow_run_name=_run_name, validate_parameters=True)
+@params.described
+def undercloud_restore(
+    backup_id: Annotated[str | None, params.backup_id("restore")] = None,
+    container: Annotated[str | None, params.container()] = None,
+    files: Annotated[bool, Param("Restore the filesystem archive.",
+                                 Flag("--no-files", invert=True, help="do not restore files"),
+                                 FILES)] = True,
+    target: Annotated[str | None, Param(
+        "Directory to restore the files under (default: a new directory "
+        "undercloud-restore-BACKUP_ID-RANDOM under staging_dir, created 0700; the result "
+        "names it). / means the live system and needs allow_root_target. A named target that "
+        "does not exist is created 0755, so services restored into a stand-in root can enter "
+        "it; one that exists must be root's and writable by nobody else, and every directory "
+        "on the way to it one only root can change.",
+        Flag("--target", help="restore files under this directory (default: a new "
+                              "<staging-dir>/undercloud-restore-<backup_id>-<random>)"),
+        FILES)] = None,
+    allow_root_target: Annotated[bool, Param(
+        "Allow target / (writing into the live system).",
+        Flag("--allow-root-target", help="allow --target / (write into the live system)"),
+        FILES)] = False,
+    paths: Annotated[list[str] | None, Param(
+        "Only restore these absolute paths (as they were on the backed-up host), e.g. "
+        "/etc/keystone; default: everything in the archive. Every one is looked up in the "
+        "archive before anything is written.",
+        Flag("--path", "PATH", help="only restore PATH, e.g. /etc/keystone (repeatable)"),
+        FILES)] = None,
+    exclude_paths: Annotated[list[str] | None, Param(
+        "Leave these alone (absolute, anchored patterns as the backup's --exclude-path: * "
+        "does not match /), e.g. /etc/fstab.",
+        Flag("--exclude-path", "PATTERN",
+             help="leave PATTERN alone (absolute, anchored like the backup's --exclude-path; "
+                  "* does not match /; repeatable)"), FILES)] = None,
+    reinstalled_host: Annotated[bool, Param(
+        "Also leave the host-identity files alone (fstab, machine-id, passwd/group/shadow, "
+        "hostname, network configuration; docs/restore.md), unless asked for with paths.",
+        Flag("--reinstalled-host",
+             help="leave the host-identity files of a reinstalled node alone (fstab, "
+                  "machine-id, passwd/group/shadow, hostname, network configuration; see "
+                  "docs/restore.md) unless named with --path"), FILES)] = False,
+    all_databases: Annotated[bool, Param(
+        "Load every database of the dump, with users, roles and grants, into the target "
+        "MariaDB.",
+        Flag("--all-databases", help="load every database, with users and grants, into the "
+                                     "target MariaDB"), FILES)] = False,
+    databases: Annotated[list[str] | None, Param(
+        "Load only these databases (without users and grants).",
+        Flag("--database", "NAME", help="load only this database (repeatable; without users "
+                                        "and grants)"), FILES)] = None,
+    overwrite: Annotated[bool, Param(
+        "Replace existing files and drop and replace existing databases; without it the "
+        "restore refuses and names them.",
+        Flag("--overwrite", help="replace existing files and databases (otherwise refuse, "
+                                 "naming them)"), DATABASES)] = False,
+    skip_existing: Annotated[bool, Param(
+        "Leave databases that already exist alone and load the others.",
+        Flag("--skip-existing", help="leave databases that already exist alone; load the "
+                                     "others"), DATABASES)] = False,
+    overwrite_empty: Annotated[bool, Param(
+        "Replace existing databases that are empty (no tables, views, routines or events), "
+        "e.g. the test database of a fresh install.",
+        Flag("--overwrite-empty", help="replace existing databases only if they are empty "
+                                       "(e.g. test)"), DATABASES)] = False,
+    dry_run: Annotated[bool, Param(
+        "Say what would be written where (every file, every database); write nothing.",
+        Flag("--dry-run", help="list what would be written where; write nothing"))] = False,
+    database: Annotated[DatabaseParams, Param(
+        "The target MariaDB and how to log in (the backup's Database group; its user needs "
+        "to create databases, users and grants).", role="target MariaDB: ")
+    ] = DatabaseParams(),  # noqa: B008 - a pydantic group (UI section)
+    swift_block: Annotated[str | None, params.SWIFT_BLOCK] = None,
+    staging_dir: Annotated[str, Param(
+        "Where each segment is spooled and checked before it is used, and where the default "
+        "target is created.",
+        Flag("--staging-dir", help="where segments are checked before use, and the default "
+                                   "target goes"))] = defaults.STAGING_DIR,
+    timeout_hours: Annotated[float, params.timeout_hours(
+        "Longest the files or the databases may take before the restore's processes are "
+        "killed.")] = defaults.RESTORE_TIMEOUT_HOURS,
+    allowed_signers: Annotated[str | None, params.allowed_signers("restore", (
+        "ssh-keygen allowed-signers file: restore only from a manifest signed by a key in it "
+        "(checked before anything is written). Unset: the one install configured "
+        f"({signing.INSTALLED_ALLOWED_SIGNERS}), if any."))] = None,
+    identity: Annotated[str | None, params.identity(
+        "Path of the age identity file (private key; never its content) that decrypts an "
+        "encrypted backup: the operator's or the break-glass key, on the machine that "
+        "restores. Checked against the backup's recipients before anything is read or "
+        "written.",
+        "that decrypts an encrypted backup (exit 51 unusable, 52 not a recipient of the "
+        "backup, 56 an object is not what the manifest says, 59 none given)")] = None,
+    check_signature: Annotated[bool, params.CHECK_SIGNATURE] = True,
+) -> dict:
+    """Restore an undercloud backup: files into a target root, databases into a MariaDB."""
     want_databases = _check_choices(files, all_databases, databases, overwrite, skip_existing)
     allowed_signers = signing.allowed_signers_for(allowed_signers, check_signature,
                                                   signing.installed_allowed_signers())
@@ -147,6 +174,10 @@ def undercloud_restore(
     _report_artifact(result)
     _log_done(result)
     return result
+
+
+# The flow's parameters as declared: its CLI's flags, and the call they make.
+PARAMETERS = params.declared(undercloud_restore.fn)
 
 
 def _restore(swift_source: SwiftSource, db_source: DatabaseSource, manifest: Manifest,
@@ -285,56 +316,15 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m flows.restore",
         description="Restore an undercloud backup: files into a target root (a new scratch "
                     "directory by default), databases into a MariaDB server.")
-    cli.add_backup_arguments(p, "restore")
-    p.add_argument("--target", help="restore files under this directory (default: a new "
-                                    "<staging-dir>/undercloud-restore-<backup_id>-<random>)")
-    p.add_argument("--allow-root-target", action="store_true",
-                   help="allow --target / (write into the live system)")
-    p.add_argument("--path", action="append", default=[], metavar="PATH",
-                   help="only restore PATH, e.g. /etc/keystone (repeatable)")
-    p.add_argument("--exclude-path", action="append", default=[], metavar="PATTERN",
-                   help="leave PATTERN alone (absolute, anchored like the backup's "
-                        "--exclude-path; * does not match /; repeatable)")
-    p.add_argument("--reinstalled-host", action="store_true",
-                   help="leave the host-identity files of a reinstalled node alone (fstab, "
-                        "machine-id, passwd/group/shadow, hostname, network configuration; "
-                        "see docs/restore.md) unless named with --path")
-    p.add_argument("--no-files", action="store_true", help="do not restore files")
-    p.add_argument("--all-databases", action="store_true",
-                   help="load every database, with users and grants, into the target MariaDB")
-    p.add_argument("--database", action="append", default=[], metavar="NAME",
-                   help="load only this database (repeatable; without users and grants)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace existing files and databases (otherwise refuse, naming them)")
-    p.add_argument("--skip-existing", action="store_true",
-                   help="leave databases that already exist alone; load the others")
-    p.add_argument("--overwrite-empty", action="store_true",
-                   help="replace existing databases only if they are empty (e.g. test)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="list what would be written where; write nothing")
+    params.add_flow_arguments(p, PARAMETERS)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    cli.add_database_arguments(p, role="target MariaDB: ")
-    p.add_argument("--staging-dir", default="/var/tmp",
-                   help="where segments are checked before use, and the default target goes")
-    p.add_argument("--timeout-hours", type=float, default=12.0)
-    cli.add_trust_arguments(p, "restore", "that decrypts an encrypted backup (exit 51 "
-                            "unusable, 52 not a recipient of the backup, 56 an object is not "
-                            "what the manifest says, 59 none given)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     result, status = cli.run("undercloud-restore", lambda: undercloud_restore(
-        backup_id=args.backup_id, container=args.container, files=not args.no_files,
-        target=args.target, allow_root_target=args.allow_root_target, paths=args.path,
-        exclude_paths=args.exclude_path, reinstalled_host=args.reinstalled_host,
-        all_databases=args.all_databases, databases=args.database, overwrite=args.overwrite,
-        skip_existing=args.skip_existing, overwrite_empty=args.overwrite_empty,
-        dry_run=args.dry_run, database=params.from_args(args, DatabaseParams),
-        swift_block=args.swift_block, staging_dir=args.staging_dir,
-        timeout_hours=args.timeout_hours, allowed_signers=args.allowed_signers,
-        identity=args.identity, check_signature=not args.no_signature_check),
+        **params.flow_arguments(args, PARAMETERS)),
         interrupted="what was written so far stays in place")
     if result is None:
         return status

@@ -13,14 +13,17 @@ import argparse
 import datetime as dt
 import json
 import time
+from typing import Annotated
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from blocks.sources import SwiftSource
-from flows import cli, logs
+from flows import cli, logs, params
+from flows.params import Flag, Param
 from tasks import verify as checks
+from undercloud_backup.core import defaults
 from undercloud_backup.core.errors import BackupError
 from undercloud_backup.core.manifest import Manifest
 from undercloud_backup.core.sizes import format_size
@@ -35,47 +38,47 @@ def _run_name() -> str:
 
 
 @flow(name="verify_backup", flow_run_name=_run_name, validate_parameters=True)
+@params.described
 def verify_backup(
-    backup_id: str | None = None,
-    container: str | None = None,
-    swift_block: str | None = None,
-    check_database: bool = True,
-    ignore_tables: list[str] | None = None,
-    staging_dir: str = "/var/tmp",
-    timeout_hours: float = 6.0,
-    task_retries: int = 2,
-    allowed_signers: str | None = None,
-    identity: str | None = None,
-    check_signature: bool = True,
+    backup_id: Annotated[str | None, params.backup_id("verify")] = None,
+    container: Annotated[str | None, params.container()] = None,
+    swift_block: Annotated[str | None, params.SWIFT_BLOCK] = None,
+    check_database: Annotated[bool, Param(
+        "Load the dump into a throwaway MariaDB and compare every table's row count and "
+        "checksum with the manifest; off, the dump is only read and checksummed.",
+        Flag("--skip-database", invert=True,
+             help="only read and checksum the dump; do not test-restore it"))] = True,
+    ignore_tables: Annotated[list[str] | None, Param(
+        "db.table patterns (e.g. nova.services) not to compare: tables a live undercloud "
+        "writes to all the time may change between the manifest's snapshot and the dump's.",
+        Flag("--ignore-table", "DB.TABLE",
+             help="do not compare this table (pattern; repeatable)"))] = None,
+    staging_dir: Annotated[str, Param(
+        "Where the throwaway MariaDB keeps its data while the dump is loaded (about the size "
+        "of the databases; removed afterwards).",
+        Flag("--staging-dir", help="where the throwaway MariaDB keeps its data (removed "
+                                   "afterwards)"))] = defaults.STAGING_DIR,
+    timeout_hours: Annotated[float, params.timeout_hours(
+        "Longest a single check may run before its processes are killed.")
+    ] = defaults.VERIFY_TIMEOUT_HOURS,
+    task_retries: Annotated[int, Param(
+        "Retries of a check after a transient failure (Swift unreachable).",
+        Flag("--task-retries", "N"))] = defaults.TASK_RETRIES,
+    allowed_signers: Annotated[str | None, params.allowed_signers("verify", (
+        "ssh-keygen allowed-signers file: the manifest must be signed by a key in it "
+        "(manifest.json.sig), or nothing is checked. Unset: the one install configured "
+        "(/etc/undercloud-backup/allowed_signers), if any."))] = None,
+    identity: Annotated[str | None, params.identity(
+        "Path of an age identity file (private key; never its content) that decrypts an "
+        "encrypted backup, on a verify host or an operator's machine: with it the archive is "
+        "listed and the dump test-restored; without it an encrypted backup's objects are "
+        "only checked (presence, sizes, SHA-256), and the report says so.",
+        "to decrypt an encrypted backup and test-restore it; without it only the stored "
+        "objects are checked (exit 51 unusable, 52 not a recipient)")] = None,
+    check_signature: Annotated[bool, params.CHECK_SIGNATURE] = True,
 ) -> dict:
     """Prove a backup restores: objects, segments, archive entries and a test restore of the
-    databases compared table by table with the manifest.
-
-    Args:
-        backup_id: The backup to verify (default: the latest complete one in the container).
-        container: Swift container of the backups (default: the Swift block's, or
-            undercloud-backups).
-        swift_block: Name of a saved Swift Backup Target block (otherwise the OS_* environment).
-        check_database: Load the dump into a throwaway MariaDB and compare every table's row
-            count and checksum with the manifest; off, the dump is only read and checksummed.
-        ignore_tables: db.table patterns (e.g. nova.services) not to compare: tables a live
-            undercloud writes to all the time may change between the manifest's snapshot
-            and the dump's.
-        staging_dir: Where the throwaway MariaDB keeps its data while the dump is loaded
-            (about the size of the databases; removed afterwards).
-        timeout_hours: Longest a single check may run before its processes are killed.
-        task_retries: Retries of a check after a transient failure (Swift unreachable).
-        allowed_signers: ssh-keygen allowed-signers file: the manifest must be signed by a
-            key in it (manifest.json.sig), or nothing is checked. Unset: the one install
-            configured (/etc/undercloud-backup/allowed_signers), if any.
-        identity: Path of an age identity file (private key; never its content) that
-            decrypts an encrypted backup, on a verify host or an operator's machine: with it
-            the archive is listed and the dump test-restored; without it an encrypted
-            backup's objects are only checked (presence, sizes, SHA-256), and the report
-            says so.
-        check_signature: Off: do not check the manifest's signature at all (a backup made
-            before signing was installed); allowed_signers must then be unset.
-    """
+    databases compared table by table with the manifest."""
     logger = get_run_logger()
     started = time.monotonic()
     allowed_signers = signing.allowed_signers_for(allowed_signers, check_signature,
@@ -118,6 +121,10 @@ def verify_backup(
     logger.info("backup %s verified in %.0f s%s", report["backup_id"], report["seconds"],
                 f" ({len(report['warnings'])} warning(s))" if report["warnings"] else "")
     return report
+
+
+# The flow's parameters as declared: its CLI's flags, and the call they make.
+PARAMETERS = params.declared(verify_backup.fn)
 
 
 def _add_trust(report: dict, manifest: Manifest, allowed_signers: str | None,
@@ -193,17 +200,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m flows.verify",
         description="Prove a backup restores: read every object and segment back, list the "
                     "archive, load the dump into a throwaway MariaDB and compare every table.")
-    cli.add_backup_arguments(p, "verify")
-    p.add_argument("--skip-database", action="store_true",
-                   help="only read and checksum the dump; do not test-restore it")
-    p.add_argument("--ignore-table", action="append", default=[], metavar="DB.TABLE",
-                   help="do not compare this table (pattern; repeatable)")
-    p.add_argument("--staging-dir", default="/var/tmp",
-                   help="where the throwaway MariaDB keeps its data (removed afterwards)")
-    p.add_argument("--timeout-hours", type=float, default=6.0)
-    cli.add_trust_arguments(p, "verify", "to decrypt an encrypted backup and test-restore "
-                            "it; without it only the stored objects are checked (exit 51 "
-                            "unusable, 52 not a recipient)")
+    params.add_flow_arguments(p, PARAMETERS)
     p.add_argument("--json", action="store_true",
                    help="print the report as one JSON object (also when verification fails)")
     return p
@@ -221,11 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"DIFFERS  {problem}")
 
     report, status = cli.run("undercloud-verify", lambda: verify_backup(
-        backup_id=args.backup_id, container=args.container, swift_block=args.swift_block,
-        check_database=not args.skip_database, ignore_tables=args.ignore_table,
-        staging_dir=args.staging_dir, timeout_hours=args.timeout_hours,
-        allowed_signers=args.allowed_signers, identity=args.identity,
-        check_signature=not args.no_signature_check),
+        **params.flow_arguments(args, PARAMETERS)),
         on_backup_error=print_report)
     if report is None:
         return status

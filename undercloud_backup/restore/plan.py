@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
+from undercloud_backup.core import defaults
 from undercloud_backup.core.errors import BackupError
 from undercloud_backup.core.manifest import Manifest
 from undercloud_backup.files import archive as fs
@@ -67,8 +68,8 @@ class RestoreRequest:
     allow_root_target: bool = False
     explicit_target: bool = False  # created 0755 (a stand-in root); the default scratch 0700
     dry_run: bool = False
-    staging_dir: str = "/var/tmp"
-    timeout_s: float = 12 * 3600
+    staging_dir: str = defaults.STAGING_DIR
+    timeout_s: float = defaults.RESTORE_TIMEOUT_HOURS * 3600
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
+from undercloud_backup.core import defaults
 from undercloud_backup.core.errors import BackupNotFound, ConfigError, NotFound
 from undercloud_backup.core.manifest import MANIFEST_NAME, Manifest
 from undercloud_backup.store import catalogue
@@ -38,10 +39,10 @@ BACKUP_ID = re.compile(r"^.+-\d{8}T\d{6}Z-[0-9a-f]{6}$")
 class RetentionPolicy:
     """How many backups to keep; ``grace`` protects incomplete ones still being written."""
 
-    keep_last: int = 3
-    keep_daily: int = 7
-    keep_weekly: int = 4
-    grace: dt.timedelta = dt.timedelta(hours=24)
+    keep_last: int = defaults.KEEP_LAST
+    keep_daily: int = defaults.KEEP_DAILY
+    keep_weekly: int = defaults.KEEP_WEEKLY
+    grace: dt.timedelta = dt.timedelta(hours=defaults.GRACE_HOURS)
 
     def __post_init__(self) -> None:
         counts = (self.keep_last, self.keep_daily, self.keep_weekly)

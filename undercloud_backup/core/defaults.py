@@ -1,0 +1,22 @@
+"""The defaults a run falls back on, in one place: the flows' parameters, their CLI flags and the
+library's value types all take them from here, so a default changes in one line."""
+
+from __future__ import annotations
+
+# Spool of segments on their way to or from Swift, and the default restore target's parent:
+# on disk, not tmpfs, and kept across reboots for a restore that is looked at afterwards.
+STAGING_DIR = "/var/tmp"
+
+# Retention: the N most recent complete backups, the newest of each of the last D days and
+# of the last W ISO weeks; an incomplete backup is removed once untouched this long.
+KEEP_LAST = 3
+KEEP_DAILY = 7
+KEEP_WEEKLY = 4
+GRACE_HOURS = 24.0
+
+# Longest the files or the databases of a restore, or one check of a verification, may take.
+RESTORE_TIMEOUT_HOURS = 12.0
+VERIFY_TIMEOUT_HOURS = 6.0
+
+# Retries of a stage or a check after a transient failure (Swift or the database down).
+TASK_RETRIES = 2
