@@ -23,7 +23,7 @@ from flows import cli, params
 from flows.params import Flag, Param
 from tasks.prune import apply_retention
 from undercloud_backup.core import defaults
-from undercloud_backup.store.retention import RetentionPolicy
+from undercloud_backup.store.retention import PruneResult, RetentionPolicy
 
 
 def _run_name() -> str:
@@ -60,7 +60,7 @@ def prune_backups(
         "Evaluate the grace period as of this time (default: now), to see what a later prune "
         "would do.", Flag("--now", type=_when,
                           help="evaluate as of this ISO 8601 time (default: now)"))] = None,
-) -> dict:
+) -> PruneResult:
     """Delete the backups a retention policy does not keep, manifest first (for each host)."""
     policy = RetentionPolicy(keep_last=keep_last, keep_daily=keep_daily,
                              keep_weekly=keep_weekly, grace=dt.timedelta(hours=grace_hours))
@@ -68,9 +68,9 @@ def prune_backups(
                              dry_run)
     _report_artifact(result)
     get_run_logger().info(
-        "%s: %d complete backup(s) kept, %d %s, %d incomplete %s", result["container"],
-        len(result["kept"]), len(result["deleted"]),
-        "would be deleted" if dry_run else "deleted", len(result["incomplete_deleted"]),
+        "%s: %d complete backup(s) kept, %d %s, %d incomplete %s", result.container,
+        len(result.kept), len(result.deleted),
+        "would be deleted" if dry_run else "deleted", len(result.incomplete_deleted),
         "would be removed" if dry_run else "removed")
     return result
 
@@ -79,24 +79,24 @@ def prune_backups(
 PARAMETERS = params.declared(prune_backups.fn)
 
 
-def _report_artifact(result: dict) -> None:
-    verb = "would delete" if result["dry_run"] else "deleted"
-    policy = result["policy"]
-    lines = [f"# Prune of `{result['container']}`" + (" (dry run)" if result["dry_run"] else ""),
-             "", f"Policy: keep last {policy['keep_last']}, daily {policy['keep_daily']}, "
-             f"weekly {policy['keep_weekly']}; incomplete backups after "
-             f"{policy['grace_hours']:g} h. As of {result['now']}.", "",
+def _report_artifact(result: PruneResult) -> None:
+    verb = "would delete" if result.dry_run else "deleted"
+    policy = result.policy
+    lines = [f"# Prune of `{result.container}`" + (" (dry run)" if result.dry_run else ""),
+             "", f"Policy: keep last {policy.keep_last}, daily {policy.keep_daily}, "
+             f"weekly {policy.keep_weekly}; incomplete backups after "
+             f"{policy.grace_hours:g} h. As of {result.now}.", "",
              "| backup | created | kept because |", "|---|---|---|"]
-    lines += [f"| `{b['backup_id']}` | {b['created_at']} | {', '.join(b['reasons'])} |"
-              for b in result["kept"]]
-    lines += [""] + [f"- {verb} `{b['backup_id']}` (created {b['created_at']})"
-                     for b in result["deleted"]]
-    lines += [f"- {verb} incomplete `{b['backup_id']}` (last written {b['last_modified']})"
-              for b in result["incomplete_deleted"]]
-    lines += [f"- kept incomplete `{b['backup_id']}` (within the grace period)"
-              for b in result["incomplete_kept"]]
+    lines += [f"| `{b.backup_id}` | {b.created_at} | {', '.join(b.reasons or ())} |"
+              for b in result.kept]
+    lines += [""] + [f"- {verb} `{b.backup_id}` (created {b.created_at})"
+                     for b in result.deleted]
+    lines += [f"- {verb} incomplete `{b.backup_id}` (last written {b.last_modified})"
+              for b in result.incomplete_deleted]
+    lines += [f"- kept incomplete `{b.backup_id}` (within the grace period)"
+              for b in result.incomplete_kept]
     create_markdown_artifact(key="backup-retention", markdown="\n".join(lines) + "\n",
-                             description=f"Prune of {result['container']}")
+                             description=f"Prune of {result.container}")
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -117,15 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     if result is None:
         return status
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result.to_dict()))
         return 0
     verb = "would delete" if args.dry_run else "deleted"
-    for backup in result["kept"]:
-        print(f"{'keep':<12} {backup['backup_id']}  ({', '.join(backup['reasons'])})")
-    for backup in result["deleted"]:
-        print(f"{verb:<12} {backup['backup_id']}")
-    for backup in result["incomplete_deleted"]:
-        print(f"{verb:<12} {backup['backup_id']}  (incomplete)")
+    for backup in result.kept:
+        print(f"{'keep':<12} {backup.backup_id}  ({', '.join(backup.reasons or ())})")
+    for backup in result.deleted:
+        print(f"{verb:<12} {backup.backup_id}")
+    for backup in result.incomplete_deleted:
+        print(f"{verb:<12} {backup.backup_id}  (incomplete)")
     return 0
 
 

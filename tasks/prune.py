@@ -19,10 +19,11 @@ from undercloud_backup.store.connection import SwiftStore
 # Retrying is safe: deleting is idempotent, and the manifest goes first.
 @task(name="apply_retention", **RETRY_TRANSIENT, cache_policy=NO_CACHE)
 def apply_retention(swift_source: SwiftSource, policy: retention.RetentionPolicy,
-                    now: dt.datetime | None = None, dry_run: bool = False) -> dict:
+                    now: dt.datetime | None = None,
+                    dry_run: bool = False) -> retention.PruneResult:
     """Delete the backups the policy does not keep (manifest first) and stale incomplete ones."""
     settings = swift_source.settings()
     result = retention.prune(SwiftStore.connect(settings), settings.container, policy,
                              now or dt.datetime.now(dt.UTC), dry_run=dry_run,
                              logger=get_run_logger())
-    return result.as_dict()
+    return result

@@ -55,9 +55,13 @@ class RetentionPolicy:
         if self.grace < dt.timedelta(0):
             raise ConfigError(detail="the grace period cannot be negative")
 
-    def as_dict(self) -> dict:
+    @property
+    def grace_hours(self) -> float:
+        return self.grace / dt.timedelta(hours=1)
+
+    def to_dict(self) -> dict:
         return {"keep_last": self.keep_last, "keep_daily": self.keep_daily,
-                "keep_weekly": self.keep_weekly, "grace_hours": self.grace / dt.timedelta(hours=1)}
+                "keep_weekly": self.keep_weekly, "grace_hours": self.grace_hours}
 
 
 @dataclass
@@ -77,10 +81,29 @@ class StoredBackup:
         if self.last_modified is None or stamp > self.last_modified:
             self.last_modified = stamp
 
-    def summary(self, **extra: object) -> dict:
-        return {"backup_id": self.backup_id, "hostname": self.hostname,
-                "created_at": _iso(self.created_at), "last_modified": _iso(self.last_modified),
-                "objects": len(self.objects), "segments": len(self.segments), **extra}
+    def summary(self, reasons: list[str] | None = None) -> BackupSummary:
+        return BackupSummary(self.backup_id, self.hostname, _iso(self.created_at),
+                             _iso(self.last_modified), len(self.objects), len(self.segments),
+                             reasons)
+
+
+@dataclass(frozen=True)
+class BackupSummary:
+    """A backup as a prune reports it; ``reasons`` (the policy's rules) only for one kept."""
+
+    backup_id: str
+    hostname: str
+    created_at: str | None
+    last_modified: str | None
+    objects: int
+    segments: int
+    reasons: list[str] | None = None
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        if self.reasons is None:  # the --json output has "reasons" for kept backups only
+            del values["reasons"]
+        return values
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -215,15 +238,25 @@ class PruneResult:
     container: str
     now: str
     dry_run: bool
-    policy: dict
-    kept: list[dict] = field(default_factory=list)
-    deleted: list[dict] = field(default_factory=list)
-    incomplete_deleted: list[dict] = field(default_factory=list)
-    incomplete_kept: list[dict] = field(default_factory=list)
+    policy: RetentionPolicy
+    kept: list[BackupSummary] = field(default_factory=list)
+    deleted: list[BackupSummary] = field(default_factory=list)
+    incomplete_deleted: list[BackupSummary] = field(default_factory=list)
+    incomplete_kept: list[BackupSummary] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    @property
+    def removed(self) -> list[str]:
+        """The ids of the backups deleted (or, in a dry run, that would be), incomplete too."""
+        return [b.backup_id for b in self.deleted + self.incomplete_deleted]
+
+    def to_dict(self) -> dict:
+        """The JSON edge (``python -m flows.prune --json``): its keys are a contract."""
+        entries = ("kept", "deleted", "incomplete_deleted", "incomplete_kept")
+        return {"container": self.container, "now": self.now, "dry_run": self.dry_run,
+                "policy": self.policy.to_dict(),
+                **{key: [b.to_dict() for b in getattr(self, key)] for key in entries},
+                "ignored": list(self.ignored)}
 
 
 def _delete(store: SwiftStore, container: str, name: str) -> None:
@@ -259,7 +292,7 @@ def prune(store: SwiftStore, container: str, policy: RetentionPolicy, now: dt.da
     backups, ignored = inventory(store, container)
     kept = select(backups, policy)
     result = PruneResult(container=container, now=_iso(now) or "", dry_run=dry_run,
-                         policy=policy.as_dict())
+                         policy=policy)
     for backup in backups:
         if not backup.complete and not BACKUP_ID.match(backup.backup_id):
             result.ignored += backup.objects + [f"{c}/{n}" for c, n in backup.segments]
