@@ -18,7 +18,14 @@ from pathlib import Path
 
 import pytest
 import sample_undercloud as sample
-from conftest import REPO, backup_cli, describe_tree, remove_container, swift_store
+from conftest import (
+    REPO,
+    backup_cli,
+    backup_in_process,
+    describe_tree,
+    remove_container,
+    swift_store,
+)
 
 from undercloud_backup.core.errors import ChainTargetNotEmpty
 from undercloud_backup.core.manifest import FS_OBJECT, SNAPSHOT_OBJECT
@@ -30,9 +37,13 @@ TIMES: dict[str, float] = {}
 
 
 def run(root: Path, container: str, db_cnf: str, staging: Path, *args: str) -> dict:
+    """A backup with the CLI's flags, called in this process (the CLI's process, its exit
+    status and last line, are what test_list_shows_kind_and_parent and the --full-every check
+    run it for)."""
     started = time.monotonic()
-    result = backup_cli("--root", str(root), "--container", container, "--db-defaults-file",
-                        db_cnf, "--staging-dir", str(staging), "--json", *args)
+    result = backup_in_process("--root", str(root), "--container", container,
+                               "--db-defaults-file", db_cnf, "--staging-dir", str(staging),
+                               "--json", *args)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     summary["stderr"] = result.stderr
@@ -184,7 +195,7 @@ def test_restore_of_an_incremental_by_path_and_into_an_occupied_target(chain3, t
     result = restore.restore_files(store, container, m1, restore.RestoreRequest(
         backup_id=ids[1], target=str(target), paths=("/etc/keystone",),
         staging_dir=str(tmp_path)), logging.getLogger("test"))
-    assert result["chain"] == ids[:2]
+    assert result.chain == ids[:2]
     keystone = {p: v for p, v in trees[1].items() if p.startswith("etc/keystone/")}
     assert {p: v for p, v in describe_tree(target).items() if p.startswith("etc/keystone/")} \
         == keystone
@@ -343,9 +354,9 @@ def test_an_encrypted_chain_uses_the_nodes_own_copy_of_the_snapshot(os_env, db_c
     root = sample.make_files(tmp_path / "undercloud", sample.SampleSize(images_mib=(1,)))
 
     def encrypted(*args: str) -> dict:
-        result = backup_cli("--root", str(root), "--container", container, "--db-defaults-file",
-                            db_cnf, "--recipients-file", str(keydir / "recipients"), "--json",
-                            *args, env=env)
+        result = backup_in_process("--root", str(root), "--container", container,
+                                   "--db-defaults-file", db_cnf, "--recipients-file",
+                                   str(keydir / "recipients"), "--json", *args, env=env)
         assert result.returncode == 0, result.stderr
         return {**json.loads(result.stdout), "stderr": result.stderr}
 
