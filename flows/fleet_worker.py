@@ -1,0 +1,188 @@
+"""The fleet node's worker: a process worker that runs only this node's installed flows.
+
+In a fleet every node's worker holds the one API password, so any node (or anyone holding the
+password) can create or change deployments and work pools on every other node's pool. A stock
+process worker would then run whatever the deployment says: its pull steps, its entrypoint,
+its command, environment and working directory. This worker refuses such a run before any of
+its code loads, and the run it accepts starts ``python -m flows.fleet_worker engine``, which
+loads the flow from the installed entrypoint of the deployment's name, never from the
+deployment, and never runs pull steps: a deployment changed after the check changes nothing.
+
+    python -m flows.fleet_worker worker --pool undercloud-NODE --name NODE
+    python -m flows.fleet_worker engine         (started by the worker, one per flow run)
+
+The installed entrypoints are those of prefect.yaml in the working directory (the root-owned
+copy of the project the worker runs from).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import anyio
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.utilities.dispatch import register_type
+from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
+
+from undercloud_backup.core.errors import BackupError
+
+# The deployments a node runs; in the fleet their names end in "-<node>".
+NODE_DEPLOYMENTS = ("on-demand", "nightly", "weekly-full", "weekly-verify", "prune")
+# What a deployment's or a run's job variables may set: the heartbeat interval, nothing else.
+ALLOWED_ENV = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY"}
+
+
+class RunRefused(BackupError):
+    """refused by node {node}'s worker: {reason}"""
+
+    exit_code = 2
+
+
+def installed_entrypoints(app: str | os.PathLike[str]) -> dict[str, str]:
+    """Deployment name (without the node suffix) -> entrypoint, from the installed prefect.yaml."""
+    with open(Path(app) / "prefect.yaml", encoding="utf-8") as text:
+        project = yaml.safe_load(text)
+    return {d["name"]: d["entrypoint"] for d in project.get("deployments", [])
+            if d["name"] in NODE_DEPLOYMENTS}
+
+
+def _check_job_variables(where: str, variables: dict[str, Any] | None) -> str | None:
+    for key, value in (variables or {}).items():
+        if key != "env":
+            return f"{where} sets job variable {key!r}"
+        for name, setting in (value or {}).items():
+            if name not in ALLOWED_ENV or not str(setting).isdigit():
+                return f"{where} sets environment variable {name!r}"
+    return None
+
+
+def refusal(node: str, app: str, deployment: Any, flow_run: Any, base_job_template: dict,
+            configuration: ProcessJobConfiguration) -> str | None:
+    """Why this run must not start on this node, or None."""
+    if deployment is None:
+        return "the run belongs to no deployment (only this node's deployments run here)"
+    base, _, suffix = deployment.name.rpartition("-")
+    installed = installed_entrypoints(app)
+    if suffix != node or base not in installed:
+        return f"deployment {deployment.name!r} is not one of this node's"
+    if deployment.entrypoint != installed[base]:
+        return f"entrypoint {deployment.entrypoint!r} is not the installed {installed[base]!r}"
+    if deployment.pull_steps:
+        return "the deployment has pull steps (the node runs its installed copy only)"
+    if base_job_template != ProcessWorker.get_default_base_job_template():
+        return "the work pool's base job template was changed"
+    for where, variables in (("the deployment", deployment.job_variables),
+                             ("the run", flow_run.job_variables)):
+        reason = _check_job_variables(where, variables)
+        if reason:
+            return reason
+    if configuration._command_configured:
+        return "the job sets a command"
+    if configuration.working_dir and Path(configuration.working_dir).resolve() != Path(app):
+        return "the job sets a working directory"
+    return None
+
+
+# Defining it registers it as "process" over the stock class (re-registered below): expected.
+warnings.filterwarnings("ignore", message="Type 'FleetNodeWorker'", category=UserWarning)
+
+
+class FleetNodeWorker(ProcessWorker):
+    """A process worker that checks each run against the node's installation first.
+
+    Its type stays "process" (the pool's); the stock class is registered again below, so that
+    importing this module changes no other code's "process" worker."""
+
+    type = "process"
+
+    def __init__(self, *args: Any, node: str, app: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.node = node
+        self.app = str(Path(app).resolve())
+
+    async def run(self, flow_run: Any, configuration: ProcessJobConfiguration,
+                  task_status: anyio.abc.TaskStatus[int] | None = None) -> ProcessWorkerResult:
+        deployment = None
+        if flow_run.deployment_id:
+            deployment = await self.client.read_deployment(flow_run.deployment_id)
+        pool = await self.client.read_work_pool(self.work_pool.name)
+        reason = refusal(self.node, self.app, deployment, flow_run, pool.base_job_template,
+                         configuration)
+        if reason:
+            error = RunRefused(node=self.node, reason=reason)
+            self.get_flow_run_logger(flow_run).error(str(error))
+            await self._propose_failed_state(flow_run, error)
+            if task_status is not None:
+                task_status.started(0)
+            return ProcessWorkerResult(status_code=0, identifier="refused")
+        # Our engine, from the installed copy, with the worker's own environment plus the
+        # run's checked additions: nothing of the deployment's code path is used.
+        configuration.command = f"{sys.executable} -m flows.fleet_worker engine"
+        configuration._command_configured = True
+        configuration.working_dir = Path(self.app)
+        return await super().run(flow_run, configuration, task_status)
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)  # "process" registered twice, on purpose
+    register_type(ProcessWorker)
+
+
+async def _start_worker(pool: str, name: str, node: str, app: str) -> None:
+    async with FleetNodeWorker(work_pool_name=pool, name=name, node=node, app=app) as worker:
+        await worker.start()
+
+
+def _engine() -> None:
+    """Run the flow run named by PREFECT__FLOW_RUN_ID from the installed entrypoint."""
+    from uuid import UUID
+
+    from prefect.engine import handle_engine_signals
+    from prefect.flow_engine import load_flow_run, run_flow
+    from prefect.flows import load_flow_from_entrypoint
+
+    flow_run_id = UUID(os.environ["PREFECT__FLOW_RUN_ID"])
+    node = os.environ["UCB_NODE"]
+    with handle_engine_signals(flow_run_id):
+        flow_run = load_flow_run(flow_run_id=flow_run_id)
+
+        async def deployment_name() -> str:
+            async with get_client() as client:
+                return (await client.read_deployment(flow_run.deployment_id)).name
+
+        base, _, suffix = asyncio.run(deployment_name()).rpartition("-")
+        installed = installed_entrypoints(os.getcwd())
+        if suffix != node or base not in installed:
+            raise SystemExit(f"refused: deployment {base}-{suffix} is not one of node {node}'s")
+        flow = load_flow_from_entrypoint(str(Path(os.getcwd()) / installed[base]))
+        run_flow(flow, flow_run=flow_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.fleet_worker")
+    sub = parser.add_subparsers(dest="command", required=True)
+    worker = sub.add_parser("worker", help="poll this node's pool")
+    worker.add_argument("--pool", required=True)
+    worker.add_argument("--name", required=True)
+    sub.add_parser("engine", help="run one flow run (started by the worker)")
+    args = parser.parse_args(argv)
+    if args.command == "engine":
+        _engine()
+        return 0
+    node = os.environ.get("UCB_NODE")
+    if not node:
+        print("UCB_NODE is not set: the node's name (worker.env)", file=sys.stderr)
+        return 2
+    asyncio.run(_start_worker(args.pool, args.name, node, os.getcwd()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

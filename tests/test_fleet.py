@@ -1,0 +1,333 @@
+"""A fleet of three simulated underclouds on one Prefect server (deployments/dev/fleet.sh): the
+fan-out before an upgrade, one node failing alone, and a compromised node's attacks on another.
+
+The fleet is brought up once for the module and removed at its end, whatever happened.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+from swiftclient import client as swc
+
+REPO = Path(__file__).resolve().parents[1]
+FLEET = REPO / "deployments" / "dev" / "fleet.sh"
+STATE = Path("/var/lib/ucb-fleet")
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="fleet.sh needs root")
+
+
+def env_file(path: str | Path) -> dict[str, str]:
+    values = {}
+    for line in Path(path).read_text().splitlines():
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            values[key] = value
+    return values
+
+
+class Api:
+    """The Prefect REST API with one holder's password: the operator's or a node's."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.url = env["PREFECT_API_URL"].rstrip("/")
+        token = base64.b64encode(env["PREFECT_API_AUTH_STRING"].encode()).decode()
+        self.headers = {"Authorization": f"Basic {token}"}
+
+    def __call__(self, method: str, route: str, /, **body: object) -> object:
+        answer = requests.request(method, self.url + route, headers=self.headers,
+                                  json=body if method != "GET" else None, timeout=30)
+        assert answer.ok, f"{method} {route}: {answer.status_code} {answer.text[:300]}"
+        return answer.json() if answer.content else None
+
+    def wait(self, run_id: str, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self("GET", f"/flow_runs/{run_id}")
+            if run["state"] and run["state"]["type"] in FINAL:
+                return run
+            assert time.monotonic() < deadline, f"run {run_id} still {run['state']}"
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def fleet(services):
+    if (STATE / "fleet.json").exists():  # a previous session's, killed before its `down`
+        subprocess.run([str(FLEET), "down"], capture_output=True, timeout=300)
+    started = time.monotonic()
+    up = subprocess.run([str(FLEET), "up", "3"], capture_output=True, text=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        lines = [json.loads(line) for line in up.stdout.splitlines()]
+        nodes = {line["node"]: line for line in lines[:-1]}
+        server = lines[-1]
+        print(f"fleet up: {time.monotonic() - started:.1f} s", file=sys.stderr)
+        yield {"nodes": nodes, "server": server, "operator": env_file(server["env"])}
+    finally:
+        started = time.monotonic()
+        down = subprocess.run([str(FLEET), "down"], capture_output=True, text=True,
+                              timeout=300)
+        print(f"fleet down: {time.monotonic() - started:.1f} s", file=sys.stderr)
+        assert down.returncode == 0, down.stderr[-3000:]
+        users = {n["user"] for n in nodes.values()} if up.returncode == 0 else set()
+        leftovers = [u for u in users if subprocess.run(["id", u], capture_output=True)
+                     .returncode == 0]
+        assert not STATE.exists() and not leftovers
+
+
+def fleet_cli(fleet: dict, *args: str) -> tuple[int, dict, str]:
+    env = {"PATH": "/usr/bin:/bin", "HOME": fleet["operator"]["PREFECT_HOME"],
+           **fleet["operator"]}
+    done = subprocess.run([sys.executable, "-m", "flows.fleet", *args, "--json"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    return done.returncode, json.loads(done.stdout or "{}"), done.stderr
+
+
+def artifact_rows(api: Api, key: str) -> list[dict]:
+    found = api("POST", "/artifacts/latest/filter", artifacts={"key": {"any_": [key]}},
+                limit=1)
+    data = found[0]["data"]
+    return json.loads(data) if isinstance(data, str) else data
+
+
+@pytest.mark.slow
+@needs_root
+def test_fan_out_backs_up_every_node(fleet):
+    started = time.monotonic()
+    rc, out, err = fleet_cli(fleet, "backup", "--max-parallel", "3")
+    seconds = time.monotonic() - started
+    print(f"fan-out of 3 nodes: {seconds:.1f} s", file=sys.stderr)
+    assert rc == 0, err[-2000:]
+    assert {n["node"]: n["state"] for n in out["nodes"]} == dict.fromkeys(fleet["nodes"],
+                                                                          "COMPLETED")
+    assert all(n["backup_id"] and n["flow_run_id"] and n["error"] is None
+               for n in out["nodes"])
+    api = Api(fleet["operator"])
+    assert {r["node"]: r["state"] for r in artifact_rows(api, "fleet-backup")} == \
+        dict.fromkeys(fleet["nodes"], "COMPLETED")
+    rc, status, err = fleet_cli(fleet, "status")
+    assert rc == 0, err[-2000:]
+    ids = {n["node"]: n["backup_id"] for n in out["nodes"]}
+    assert {r["node"]: r["backup_id"] for r in status["nodes"]} == ids
+    assert all(r["worker online"] and r["age h"] < 1 for r in status["nodes"])
+    assert {r["node"] for r in artifact_rows(api, "fleet-status")} == set(fleet["nodes"])
+
+
+@pytest.mark.slow
+@needs_root
+def test_a_node_whose_mariadb_is_down_fails_alone(fleet):
+    pid = json.loads((STATE / "fleet.json").read_text())["pids"]["mariadb-node2"]
+    os.killpg(pid, signal.SIGKILL)
+    rc, out, err = fleet_cli(fleet, "backup", "--max-parallel", "3")
+    assert rc == 1, err[-2000:]
+    states = {n["node"]: n for n in out["nodes"]}
+    assert states["node2"]["state"] == "FAILED" and states["node2"]["backup_id"] is None
+    error = states["node2"]["error"]
+    assert error and "\n" not in error, error
+    print(f"node2's error line: {error}", file=sys.stderr)
+    assert states["node1"]["state"] == states["node3"]["state"] == "COMPLETED"
+    assert "node2" in err.splitlines()[-1] or "node2" in err
+
+
+# ------------------------------------------------------------------- a compromised node1
+def node_api(fleet: dict, node: str) -> Api:
+    return Api(env_file(fleet["nodes"][node]["env"]))
+
+
+@pytest.mark.slow
+@needs_root
+def test_node_cannot_run_code_on_another_node(fleet, tmp_path):
+    """With node1's API password: a deployment on node2's pool, and changes to node2's own
+    deployment and pool, each meant to touch a marker as node2's user. Every run is refused on
+    node2 before any of its code loads: Failed, one line, no marker."""
+    api = node_api(fleet, "node1")
+    evil_dir = Path("/tmp") / f"ucb-fleet-evil-{uuid.uuid4().hex}"
+    evil_dir.mkdir(mode=0o755)
+    marker = evil_dir / "marker"
+    (evil_dir / "evil.py").write_text(
+        "from pathlib import Path\nfrom prefect import flow\n"
+        f"Path({str(marker)!r}).touch()\n@flow\ndef evil():\n    Path({str(marker)!r}).touch()\n")
+    evil_dir.chmod(0o777)  # node2's user could write the marker
+    pool = "undercloud-node2"
+    target = api("GET", "/deployments/name/undercloud_backup/on-demand-node2")
+    original = {k: target[k] for k in ("entrypoint", "pull_steps", "job_variables", "path")}
+    template = api("GET", f"/work_pools/{pool}")["base_job_template"]
+    touch = {"prefect.deployments.steps.run_shell_script": {"script": f"touch {marker}"}}
+    flow_id = api("POST", "/flows/", name="evil")["id"]
+    runs: dict[str, str] = {}
+    try:
+        new = api("POST", "/deployments/", name="evil", flow_id=flow_id, work_pool_name=pool,
+                  entrypoint=f"{evil_dir}/evil.py:evil", path=str(evil_dir),
+                  pull_steps=[touch])
+        runs["new deployment"] = api("POST", f"/deployments/{new['id']}/create_flow_run")["id"]
+        for what, change in (
+                ("entrypoint", {"entrypoint": f"{evil_dir}/evil.py:evil"}),
+                ("pull step", {"pull_steps": [touch]}),
+                ("command", {"job_variables": {"command": f"touch {marker}"}}),
+                ("environment", {"job_variables": {"env": {"PYTHONPATH": str(evil_dir)}}}),
+                ("working dir", {"job_variables": {"working_dir": str(evil_dir)}})):
+            api("PATCH", f"/deployments/{target['id']}", **change)
+            runs[what] = api("POST", f"/deployments/{target['id']}/create_flow_run")["id"]
+            # Refused by the time the next change lands: the run reads the deployment later
+            api.wait(runs[what])
+            api("PATCH", f"/deployments/{target['id']}", **original)
+        bad = json.loads(json.dumps(template))
+        bad["job_configuration"]["command"] = f"touch {marker}"
+        api("PATCH", f"/work_pools/{pool}", base_job_template=bad)
+        runs["pool template"] = api("POST",
+                                    f"/deployments/{target['id']}/create_flow_run")["id"]
+        api.wait(runs["pool template"])
+    finally:
+        api("PATCH", f"/deployments/{target['id']}", **original)
+        api("PATCH", f"/work_pools/{pool}", base_job_template=template)
+    for what, run_id in runs.items():
+        run = api.wait(run_id)
+        assert run["state"]["type"] == "FAILED", (what, run["state"])
+        message = run["state"]["message"] or ""
+        assert "refused by node node2's worker" in message and "\n" not in message, message
+    assert not marker.exists()
+    subprocess.run(["rm", "-rf", str(evil_dir)], check=True)
+
+
+@pytest.mark.slow
+@needs_root
+def test_no_node_secret_is_stored_on_the_server(fleet):
+    api = Api(fleet["operator"])
+    secrets = [env_file(n["env"])["OS_PASSWORD"] for n in fleet["nodes"].values()]
+    database = env_file(STATE / "server.env")["PREFECT_API_DATABASE_CONNECTION_URL"]
+    secrets.append(urlsplit(database).password)
+    for node in fleet["nodes"]:
+        key = (STATE / "nodes" / node / "signing-key").read_text().splitlines()[1]
+        secrets.append(key)
+        secrets.append((STATE / "nodes" / node / "identity").read_text().split()[-1])
+    stored = json.dumps([
+        api("POST", "/block_documents/filter", include_secrets=True),
+        api("POST", "/variables/filter"),
+        api("POST", "/deployments/filter"),
+        api("POST", "/work_pools/filter"),
+        api("POST", "/artifacts/filter"),
+        api("POST", "/flow_runs/filter"),
+        api("POST", "/logs/filter", limit=200),
+    ])
+    assert len(secrets) == 3 * 3 + 1
+    assert not [s for s in secrets if s in stored]
+
+
+def swift_as(env: dict[str, str]) -> swc.Connection:
+    return swc.Connection(authurl=env["OS_AUTH_URL"], user=env["OS_USERNAME"],
+                          key=env["OS_PASSWORD"], auth_version="3", retries=0,
+                          os_options={"project_name": env["OS_PROJECT_NAME"],
+                                      "user_domain_name": "Default",
+                                      "project_domain_name": "Default",
+                                      "region_name": env["OS_REGION_NAME"]})
+
+
+@pytest.mark.slow
+@needs_root
+def test_a_node_cannot_touch_another_nodes_backups(fleet):
+    mine = swift_as(env_file(fleet["nodes"]["node1"]["env"]))
+    theirs = swift_as(env_file(fleet["nodes"]["node3"]["env"]))
+    url, _ = theirs.get_auth()
+    objects = theirs.get_container("undercloud-backups")[1]
+    assert objects, "node3 has no backup to attack"
+    name = objects[0]["name"]
+    my_url, token = mine.get_auth()
+    assert my_url != url
+    attempts = {
+        "list": lambda: swc.get_container(url, token, "undercloud-backups"),
+        "read": lambda: swc.get_object(url, token, "undercloud-backups", name),
+        "overwrite": lambda: swc.put_object(url, token, "undercloud-backups", name, b"x"),
+        "delete": lambda: swc.delete_object(url, token, "undercloud-backups", name),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(swc.ClientException) as refused:
+            attempt()
+        assert refused.value.http_status == 403, what
+    assert theirs.head_object("undercloud-backups", name)["etag"] == objects[0]["hash"]
+
+
+@pytest.mark.slow
+@needs_root
+def test_no_artifact_links_to_a_plain_text_backup(fleet):
+    """The node runs' artifacts give TempURLs only to age-encrypted objects and the manifest
+    (names, sizes, checksums: no file content); the fleet's artifacts hold none at all."""
+    import re
+
+    api = Api(fleet["operator"])
+    links = []
+    for artifact in api("POST", "/artifacts/filter"):
+        found = re.findall(r"https?://\S+?temp_url_sig=\S+?(?=[\s)\]>`'\"]|$)",
+                           str(artifact["data"]))
+        if artifact["key"] in ("fleet-backup", "fleet-status"):
+            assert not found and "temp_url" not in str(artifact["data"])
+        links += [link.split("?")[0] for link in found]
+    assert links
+    assert all(link.endswith(".age") or link.endswith("/manifest.json") for link in links), \
+        [x for x in links if not x.endswith(".age")]
+
+
+# ------------------------------------------------------------------- the node's policy
+def _policy_case(**change: object) -> str | None:
+    from types import SimpleNamespace
+
+    from prefect.workers.process import ProcessJobConfiguration, ProcessWorker
+
+    from flows.fleet_worker import refusal
+
+    deployment = SimpleNamespace(
+        name="on-demand-node2", entrypoint="flows/backup.py:undercloud_backup", pull_steps=[],
+        job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}})
+    flow_run = SimpleNamespace(job_variables={})
+    template = ProcessWorker.get_default_base_job_template()
+    configuration = ProcessJobConfiguration(command=None, env={})
+    for key, value in change.items():
+        if key == "template":
+            template = value
+        elif key == "run_job_variables":
+            flow_run.job_variables = value
+        elif key == "command":
+            configuration = ProcessJobConfiguration(command=value, env={})
+            configuration._command_configured = True
+        else:
+            setattr(deployment, key, value)
+    return refusal("node2", str(REPO), deployment, flow_run, template, configuration)
+
+
+@pytest.mark.unit
+def test_the_node_policy_accepts_only_its_installed_deployments():
+    assert _policy_case() is None
+    refused = {
+        "another node's": _policy_case(name="on-demand-node1"),
+        "unknown name": _policy_case(name="evil-node2"),
+        "entrypoint": _policy_case(entrypoint="/tmp/evil.py:evil"),
+        "pull steps": _policy_case(pull_steps=[{"prefect.deployments.steps.run_shell_script":
+                                                {"script": "true"}}]),
+        "job variables": _policy_case(job_variables={"command": "true"}),
+        "env": _policy_case(job_variables={"env": {"PYTHONPATH": "/tmp"}}),
+        "run env": _policy_case(run_job_variables={"env": {"LD_PRELOAD": "/tmp/x.so"}}),
+        "template": _policy_case(template={"job_configuration": {"command": "true"},
+                                           "variables": {}}),
+        "command": _policy_case(command="true"),
+    }
+    assert all(refused.values()), [k for k, v in refused.items() if not v]
+
+
+@pytest.mark.unit
+def test_the_upload_slot_is_free_outside_a_fleet(monkeypatch):
+    from flows import fleet_uploads
+
+    monkeypatch.delenv("UCB_NODE", raising=False)
+    with fleet_uploads.upload_slot():  # no API call, no limit needed
+        pass
