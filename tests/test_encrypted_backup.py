@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import sample_undercloud as sample
-from conftest import PYTHON, REPO, backup_cli, describe_tree, mariadb
+from conftest import PYTHON, REPO, backup_cli, backup_in_process, describe_tree, mariadb
 from test_roundtrip import plain_swift, table_checksums
 from test_verify import get_manifest
 
@@ -87,10 +87,10 @@ def test_encrypted_signed_backup_restores_by_hand_and_forgeries_stop_it(
         sample_root, sample_databases, container, db_cnf, os_env, keys, tmp_path):
     before_tables = table_checksums(sample_databases)
     before_tree = describe_tree(sample_root)
-    result = backup_cli("--root", str(sample_root), "--container", container,
-                        "--db-defaults-file", db_cnf, "--segment-size", "1MiB", "--no-prune",
-                        "--recipients-file", keys["recipients"], "--signing-key",
-                        keys["signing"], "--json")
+    result = backup_in_process("--root", str(sample_root), "--container", container,
+                               "--db-defaults-file", db_cnf, "--segment-size", "1MiB",
+                               "--no-prune", "--recipients-file", keys["recipients"],
+                               "--signing-key", keys["signing"], "--json")
     assert result.returncode == 0, result.stderr
     backup_id = json.loads(result.stdout)["backup_id"]
 
@@ -216,11 +216,11 @@ def installed_recipients(keys):
 
 def test_once_recipients_are_installed_every_backup_is_encrypted_unless_opted_out_with_a_reason(
         installed_recipients, sample_databases, container, db_cnf, keys):
-    def backup(*extra: str) -> subprocess.CompletedProcess:
-        return backup_cli("--db-only", "--container", container, "--db-defaults-file", db_cnf,
-                          "--no-prune", "--json", *extra)
+    def backup(*extra: str, run=backup_cli) -> subprocess.CompletedProcess:
+        return run("--db-only", "--container", container, "--db-defaults-file", db_cnf,
+                   "--no-prune", "--json", *extra)
 
-    done = backup()  # names no recipients: the installed ones apply
+    done = backup(run=backup_in_process)  # names no recipients: the installed ones apply
     assert done.returncode == 0, done.stderr
     manifest = get_manifest(container, json.loads(done.stdout)["backup_id"])
     assert manifest.encryption["format"] == "age"
@@ -233,7 +233,7 @@ def test_once_recipients_are_installed_every_backup_is_encrypted_unless_opted_ou
     both = backup("--no-encryption", "drill", "--recipients-file", keys["recipients"])
     assert both.returncode == 2 and "not both" in last_line(both)
 
-    plain = backup("--no-encryption", "restore drill on a test node")
+    plain = backup("--no-encryption", "restore drill on a test node", run=backup_in_process)
     assert plain.returncode == 0, plain.stderr
     manifest = get_manifest(container, json.loads(plain.stdout)["backup_id"])
     assert manifest.encryption == {"format": "none", "recipients": [], "opted_out": True,
@@ -271,9 +271,9 @@ def test_a_break_glass_identity_left_on_the_node_warns_every_backup_until_it_is_
     """The backup still runs and is encrypted; the run's log (WARNING), its artifact and the
     CLI's last lines say the identity must leave the node, naming the path, never the key;
     once it is gone, nothing says so."""
-    def backup() -> subprocess.CompletedProcess:
-        return backup_cli("--db-only", "--container", container, "--db-defaults-file", db_cnf,
-                          "--no-prune", "--json")
+    def backup(run=backup_cli) -> subprocess.CompletedProcess:
+        return run("--db-only", "--container", container, "--db-defaults-file", db_cnf,
+                   "--no-prune", "--json")
 
     warning = f"the break-glass identity {left_break_glass} is still on this node"
     done = backup()
@@ -290,7 +290,7 @@ def test_a_break_glass_identity_left_on_the_node_warns_every_backup_until_it_is_
     assert secret not in done.stdout + done.stderr + artifact
 
     left_break_glass.unlink()  # moved off the node
-    done = backup()
+    done = backup(run=backup_in_process)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["warnings"] == []
     assert "break-glass" not in done.stderr and "break-glass" not in latest_artifact()
@@ -307,8 +307,8 @@ def test_an_install_that_chose_plain_text_records_its_reason_and_gives_no_links(
     marker.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     marker.write_text("lab node, no secrets\n")
     try:
-        done = backup_cli("--db-only", "--container", container, "--db-defaults-file", db_cnf,
-                          "--no-prune", "--json")
+        done = backup_in_process("--db-only", "--container", container, "--db-defaults-file",
+                                 db_cnf, "--no-prune", "--json")
     finally:
         marker.unlink()
         if made_dir:
