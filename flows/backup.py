@@ -8,6 +8,7 @@ the backup complete, and leave a summary in the run's artifacts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import socket
@@ -36,7 +37,7 @@ from undercloud_backup.core import progress
 from undercloud_backup.core.errors import BackupError, ConfigError
 from undercloud_backup.core.sizes import format_size
 from undercloud_backup.store import catalogue, tempurl
-from undercloud_backup.store.connection import SwiftStore
+from undercloud_backup.store import session as swift_session
 from undercloud_backup.store.retention import RetentionPolicy
 from undercloud_backup.store.space import SpaceReport
 from undercloud_backup.trust import crypto, signing
@@ -76,17 +77,18 @@ def undercloud_backup(
         advanced: Staging, privileges, compression and retries: the defaults suit most runs.
     """
     run = _Run()
-    try:
-        return _backup(run, dry_run, what, database, swift, retention, advanced)
-    except BackupError as error:
-        if not cli.FROM_CLI:  # the UI's words: add_paths, not --add-path
-            error.args = (params.ui_language(str(error)),)
-        raise
-    except (KeyboardInterrupt, TerminationSignal) as signalled:
-        why = "SIGINT" if isinstance(signalled, KeyboardInterrupt) else "SIGTERM"
-        get_run_logger().error(interrupt.stop(why, run.futures, run.swift_source,
-                                              run.backup_id))
-        raise
+    with run.sessions:  # the run's Swift session, closed after any clean-up that needs it
+        try:
+            return _backup(run, dry_run, what, database, swift, retention, advanced)
+        except BackupError as error:
+            if not cli.FROM_CLI:  # the UI's words: add_paths, not --add-path
+                error.args = (params.ui_language(str(error)),)
+            raise
+        except (KeyboardInterrupt, TerminationSignal) as signalled:
+            why = "SIGINT" if isinstance(signalled, KeyboardInterrupt) else "SIGTERM"
+            get_run_logger().error(interrupt.stop(why, run.futures, run.swift_source,
+                                                  run.backup_id))
+            raise
 
 
 class _Run:
@@ -96,6 +98,7 @@ class _Run:
         self.futures: list = []
         self.swift_source: SwiftSource | None = None
         self.backup_id: str | None = None
+        self.sessions = contextlib.ExitStack()
 
 
 def _request(what: WhatToBackUp, swift: SwiftParams,
@@ -150,6 +153,9 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
     db_source = database.source()
     swift_source = _swift_source(swift)
     settings = swift_source.settings()  # a bad container name fails here, before anything
+    # One Keystone login and one check per container for every stage (tasks are threads of
+    # this process); it logs in when the space check first needs Swift.
+    run.sessions.enter_context(swift_session.shared(settings))
     retry = {"retries": advanced.task_retries}
     # An impossible policy fails now, before anything is written.
     policy = RetentionPolicy(keep_last=retention.keep_last, keep_daily=retention.keep_daily,
@@ -206,13 +212,10 @@ def _download_links(swift_source: SwiftSource, manifest, hours: float = 24) -> s
     if not crypto.is_encrypted(manifest):
         return tempurl.plain_text_markdown(settings.container, manifest.backup_id)
     try:
-        store = SwiftStore.connect(settings)
-        try:
+        with swift_session.open_store(settings) as store:
             return tempurl.links_markdown(
                 tempurl.download_links(store, settings.container, manifest,
                                        lifetime=max(1, round(hours * 3600))))
-        finally:
-            store.close()
     except BackupError as error:
         get_run_logger().warning("no download links in the artifact: %s", error)
         return ""
@@ -246,7 +249,7 @@ def _prune(swift_source: SwiftSource, policy: RetentionPolicy, backup_id: str,
                                backup_id, state.message)
         return None
     result = state.result()
-    return [b["backup_id"] for b in result["deleted"] + result["incomplete_deleted"]]
+    return result.removed
 
 
 def _summary_artifact(summary: dict, manifest: dict, seconds: float,
@@ -359,9 +362,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _list(args: argparse.Namespace) -> int:
     settings = SwiftSource(block=args.swift_block, container=args.container).settings()
-    store = SwiftStore.connect(settings)
-    entries = catalogue.describe(store, settings.container,
-                                 catalogue.list_backups(store, settings.container))
+    with swift_session.open_store(settings) as store:
+        entries = catalogue.describe(store, settings.container,
+                                     catalogue.list_backups(store, settings.container))
     if args.json:
         print(json.dumps({"container": settings.container,
                           "backups": [e.as_dict() for e in entries]}))

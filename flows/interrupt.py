@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 from blocks.sources import SwiftSource
 from undercloud_backup.core import execute
-from undercloud_backup.store.connection import SwiftStore
+from undercloud_backup.store.session import open_store
 
 STAGE_GRACE_S = 15.0
 # The line about what an interrupted run left; the CLI prints it.
@@ -40,9 +40,8 @@ def _signals_ignored() -> Iterator[None]:
 def _delete_prefix(swift_source: SwiftSource, backup_id: str) -> tuple[int, int, str]:
     """Delete every object and segment under ``backup_id/``: (deleted, left, container)."""
     settings = swift_source.settings()
-    store = SwiftStore.connect(settings)
     deleted = left = 0
-    try:
+    with open_store(settings) as store:  # on the run's session, still open
         for container in (settings.container, settings.segment_container):
             try:
                 names = [o["name"] for o in store.list(container, prefix=f"{backup_id}/")]
@@ -54,8 +53,6 @@ def _delete_prefix(swift_source: SwiftSource, backup_id: str) -> tuple[int, int,
                     deleted += 1
                 except Exception:  # noqa: BLE001 - counted and said
                     left += 1
-    finally:
-        store.close()
     return deleted, left, settings.container
 
 

@@ -21,7 +21,7 @@ from undercloud_backup.db import database
 from undercloud_backup.db.connection import ServerInfo
 from undercloud_backup.files.archive import PathPlan, estimate_bytes
 from undercloud_backup.store import space
-from undercloud_backup.store.connection import SwiftStore
+from undercloud_backup.store.session import open_store
 
 
 def transient(task, task_run, state) -> bool:
@@ -88,12 +88,9 @@ def check_space(request: BackupRequest, plan: PathPlan, db_source: DatabaseSourc
     if plan.included:
         streams[space.FILES_STREAM] = estimate_bytes(plan.root, plan.included, plan.excluded)
     settings = swift_source.settings()
-    store = SwiftStore.connect(settings)
-    try:
+    with open_store(settings) as store:
         report = space.check_space(request.staging_dir, streams, request.segment_size
                                    or settings.segment_size, store.quota_left(), store.limits())
-    finally:
-        store.close()
     for line in report.checks:
         logger.info("space: %s", line)
     return replace(report, server_version=version)
@@ -120,10 +117,7 @@ def write_manifest(manifest: Manifest, swift_source: SwiftSource,
     """Verify every object and write the manifest (signed first, if a key is given), the
     commit point of the backup."""
     settings = swift_source.settings()
-    store = SwiftStore.connect(settings)
-    try:
+    with open_store(settings) as store:
         name = backup.write_manifest(store, settings.container, manifest, signing_key)
-    finally:
-        store.close()
     get_run_logger().info("manifest written: %s/%s", settings.container, name)
     return name

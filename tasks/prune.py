@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from blocks.sources import SwiftSource
 from tasks.backup import RETRY_TRANSIENT
 from undercloud_backup.store import retention
-from undercloud_backup.store.connection import SwiftStore
+from undercloud_backup.store.session import open_store
 
 
 # Retrying is safe: deleting is idempotent, and the manifest goes first.
@@ -23,7 +23,8 @@ def apply_retention(swift_source: SwiftSource, policy: retention.RetentionPolicy
                     dry_run: bool = False) -> retention.PruneResult:
     """Delete the backups the policy does not keep (manifest first) and stale incomplete ones."""
     settings = swift_source.settings()
-    result = retention.prune(SwiftStore.connect(settings), settings.container, policy,
-                             now or dt.datetime.now(dt.UTC), dry_run=dry_run,
-                             logger=get_run_logger())
+    with open_store(settings) as store:  # the run's session when a backup calls it
+        result = retention.prune(store, settings.container, policy,
+                                 now or dt.datetime.now(dt.UTC), dry_run=dry_run,
+                                 logger=get_run_logger())
     return result

@@ -7,6 +7,9 @@ cached: a verification that reused an earlier verdict would prove nothing.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -17,13 +20,17 @@ from undercloud_backup.files import chain
 from undercloud_backup.restore import verify
 from undercloud_backup.store import reader
 from undercloud_backup.store.connection import SwiftStore
+from undercloud_backup.store.session import open_store
 
 _check = {**RETRY_TRANSIENT, "cache_policy": NO_CACHE}
 
 
-def _store(swift_source: SwiftSource) -> tuple[SwiftStore, str]:
+@contextmanager
+def _store(swift_source: SwiftSource) -> Iterator[tuple[SwiftStore, str]]:
+    """The task's store (closed when the ``with`` ends) and the container."""
     settings = swift_source.settings()
-    return SwiftStore.connect(settings), settings.container
+    with open_store(settings) as store:
+        yield store, settings.container
 
 
 @task(name="load_manifest", **_check)
@@ -31,51 +38,51 @@ def load_manifest(swift_source: SwiftSource, backup_id: str | None,
                   allowed_signers: str | None = None) -> Manifest:
     """Fetch the manifest of the backup (default: the latest complete one); with an
     allowed-signers file, only if its ssh-keygen -Y signature passes."""
-    store, container = _store(swift_source)
-    manifest = reader.load_manifest(store, container, backup_id, allowed_signers)
-    if allowed_signers is not None:
-        # An incremental is restored with its chain: every ancestor's manifest must be
-        # signed too, or a Swift-side writer could swap in a level of its own (53-55).
-        for ancestor in manifest.chain:
-            reader.load_manifest(store, container, ancestor, allowed_signers)
-        get_run_logger().info("manifest signature%s good (allowed signers %s)",
-                              f"s of {len(manifest.chain) + 1} chained backups"
-                              if manifest.chain else "", allowed_signers)
-    get_run_logger().info("backup %s of %s (created %s): %d object(s)", manifest.backup_id,
-                          manifest.hostname, manifest.created_at, len(manifest.objects))
-    return manifest
+    with _store(swift_source) as (store, container):
+        manifest = reader.load_manifest(store, container, backup_id, allowed_signers)
+        if allowed_signers is not None:
+            # An incremental is restored with its chain: every ancestor's manifest must be
+            # signed too, or a Swift-side writer could swap in a level of its own (53-55).
+            for ancestor in manifest.chain:
+                reader.load_manifest(store, container, ancestor, allowed_signers)
+            get_run_logger().info("manifest signature%s good (allowed signers %s)",
+                                  f"s of {len(manifest.chain) + 1} chained backups"
+                                  if manifest.chain else "", allowed_signers)
+        get_run_logger().info("backup %s of %s (created %s): %d object(s)", manifest.backup_id,
+                              manifest.hostname, manifest.created_at, len(manifest.objects))
+        return manifest
 
 
 @task(name="verify_archive", **_check)
 def verify_archive(swift_source: SwiftSource, manifest: Manifest, obj: StoredObject,
                    timeout_s: float) -> dict:
     """Stream the filesystem archive through zstd and tar --list; check every segment."""
-    store, container = _store(swift_source)
-    result = verify.check_archive(store, container, manifest, obj, timeout=timeout_s)
-    _log(result, f"archive: {result['entries']} entries readable in {result['seconds']} s")
-    return result
+    with _store(swift_source) as (store, container):
+        result = verify.check_archive(store, container, manifest, obj, timeout=timeout_s)
+        _log(result, f"archive: {result['entries']} entries readable in {result['seconds']} s")
+        return result
 
 
 @task(name="verify_database", **_check)
 def verify_database(swift_source: SwiftSource, manifest: Manifest, staging_dir: str,
                     timeout_s: float, ignore_tables: list[str]) -> dict:
     """Load the dump and the users and grants into a throwaway MariaDB; compare every table."""
-    store, container = _store(swift_source)
-    result = verify.check_database(store, container, manifest, staging_dir=staging_dir,
-                                   timeout=timeout_s, ignore_tables=ignore_tables,
-                                   logger=get_run_logger())
-    _log(result, f"database: {result['matching']} of {result['compared']} table(s) match the "
-                 f"manifest after a test restore in {result['seconds']} s")
-    return result
+    with _store(swift_source) as (store, container):
+        result = verify.check_database(store, container, manifest, staging_dir=staging_dir,
+                                       timeout=timeout_s, ignore_tables=ignore_tables,
+                                       logger=get_run_logger())
+        _log(result, f"database: {result['matching']} of {result['compared']} table(s) match the "
+                     f"manifest after a test restore in {result['seconds']} s")
+        return result
 
 
 @task(name="verify_object", **_check)
 def verify_object(swift_source: SwiftSource, obj: StoredObject) -> dict:
     """Read an object back and check its size, segments and SHA-256."""
-    store, container = _store(swift_source)
-    result = verify.check_plain(store, container, obj)
-    _log(result, f"{obj.name}: size and checksums as recorded")
-    return result
+    with _store(swift_source) as (store, container):
+        result = verify.check_plain(store, container, obj)
+        _log(result, f"{obj.name}: size and checksums as recorded")
+        return result
 
 
 def _log(result: dict, success: str) -> None:
@@ -93,19 +100,19 @@ def check_stored_objects(swift_source: SwiftSource, manifest: Manifest,
                          names: list[str]) -> None:
     """HEAD every object a restore will use (and each segment) against the manifest, before
     anything is written: a truncated or swapped object is refused naming it."""
-    store, container = _store(swift_source)
-    reader.precheck(store, container, [o for o in manifest.objects if o.name in names])
-    get_run_logger().info("%d object(s) in Swift as the manifest records them", len(names))
+    with _store(swift_source) as (store, container):
+        reader.precheck(store, container, [o for o in manifest.objects if o.name in names])
+        get_run_logger().info("%d object(s) in Swift as the manifest records them", len(names))
 
 
 @task(name="verify_chain", **_check)
 def verify_chain(swift_source: SwiftSource, manifest: Manifest) -> dict:
     """An incremental's chain: every ancestor's manifest complete, of this host and chain,
     its archive and snapshot present with their recorded sizes (nothing for a full)."""
-    store, container = _store(swift_source)
-    problems = chain.check_links(store, container, manifest)
-    result = {"chain": list(manifest.chain), "problems": problems, "warnings": [],
-              "checked": []}
-    _log(result, f"chain {' > '.join([*manifest.chain, manifest.backup_id])}: every link "
-                 "present")
-    return result
+    with _store(swift_source) as (store, container):
+        problems = chain.check_links(store, container, manifest)
+        result = {"chain": list(manifest.chain), "problems": problems, "warnings": [],
+                  "checked": []}
+        _log(result, f"chain {' > '.join([*manifest.chain, manifest.backup_id])}: every link "
+                     "present")
+        return result

@@ -45,7 +45,7 @@ from undercloud_backup.db.dump import DumpSpec
 from undercloud_backup.db.tablestats import TableStatsReader
 from undercloud_backup.files import archive as fs
 from undercloud_backup.files import chain
-from undercloud_backup.store.connection import SwiftStore
+from undercloud_backup.store.session import open_store
 from undercloud_backup.store.space import DEFAULT_SEGMENT_SIZE
 from undercloud_backup.store.swift import SwiftSettings, segment_container
 from undercloud_backup.store.upload import StreamUploader
@@ -147,32 +147,31 @@ def stream_to_swift(request: BackupRequest, swift_settings: SwiftSettings, leaf:
 
     A stage that failed raises ``on_failure(reason=...)`` (an error class, or what turns the
     reason into the run's error: :meth:`dbdump.DumpSpec.failure`)."""
-    store = SwiftStore.connect(swift_settings)
-    store.ensure_container(swift_settings.container)
-    store.ensure_container(segment_container(swift_settings.container))
-    uploader = StreamUploader(store, swift_settings.container,
-                              request.object_name(stored_leaf(request, leaf)),
-                              segment_size=segment_size or DEFAULT_SEGMENT_SIZE,
-                              staging_dir=request.staging_dir, compression="zstd",
-                              content=content, progress=_reading(pipe, progress))
-    try:
-        with pipe:
-            if after_start is not None:
-                after_start()
-            assert pipe.stdout is not None
-            uploader.feed(pipe.stdout)
-            try:
-                results = pipe.wait()
-            except CommandFailed as error:
-                raise on_failure(reason=str(error)) from None
-            if judge is not None:
-                judge(results)
-            return uploader.commit()
-    except BaseException:
-        uploader.abort()
-        raise
-    finally:
-        store.close()
+    with open_store(swift_settings) as store:
+        # Once per run's session: the other streams' stages reuse the answer.
+        store.ensure_container(swift_settings.container)
+        store.ensure_container(segment_container(swift_settings.container))
+        uploader = StreamUploader(store, swift_settings.container,
+                                  request.object_name(stored_leaf(request, leaf)),
+                                  segment_size=segment_size or DEFAULT_SEGMENT_SIZE,
+                                  staging_dir=request.staging_dir, compression="zstd",
+                                  content=content, progress=_reading(pipe, progress))
+        try:
+            with pipe:
+                if after_start is not None:
+                    after_start()
+                assert pipe.stdout is not None
+                uploader.feed(pipe.stdout)
+                try:
+                    results = pipe.wait()
+                except CommandFailed as error:
+                    raise on_failure(reason=str(error)) from None
+                if judge is not None:
+                    judge(results)
+                return uploader.commit()
+        except BaseException:
+            uploader.abort()
+            raise
 
 
 def dump_databases(request: BackupRequest, access: DatabaseAccess,
@@ -252,14 +251,11 @@ def _database_section(access: DatabaseAccess, info: db.ServerInfo, system_tables
 def decide_level(request: BackupRequest, plan: fs.PathPlan, swift_settings: SwiftSettings,
                  logger: Logger) -> tuple[chain.Level, bytes]:
     """Full or incremental (and against what), said in the log; a forced full warns."""
-    store = SwiftStore.connect(swift_settings)
-    try:
+    with open_store(swift_settings) as store:
         level, parent_snapshot = chain.decide(
             store, swift_settings.container, hostname=request.hostname, plan=plan,
             full=request.full, full_every_s=request.full_every_s,
             now=dt.datetime.now(dt.UTC), signing_key=request.signing_key)
-    finally:
-        store.close()
     if level.forced:
         logger.warning("taking a FULL backup of the files: %s", level.full_reason)
     elif level.kind == chain.FULL:

@@ -12,9 +12,15 @@ request's time budget (``retry_budget_s``) lasts; anything else (400, 401 after 
 Swift that accepts and never answers fails one request after at most
 ``retry_budget_s + timeout`` seconds (plus the connect timeout): with the defaults, 180 s.
 
-swiftclient's own retries are off (``retries=0``) so that nothing is retried twice; it still
-re-authenticates once on a 401. A PUT body is rewound before every attempt, ``bytes`` included
-(swiftclient alone cannot re-send those).
+Requests go through swiftclient's public module functions (``put_object(url, token, ...)``),
+so the policy above is the only one: nothing is retried twice. A 401 gets one new token and
+one more attempt, not counted as a retry. A PUT body is rewound before every attempt,
+``bytes`` included.
+
+A :class:`SwiftSession` is one Keystone login (token, storage URL) and the containers checked
+under it; every :class:`SwiftStore` made from it (one per thread: a store's HTTP connection is
+not shared) reuses both. A run opens one session for all its stages
+(:mod:`undercloud_backup.store.session`).
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ import email.utils
 import http.client
 import io
 import logging
+import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import TracebackType
 from typing import IO, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import requests
 import urllib3
@@ -140,66 +149,196 @@ class _Attempts:
         self.backoff = min(self.backoff * 2, self.policy.max_backoff_s)
 
 
-class SwiftStore:
-    """One authenticated connection to one Swift account, and the only way to use it.
+# The credentials and endpoint a session is for: stores with equal keys can share one.
+SessionKey = tuple[object, ...]
+_KEY_FIELDS = ("auth_url", "username", "password", "user_domain_name", "project_name",
+               "project_domain_name", "application_credential_id",
+               "application_credential_secret", "region_name", "interface", "storage_url")
+# A storage URL's version and account (/v1/AUTH_x): Swift's /info sits where they start.
+_VERSION_PATH = re.compile(r"/v\d+\.?\d*(/.*)?$")
 
-    Not thread-safe: give each thread its own store (:meth:`clone`).
+
+def session_key(settings: SwiftSettings) -> SessionKey:
+    return tuple(getattr(settings, name) for name in _KEY_FIELDS)
+
+
+class SwiftSession:
+    """One Keystone login (its token and the storage URL) and the containers known to exist,
+    shared by the stores made from it, in any thread.
+
+    Authenticates on first use, not when made: a run's first stage does it inside its task,
+    whose retries cover a Keystone that is briefly away. Close it (or use ``with``) when the
+    run is over; closing the stores is theirs.
     """
 
-    def __init__(self, conn: swift_client.Connection, settings: SwiftSettings, url: str,
-                 *, sleep: Callable[[float], None] = time.sleep) -> None:
-        self._conn = conn
+    def __init__(self, settings: SwiftSettings) -> None:
         self.settings = settings
-        self.url = url
-        self.policy = RetryPolicy.of(settings)
+        self.key = session_key(settings)
+        self._keystone = _keystone_session(settings)
+        self._url: str | None = None
+        self._lock = threading.Lock()
+        self._containers: set[str] = set()
+        self._containers_lock = threading.Lock()
+        self.closed = False
+
+    def __enter__(self) -> SwiftSession:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @property
+    def url(self) -> str:
+        """The storage URL (authenticating first, if not yet done)."""
+        return self.authenticate()
+
+    def authenticate(self) -> str:
+        """Log in to Keystone unless done (a wrong password fails here); the storage URL."""
+        settings = self.settings
+        with self._lock:
+            if self._url is not None:
+                return self._url
+            try:
+                self._keystone.get_token()
+                url = settings.storage_url or self._keystone.get_endpoint(
+                    service_type="object-store", interface=settings.interface,
+                    region_name=settings.region_name)
+            except ks_exceptions.Unauthorized as error:
+                raise SwiftAuthError(auth_url=settings.auth_url, user=settings.who,
+                                     reason=redact(_first_line(error), settings.secrets)
+                                     ) from None
+            except (ks_exceptions.ConnectFailure, ks_exceptions.ConnectTimeout,
+                    ks_exceptions.DiscoveryFailure) as error:
+                raise SwiftUnreachable(service="Keystone", url=settings.auth_url,
+                                       reason=redact(_first_line(error), settings.secrets)
+                                       ) from None
+            except ks_exceptions.ClientException as error:
+                raise SwiftAuthError(auth_url=settings.auth_url, user=settings.who,
+                                     reason=redact(_first_line(error), settings.secrets)
+                                     ) from None
+            if not url:
+                raise ConfigError(detail=f"no object-store endpoint ({settings.interface}) in "
+                                         "the Keystone catalog; set a storage URL")
+            self._url = url
+            return url
+
+    def token(self) -> str:
+        """The session's token: Keystone's answer is kept until it nears its expiry."""
+        token = self._keystone.get_token()
+        if not token:
+            raise SwiftAuthError(auth_url=self.settings.auth_url, user=self.settings.who,
+                                 reason="Keystone gave no token")
+        return token
+
+    def invalidate(self) -> None:
+        """Forget the token (Swift refused it): the next request logs in again."""
+        self._keystone.invalidate()
+
+    def store(self, settings: SwiftSettings | None = None, *,
+              sleep: Callable[[float], None] = time.sleep) -> SwiftStore:
+        """A store on this session (authenticated now); ``settings`` may differ in retries,
+        timeouts and container, not in credentials."""
+        settings = settings or self.settings
+        if session_key(settings) != self.key:
+            raise ValueError("a store's credentials must be its session's")
+        self.authenticate()
+        return SwiftStore(self, settings, sleep=sleep)
+
+    def ensure_container(self, container: str, put: Callable[[str], None]) -> None:
+        """``put(container)`` once per session: later stages (and other threads) take the
+        first one's word that it exists."""
+        with self._containers_lock:  # a second thread waits for the first's PUT
+            if container in self._containers:
+                return
+            put(container)
+            self._containers.add(container)
+
+    def forget_container(self, container: str) -> None:
+        with self._containers_lock:
+            self._containers.discard(container)
+
+    def close(self) -> None:
+        self.closed = True
+        self._keystone.close()
+
+
+class SwiftStore:
+    """One HTTP connection to one Swift account on a :class:`SwiftSession`, and the only way
+    to use it. Close it (or use ``with``).
+
+    Not thread-safe: give each thread its own store (:meth:`clone`); stores share the session.
+    """
+
+    def __init__(self, session: SwiftSession, settings: SwiftSettings | None = None, *,
+                 sleep: Callable[[float], None] = time.sleep, owns_session: bool = False
+                 ) -> None:
+        self.session = session
+        self.settings = settings or session.settings
+        self.url = session.url
+        self.policy = RetryPolicy.of(self.settings)
         self._sleep = sleep
+        self._http: tuple[object, swift_client.HTTPConnection] | None = None
+        self._owns_session = owns_session
+        self.closed = False
 
     # ------------------------------------------------------------------- connecting
     @classmethod
     def connect(cls, settings: SwiftSettings) -> SwiftStore:
-        """Authenticate now (so a wrong password fails before any work) and connect."""
-        session = _keystone_session(settings)
+        """A store with a session of its own, closed with it; authenticated now (so a wrong
+        password fails before any work). A run's stages use the run's session instead
+        (:func:`undercloud_backup.store.session.open_store`)."""
+        session = SwiftSession(settings)
         try:
-            session.get_token()
-            url = settings.storage_url or session.get_endpoint(
-                service_type="object-store", interface=settings.interface,
-                region_name=settings.region_name)
-        except ks_exceptions.Unauthorized as error:
-            raise SwiftAuthError(auth_url=settings.auth_url, user=settings.who,
-                                 reason=redact(_first_line(error), settings.secrets)) from None
-        except (ks_exceptions.ConnectFailure, ks_exceptions.ConnectTimeout,
-                ks_exceptions.DiscoveryFailure) as error:
-            raise SwiftUnreachable(service="Keystone", url=settings.auth_url,
-                                   reason=redact(_first_line(error), settings.secrets)) from None
-        except ks_exceptions.ClientException as error:
-            raise SwiftAuthError(auth_url=settings.auth_url, user=settings.who,
-                                 reason=redact(_first_line(error), settings.secrets)) from None
-        if not url:
-            raise ConfigError(detail=f"no object-store endpoint ({settings.interface}) in the "
-                                     "Keystone catalog; set a storage URL")
-        conn = swift_client.Connection(
-            session=session, retries=0, starting_backoff=0.5, timeout=settings.timeouts,
-            os_options={"object_storage_url": url, "region_name": settings.region_name,
-                        "interface": settings.interface})
-        return cls(conn, settings, url)
+            session.authenticate()
+        except BaseException:
+            session.close()
+            raise
+        return cls(session, settings, owns_session=True)
 
     def clone(self) -> SwiftStore:
-        """Another connection with the same token (for another thread)."""
-        conn = swift_client.Connection(
-            session=self._conn.session, retries=0, starting_backoff=0.5,
-            timeout=self.settings.timeouts, os_options=dict(self._conn.os_options))
-        return type(self)(conn, self.settings, self.url, sleep=self._sleep)
+        """Another store on the same session (for another thread)."""
+        return self.session.store(self.settings, sleep=self._sleep)
+
+    def __enter__(self) -> SwiftStore:
+        return self
+
+    def __exit__(self, _type: type[BaseException] | None, _value: BaseException | None,
+                 _tb: TracebackType | None) -> None:
+        self.close()
 
     def close(self) -> None:
-        self._conn.close()
+        self._disconnect()
+        self.closed = True
+        if self._owns_session:
+            self.session.close()
+
+    def _disconnect(self) -> None:
+        if self._http is not None:
+            self._http[1].close()
+            self._http = None
+
+    def _connection(self) -> tuple[object, swift_client.HTTPConnection]:
+        if self._http is None:
+            self._http = swift_client.http_connection(self.url, timeout=self.settings.timeouts)
+        return self._http
 
     # ------------------------------------------------------------------ the policy
-    def _call(self, operation: str, target: str, request: Callable[[], T],
-              rewind: Callable[[], None] | None = None) -> T:
+    def _call(self, operation: str, target: str, request: Callable[..., T],
+              rewind: Callable[[], None] | None = None, *, url: str | None = None) -> T:
+        """``request(url, token, http_conn)`` under the retry policy."""
         attempts = _Attempts(self.policy, self._sleep)
+        reauthenticated = False
         while True:
             try:
-                return request()
+                return request(self.url, self.session.token(), self._connection())
+            except ClientException as exc:
+                if exc.http_status == 401 and not reauthenticated:
+                    # A token revoked or expired early: one new one, not counted as a retry.
+                    reauthenticated = True
+                    self._disconnect()
+                    self.session.invalidate()
+                else:
+                    self._failed(attempts, exc, operation, target, retry_after(exc))
             except Exception as exc:  # noqa: BLE001 - translated, then retried or raised
                 self._failed(attempts, exc, operation, target, retry_after(exc))
             if rewind is not None:
@@ -207,13 +346,14 @@ class SwiftStore:
 
     def _failed(self, attempts: _Attempts, exc: Exception, operation: str, target: str,
                 asked: float | None) -> None:
-        self._conn.close()  # a failed request can leave the connection unusable
+        self._disconnect()  # a failed request can leave the connection unusable
         attempts.failed(translate(exc, operation, target, self.url, self.settings), asked)
 
     # --------------------------------------------------------------------- requests
     def head(self, container: str, name: str) -> dict[str, str]:
         return self._call("HEAD object", f"{container}/{name}",
-                          lambda: self._conn.head_object(container, name))
+                          lambda url, token, http: swift_client.head_object(
+                              url, token, container, name, http_conn=http))
 
     def get(self, container: str, name: str, *, query: dict | None = None,
             chunk_size: int = READ_CHUNK) -> tuple[dict[str, str], Iterator[bytes]]:
@@ -221,8 +361,10 @@ class SwiftStore:
         where it broke (a Range request) under the same retry policy."""
         qs = urlencode(query) if query else None
         target = f"{container}/{name}"
-        headers, body = self._call("GET object", target, lambda: self._conn.get_object(
-            container, name, resp_chunk_size=chunk_size, query_string=qs))
+        headers, body = self._call("GET object", target,
+                                   lambda url, token, http: swift_client.get_object(
+                                       url, token, container, name, http_conn=http,
+                                       resp_chunk_size=chunk_size, query_string=qs))
         return headers, self._body(container, name, qs, chunk_size, headers, body)
 
     def _body(self, container: str, name: str, qs: str | None, chunk_size: int,
@@ -243,8 +385,9 @@ class SwiftStore:
             except Exception as exc:  # noqa: BLE001 - translated, then resumed or raised
                 self._failed(attempts, exc, "GET object", target, None)
             try:
-                again, body = self._conn.get_object(
-                    container, name, resp_chunk_size=chunk_size, query_string=qs,
+                again, body = swift_client.get_object(
+                    self.url, self.session.token(), container, name,
+                    http_conn=self._connection(), resp_chunk_size=chunk_size, query_string=qs,
                     headers={"Range": f"bytes={done}-"})
             except Exception as exc:  # noqa: BLE001 - same policy for the resuming request
                 self._failed(attempts, exc, "GET object", target, retry_after(exc))
@@ -272,7 +415,7 @@ class SwiftStore:
                 if len(data) > limit:
                     raise ObjectTooLarge.beyond(target, what, limit)
         except ObjectTooLarge:
-            self._conn.close()  # the rest of the body stays unread
+            self._disconnect()  # the rest of the body stays unread
             raise
         return bytes(data)
 
@@ -285,45 +428,59 @@ class SwiftStore:
         start = stream.tell()
         length = stream.seek(0, io.SEEK_END) - start
         stream.seek(start)
+        qs = urlencode(query) if query else None
 
-        def rewind(*_args: object, **_kwargs: object) -> None:
+        def rewind() -> None:
             stream.seek(start)
 
-        # Connection.put_object would refuse to re-send after a re-auth with retries=0:
-        # _retry is what it calls, with our rewind as the reset.
-        return self._call(operation, f"{container}/{name}", lambda: self._conn._retry(
-            rewind, swift_client.put_object, container, name, stream, content_length=length,
-            etag=etag, chunk_size=READ_CHUNK, content_type=content_type, headers=headers,
-            query_string=urlencode(query) if query else None), rewind)
+        # put_object reads exactly ``length`` bytes from the file; a retry starts it over.
+        return self._call(operation, f"{container}/{name}",
+                          lambda url, token, http: swift_client.put_object(
+                              url, token, container, name, stream, content_length=length,
+                              etag=etag, chunk_size=READ_CHUNK, content_type=content_type,
+                              headers=headers, http_conn=http, query_string=qs), rewind)
 
     def list(self, container: str, prefix: str | None = None) -> list[dict]:
         """Every object in ``container`` (under ``prefix``); NotFound if it does not exist."""
-        return self._call("GET container", container, lambda: self._conn.get_container(
-            container, prefix=prefix, full_listing=True)[1])
+        return self._call("GET container", container,
+                          lambda url, token, http: swift_client.get_container(
+                              url, token, container, prefix=prefix, full_listing=True,
+                              http_conn=http)[1])
 
     def containers(self) -> builtins.list[dict]:  # ``list`` here is the method above
         """Every container of the account."""
-        return self._call("GET account", self.url, lambda: self._conn.get_account(
-            full_listing=True)[1])
+        return self._call("GET account", self.url,
+                          lambda url, token, http: swift_client.get_account(
+                              url, token, full_listing=True, http_conn=http)[1])
 
     def delete(self, container: str, name: str, *, query: dict | None = None) -> None:
         qs = urlencode(query) if query else None
         self._call("DELETE object", f"{container}/{name}",
-                   lambda: self._conn.delete_object(container, name, query_string=qs))
+                   lambda url, token, http: swift_client.delete_object(
+                       url, token, container, name, http_conn=http, query_string=qs))
 
     def ensure_container(self, container: str) -> None:
-        self._call("PUT container", container, lambda: self._conn.put_container(container))
+        """Create ``container`` unless this store's session already made sure of it."""
+        self.session.ensure_container(container, lambda name: self._call(
+            "PUT container", name, lambda url, token, http: swift_client.put_container(
+                url, token, name, http_conn=http)))
 
     def delete_container(self, container: str) -> None:
+        self.session.forget_container(container)
         self._call("DELETE container", container,
-                   lambda: self._conn.delete_container(container))
+                   lambda url, token, http: swift_client.delete_container(
+                       url, token, container, http_conn=http))
 
     def account(self) -> dict[str, str]:
-        return self._call("HEAD account", self.url, self._conn.head_account)
+        return self._call("HEAD account", self.url,
+                          lambda url, token, http: swift_client.head_account(
+                              url, token, http_conn=http))
 
     def post_account(self, headers: dict[str, str]) -> None:
         """Set account metadata (e.g. the temp-url key: never logged, never in errors)."""
-        self._call("POST account", self.url, lambda: self._conn.post_account(headers))
+        self._call("POST account", self.url,
+                   lambda url, token, http: swift_client.post_account(
+                       url, token, headers, http_conn=http))
 
     def quota_left(self) -> int | None:
         """Bytes left under the account's quota, or None when it has none."""
@@ -334,8 +491,23 @@ class SwiftStore:
         return int(quota) - int(headers.get("x-account-bytes-used", 0))
 
     def limits(self) -> SwiftLimits:
-        return SwiftLimits.from_capabilities(
-            self._call("GET info", self.url, self._conn.get_capabilities))
+        """The cluster's /info (no token needed), on a connection of its own."""
+        def capabilities(_url: str, _token: str, _http: object) -> dict:
+            info = swift_client.http_connection(info_url(self.url),
+                                                timeout=self.settings.timeouts)
+            try:
+                return swift_client.get_capabilities(info)
+            finally:
+                info[1].close()
+        return SwiftLimits.from_capabilities(self._call("GET info", self.url, capabilities))
+
+
+def info_url(storage_url: str) -> str:
+    """Swift's /info beside a storage URL: ``http://h:8080/v1/AUTH_x`` -> ``http://h:8080/info``."""
+    parts = urlsplit(storage_url)
+    path = _VERSION_PATH.sub("/info", parts.path) if _VERSION_PATH.search(parts.path) \
+        else parts.path.rstrip("/") + "/info"
+    return urlunsplit(parts._replace(path=path, query="", fragment=""))
 
 
 # ------------------------------------------------------------------------- errors
