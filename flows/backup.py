@@ -14,6 +14,8 @@ import json
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -33,13 +35,17 @@ from tasks import backup as stages
 from tasks.prune import apply_retention
 from undercloud_backup.backup import run as backup
 from undercloud_backup.backup import stages as stages_lib
+from undercloud_backup.backup.stages import Logger
 from undercloud_backup.core import progress
 from undercloud_backup.core.errors import BackupError, ConfigError
+from undercloud_backup.core.manifest import Manifest, StoredObject
 from undercloud_backup.core.sizes import format_size
+from undercloud_backup.files.archive import PathPlan
 from undercloud_backup.store import catalogue, tempurl
 from undercloud_backup.store import session as swift_session
 from undercloud_backup.store.retention import RetentionPolicy
 from undercloud_backup.store.space import SpaceReport
+from undercloud_backup.store.swift import SwiftSettings
 from undercloud_backup.trust import crypto, signing
 
 logs.quiet_expected_errors()
@@ -55,6 +61,51 @@ def _backup_identity() -> tuple[str, str]:
     created = (run.created or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
     backup_id = backup.new_backup_id(socket.gethostname(), created, run.id.hex)
     return backup_id, created.isoformat(timespec="seconds")
+
+
+@dataclass
+class BackupSummary:
+    """What a run did (or, dry, would do): the CLI prints it, the artifact shows it; a dict
+    (:meth:`to_dict`) only as the flow's result and the CLI's JSON."""
+
+    backup_id: str
+    container: str
+    dry_run: bool
+    paths: list[str]
+    absent: list[str]
+    warnings: list[str]
+    manifest: str | None = None
+    objects: list[StoredObject] = field(default_factory=list)
+    kind: str = "full"
+    parent: str | None = None
+    chain: list[str] | None = None
+    level: int | None = None
+    full_reason: str | None = None
+    partial_database: str | None = None
+    # The backups retention deleted; None when it did not run or failed (``prune_failed``).
+    pruned: list[str] | None = None
+    prune_failed: bool = False
+    signing_key: str | None = None
+    space: SpaceReport | None = None
+
+    def to_dict(self) -> dict:
+        """The flow's result: only the keys a run of this kind has always had."""
+        data: dict = {"backup_id": self.backup_id, "container": self.container,
+                      "manifest": self.manifest,
+                      "objects": [o.to_dict() for o in self.objects], "dry_run": self.dry_run,
+                      "paths": list(self.paths), "absent": list(self.absent),
+                      "kind": self.kind, "parent": self.parent,
+                      "warnings": list(self.warnings)}
+        if self.chain is not None:
+            data["chain"] = list(self.chain)
+        if self.dry_run:
+            data["space"] = self.space.to_dict() if self.space else None
+            return data
+        data.update(level=self.level, full_reason=self.full_reason,
+                    partial_database=self.partial_database, signing_key=self.signing_key)
+        if self.pruned is not None or self.prune_failed:
+            data["pruned"] = self.pruned
+        return data
 
 
 @flow(name="undercloud_backup", flow_run_name=_run_name, validate_parameters=True)
@@ -79,7 +130,7 @@ def undercloud_backup(
     run = _Run()
     with run.sessions:  # the run's Swift session, closed after any clean-up that needs it
         try:
-            return _backup(run, dry_run, what, database, swift, retention, advanced)
+            return _backup(run, dry_run, what, database, swift, retention, advanced).to_dict()
         except BackupError as error:
             if not cli.FROM_CLI:  # the UI's words: add_paths, not --add-path
                 error.args = (params.ui_language(str(error)),)
@@ -130,21 +181,22 @@ def _swift_source(swift: SwiftParams) -> SwiftSource:
                        timeout=swift.swift_timeout, retry_budget_s=swift.swift_retry_budget)
 
 
-def _dry_run(summary: dict, request: backup.BackupRequest, plan, space: SpaceReport, settings,
-             logger) -> dict:
+def _dry_run(summary: BackupSummary, request: backup.BackupRequest, plan: PathPlan,
+             space: SpaceReport, settings: SwiftSettings, logger: Logger) -> BackupSummary:
     """What a dry run says: the level it would take, the space it would need; nothing written."""
     if plan.included:  # which level it would be, said in the log
         level, _ = stages_lib.decide_level(request, plan, settings, logger)
-        summary.update(kind=level.kind, parent=level.parent, chain=list(level.chain))
+        summary.kind, summary.parent, summary.chain = level.kind, level.parent, list(level.chain)
     logger.info("dry run: would write %s/%s/ (%s of data), nothing written",
                 settings.container, request.backup_id,
                 format_size(space.database_bytes + space.files_bytes))
-    summary["space"] = space.as_dict()
+    summary.space = space
     return summary
 
 
 def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabaseParams,
-            swift: SwiftParams, retention: RetentionParams, advanced: AdvancedParams) -> dict:
+            swift: SwiftParams, retention: RetentionParams, advanced: AdvancedParams
+            ) -> BackupSummary:
     logger = get_run_logger()
     started = time.monotonic()
     request = _request(what, swift, advanced)
@@ -166,10 +218,9 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
         logger.warning("not present, not archived: %s (under %s)", path, plan.root)
     space = stages.check_space.with_options(**retry)(request, plan, db_source, swift_source)
     request = request.with_space(space)  # the segment sizes, decided once
-    summary = {"backup_id": backup_id, "container": settings.container,
-               "manifest": None, "objects": [], "dry_run": dry_run,
-               "paths": list(plan.included), "absent": list(plan.absent),
-               "kind": "full", "parent": None, "warnings": warnings}
+    summary = BackupSummary(backup_id=backup_id, container=settings.container, dry_run=dry_run,
+                            paths=list(plan.included), absent=list(plan.absent),
+                            warnings=warnings)
     if dry_run:
         return _dry_run(summary, request, plan, space, settings, logger)
 
@@ -190,22 +241,23 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
                                      flow_run_id=str(get_run_context().flow_run.id))
     name = stages.write_manifest.with_options(**retry)(manifest, swift_source,
                                                        request.signing_key)
-    summary.update(manifest=name, objects=[o.to_dict() for o in manifest.objects],
-                   kind=manifest.kind, parent=manifest.parent, chain=list(manifest.chain),
-                   level=manifest.level, full_reason=manifest.full_reason,
-                   partial_database=manifest.mariadb.partial_note() if manifest.mariadb
-                   else None)
+    summary.manifest, summary.objects = name, list(manifest.objects)
+    summary.kind, summary.parent = manifest.kind or "full", manifest.parent
+    summary.chain, summary.level = list(manifest.chain), manifest.level
+    summary.full_reason = manifest.full_reason
+    summary.partial_database = manifest.mariadb.partial_note() if manifest.mariadb else None
     if policy is not None:
-        summary["pruned"] = _prune(swift_source, policy, backup_id, retry)
-    summary["signing_key"] = request.signing_key
-    _summary_artifact(summary, manifest.to_dict(), time.monotonic() - started,
+        summary.pruned = _prune(swift_source, policy, backup_id, retry)
+        summary.prune_failed = summary.pruned is None
+    summary.signing_key = request.signing_key
+    _summary_artifact(summary, manifest, time.monotonic() - started,
                       _download_links(swift_source, manifest, swift.link_lifetime_hours))
     for warning in warnings:  # said again last, after the run's other lines
         logger.warning("%s", warning)
     return summary
 
 
-def _download_links(swift_source: SwiftSource, manifest, hours: float = 24) -> str:
+def _download_links(swift_source: SwiftSource, manifest: Manifest, hours: float = 24) -> str:
     """The artifact's TempURLs, valid ``hours``, for an encrypted backup; for one in plain text
     how to download it with credentials. A failure costs the links, never the backup."""
     settings = swift_source.settings()
@@ -252,55 +304,56 @@ def _prune(swift_source: SwiftSource, policy: RetentionPolicy, backup_id: str,
     return result.removed
 
 
-def _summary_artifact(summary: dict, manifest: dict, seconds: float,
+def _summary_artifact(summary: BackupSummary, manifest: Manifest, seconds: float,
                       downloads: str = "") -> None:
-    container = summary["container"]
+    container = summary.container
     rows = "\n".join(
-        f"| `{o['name']}` | {format_size(o['size'])} | {len(o['segments']) or 'plain'} "
-        f"| `{o['sha256'][:16]}…` |" for o in manifest["objects"])
-    paths = manifest["paths"] or {}
-    mariadb = manifest["mariadb"] or {}
-    partial = f"\n- **{summary['partial_database']}**" if summary.get("partial_database") else ""
-    warnings = "".join(f"\n**WARNING: {w}**\n" for w in summary.get("warnings") or [])
-    markdown = f"""# Undercloud backup `{summary['backup_id']}`
+        f"| `{o.name}` | {format_size(o.size)} | {len(o.segments) or 'plain'} "
+        f"| `{o.sha256[:16]}…` |" for o in manifest.objects)
+    paths, mariadb = manifest.paths, manifest.mariadb
+    partial = f"\n- **{summary.partial_database}**" if summary.partial_database else ""
+    warnings = "".join(f"\n**WARNING: {w}**\n" for w in summary.warnings)
+    changed = len(paths.changed) + len(paths.vanished) if paths else 0
+    markdown = f"""# Undercloud backup `{summary.backup_id}`
 
-Complete: manifest `{container}/{summary['manifest']}` written in {seconds:.0f} s.
+Complete: manifest `{container}/{summary.manifest}` written in {seconds:.0f} s.
 {warnings}
 | object | size | segments | sha256 |
 |---|---|---|---|
 {rows}
 
-- Databases ({mariadb.get('version', 'not dumped')}): {', '.join(mariadb.get('databases', {}))}\
-{partial}
-- Paths archived: {', '.join(paths.get('included', [])) or 'none'}
-- Absent: {', '.join(paths.get('absent', [])) or 'none'}; excluded: \
-{', '.join(paths.get('excluded', [])) or 'none'}
-- Changed or vanished while read: {len(paths.get('changed', [])) + len(paths.get('vanished', []))}
-- Pruned: {_pruned_text(summary.get('pruned', []))}
-- Encryption: {_encryption_text(manifest.get('encryption'))}
-- Signature: {_signature_text(summary.get('signing_key'))}
+- Databases ({mariadb.version if mariadb else 'not dumped'}): \
+{', '.join(mariadb.databases if mariadb else {})}{partial}
+- Paths archived: {', '.join(paths.included if paths else []) or 'none'}
+- Absent: {', '.join(paths.absent if paths else []) or 'none'}; excluded: \
+{', '.join(paths.excluded if paths else []) or 'none'}
+- Changed or vanished while read: {changed}
+- Pruned: {_pruned_text([] if summary.pruned is None and not summary.prune_failed
+                        else summary.pruned)}
+- Encryption: {_encryption_text(manifest.encryption)}
+- Signature: {_signature_text(summary.signing_key)}
 
 - Files: {_kind_text(manifest)}
 
-{_by_hand_text(container, summary['backup_id'], manifest)}
+{_by_hand_text(container, summary.backup_id, manifest)}
 """
     create_markdown_artifact(key="undercloud-backup", markdown=markdown + "\n" + downloads,
-                             description=f"Backup {summary['backup_id']}")
+                             description=f"Backup {summary.backup_id}")
 
 
-def _kind_text(manifest: dict) -> str:
-    if not manifest.get("paths"):
+def _kind_text(manifest: Manifest) -> str:
+    if not manifest.paths:
         return "none (databases only)"
-    if manifest.get("kind") != "incremental":
-        reason = manifest.get("full_reason")
+    if manifest.kind != "incremental":
+        reason = manifest.full_reason
         return "full (tar level 0)" + (f": {reason}" if reason else "")
-    return (f"incremental level {manifest['level']} on `{manifest['parent']}`; restores with "
-            f"its chain {' > '.join(f'`{b}`' for b in manifest['chain'])} first")
+    return (f"incremental level {manifest.level} on `{manifest.parent}`; restores with "
+            f"its chain {' > '.join(f'`{b}`' for b in manifest.chain)} first")
 
 
-def _by_hand_text(container: str, backup_id: str, manifest: dict) -> str:
+def _by_hand_text(container: str, backup_id: str, manifest: Manifest) -> str:
     """The artifact's restore without the tool: one download and tar per level of a chain."""
-    if manifest.get("kind") != "incremental":
+    if manifest.kind != "incremental":
         return ("Restore without this tool (docs/restore.md): "
                 f"`swift download {container} --prefix {backup_id}/`, then `zstd -dc "
                 "filesystem.tar.zst | tar -x --xattrs --xattrs-include='*' --acls "
@@ -308,7 +361,7 @@ def _by_hand_text(container: str, backup_id: str, manifest: dict) -> str:
                 "`zstd -dc mariadb-all-databases.sql.zst | mariadb --sandbox --local-infile=0`, "
                 "then the same for `mariadb-users-grants.sql.zst` (docs/restore.md; encrypted "
                 "objects go through `age -d -i IDENTITY` first).")
-    levels = [*manifest["chain"], backup_id]
+    levels = [*manifest.chain, backup_id]
     steps = "\n".join(
         f"{n}. `swift download {container} {level}/filesystem.tar.zst -o - | zstd -dc | "
         "confined_tar /target --listed-incremental=/dev/null --xattrs --xattrs-include='*' "
@@ -324,7 +377,7 @@ def _by_hand_text(container: str, backup_id: str, manifest: dict) -> str:
             "mariadb-users-grants.sql.zst.")
 
 
-def _encryption_text(section: dict | None) -> str:
+def _encryption_text(section: dict[str, Any] | None) -> str:
     if not section or section.get("format") != "age":
         why = (section or {}).get("reason") or "no --recipients-file"
         return f"**NONE: stored in plain text** ({why})"
@@ -367,7 +420,7 @@ def _list(args: argparse.Namespace) -> int:
                                      catalogue.list_backups(store, settings.container))
     if args.json:
         print(json.dumps({"container": settings.container,
-                          "backups": [e.as_dict() for e in entries]}))
+                          "backups": [e.to_dict() for e in entries]}))
     else:
         for entry in entries:
             kind = entry.kind or "?"

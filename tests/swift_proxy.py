@@ -262,7 +262,8 @@ def swift_proxy_fixture(os_env):
     from undercloud_backup import config
     from undercloud_backup.store.connection import SwiftStore
 
-    real = SwiftStore.connect(config.swift_settings_from_env()).url
+    with SwiftStore.connect(config.swift_settings_from_env()) as store:
+        real = store.url
     with SwiftProxy() as proxy:
         proxy.account_url = proxy.storage_url(real)
         yield proxy

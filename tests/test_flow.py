@@ -330,3 +330,65 @@ def test_an_ad_hoc_run_sends_heartbeats_to_the_server(os_env, db_cnf, small_root
             events = json.load(response)["events"]
         time.sleep(0.5)
     assert events, "no heartbeat from the ad hoc run reached the server"
+
+
+@pytest.mark.unit
+def test_the_summary_is_typed_and_becomes_the_same_dict_as_before():
+    """The flow's result (and so ``--json``) keeps its keys: a run's, a dry run's."""
+    from flows.backup import BackupSummary
+    from undercloud_backup.core.manifest import StoredObject
+
+    obj = StoredObject(name="b/x", size=1, sha256="0" * 64, compression="zstd", content="tar")
+    summary = BackupSummary(backup_id="b", container="c", dry_run=False, paths=["/etc"],
+                            absent=[], warnings=[], manifest="b/manifest.json", objects=[obj],
+                            chain=[], level=0)
+    assert set(summary.to_dict()) == {
+        "backup_id", "container", "manifest", "objects", "dry_run", "paths", "absent", "kind",
+        "parent", "warnings", "chain", "level", "full_reason", "partial_database",
+        "signing_key"}
+    assert summary.to_dict()["objects"] == [obj.to_dict()]
+    summary.pruned = ["a"]
+    assert summary.to_dict()["pruned"] == ["a"]
+    summary.pruned, summary.prune_failed = None, True
+    assert summary.to_dict()["pruned"] is None  # attempted and failed: said as null
+    dry = BackupSummary(backup_id="b", container="c", dry_run=True, paths=[], absent=[],
+                        warnings=["w"])
+    assert set(dry.to_dict()) == {"backup_id", "container", "manifest", "objects", "dry_run",
+                                  "paths", "absent", "kind", "parent", "warnings", "space"}
+
+
+@pytest.mark.unit
+def test_the_artifact_renders_from_the_typed_manifest(monkeypatch):
+    import flows.backup as flow
+    from undercloud_backup.core.manifest import (
+        DatabaseSection,
+        Manifest,
+        PathsSection,
+        StoredObject,
+    )
+
+    shown: dict[str, str] = {}
+    monkeypatch.setattr(flow, "create_markdown_artifact",
+                        lambda **kwargs: shown.update(kwargs))
+    manifest = Manifest(
+        backup_id="h-2", created_at="t", kind="incremental", parent="h-1", chain=["h-0", "h-1"],
+        level=2, encryption={"format": "age", "recipients": ["sha256:ab"]},
+        mariadb=DatabaseSection(version="10.11", object="o", system_tables=[],
+                                databases={"keystone": [], "nova": []}),
+        paths=PathsSection(root="/", included=["/etc"], absent=["/srv/node"],
+                           changed=["/etc/a"], vanished=["/etc/b"]),
+        objects=[StoredObject(name="h-2/filesystem.tar.zst", size=2048, sha256="ab" * 32,
+                              compression="zstd", content="tar")])
+    summary = flow.BackupSummary(backup_id="h-2", container="c", dry_run=False,
+                                 paths=["/etc"], absent=[], warnings=["mind this"],
+                                 manifest="h-2/manifest.json", pruned=None, prune_failed=True)
+    flow._summary_artifact(summary, manifest, 3.0)
+    text = shown["markdown"]
+    assert "| `h-2/filesystem.tar.zst` | 2.0 KiB | plain | `abababababababab…` |" in text
+    assert "- Databases (10.11): keystone, nova\n" in text
+    assert "- Absent: /srv/node; excluded: none" in text
+    assert "- Changed or vanished while read: 2" in text
+    assert "- Pruned: FAILED" in text and "**WARNING: mind this**" in text
+    assert "incremental level 2 on `h-1`; restores with its chain `h-0` > `h-1` first" in text
+    assert "age, to `sha256:ab`" in text
+    assert "3. `swift download c h-2/filesystem.tar.zst" in text

@@ -69,7 +69,7 @@ def build_manifest(request: BackupRequest, space: SpaceReport | None,
         platform={"python": platform.python_version(), "kernel": platform.release()},
         mariadb=database.section if database else None,
         paths=files.section if files else None,
-        space=space.as_dict() if space else None, objects=objects,
+        space=space.to_dict() if space else None, objects=objects,
         encryption=encryption_section(request),
         # An incremental is format 3: older tools refuse it rather than restore one level.
         format=INCREMENTAL_FORMAT if kind == INCREMENTAL else FORMAT,

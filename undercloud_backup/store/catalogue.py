@@ -36,7 +36,7 @@ class BackupEntry:
     # a listing never shows such a backup like a complete one.
     partial_database: str | None = None
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return asdict(self)
 
 

@@ -50,7 +50,7 @@ class SpaceReport:
     checks: tuple[str, ...] = field(default=())
     server_version: str | None = None
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return asdict(self)
 
 

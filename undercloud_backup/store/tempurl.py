@@ -71,7 +71,7 @@ class DownloadLink:
     url: str
     expires: int
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {"object": self.leaf, "bytes": self.size, "sha256": self.sha256,
                 "url": self.url, "expires": self.expires}
 
