@@ -13,7 +13,7 @@ import argparse
 import datetime as dt
 import json
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 from prefect import flow, get_run_logger
@@ -44,6 +44,26 @@ def _run_name() -> str:
 
 
 FILES, DATABASES = "What to restore", "Databases already there"
+
+
+@dataclass
+class RestoreResult:
+    """The flow's result: what was (or, in a dry run, would be) restored, and how."""
+
+    backup_id: str
+    container: str
+    dry_run: bool
+    decryption: str
+    warnings: list[str]
+    files: restore.FilesResult | None = None
+    databases: restoredb.DatabasesRestored | None = None
+
+    def to_dict(self) -> dict:
+        """The JSON edge (``python -m flows.restore --json``): its keys are a contract."""
+        return {"backup_id": self.backup_id, "container": self.container,
+                "dry_run": self.dry_run, "files": self.files.to_dict() if self.files else None,
+                "databases": self.databases.to_dict() if self.databases else None,
+                "decryption": self.decryption, "warnings": self.warnings}
 
 
 @flow(name="undercloud_restore", flow_run_name=_run_name, validate_parameters=True)
@@ -138,7 +158,7 @@ def undercloud_restore(
         "that decrypts an encrypted backup (exit 51 unusable, 52 not a recipient of the "
         "backup, 56 an object is not what the manifest says, 59 none given)")] = None,
     check_signature: Annotated[bool, params.CHECK_SIGNATURE] = True,
-) -> dict:
+) -> RestoreResult:
     """Restore an undercloud backup: files into a target root, databases into a MariaDB."""
     want_databases = _check_choices(files, all_databases, databases, overwrite, skip_existing)
     allowed_signers = signing.allowed_signers_for(allowed_signers, check_signature,
@@ -160,10 +180,8 @@ def undercloud_restore(
         timeout_s=timeout_hours * 3600)
     fresh_target = not files or _fresh(request)
     names = None if all_databases else list(databases or [])
-    result: dict = {"backup_id": backup_id, "container": swift_source.settings().container,
-                    "dry_run": dry_run, "files": None, "databases": None,
-                    "decryption": decryption.describe() if decryption else "not encrypted",
-                    "warnings": warnings}
+    result = RestoreResult(backup_id, swift_source.settings().container, dry_run,
+                           decryption.describe() if decryption else "not encrypted", warnings)
     # Every object it will use is in Swift as recorded (HEAD) before anything is written.
     checks.check_stored_objects(swift_source, manifest,
                                 _objects_used(manifest, files, want_databases, all_databases))
@@ -181,7 +199,8 @@ PARAMETERS = params.declared(undercloud_restore.fn)
 
 
 def _restore(swift_source: SwiftSource, db_source: DatabaseSource, manifest: Manifest,
-             names: list[str] | None, request: restore.RestoreRequest, result: dict, *,
+             names: list[str] | None, request: restore.RestoreRequest,
+             result: RestoreResult, *,
              files: bool, want_databases: bool, paths: list[str] | None, overwrite: bool,
              fresh_target: bool) -> None:
     """Files and databases, side by side where they can be; ``result`` filled in."""
@@ -192,13 +211,13 @@ def _restore(swift_source: SwiftSource, db_source: DatabaseSource, manifest: Man
         steps.restore_databases.with_options(task_run_name="check-target-databases")(
             swift_source, db_source, manifest, names, replace(request, dry_run=True))
     if files and want_databases and not paths and (fresh_target or overwrite or dry_run):
-        result.update(_side_by_side(swift_source, db_source, manifest, names, request))
+        _side_by_side(swift_source, db_source, manifest, names, request, result)
     else:
         if files:
-            result["files"] = steps.restore_files(swift_source, manifest, request)
+            result.files = steps.restore_files(swift_source, manifest, request)
         if want_databases:
-            result["databases"] = steps.restore_databases(swift_source, db_source, manifest,
-                                                          names, request)
+            result.databases = steps.restore_databases(swift_source, db_source, manifest,
+                                                       names, request)
 
 
 def _objects_used(manifest: Manifest, files: bool, want_databases: bool,
@@ -228,17 +247,17 @@ def _fresh(request: restore.RestoreRequest) -> bool:
     return not os.path.isdir(real) or not any(os.scandir(real))
 
 
-def _log_done(result: dict) -> None:
+def _log_done(result: RestoreResult) -> None:
     get_run_logger().info(
-        "%s backup %s%s%s", "dry run of" if result["dry_run"] else "restored",
-        result["backup_id"],
-        f"; files under {result['files']['target']}" if result["files"] else "",
-        f"; databases {', '.join(result['databases']['databases'])} into "
-        f"{result['databases']['where']}" if result["databases"] else "")
+        "%s backup %s%s%s", "dry run of" if result.dry_run else "restored", result.backup_id,
+        f"; files under {result.files.target}" if result.files else "",
+        f"; databases {', '.join(result.databases.databases)} into "
+        f"{result.databases.where}" if result.databases else "")
 
 
 def _side_by_side(swift_source: SwiftSource, db_source: DatabaseSource, manifest: Manifest,
-                  names: list[str] | None, request: restore.RestoreRequest) -> dict:
+                  names: list[str] | None, request: restore.RestoreRequest,
+                  result: RestoreResult) -> None:
     """Files and databases at once; if one fails, the other's result is kept and logged.
 
     tar is mostly I/O, loading the dump mostly MariaDB's CPU; one after the other took their
@@ -252,16 +271,14 @@ def _side_by_side(swift_source: SwiftSource, db_source: DatabaseSource, manifest
     wait(list(futures.values()))
     failed = [part for part, future in futures.items()
               if not future.state.is_completed()]  # failed or crashed
-    result = {}
     for part, future in futures.items():
         if part in failed:
             continue
-        result[part] = future.result()
+        setattr(result, part, future.result())
         if failed:
             get_run_logger().warning("the %s were restored; the %s failed", part, failed[0])
     if failed:
         futures[failed[0]].result()  # raises that part's error
-    return result
 
 
 def _check_choices(files: bool, all_databases: bool, databases: list[str] | None,
@@ -277,37 +294,39 @@ def _check_choices(files: bool, all_databases: bool, databases: list[str] | None
     return want_databases
 
 
-def _report_artifact(result: dict) -> None:
-    files, databases = result["files"], result["databases"]
-    title = "Dry run of the restore" if result["dry_run"] else "Restore"
-    lines = [f"# {title} of `{result['backup_id']}`", ""]
-    if files and files["dry_run"]:
-        lines.append(f"- Files: {files['entries']} entries would be written under "
-                     f"`{files['target']}`: {files['creates']} new, {files['replaces']} "
-                     f"replacing existing files, {files['merges']} existing directories kept")
-        lines += [f"  - would replace `{path}`" for path in files["conflicts"][:20]]
-        lines += [f"  - excluded, left alone: `{path}`" for path in files["kept_paths"][:20]]
+def _report_artifact(result: RestoreResult) -> None:
+    files, databases = result.files, result.databases
+    title = "Dry run of the restore" if result.dry_run else "Restore"
+    lines = [f"# {title} of `{result.backup_id}`", ""]
+    if isinstance(files, restore.FilesPlanned):
+        plan = files.plan
+        lines.append(f"- Files: {plan.entries} entries would be written under "
+                     f"`{files.target}`: {plan.creates} new, {plan.replaces} "
+                     f"replacing existing files, {plan.merges} existing directories kept")
+        lines += [f"  - would replace `{path}`" for path in plan.conflicts[:20]]
+        lines += [f"  - excluded, left alone: `{path}`" for path in plan.kept_paths[:20]]
     elif files:
-        lines.append(f"- Files: {files['entries']} entries restored under `{files['target']}` "
-                     f"in {files['seconds']} s" + (f" (only {', '.join(files['paths'])})"
-                                                   if files["paths"] else ""))
+        lines.append(f"- Files: {files.entries} entries restored under `{files.target}` "
+                     f"in {files.seconds} s" + (f" (only {', '.join(files.paths)})"
+                                                if files.paths else ""))
     if databases:
-        verb = "would load" if databases["dry_run"] else "loaded"
-        lines.append(f"- Databases: {verb} {', '.join(databases['databases'])} into MariaDB at "
-                     f"`{databases['where']}`"
-                     + (" with users and grants" if databases["users_and_grants"] else "")
-                     + (f"; replacing {', '.join(databases['existing'])}"
-                        if databases["existing"] else "")
-                     + (f"; leaving {', '.join(databases['skipped'])} as they are"
-                        if databases["skipped"] else ""))
-        if not databases["dry_run"]:
-            lines.append(f"- After the load {databases['matching']} of {databases['compared']} "
+        verb = "would load" if databases.dry_run else "loaded"
+        lines.append(f"- Databases: {verb} {', '.join(databases.databases)} into MariaDB at "
+                     f"`{databases.where}`"
+                     + (" with users and grants" if databases.users_and_grants else "")
+                     + (f"; replacing {', '.join(databases.existing)}"
+                        if databases.existing else "")
+                     + (f"; leaving {', '.join(databases.skipped)} as they are"
+                        if databases.skipped else ""))
+        if databases.comparison is not None:  # loaded: not a dry run
+            comparison = databases.comparison
+            lines.append(f"- After the load {comparison.matching} of {comparison.compared} "
                          "table(s) match the manifest (rows and checksum)")
-            lines += [f"  - {d}" for d in databases["differences"]]
-    lines.append(f"- Encryption: {result['decryption']}")
-    lines += [f"- Warning: {w}" for w in result["warnings"]]
+            lines += [f"  - {d}" for d in comparison.differences]
+    lines.append(f"- Encryption: {result.decryption}")
+    lines += [f"- Warning: {w}" for w in result.warnings]
     create_markdown_artifact(key="undercloud-restore", markdown="\n".join(lines) + "\n",
-                             description=f"{title} of {result['backup_id']}")
+                             description=f"{title} of {result.backup_id}")
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -329,23 +348,23 @@ def main(argv: list[str] | None = None) -> int:
     if result is None:
         return status
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result.to_dict()))
         return 0
-    files, databases = result["files"], result["databases"]
-    for warning in result["warnings"]:
+    files, databases = result.files, result.databases
+    for warning in result.warnings:
         print(f"warning: {warning}")
-    if files and files["dry_run"]:
-        for line in restoreplan.iter_plan_lines(files):
+    if isinstance(files, restore.FilesPlanned):
+        for line in restoreplan.iter_plan_lines(files.plan, files.chain):
             print(line)
     elif files:
-        print(f"restored {files['entries']} entries under {files['target']}")
+        print(f"restored {files.entries} entries under {files.target}")
     if databases:
-        verb = "would load" if databases["dry_run"] else "loaded"
-        print(f"{verb} database(s) {', '.join(databases['databases']) or '(none)'} into "
-              f"{databases['where']}" + (f" (replacing {', '.join(databases['existing'])})"
-                                         if databases["existing"] else "")
-              + (f" (left alone: {', '.join(databases['skipped'])})"
-                 if databases["skipped"] else ""))
+        verb = "would load" if databases.dry_run else "loaded"
+        print(f"{verb} database(s) {', '.join(databases.databases) or '(none)'} into "
+              f"{databases.where}" + (f" (replacing {', '.join(databases.existing)})"
+                                      if databases.existing else "")
+              + (f" (left alone: {', '.join(databases.skipped)})"
+                 if databases.skipped else ""))
     return 0
 
 

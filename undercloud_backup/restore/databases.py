@@ -35,7 +35,7 @@ from undercloud_backup.restore.files import (
     RestoreRequest,
     selected_databases,
 )
-from undercloud_backup.store.reader import ObjectDamaged
+from undercloud_backup.store.reader import ObjectCheck, ObjectDamaged
 from undercloud_backup.store.streams import Consumer, stream_object
 
 
@@ -86,10 +86,49 @@ class DatabasePlan:
     skipped: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)  # "name (empty)", "name (N objects)"
 
-    def as_dict(self, users: bool, obj: StoredObject) -> dict:
-        return {"where": self.where, "databases": self.load, "selected": self.selected,
-                "existing": self.replaced, "skipped": self.skipped,
-                "users_and_grants": users, "object": obj.name}
+
+
+@dataclass(frozen=True)
+class DatabasesRestored:
+    """The databases loaded (or, in a dry run, that would be) and, after a load, how their
+    tables compare with the manifest."""
+
+    plan: DatabasePlan
+    users_and_grants: bool
+    object: str  # the dump's object name
+    dry_run: bool
+    object_checks: list[ObjectCheck] = field(default_factory=list)  # the dump's, the users'
+    comparison: TableComparison | None = None
+    seconds: float | None = None
+
+    # What the artifact and the CLI say, under the names the --json output gives them.
+    @property
+    def where(self) -> str:
+        return self.plan.where
+
+    @property
+    def databases(self) -> list[str]:
+        return self.plan.load
+
+    @property
+    def existing(self) -> list[str]:
+        return self.plan.replaced
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.plan.skipped
+
+    def to_dict(self) -> dict:
+        """The JSON edge (``--json``'s "databases"): its keys and their order are a contract."""
+        values = {"where": self.where, "databases": self.databases,
+                  "selected": self.plan.selected, "existing": self.existing,
+                  "skipped": self.skipped, "users_and_grants": self.users_and_grants,
+                  "object": self.object, "dry_run": self.dry_run}
+        if self.dry_run:
+            return values
+        checks = [c.as_dict() for c in self.object_checks]
+        return {**values, "object_check": checks[0], "object_checks": checks,
+                **(self.comparison or TableComparison()).as_dict(), "seconds": self.seconds}
 
 
 def _objects_in(session, names: Sequence[str]) -> dict[str, int]:
@@ -130,7 +169,7 @@ def plan_databases(session, where: str, selected: list[str],
 
 
 def _load(store, container: str, obj: StoredObject, settings: db.DatabaseSettings,
-          line_filter, request: RestoreRequest) -> dict:
+          line_filter, request: RestoreRequest) -> ObjectCheck:
     """Stream one dump object into the target server; its check, or RestoreFailed."""
     read_fd, write_fd = os.pipe()
     with os.fdopen(write_fd, "w") as options:  # a 64 KiB pipe holds it all
@@ -156,13 +195,13 @@ def _load(store, container: str, obj: StoredObject, settings: db.DatabaseSetting
         raise outcome.filter_error  # not a dump: refused before a byte reached the server
     if outcome.first_failure is not None:
         raise RestoreFailed(what=f"{obj.leaf} into {settings.where}", reason=outcome.reason())
-    return outcome.check.as_dict()
+    return outcome.check
 
 
 def restore_databases(store, container: str, manifest: Manifest,
                       settings: db.DatabaseSettings, databases: Sequence[str] | None,
                       request: RestoreRequest,
-                      logger: logging.Logger | logging.LoggerAdapter) -> dict:
+                      logger: logging.Logger | logging.LoggerAdapter) -> DatabasesRestored:
     """Load the dump (all of it, or only ``databases``) into the MariaDB of ``settings``,
     then compare every restored table's row count and checksum with the manifest."""
     started = time.monotonic()
@@ -173,14 +212,13 @@ def restore_databases(store, container: str, manifest: Manifest,
     # authentication of the very user we connect as.
     with db.connect(settings) as session:
         plan = plan_databases(session, settings.where, selected, request)
-        result = plan.as_dict(everything, obj)
         if request.dry_run:
             logger.info("dry run: would load %s into MariaDB at %s%s%s%s",
                         ", ".join(plan.load) or "no database", settings.where,
                         " with users and grants" if everything else "",
                         f", replacing {', '.join(plan.replaced)}" if plan.replaced else "",
                         f", leaving {', '.join(plan.skipped)} alone" if plan.skipped else "")
-            return {**result, "dry_run": True}
+            return DatabasesRestored(plan, everything, obj.name, dry_run=True)
         logger.info("loading %s into MariaDB at %s%s", ", ".join(plan.load) or "no database",
                     settings.where, " with users and grants" if everything else "")
         _drop(session, plan.replaced)
@@ -194,8 +232,9 @@ def restore_databases(store, container: str, manifest: Manifest,
         comparison = _compare(session, manifest, plan.load, logger)
     logger.info("restored %d database(s) in %.1f s; %d of %d table(s) match the manifest",
                 len(plan.load), loaded_in, comparison.matching, comparison.compared)
-    return {**result, "dry_run": False, "object_check": checks[0], "object_checks": checks,
-            **comparison.as_dict(), "seconds": round(time.monotonic() - started, 2)}
+    return DatabasesRestored(plan, everything, obj.name, dry_run=False, object_checks=checks,
+                             comparison=comparison,
+                             seconds=round(time.monotonic() - started, 2))
 
 
 def _drop(session, names: Sequence[str]) -> None:

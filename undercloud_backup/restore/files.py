@@ -33,6 +33,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from undercloud_backup.core.errors import (
     BackupError,
@@ -63,7 +64,7 @@ from undercloud_backup.restore.plan import (
     require_found,
     select,
 )
-from undercloud_backup.store.reader import ObjectDamaged
+from undercloud_backup.store.reader import ObjectCheck, ObjectDamaged
 from undercloud_backup.store.streams import Consumer, StreamOutcome, stream_object
 
 EXAMPLES = 5
@@ -85,6 +86,55 @@ class RestoreFailed(BackupError):
     """Restoring {what} failed: {reason}"""
 
     exit_code = 48
+
+
+@dataclass(frozen=True)
+class FilesPlanned:
+    """A dry run of the files: what extracting would do, and for an incremental its chain."""
+
+    target: str
+    excluded: list[str]
+    plan: FilesPlan
+    chain: list[str] | None = None  # ids, full first; None for a full backup
+    dry_run: bool = True
+
+    def to_dict(self) -> dict:
+        """The JSON edge (``--json``'s "files"): its keys and their order are a contract."""
+        values: dict = {"target": self.target, "dry_run": True, "excluded": self.excluded}
+        if self.chain is not None:
+            values["chain"] = self.chain
+        return {**values, **self.plan.to_dict()}
+
+
+@dataclass(frozen=True)
+class FilesRestored:
+    """Files written into ``target``: of one archive, or of each level of a chain."""
+
+    target: str
+    entries: int
+    deleted: int  # by an incremental level: what its backup no longer held
+    paths: list[str]
+    excluded: list[str]
+    object: ObjectCheck | None  # the last archive read
+    seconds: float
+    chain: list[str] | None = None  # ids, full first; None for a full backup
+    objects: list[ObjectCheck] | None = None  # each level's, for a chain
+    dry_run: bool = False
+
+    def to_dict(self) -> dict:
+        """The JSON edge (``--json``'s "files"): its keys and their order are a contract."""
+        check = self.object.as_dict() if self.object else None
+        if self.chain is None:
+            return {"target": self.target, "dry_run": False, "entries": self.entries,
+                    "paths": self.paths, "excluded": self.excluded, "object": check,
+                    "seconds": self.seconds, "deleted": self.deleted}
+        return {"target": self.target, "dry_run": False, "entries": self.entries,
+                "deleted": self.deleted, "paths": self.paths, "excluded": self.excluded,
+                "object": check, "objects": [o.as_dict() for o in self.objects or []],
+                "chain": self.chain, "seconds": self.seconds}
+
+
+FilesResult = FilesPlanned | FilesRestored
 
 
 def default_target(staging_dir: str, backup_id: str, *, create: bool = True) -> str:
@@ -205,7 +255,7 @@ def make_target(target: str, explicit: bool) -> str:
 
 
 def restore_files(store, container: str, manifest: Manifest, request: RestoreRequest,
-                  logger: logging.Logger | logging.LoggerAdapter) -> dict:
+                  logger: logging.Logger | logging.LoggerAdapter) -> FilesResult:
     """Extract the archive (or some paths of it) into the target; refuse to overwrite. An
     incremental backup's chain is applied in order (:func:`restore_chain`)."""
     levels = chain_of(store, container, manifest)
@@ -228,8 +278,7 @@ def restore_files(store, container: str, manifest: Manifest, request: RestoreReq
         logger.info("dry run: %d entries under %s: %d new, %d replacing existing files, %d "
                     "existing directories kept, %d excluded and left alone", plan.entries,
                     target, plan.creates, plan.replaces, plan.merges, plan.kept)
-        return {"target": target, "dry_run": True, "excluded": list(selection.excluded),
-                **plan.as_dict()}
+        return FilesPlanned(target, list(selection.excluded), plan)
     target = make_target(target, request.explicit_target)
     if os.geteuid() != 0:
         logger.warning("not running as root: owners and trusted/security xattrs cannot be "
@@ -240,7 +289,7 @@ def restore_files(store, container: str, manifest: Manifest, request: RestoreReq
 def _extract(store, container: str, obj: StoredObject, selection: Selection, target: str,
              request: RestoreRequest, logger: logging.Logger | logging.LoggerAdapter,
              started: float, *, incremental: bool = False,
-             overwrite: bool | None = None) -> dict:
+             overwrite: bool | None = None) -> FilesRestored:
     written: list[str] = []
     deleted: list[str] = []
 
@@ -270,10 +319,8 @@ def _extract(store, container: str, obj: StoredObject, selection: Selection, tar
         raise _extract_failure(outcome, obj, target, len(written))
     seconds = time.monotonic() - started
     logger.info("restored %d entries into %s in %.1f s", len(written), target, seconds)
-    return {"target": target, "dry_run": False, "entries": len(written),
-            "paths": list(selection.members), "excluded": list(selection.excluded),
-            "object": outcome.check.as_dict(), "seconds": round(seconds, 2),
-            "deleted": len(deleted)}
+    return FilesRestored(target, len(written), len(deleted), list(selection.members),
+                         list(selection.excluded), outcome.check, round(seconds, 2))
 
 
 def _extract_failure(outcome: StreamOutcome, obj: StoredObject, target: str,
@@ -327,7 +374,7 @@ def _read_chain(store, container: str, levels: list[Manifest], request: RestoreR
 
 
 def restore_chain(store, container: str, levels: list[Manifest], request: RestoreRequest,
-                  logger: logging.Logger | logging.LoggerAdapter) -> dict:
+                  logger: logging.Logger | logging.LoggerAdapter) -> FilesResult:
     """The full, then each incremental level, in order, deletions included. Into ``/`` (and
     whenever the listings are read anyway) the chain is checked first for links leading out;
     elsewhere each extraction is confined to the target."""
@@ -351,8 +398,7 @@ def restore_chain(store, container: str, levels: list[Manifest], request: Restor
                     "existing files, %d existing directories kept, %d excluded", merged.entries,
                     target, len(levels), " > ".join(ids), merged.creates, merged.replaces,
                     merged.merges, merged.kept)
-        return {"target": target, "dry_run": True, "excluded": list(selection.excluded),
-                "chain": ids, **merged.as_dict()}
+        return FilesPlanned(target, list(selection.excluded), merged, chain=ids)
     target = make_target(target, request.explicit_target)
     if occupied:
         logger.warning("restoring an incremental chain over %s (--overwrite): archived "
@@ -372,13 +418,11 @@ def restore_chain(store, container: str, levels: list[Manifest], request: Restor
                                 overwrite=request.overwrite or index > 0))
     seconds = time.monotonic() - started
     logger.info("restored the chain %s into %s in %.1f s", " > ".join(ids), target, seconds)
-    return {"target": target, "dry_run": False,
-            "entries": sum(r["entries"] for r in results),
-            "deleted": sum(r["deleted"] for r in results),
-            "paths": list(selection.members), "excluded": list(selection.excluded),
-            "object": results[-1]["object"] if results else None,
-            "objects": [r["object"] for r in results], "chain": ids,
-            "seconds": round(seconds, 2)}
+    return FilesRestored(target, sum(r.entries for r in results),
+                         sum(r.deleted for r in results), list(selection.members),
+                         list(selection.excluded), results[-1].object if results else None,
+                         round(seconds, 2), chain=ids,
+                         objects=[r.object for r in results if r.object is not None])
 
 
 def selected_databases(manifest: Manifest, databases: Sequence[str] | None) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 from undercloud_backup.core import defaults
@@ -148,7 +148,7 @@ class FilesPlan:
         else:
             self.truncated += 1
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return asdict(self)
 
 
@@ -188,13 +188,13 @@ def merge_plans(target: str, plans: list[FilesPlan]) -> FilesPlan:
     return merged
 
 
-def iter_plan_lines(plan: dict) -> Iterator[str]:
+def iter_plan_lines(plan: FilesPlan, chain: Sequence[str] | None = None) -> Iterator[str]:
     """A dry run's file list as the CLI prints it: action and destination (first, for an
     incremental, the chain it applies)."""
-    if len(plan.get("chain") or []) > 1:
-        yield f"chain    {' > '.join(plan['chain'])} (full first, each level in order)"
-    for entry in plan.get("listed", []):
+    if len(chain or []) > 1:
+        yield f"chain    {' > '.join(chain or [])} (full first, each level in order)"
+    for entry in plan.listed:
         suffix = "/" if entry["kind"] == "dir" else ""
         yield f"{entry['action']:<8} {entry['path']}{suffix}"
-    if plan.get("truncated"):
-        yield f"... and {plan['truncated']} more"
+    if plan.truncated:
+        yield f"... and {plan.truncated} more"
