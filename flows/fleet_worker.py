@@ -12,13 +12,16 @@ deployment, and never runs pull steps: a deployment changed after the check chan
     python -m flows.fleet_worker engine         (started by the worker, one per flow run)
 
 The installed entrypoints are those of prefect.yaml in the working directory (the root-owned
-copy of the project the worker runs from).
+copy of the project the worker runs from). With UCB_FLEET_POLICY (a root-owned JSON file:
+{"parameters": {deployment: its parameters}}) a run's parameters must also stay the node's,
+except the harmless ones (FREE_PARAMETERS) and retention raised above the node's floor.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import warnings
@@ -63,8 +66,80 @@ def _check_job_variables(where: str, variables: dict[str, Any] | None) -> str | 
     return None
 
 
+# Parameters a run may change from the API (the rest is the node's, from its root-owned
+# policy): none of them reaches another container, account, key, path or database.
+FREE_PARAMETERS = {
+    "dry_run", "what.full", "what.db_only", "what.full_every", "swift.segment_size",
+    "swift.swift_retries", "swift.swift_timeout", "swift.swift_retry_budget",
+    "swift.link_lifetime_hours", "retention.prune", "advanced.compression_level",
+    "advanced.task_retries", "advanced.table_checksums", "check_database",
+}
+# Retention a run may raise but never lower below the node's (nothing more is deleted).
+FLOOR_PARAMETERS = {"retention.keep_last", "retention.keep_daily", "retention.keep_weekly",
+                    "keep_last", "keep_daily", "keep_weekly", "grace_hours"}
+
+
+# What the worker itself puts in every run's environment besides its own (Prefect's attribution).
+ATTRIBUTION_ENV = {"PREFECT__WORKER_ID", "PREFECT__WORKER_NAME", "PREFECT__FLOW_ID",
+                   "PREFECT__FLOW_NAME", "PREFECT__DEPLOYMENT_ID", "PREFECT__DEPLOYMENT_NAME"}
+
+
+def env_refusal(env: dict[str, str | None], flow_run_id: object) -> str | None:
+    """The run's resolved environment may add nothing to the worker's own but Prefect's run
+    and attribution variables and the heartbeat interval (whatever template or job variable
+    put it there, whenever)."""
+    from prefect.settings import get_current_settings
+
+    own = get_current_settings().to_environment_variables(exclude_unset=True)
+    for name, value in env.items():
+        if name == "PREFECT__FLOW_RUN_ID":
+            if value != str(flow_run_id):
+                return "the job sets PREFECT__FLOW_RUN_ID"
+        elif name in ALLOWED_ENV:
+            if not str(value).isdigit():
+                return f"the job sets environment variable {name!r}"
+        elif name not in ATTRIBUTION_ENV and value not in (os.environ.get(name), own.get(name)):
+            return f"the job sets environment variable {name!r}"
+    return None
+
+
+def _flat(values: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in (values or {}).items():
+        if isinstance(value, dict):  # an empty group leaves each of its fields unset
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def parameter_refusal(installed: dict, asked: dict) -> str | None:
+    """Why the run's parameters leave the node's installed bounds, or None."""
+    want, have = _flat(installed), _flat(asked)
+    for name in sorted(set(want) | set(have)):
+        value, allowed = have.get(name), want.get(name)
+        if value == allowed or name in FREE_PARAMETERS:
+            continue
+        if name in FLOOR_PARAMETERS and isinstance(value, int) and isinstance(allowed, int):
+            if value >= allowed:
+                continue
+            return f"parameter {name}={value} is below the node's floor of {allowed}"
+        return f"parameter {name} may not be changed from the API (the node's policy sets it)"
+    return None
+
+
+def load_policy(path: str) -> dict:
+    """The node's parameters per deployment, from a file root's alone (not the API's)."""
+    info = os.stat(path)
+    if info.st_uid != 0 or info.st_mode & 0o022:
+        raise RunRefused(node=os.environ.get("UCB_NODE", "?"),
+                         reason=f"the policy {path} must be root's and writable by root only")
+    with open(path, encoding="utf-8") as text:
+        return json.load(text)
+
+
 def refusal(node: str, app: str, deployment: Any, flow_run: Any, base_job_template: dict,
-            configuration: ProcessJobConfiguration) -> str | None:
+            configuration: ProcessJobConfiguration, policy: dict | None = None) -> str | None:
     """Why this run must not start on this node, or None."""
     if deployment is None:
         return "the run belongs to no deployment (only this node's deployments run here)"
@@ -87,6 +162,13 @@ def refusal(node: str, app: str, deployment: Any, flow_run: Any, base_job_templa
         return "the job sets a command"
     if configuration.working_dir and Path(configuration.working_dir).resolve() != Path(app):
         return "the job sets a working directory"
+    reason = env_refusal(configuration.env, flow_run.id)
+    if reason:
+        return reason
+    if policy is not None:
+        if base not in policy.get("parameters", {}):
+            return f"the node's policy has no parameters for {base}"
+        return parameter_refusal(policy["parameters"][base], flow_run.parameters or {})
     return None
 
 
@@ -109,12 +191,21 @@ class FleetNodeWorker(ProcessWorker):
 
     async def run(self, flow_run: Any, configuration: ProcessJobConfiguration,
                   task_status: anyio.abc.TaskStatus[int] | None = None) -> ProcessWorkerResult:
+        # Read again: resolving the job configuration took the run's env out of this copy.
+        flow_run = await self.client.read_flow_run(flow_run.id)
         deployment = None
         if flow_run.deployment_id:
             deployment = await self.client.read_deployment(flow_run.deployment_id)
         pool = await self.client.read_work_pool(self.work_pool.name)
+        try:
+            policy = load_policy(os.environ["UCB_FLEET_POLICY"])
+        except KeyError:
+            policy = None
+        except (OSError, ValueError, RunRefused) as error:
+            policy = {"parameters": {}}  # nothing runs on a node whose policy is unreadable
+            self.get_flow_run_logger(flow_run).error("node policy unreadable: %s", error)
         reason = refusal(self.node, self.app, deployment, flow_run, pool.base_job_template,
-                         configuration)
+                         configuration, policy)
         if reason:
             error = RunRefused(node=self.node, reason=reason)
             self.get_flow_run_logger(flow_run).error(str(error))

@@ -146,59 +146,121 @@ def node_api(fleet: dict, node: str) -> Api:
     return Api(env_file(fleet["nodes"][node]["env"]))
 
 
-@pytest.mark.slow
-@needs_root
-def test_node_cannot_run_code_on_another_node(fleet, tmp_path):
-    """With node1's API password: a deployment on node2's pool, and changes to node2's own
-    deployment and pool, each meant to touch a marker as node2's user. Every run is refused on
-    node2 before any of its code loads: Failed, one line, no marker."""
-    api = node_api(fleet, "node1")
-    evil_dir = Path("/tmp") / f"ucb-fleet-evil-{uuid.uuid4().hex}"
-    evil_dir.mkdir(mode=0o755)
-    marker = evil_dir / "marker"
-    (evil_dir / "evil.py").write_text(
+@pytest.fixture
+def evil(tmp_path):
+    """A flow, and a directory node2's user could write a marker in."""
+    top = Path("/tmp") / f"ucb-fleet-evil-{uuid.uuid4().hex}"
+    top.mkdir(mode=0o755)
+    marker = top / "marker"
+    (top / "evil.py").write_text(
         "from pathlib import Path\nfrom prefect import flow\n"
         f"Path({str(marker)!r}).touch()\n@flow\ndef evil():\n    Path({str(marker)!r}).touch()\n")
-    evil_dir.chmod(0o777)  # node2's user could write the marker
+    top.chmod(0o777)
+    yield top, marker
+    subprocess.run(["rm", "-rf", str(top)], check=True)
+
+
+def refused_all(api: Api, runs: dict[str, str], reasons: dict[str, str]) -> None:
+    for what, run_id in runs.items():
+        run = api.wait(run_id)
+        message = run["state"]["message"] or ""
+        assert run["state"]["type"] == "FAILED", (what, run["state"])
+        assert message.count("\n") == 0 and "refused by node node2's worker" in message, message
+        assert reasons[what] in message, (what, message)
+
+
+@pytest.mark.slow
+@needs_root
+def test_node_cannot_run_code_on_another_node(fleet, evil):
+    """With node1's API password: a deployment on node2's pool, changes to each of node2's own
+    deployments, a run's own job variables and node2's pool's base job template, each meant to
+    touch a marker as node2's user. Every run is refused on node2 before any of its code loads:
+    Failed, one line saying why, no marker."""
+    api = node_api(fleet, "node1")
+    top, marker = evil
     pool = "undercloud-node2"
-    target = api("GET", "/deployments/name/undercloud_backup/on-demand-node2")
-    original = {k: target[k] for k in ("entrypoint", "pull_steps", "job_variables", "path")}
+    deployments = {d["name"].rpartition("-")[0]: d for d in api(
+        "POST", "/deployments/filter", deployments={"tags": {"all_": ["node:node2"]}})}
+    keep = ("entrypoint", "pull_steps", "job_variables", "path")
+    originals = {base: {k: d[k] for k in keep} for base, d in deployments.items()}
     template = api("GET", f"/work_pools/{pool}")["base_job_template"]
     touch = {"prefect.deployments.steps.run_shell_script": {"script": f"touch {marker}"}}
     flow_id = api("POST", "/flows/", name="evil")["id"]
+    attacks = {  # deployment -> (the change, what the refusal says)
+        "on-demand": ({"entrypoint": f"{top}/evil.py:evil"}, "is not the installed"),
+        "nightly": ({"pull_steps": [touch]}, "has pull steps"),
+        "weekly-full": ({"job_variables": {"command": f"touch {marker}"}},
+                        "sets job variable 'command'"),
+        "weekly-verify": ({"job_variables": {"env": {"PYTHONPATH": str(top)}}},
+                          "sets environment variable 'PYTHONPATH'"),
+        "prune": ({"job_variables": {"working_dir": str(top)}},
+                  "sets job variable 'working_dir'"),
+    }
+    reasons = {base: reason for base, (_, reason) in attacks.items()}
     runs: dict[str, str] = {}
     try:
-        new = api("POST", "/deployments/", name="evil", flow_id=flow_id, work_pool_name=pool,
-                  entrypoint=f"{evil_dir}/evil.py:evil", path=str(evil_dir),
+        new = api("POST", "/deployments/", name="evil-node2", flow_id=flow_id,
+                  work_pool_name=pool, entrypoint=f"{top}/evil.py:evil", path=str(top),
                   pull_steps=[touch])
-        runs["new deployment"] = api("POST", f"/deployments/{new['id']}/create_flow_run")["id"]
-        for what, change in (
-                ("entrypoint", {"entrypoint": f"{evil_dir}/evil.py:evil"}),
-                ("pull step", {"pull_steps": [touch]}),
-                ("command", {"job_variables": {"command": f"touch {marker}"}}),
-                ("environment", {"job_variables": {"env": {"PYTHONPATH": str(evil_dir)}}}),
-                ("working dir", {"job_variables": {"working_dir": str(evil_dir)}})):
-            api("PATCH", f"/deployments/{target['id']}", **change)
-            runs[what] = api("POST", f"/deployments/{target['id']}/create_flow_run")["id"]
-            # Refused by the time the next change lands: the run reads the deployment later
-            api.wait(runs[what])
-            api("PATCH", f"/deployments/{target['id']}", **original)
+        runs["new"], reasons["new"] = (api("POST", f"/deployments/{new['id']}/create_flow_run")
+                                       ["id"], "is not one of this node's")
+        for base, (change, _) in attacks.items():
+            api("PATCH", f"/deployments/{deployments[base]['id']}", **change)
+            runs[base] = api("POST", f"/deployments/{deployments[base]['id']}/create_flow_run")[
+                "id"]
+        refused_all(api, runs, reasons)
+        for base, original in originals.items():
+            api("PATCH", f"/deployments/{deployments[base]['id']}", **original)
+        on_demand = deployments["on-demand"]["id"]
+        second = {"run env": api("POST", f"/deployments/{on_demand}/create_flow_run",
+                                 job_variables={"env": {"PYTHONPATH": str(top)}})["id"]}
+        refused_all(api, second, {"run env": "the run sets environment variable"})
         bad = json.loads(json.dumps(template))
         bad["job_configuration"]["command"] = f"touch {marker}"
         api("PATCH", f"/work_pools/{pool}", base_job_template=bad)
-        runs["pool template"] = api("POST",
-                                    f"/deployments/{target['id']}/create_flow_run")["id"]
-        api.wait(runs["pool template"])
+        third = {"pool": api("POST", f"/deployments/{on_demand}/create_flow_run")["id"]}
+        refused_all(api, third, {"pool": "base job template was changed"})
     finally:
-        api("PATCH", f"/deployments/{target['id']}", **original)
+        for base, original in originals.items():
+            api("PATCH", f"/deployments/{deployments[base]['id']}", **original)
         api("PATCH", f"/work_pools/{pool}", base_job_template=template)
-    for what, run_id in runs.items():
-        run = api.wait(run_id)
-        assert run["state"]["type"] == "FAILED", (what, run["state"])
-        message = run["state"]["message"] or ""
-        assert "refused by node node2's worker" in message and "\n" not in message, message
     assert not marker.exists()
-    subprocess.run(["rm", "-rf", str(evil_dir)], check=True)
+
+
+def node2_objects(fleet: dict) -> list[tuple[str, str]]:
+    conn = swift_as(env_file(fleet["nodes"]["node2"]["env"]))
+    return [(o["name"], o["hash"]) for o in conn.get_container("undercloud-backups",
+                                                               full_listing=True)[1]]
+
+
+@pytest.mark.slow
+@needs_root
+def test_node_cannot_ask_another_node_for_destructive_parameters(fleet):
+    """With node1's API password, runs of node2's own deployments with retention below the
+    node's floor, another container, or its own recipients: refused on node2, one line,
+    nothing deleted or written."""
+    api = node_api(fleet, "node1")
+    before = node2_objects(fleet)
+    assert before, "node2 has no backup yet"
+    deployments = {d["name"].rpartition("-")[0]: d for d in api(
+        "POST", "/deployments/filter", deployments={"tags": {"all_": ["node:node2"]}})}
+    on_demand = deployments["on-demand"]
+    asked = {
+        "prune": ("prune", {"keep_last": 0, "keep_daily": 0, "keep_weekly": 0,
+                            "grace_hours": 0}, "below the node's floor"),
+        "retention": ("on-demand", {"retention": {**on_demand["parameters"]["retention"],
+                                                  "keep_last": 0}},
+                      "retention.keep_last=0 is below"),
+        "container": ("on-demand", {"swift": {"container": "stolen"}},
+                      "parameter swift.container may not be changed"),
+        "recipients": ("on-demand", {"advanced": {**on_demand["parameters"]["advanced"],
+                                                  "recipients_file": "/tmp/attacker"}},
+                       "advanced.recipients_file may not be changed"),
+    }
+    runs = {what: api("POST", f"/deployments/{deployments[base]['id']}/create_flow_run",
+                      parameters=parameters)["id"] for what, (base, parameters, _) in asked.items()}
+    refused_all(api, runs, {what: reason for what, (_, _, reason) in asked.items()})
+    assert node2_objects(fleet) == before
 
 
 @pytest.mark.slow
@@ -289,14 +351,17 @@ def _policy_case(**change: object) -> str | None:
     deployment = SimpleNamespace(
         name="on-demand-node2", entrypoint="flows/backup.py:undercloud_backup", pull_steps=[],
         job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}})
-    flow_run = SimpleNamespace(job_variables={})
+    flow_run = SimpleNamespace(job_variables={}, id="run-1")
     template = ProcessWorker.get_default_base_job_template()
-    configuration = ProcessJobConfiguration(command=None, env={})
+    configuration = ProcessJobConfiguration(command=None, env={
+        "PREFECT__FLOW_RUN_ID": "run-1", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"})
     for key, value in change.items():
         if key == "template":
             template = value
         elif key == "run_job_variables":
             flow_run.job_variables = value
+        elif key == "env":
+            configuration.env.update(value)
         elif key == "command":
             configuration = ProcessJobConfiguration(command=value, env={})
             configuration._command_configured = True
@@ -320,6 +385,8 @@ def test_the_node_policy_accepts_only_its_installed_deployments():
         "template": _policy_case(template={"job_configuration": {"command": "true"},
                                            "variables": {}}),
         "command": _policy_case(command="true"),
+        "resolved env": _policy_case(env={"PYTHONPATH": "/tmp"}),
+        "another run": _policy_case(env={"PREFECT__FLOW_RUN_ID": "run-2"}),
     }
     assert all(refused.values()), [k for k, v in refused.items() if not v]
 
@@ -331,3 +398,52 @@ def test_the_upload_slot_is_free_outside_a_fleet(monkeypatch):
     monkeypatch.delenv("UCB_NODE", raising=False)
     with fleet_uploads.upload_slot():  # no API call, no limit needed
         pass
+
+
+@pytest.mark.unit
+def test_the_node_policy_bounds_parameters():
+    from flows.fleet_worker import parameter_refusal
+
+    installed = {"what": {"root": "/r", "full": False}, "swift": {"container": "c"},
+                 "retention": {"prune": True, "keep_last": 3}, "advanced": {"staging_dir": "/s"}}
+    same = json.loads(json.dumps(installed))
+    assert parameter_refusal(installed, same) is None
+    same["what"]["full"], same["retention"]["keep_last"] = True, 5
+    assert parameter_refusal(installed, same) is None
+    assert "below" in parameter_refusal(installed, {**installed, "retention": {"keep_last": 1}})
+    assert "swift.container" in parameter_refusal(installed, {**installed, "swift": {}})
+    assert "what.root" in parameter_refusal(installed, {**installed, "what": {"root": "/"}})
+    assert "advanced.recipients_file" in parameter_refusal(installed, {**installed, "advanced": {
+        "staging_dir": "/s", "recipients_file": "/x"}})
+
+
+HOLD_SLOTS = """
+import threading, time
+from flows import fleet_uploads
+held, peak, lock = [0], [0], threading.Lock()
+def upload():
+    with fleet_uploads.upload_slot():
+        with lock:
+            held[0] += 1
+            peak[0] = max(peak[0], held[0])
+        time.sleep(1.5)
+        with lock:
+            held[0] -= 1
+threads = [threading.Thread(target=upload) for _ in range(3)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(peak[0])
+"""
+
+
+@pytest.mark.slow
+@needs_root
+def test_uploads_take_a_fleet_wide_slot(fleet):
+    """Three uploads at once, as a node would take them (flows/fleet_uploads.py): at most
+    UCB_FLEET_UPLOADS (2) hold a slot of the global limit at the same time."""
+    env = {"PATH": "/usr/bin:/bin", **env_file(fleet["nodes"]["node1"]["env"]),
+           "PREFECT_HOME": fleet["operator"]["PREFECT_HOME"]}
+    done = subprocess.run([sys.executable, "-c", HOLD_SLOTS], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "2"

@@ -39,6 +39,7 @@ MANIFEST = STATE / "fleet.json"
 DB_NAME = f"{PREFIX}_prefect"
 SERVER_USER = f"{PREFIX}-server"
 FLEET_POOL = "fleet"
+FLOWS: dict[str, tuple[str, dict]] = {}  # entrypoint -> flow name, parameter schema
 
 
 def log(message: str) -> None:
@@ -296,6 +297,7 @@ async def deploy_node(node: str, app: Path, node_dir: Path, home: Path) -> None:
 
     project = yaml.safe_load((app / "prefect.yaml").read_text())
     pool = f"undercloud-{node}"
+    policy: dict = {"parameters": {}}
     async with get_client() as client:
         try:
             await client.create_work_pool(WorkPoolCreate(
@@ -307,8 +309,13 @@ async def deploy_node(node: str, app: Path, node_dir: Path, home: Path) -> None:
             base = d["name"]
             if base not in NODE_DEPLOYMENTS:
                 continue
-            flow = load_flow_from_entrypoint(str(app / d["entrypoint"]))
-            flow_id = await client.create_flow_from_name(flow.name)
+            if d["entrypoint"] not in FLOWS:  # each module loaded once: the fleet comes up faster
+                flow = load_flow_from_entrypoint(str(app / d["entrypoint"]))
+                FLOWS[d["entrypoint"]] = (flow.name, parameter_schema(flow).model_dump())
+            flow_name, schema = FLOWS[d["entrypoint"]]
+            flow_id = await client.create_flow_from_name(flow_name)
+            parameters = node_parameters(base, d.get("parameters", {}), node_dir, home)
+            policy["parameters"][base] = parameters
             schedules = [DeploymentScheduleCreate(
                 schedule=CronSchedule(cron=s["cron"], timezone=s.get("timezone", "UTC")),
                 active=s.get("active", True)) for s in d.get("schedules") or []]
@@ -316,11 +323,13 @@ async def deploy_node(node: str, app: Path, node_dir: Path, home: Path) -> None:
                 flow_id=flow_id, name=f"{base}-{node}", entrypoint=d["entrypoint"],
                 description=d.get("description"), work_pool_name=pool,
                 tags=[*d.get("tags", []), f"node:{node}"],
-                parameters=node_parameters(base, d.get("parameters", {}), node_dir, home),
-                parameter_openapi_schema=parameter_schema(flow).model_dump(),
+                parameters=parameters, parameter_openapi_schema=schema,
                 job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}},
                 path=str(app), pull_steps=[], schedules=schedules, concurrency_limit=1,
                 concurrency_options=ConcurrencyOptions(collision_strategy="ENQUEUE"))
+    # What the node's worker holds every run's parameters to: root's, not the API's.
+    (node_dir / "policy.json").write_text(json.dumps(policy, indent=1))
+    (node_dir / "policy.json").chmod(0o644)
 
 
 async def deploy_server(app: Path) -> None:
@@ -429,7 +438,8 @@ def up(count: int) -> None:
         keygen(node_dir, user, node)
         env = {**api_env(url, auth, home / "prefect"),
                "PATH": f"{VENV}/bin:/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
-               "UCB_NODE": node, "PREFECT_WORKER_QUERY_SECONDS": "2",
+               "UCB_NODE": node, "UCB_FLEET_POLICY": str(node_dir / "policy.json"),
+               "PREFECT_WORKER_QUERY_SECONDS": "2",
                "PREFECT_WORKER_HEARTBEAT_SECONDS": "10",
                "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
                "OS_AUTH_URL": keystone.url, "OS_USERNAME": f"{PREFIX}-{node}",
