@@ -76,7 +76,7 @@ def verify_backup(
         "to decrypt an encrypted backup and test-restore it; without it only the stored "
         "objects are checked (exit 51 unusable, 52 not a recipient)")] = None,
     check_signature: Annotated[bool, params.CHECK_SIGNATURE] = True,
-) -> dict:
+) -> verify.VerifyReport:
     """Prove a backup restores: objects, segments, archive entries and a test restore of the
     databases compared table by table with the manifest."""
     logger = get_run_logger()
@@ -115,11 +115,12 @@ def verify_backup(
                               time.monotonic() - started)
     _add_trust(report, manifest, allowed_signers, check_signature, decryption)
     _report_artifact(report, manifest)
-    if not report["ok"]:
-        raise verify.VerificationFailed(backup_id=report["backup_id"],
-                                        summary=verify.short_summary(report), report=report)
-    logger.info("backup %s verified in %.0f s%s", report["backup_id"], report["seconds"],
-                f" ({len(report['warnings'])} warning(s))" if report["warnings"] else "")
+    if not report.ok:  # the error carries the report as --json prints it
+        raise verify.VerificationFailed(backup_id=report.backup_id,
+                                        summary=verify.short_summary(report),
+                                        report=report.to_dict())
+    logger.info("backup %s verified in %.0f s%s", report.backup_id, report.seconds,
+                f" ({len(report.warnings)} warning(s))" if report.warnings else "")
     return report
 
 
@@ -127,19 +128,19 @@ def verify_backup(
 PARAMETERS = params.declared(verify_backup.fn)
 
 
-def _add_trust(report: dict, manifest: Manifest, allowed_signers: str | None,
+def _add_trust(report: verify.VerifyReport, manifest: Manifest, allowed_signers: str | None,
                check_signature: bool, decryption: crypto.Decryption | None) -> None:
     """What the report says of the signature, the decryption and the chain."""
-    report["signature"] = "good" if allowed_signers else (
+    report.signature = "good" if allowed_signers else (
         "not checked (no allowed_signers)" if check_signature else
         "not checked (turned off: check_signature)")
-    report["allowed_signers"] = allowed_signers
-    report["decrypted"] = decryption is not None
-    report["decryption"] = _decryption_text(manifest, decryption)
-    report["chain"] = [*manifest.chain, manifest.backup_id] if manifest.chain else None
-    report["warnings"] += crypto.identity_warnings(decryption)
+    report.allowed_signers = allowed_signers
+    report.decrypted = decryption is not None
+    report.decryption = _decryption_text(manifest, decryption)
+    report.chain = [*manifest.chain, manifest.backup_id] if manifest.chain else None
+    report.warnings += crypto.identity_warnings(decryption)
     if crypto.is_encrypted(manifest) and decryption is None:
-        report["warnings"].append(f"encrypted backup: {report['decryption']}")
+        report.warnings.append(f"encrypted backup: {report.decryption}")
 
 
 def _decryption_text(manifest: Manifest, decryption: crypto.Decryption | None) -> str:
@@ -152,46 +153,47 @@ def _decryption_text(manifest: Manifest, decryption: crypto.Decryption | None) -
     return decryption.describe() + ": archive listed and dump test-restored"
 
 
-def _report_artifact(report: dict, manifest: Manifest) -> None:
-    verdict = "**PASSED**" if report["ok"] else "**FAILED**"
+def _report_artifact(report: verify.VerifyReport, manifest: Manifest) -> None:
+    verdict = "**PASSED**" if report.ok else "**FAILED**"
     rows = "\n".join(
-        f"| `{o['name']}` | {format_size(o['size'])} of {format_size(o['expected_size'])} "
-        f"| {o['segments_read']} | {'ok' if o['ok'] else 'DIFFERS'} |"
-        for o in report["objects"])
-    archive = report.get("archive") or {}
-    database = report.get("database") or {}
-    lines = [f"# Verification of `{report['backup_id']}`: {verdict}", "",
-             f"Backup created {report['created_at']} on {manifest.hostname}, "
-             f"container `{report['container']}`, checked in {report['seconds']:.0f} s.", "",
+        f"| `{o['name']}` | "
+        + (f"{format_size(o['size'])} of {format_size(o['expected_size'])} "
+           f"| {o['segments_read']}" if "size" in o else "unreadable | -")  # a lost listing
+        + f" | {'ok' if o['ok'] else 'DIFFERS'} |"
+        for o in report.objects)
+    archive, database = report.archive, report.database
+    lines = [f"# Verification of `{report.backup_id}`: {verdict}", "",
+             f"Backup created {report.created_at} on {manifest.hostname}, "
+             f"container `{report.container}`, checked in {report.seconds:.0f} s.", "",
              "| object | read | segments | sha256, size, segment MD5s |", "|---|---|---|---|",
              rows, ""]
     if archive:
-        lines.append(f"- Archive: {archive['entries']} entries read by `tar` "
-                     f"({archive['files']} files, {archive['directories']} directories); "
-                     f"archived paths present: {', '.join(archive['paths_found']) or 'none'}")
+        lines.append(f"- Archive: {archive.entries} entries read by `tar` "
+                     f"({archive.files} files, {archive.directories} directories); "
+                     f"archived paths present: {', '.join(archive.paths_found) or 'none'}")
     if database:
-        lines.append(f"- Databases: dump {'loaded' if database['loaded'] else 'NOT loaded'} "
-                     f"into a throwaway MariaDB {database['scratch_version']} in "
-                     f"{database['load_seconds']} s; {database['matching']} of "
-                     f"{database['compared']} table(s) match the manifest ("
-                     + ("rows and checksum)" if database.get("checksums", True) else
+        comparison = database.comparison
+        lines.append(f"- Databases: dump {'loaded' if database.loaded else 'NOT loaded'} "
+                     f"into a throwaway MariaDB {database.scratch_version} in "
+                     f"{database.load_seconds} s; {comparison.matching} of "
+                     f"{comparison.compared} table(s) match the manifest ("
+                     + ("rows and checksum)" if comparison.checksums else
                         "row counts only: the backup recorded no checksums)")
-                     + (f"; ignored: {', '.join(database['ignored'])}"
-                        if database["ignored"] else ""))
+                     + (f"; ignored: {', '.join(comparison.ignored)}"
+                        if comparison.ignored else ""))
     else:
         lines.append("- Databases: not test-restored")
-    if report["chain"]:
-        lines.append(f"- Chain (incremental, full first): {' > '.join(report['chain'])}")
-    lines.append(f"- Encryption: {report['decryption']}")
-    lines.append(f"- Signature: {report['signature']}" + (
-        f" (allowed signers `{report['allowed_signers']}`)" if report["allowed_signers"]
-        else ""))
-    if report["problems"]:
-        lines += ["", "## What differed", ""] + [f"- {p}" for p in report["problems"]]
-    if report["warnings"]:
-        lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
+    if report.chain:
+        lines.append(f"- Chain (incremental, full first): {' > '.join(report.chain)}")
+    lines.append(f"- Encryption: {report.decryption}")
+    lines.append(f"- Signature: {report.signature}" + (
+        f" (allowed signers `{report.allowed_signers}`)" if report.allowed_signers else ""))
+    if report.problems:
+        lines += ["", "## What differed", ""] + [f"- {p}" for p in report.problems]
+    if report.warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in report.warnings]
     create_markdown_artifact(key="backup-verification", markdown="\n".join(lines) + "\n",
-                             description=f"Verification of {report['backup_id']}")
+                             description=f"Verification of {report.backup_id}")
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -223,17 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     if report is None:
         return status
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report.to_dict()))
     else:
-        for warning in report["warnings"]:
+        for warning in report.warnings:
             print(f"warning: {warning}")
-        parts = [f"{len(report['objects'])} object(s) intact"]
-        if report["archive"]:
-            parts.append(f"{report['archive']['entries']} archive entries readable")
-        if report["database"]:
-            parts.append(f"{report['database']['matching']} table(s) match the manifest after "
-                         "a test restore")
-        print(f"backup {report['backup_id']} verified: {', '.join(parts)}")
+        parts = [f"{len(report.objects)} object(s) intact"]
+        if report.archive:
+            parts.append(f"{report.archive.entries} archive entries readable")
+        if report.database:
+            parts.append(f"{report.database.comparison.matching} table(s) match the manifest "
+                         "after a test restore")
+        print(f"backup {report.backup_id} verified: {', '.join(parts)}")
     return 0
 
 

@@ -55,29 +55,30 @@ def load_manifest(swift_source: SwiftSource, backup_id: str | None,
 
 @task(name="verify_archive", **_check)
 def verify_archive(swift_source: SwiftSource, manifest: Manifest, obj: StoredObject,
-                   timeout_s: float) -> dict:
+                   timeout_s: float) -> verify.ArchiveCheck:
     """Stream the filesystem archive through zstd and tar --list; check every segment."""
     with _store(swift_source) as (store, container):
         result = verify.check_archive(store, container, manifest, obj, timeout=timeout_s)
-        _log(result, f"archive: {result['entries']} entries readable in {result['seconds']} s")
+        _log(result, f"archive: {result.entries} entries readable in {result.seconds} s")
         return result
 
 
 @task(name="verify_database", **_check)
 def verify_database(swift_source: SwiftSource, manifest: Manifest, staging_dir: str,
-                    timeout_s: float, ignore_tables: list[str]) -> dict:
+                    timeout_s: float, ignore_tables: list[str]) -> verify.DatabaseCheck:
     """Load the dump and the users and grants into a throwaway MariaDB; compare every table."""
     with _store(swift_source) as (store, container):
         result = verify.check_database(store, container, manifest, staging_dir=staging_dir,
                                        timeout=timeout_s, ignore_tables=ignore_tables,
                                        logger=get_run_logger())
-        _log(result, f"database: {result['matching']} of {result['compared']} table(s) match the "
-                     f"manifest after a test restore in {result['seconds']} s")
+        _log(result, f"database: {result.comparison.matching} of "
+                     f"{result.comparison.compared} table(s) match the manifest after a test "
+                     f"restore in {result.seconds} s")
         return result
 
 
 @task(name="verify_object", **_check)
-def verify_object(swift_source: SwiftSource, obj: StoredObject) -> dict:
+def verify_object(swift_source: SwiftSource, obj: StoredObject) -> verify.PlainCheck:
     """Read an object back and check its size, segments and SHA-256."""
     with _store(swift_source) as (store, container):
         result = verify.check_plain(store, container, obj)
@@ -85,13 +86,13 @@ def verify_object(swift_source: SwiftSource, obj: StoredObject) -> dict:
         return result
 
 
-def _log(result: dict, success: str) -> None:
+def _log(result: verify.Check, success: str) -> None:
     logger = get_run_logger()
-    for problem in result["problems"]:
+    for problem in result.problems:
         logger.error("%s", problem)
-    for warning in result["warnings"]:
+    for warning in result.warnings:
         logger.warning("%s", warning)
-    if not result["problems"]:
+    if not result.problems:
         logger.info("%s", success)
 
 
@@ -106,13 +107,12 @@ def check_stored_objects(swift_source: SwiftSource, manifest: Manifest,
 
 
 @task(name="verify_chain", **_check)
-def verify_chain(swift_source: SwiftSource, manifest: Manifest) -> dict:
+def verify_chain(swift_source: SwiftSource, manifest: Manifest) -> verify.ChainCheck:
     """An incremental's chain: every ancestor's manifest complete, of this host and chain,
     its archive and snapshot present with their recorded sizes (nothing for a full)."""
     with _store(swift_source) as (store, container):
         problems = chain.check_links(store, container, manifest)
-        result = {"chain": list(manifest.chain), "problems": problems, "warnings": [],
-                  "checked": []}
+        result = verify.ChainCheck(chain=list(manifest.chain), problems=problems)
         _log(result, f"chain {' > '.join([*manifest.chain, manifest.backup_id])}: every link "
                      "present")
         return result

@@ -508,8 +508,8 @@ def test_a_partial_dump_is_recorded_and_said_and_a_full_one_records_its_grants(
     assert any("SHOW DATABASES" in g and "ON *.*" in g for g in section.privileges)
     assert section.schema_objects["ucb_dbt_b"]["triggers"] == 0  # the one it could not see
     report = verify.summarize(manifest, container, {}, 0.0)
-    assert report["database_partial"] == section.partial_note()
-    assert report["warnings"][0].startswith(section.partial_note())
+    assert report.database_partial == section.partial_note()
+    assert report.warnings[0].startswith(section.partial_note())
 
     full = _db_only(container, db_cnf, "--json")
     assert full.returncode == 0, full.stderr

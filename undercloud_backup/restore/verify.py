@@ -42,7 +42,7 @@ from undercloud_backup.files.tarlist import (
     read_entries,
     tar_list_command,
 )
-from undercloud_backup.store.reader import read_collecting
+from undercloud_backup.store.reader import ObjectCheck, read_collecting
 from undercloud_backup.store.streams import Consumer, StreamOutcome, stream_object
 
 # What a restore of an undercloud cannot do without (docs/restore.md); missing ones are warned
@@ -60,6 +60,109 @@ class VerificationFailed(BackupError):
     """Backup {backup_id} failed verification: {summary}"""
 
     exit_code = 41
+
+
+# ------------------------------------------------------------------------------- results
+@dataclass(kw_only=True)
+class Check:
+    """What one check found: its problems fail the verification, its warnings do not."""
+
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def covers(self, name: str) -> list[str]:
+        """The manifest's objects this check (run under ``name``) accounts for."""
+        return [name]
+
+    def object_checks(self) -> list[dict]:
+        """Its objects' rows of the report's "objects"."""
+        return []
+
+
+@dataclass(kw_only=True)
+class PlainCheck(Check):
+    object: ObjectCheck
+
+    def object_checks(self) -> list[dict]:
+        return [self.object.as_dict()]
+
+    def to_dict(self) -> dict:
+        return {"object": self.object.as_dict(), "problems": self.problems,
+                "warnings": self.warnings}
+
+
+@dataclass(kw_only=True)
+class ArchiveCheck(Check):
+    """The archive read through ``tar --list``; ``object`` None when the listing itself was
+    unreadable (then nothing but the entries before it is known)."""
+
+    name: str
+    object: ObjectCheck | None
+    entries: int
+    directories: int = 0
+    paths_found: list[str] = field(default_factory=list)  # in the manifest's order
+    essentials_found: list[str] = field(default_factory=list)
+    seconds: float = 0
+
+    @property
+    def files(self) -> int:
+        return self.entries - self.directories
+
+    def object_checks(self) -> list[dict]:
+        return [self.object.as_dict() if self.object else {"name": self.name, "ok": False}]
+
+    def to_dict(self, with_object: bool = True) -> dict:
+        """The JSON edge; the report's "archive" has no "object" (its row is in "objects")."""
+        head = {"object": self.object_checks()[0]} if with_object else {}
+        if self.object is None:
+            return {**head, "problems": self.problems, "warnings": self.warnings,
+                    "entries": self.entries, "seconds": self.seconds}
+        return {**head, "entries": self.entries, "directories": self.directories,
+                "files": self.files, "paths_found": self.paths_found,
+                "essentials_found": self.essentials_found, "problems": self.problems,
+                "warnings": self.warnings, "seconds": self.seconds}
+
+
+@dataclass(kw_only=True)
+class DatabaseCheck(Check):
+    """The dump test-restored into a throwaway MariaDB and compared with the manifest."""
+
+    objects: list[ObjectCheck]
+    checked: list[str]
+    loaded: bool
+    load_seconds: float
+    scratch_version: str
+    databases: int
+    comparison: TableComparison
+    seconds: float
+
+    def covers(self, name: str) -> list[str]:
+        return self.checked
+
+    def object_checks(self) -> list[dict]:
+        return [o.as_dict() for o in self.objects]
+
+    def to_dict(self, with_objects: bool = True) -> dict:
+        """The JSON edge; the report's "database" has no "objects" (they are its "objects")."""
+        head = {"objects": self.object_checks()} if with_objects else {}
+        return {**head, "checked": self.checked, "loaded": self.loaded,
+                "load_seconds": self.load_seconds, "scratch_version": self.scratch_version,
+                "databases": self.databases, **self.comparison.as_dict(),
+                "problems": self.problems, "warnings": self.warnings, "seconds": self.seconds}
+
+
+@dataclass(kw_only=True)
+class ChainCheck(Check):
+    """An incremental's chain of ancestors (it reads no object of this backup)."""
+
+    chain: list[str]
+
+    def covers(self, name: str) -> list[str]:
+        return []
+
+    def to_dict(self) -> dict:
+        return {"chain": self.chain, "problems": self.problems, "warnings": self.warnings,
+                "checked": []}
 
 
 # ------------------------------------------------------------------------------- archive
@@ -97,7 +200,7 @@ class ArchiveReport:
 
 
 def check_archive(store, container: str, manifest: Manifest, obj: StoredObject, *,
-                  timeout: float) -> dict:
+                  timeout: float) -> ArchiveCheck:
     """Read the archive through ``tar --list``; every entry must be readable to the end, and
     nothing in it (after its chain's levels, for an incremental) may lead out of a restore's
     target: a member under a symlink an earlier level made, a hard link through one, a
@@ -119,8 +222,8 @@ def check_archive(store, container: str, manifest: Manifest, obj: StoredObject, 
             on_stderr={0: tar_errors.append}), timeout=timeout, strict=False)
     except ListingUnreadable as error:
         problems.append(f"{obj.name}: {error}")
-        return {"object": {"name": obj.name, "ok": False}, "problems": problems,
-                "warnings": [], "entries": report.entries, "seconds": 0}
+        return ArchiveCheck(name=obj.name, object=None, entries=report.entries,
+                            problems=problems)
     problems += list(outcome.check.problems)
     if outcome.first_failure is not None and outcome.check.ok:
         problems.append(f"{obj.name}: the archive is unreadable: {outcome.reason()}")
@@ -130,13 +233,13 @@ def check_archive(store, container: str, manifest: Manifest, obj: StoredObject, 
     problems += [f"{obj.name}: a restore would lead out of its target: {p}"
                  for p in paths.problems]
     warnings = [f"{e} is not in the backup: {ESSENTIALS[e]}" for e in report.essentials_missing()]
-    return {"object": outcome.check.as_dict(), "entries": report.entries,
-            "directories": report.directories, "files": report.entries - report.directories,
-            # in the manifest's order, whatever order tar wrote them in (incrementals differ)
-            "paths_found": [p for p in report.included if p in report.found],
-            "essentials_found": report.essentials_found,
-            "problems": problems, "warnings": warnings,
-            "seconds": round(time.monotonic() - started, 2)}
+    return ArchiveCheck(
+        name=obj.name, object=outcome.check, entries=report.entries,
+        directories=report.directories,
+        # in the manifest's order, whatever order tar wrote them in (incrementals differ)
+        paths_found=[p for p in report.included if p in report.found],
+        essentials_found=report.essentials_found, problems=problems, warnings=warnings,
+        seconds=round(time.monotonic() - started, 2))
 
 
 def _list_ancestors(store, container: str, manifest: Manifest, paths: ChainPaths,
@@ -195,7 +298,8 @@ def dump_objects(manifest: Manifest) -> list[StoredObject]:
 
 def check_database(store, container: str, manifest: Manifest, *, staging_dir: str,
                    timeout: float, ignore_tables: Sequence[str] = (),
-                   logger: logging.Logger | logging.LoggerAdapter | None = None) -> dict:
+                   logger: logging.Logger | logging.LoggerAdapter | None = None
+                   ) -> DatabaseCheck:
     """Load the dump (and the users and grants) into a throwaway MariaDB and compare it
     table by table with the manifest. One result covers every dump object."""
     log = logger or logging.getLogger(__name__)
@@ -203,7 +307,7 @@ def check_database(store, container: str, manifest: Manifest, *, staging_dir: st
     recorded = manifest.mariadb.databases if manifest.mariadb else {}
     schema_objects = manifest.mariadb.schema_objects if manifest.mariadb else {}
     objects = dump_objects(manifest)
-    checks: list[dict] = []
+    checks: list[ObjectCheck] = []
     problems: list[str] = []
     loaded_in = 0.0
     comparison = TableComparison()
@@ -214,7 +318,7 @@ def check_database(store, container: str, manifest: Manifest, *, staging_dir: st
         for obj in objects:
             if problems:  # not into a half-loaded server: only read and checksum the rest
                 check = read_collecting(store, container, obj)
-                checks.append(check.as_dict())
+                checks.append(check)
                 problems += check.problems
                 continue
             log.info("loading %s (%s) into a %s on port %d", obj.name, format_size(obj.size),
@@ -223,7 +327,7 @@ def check_database(store, container: str, manifest: Manifest, *, staging_dir: st
             outcome, seen = _load(store, container, obj, server, timeout)
             loaded_in += time.monotonic() - load_started
             problems += seen
-            checks.append(outcome.check.as_dict())
+            checks.append(outcome.check)
         loaded = bool(objects) and not problems
         if loaded:
             log.info("loaded in %.1f s; comparing %d database(s) with the manifest",
@@ -241,52 +345,88 @@ def check_database(store, container: str, manifest: Manifest, *, staging_dir: st
     if backup_version and backup_version.split(".")[:2] != scratch_version.split(".")[:2]:
         warnings.append(f"the dump comes from MariaDB {backup_version} and was loaded into "
                         f"{scratch_version}; checksums may differ between versions")
-    return {"objects": checks, "checked": [o.name for o in objects], "loaded": loaded,
-            "load_seconds": round(loaded_in, 2), "scratch_version": scratch_version,
-            "databases": len(recorded), **comparison.as_dict(), "problems": problems,
-            "warnings": warnings, "seconds": round(time.monotonic() - started, 2)}
+    return DatabaseCheck(objects=checks, checked=[o.name for o in objects], loaded=loaded,
+                         load_seconds=round(loaded_in, 2), scratch_version=scratch_version,
+                         databases=len(recorded), comparison=comparison, problems=problems,
+                         warnings=warnings, seconds=round(time.monotonic() - started, 2))
 
 
-def check_plain(store, container: str, obj: StoredObject) -> dict:
+def check_plain(store, container: str, obj: StoredObject) -> PlainCheck:
     """Read an object we have no deeper check for: sizes and checksums only."""
     check = read_collecting(store, container, obj)
-    return {"object": check.as_dict(), "problems": list(check.problems), "warnings": []}
+    return PlainCheck(object=check, problems=list(check.problems))
 
 
 # ---------------------------------------------------------------------------- the report
-def summarize(manifest: Manifest, container: str, results: dict[str, dict],
-              seconds: float) -> dict:
-    """One verdict from the per-object checks; ``ok`` is True only if nothing differed."""
-    problems = [p for r in results.values() for p in r.get("problems", [])]
-    warnings = [w for r in results.values() for w in r.get("warnings", [])]
+@dataclass
+class VerifyReport:
+    """The verdict of a verification: every check's problems and warnings, and what each
+    read; the flow adds what it knows of the signature, the decryption and the chain."""
+
+    backup_id: str
+    container: str
+    created_at: str
+    problems: list[str]
+    warnings: list[str]
+    checks: list[Check]  # in the order they were submitted
+    database_partial: str | None
+    seconds: float
+    signature: str = ""
+    allowed_signers: str | None = None
+    decrypted: bool = False
+    decryption: str = ""
+    chain: list[str] | None = None  # an incremental's ids, full first
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def archive(self) -> ArchiveCheck | None:
+        return next((c for c in self.checks if isinstance(c, ArchiveCheck)), None)
+
+    @property
+    def database(self) -> DatabaseCheck | None:
+        return next((c for c in self.checks if isinstance(c, DatabaseCheck)), None)
+
+    @property
+    def objects(self) -> list[dict]:
+        """Each object read, as its check says it (a row of the artifact's table)."""
+        return [o for c in self.checks for o in c.object_checks()]
+
+    def to_dict(self) -> dict:
+        """The JSON edge (``python -m flows.verify --json``): its keys are a contract."""
+        archive, database = self.archive, self.database
+        return {"backup_id": self.backup_id, "container": self.container,
+                "created_at": self.created_at, "ok": self.ok, "problems": self.problems,
+                "warnings": self.warnings,
+                "objects": self.objects,
+                "archive": archive.to_dict(with_object=False) if archive else None,
+                "database": database.to_dict(with_objects=False) if database else None,
+                "database_partial": self.database_partial, "seconds": self.seconds,
+                "signature": self.signature, "allowed_signers": self.allowed_signers,
+                "decrypted": self.decrypted, "decryption": self.decryption,
+                "chain": self.chain}
+
+
+def summarize(manifest: Manifest, container: str, results: dict[str, Check],
+              seconds: float) -> VerifyReport:
+    """One verdict from the per-object checks; ``ok`` only if nothing differed."""
+    problems = [p for r in results.values() for p in r.problems]
+    warnings = [w for r in results.values() for w in r.warnings]
     partial = manifest.mariadb.partial_note() if manifest.mariadb else None
     if partial:  # complete as taken, but the dump's account could not see everything
         warnings.insert(0, f"{partial}: a restore brings back only what that account saw")
-    checked = {n for name, r in results.items() for n in r.get("checked", [name])}
+    checked = {n for name, r in results.items() for n in r.covers(name)}
     for obj in manifest.objects:
         if obj.name not in checked:
             problems.append(f"{obj.name}: not checked")
-    objects = [o for r in results.values()
-               for o in ([r["object"]] if "object" in r else r.get("objects", []))]
-    return {
-        "backup_id": manifest.backup_id, "container": container,
-        "created_at": manifest.created_at, "ok": not problems,
-        "problems": problems, "warnings": warnings, "objects": objects,
-        "archive": next((_without(r, "object") for r in results.values()
-                         if "entries" in r), None),
-        "database": next((_without(r, "objects") for r in results.values()
-                          if "loaded" in r), None),
-        "database_partial": partial,
-        "seconds": round(seconds, 1),
-    }
+    return VerifyReport(manifest.backup_id, container, manifest.created_at, problems, warnings,
+                        list(results.values()), partial, round(seconds, 1))
 
 
-def _without(result: dict, key: str) -> dict:
-    return {k: v for k, v in result.items() if k != key}
-
-
-def short_summary(report: dict, limit: int = 3) -> str:
-    problems = report["problems"]
+def short_summary(report: VerifyReport, limit: int = 3) -> str:
+    problems = report.problems
     text = "; ".join(problems[:limit])
     if len(problems) > limit:
         text += f" (and {len(problems) - limit} more)"
