@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pymysql
 import pytest
-from conftest import REPO, backup_cli, mariadb, swift_store
+from conftest import REPO, backup_cli, backup_in_process, mariadb, swift_store
 
 from blocks.mariadb import MariaDBConnection
 from undercloud_backup.core.errors import CommandFailed
@@ -475,9 +475,10 @@ def test_the_servers_own_lock_wait_timeout_is_the_same_lock_error(tmp_path):
         assert "Table `u` on MariaDB" in str(error) and "lock_wait_timeout ran out" in str(error)
 
 
-def _db_only(container: str, cnf: str, *extra: str) -> subprocess.CompletedProcess:
-    return backup_cli("--container", container, "--db-defaults-file", cnf, "--db-only",
-                      "--no-prune", *extra)
+def _db_only(container: str, cnf: str, *extra: str, run=backup_cli,
+             ) -> subprocess.CompletedProcess:
+    return run("--container", container, "--db-defaults-file", cnf, "--db-only", "--no-prune",
+               *extra)
 
 
 def test_a_partial_dump_is_recorded_and_said_and_a_full_one_records_its_grants(
@@ -511,7 +512,7 @@ def test_a_partial_dump_is_recorded_and_said_and_a_full_one_records_its_grants(
     assert report.database_partial == section.partial_note()
     assert report.warnings[0].startswith(section.partial_note())
 
-    full = _db_only(container, db_cnf, "--json")
+    full = _db_only(container, db_cnf, "--json", run=backup_in_process)
     assert full.returncode == 0, full.stderr
     summary = json.loads(full.stdout)
     assert summary["partial_database"] is None
