@@ -252,8 +252,29 @@ def _engine() -> None:
         installed = installed_entrypoints(os.getcwd())
         if suffix != node or base not in installed:
             raise SystemExit(f"refused: deployment {base}-{suffix} is not one of node {node}'s")
+        # Checked again on the very parameters this process runs with: the run's parameters
+        # can be changed through the API after the worker's check.
+        policy_path = os.environ.get("UCB_FLEET_POLICY")
+        if policy_path:
+            installed_parameters = load_policy(policy_path).get("parameters", {}).get(base)
+            reason = ("the node's policy has no parameters for " + base
+                      if installed_parameters is None
+                      else parameter_refusal(installed_parameters, flow_run.parameters or {}))
+            if reason:
+                _fail(flow_run_id, str(RunRefused(node=node, reason=reason)))
+                return
         flow = load_flow_from_entrypoint(str(Path(os.getcwd()) / installed[base]))
         run_flow(flow, flow_run=flow_run)
+
+
+def _fail(flow_run_id: object, message: str) -> None:
+    from prefect.states import Failed
+
+    async def fail() -> None:
+        async with get_client() as client:
+            await client.set_flow_run_state(flow_run_id, Failed(message=message), force=True)
+    print(message, file=sys.stderr)
+    asyncio.run(fail())
 
 
 def main(argv: list[str] | None = None) -> int:

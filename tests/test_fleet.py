@@ -74,6 +74,9 @@ def fleet(services):
         nodes = {line["node"]: line for line in lines[:-1]}
         server = lines[-1]
         print(f"fleet up: {time.monotonic() - started:.1f} s", file=sys.stderr)
+        status = subprocess.run([str(FLEET), "status"], capture_output=True, text=True,
+                                timeout=60)
+        assert status.returncode == 0 and json.loads(status.stdout)["up"], status.stdout
         yield {"nodes": nodes, "server": server, "operator": env_file(server["env"])}
     finally:
         started = time.monotonic()
@@ -85,6 +88,11 @@ def fleet(services):
         leftovers = [u for u in users if subprocess.run(["id", u], capture_output=True)
                      .returncode == 0]
         assert not STATE.exists() and not leftovers
+        databases = subprocess.run(
+            ["runuser", "-u", "postgres", "--", "psql", "-Atc",
+             "SELECT datname FROM pg_database UNION ALL SELECT rolname FROM pg_roles"],
+            capture_output=True, text=True, cwd="/", check=True).stdout.split()
+        assert not [name for name in databases if name.startswith("ucbf")]
 
 
 def fleet_cli(fleet: dict, *args: str) -> tuple[int, dict, str]:
@@ -288,12 +296,15 @@ def test_no_node_secret_is_stored_on_the_server(fleet):
 
 
 def swift_as(env: dict[str, str]) -> swc.Connection:
-    return swc.Connection(authurl=env["OS_AUTH_URL"], user=env["OS_USERNAME"],
-                          key=env["OS_PASSWORD"], auth_version="3", retries=0,
-                          os_options={"project_name": env["OS_PROJECT_NAME"],
-                                      "user_domain_name": "Default",
-                                      "project_domain_name": "Default",
-                                      "region_name": env["OS_REGION_NAME"]})
+    from keystoneauth1 import session
+    from keystoneauth1.identity import v3
+
+    auth = v3.Password(auth_url=env["OS_AUTH_URL"], username=env["OS_USERNAME"],
+                       password=env["OS_PASSWORD"], project_name=env["OS_PROJECT_NAME"],
+                       user_domain_name="Default", project_domain_name="Default")
+    return swc.Connection(session=session.Session(auth=auth), retries=0,
+                          os_options={"region_name": env["OS_REGION_NAME"],
+                                      "interface": "public"})
 
 
 @pytest.mark.slow
@@ -447,3 +458,31 @@ def test_uploads_take_a_fleet_wide_slot(fleet):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "2"
+
+
+@pytest.mark.slow
+@needs_root
+def test_the_engine_checks_parameters_again(fleet):
+    """Parameters changed after the worker's check (a run's parameters can be updated through
+    the API) are checked again by the engine the worker starts, on the very values it would run
+    with: a run with node2's on-demand and another container, handed straight to node2's
+    engine as node2's user, ends Failed with the refusal and writes nothing."""
+    import pwd
+
+    api = node_api(fleet, "node1")
+    before = node2_objects(fleet)
+    deployment = api("GET", "/deployments/name/undercloud_backup/on-demand-node2")
+    later = "2099-01-01T00:00:00Z"  # never picked up by node2's worker: only the engine sees it
+    run = api("POST", f"/deployments/{deployment['id']}/create_flow_run",
+              parameters={"swift": {"container": "stolen"}},
+              state={"type": "SCHEDULED", "state_details": {"scheduled_time": later}})
+    user = pwd.getpwnam(fleet["nodes"]["node2"]["user"])
+    env = {**env_file(fleet["nodes"]["node2"]["env"]), "PREFECT__FLOW_RUN_ID": run["id"]}
+    done = subprocess.run([sys.executable, "-m", "flows.fleet_worker", "engine"],
+                          cwd=STATE / "app", env=env, user=user.pw_uid, group=user.pw_gid,
+                          extra_groups=[], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    state = api("GET", f"/flow_runs/{run['id']}")["state"]
+    assert state["type"] == "FAILED", state
+    assert "parameter swift.container may not be changed" in state["message"], state
+    assert node2_objects(fleet) == before
