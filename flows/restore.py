@@ -43,7 +43,7 @@ def _run_name() -> str:
     return f"restore-{mode}{backup_id}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}"
 
 
-FILES, DATABASES = "What to restore", "Databases already there"
+FILES, EXISTING = "What to restore", "Existing files and databases"
 
 
 @dataclass
@@ -120,16 +120,16 @@ def undercloud_restore(
         "Replace existing files and drop and replace existing databases; without it the "
         "restore refuses and names them.",
         Flag("--overwrite", help="replace existing files and databases (otherwise refuse, "
-                                 "naming them)"), DATABASES)] = False,
+                                 "naming them)"), EXISTING)] = False,
     skip_existing: Annotated[bool, Param(
         "Leave databases that already exist alone and load the others.",
         Flag("--skip-existing", help="leave databases that already exist alone; load the "
-                                     "others"), DATABASES)] = False,
+                                     "others"), EXISTING)] = False,
     overwrite_empty: Annotated[bool, Param(
         "Replace existing databases that are empty (no tables, views, routines or events), "
         "e.g. the test database of a fresh install.",
         Flag("--overwrite-empty", help="replace existing databases only if they are empty "
-                                       "(e.g. test)"), DATABASES)] = False,
+                                       "(e.g. test)"), EXISTING)] = False,
     dry_run: Annotated[bool, Param(
         "Say what would be written where (every file, every database); write nothing.",
         Flag("--dry-run", help="list what would be written where; write nothing"))] = False,

@@ -463,3 +463,45 @@ def test_a_hostile_archive_from_the_store_writes_nothing_outside_the_target(cont
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == restore.RestoreFailed.exit_code, result.stderr
     assert "Member name contains '..'" in last and "etc/link/through: Cannot open" in last
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("module_name, flow_name", [
+    ("flows.restore", "undercloud_restore"), ("flows.verify", "verify_backup"),
+    ("flows.prune", "prune_backups")])
+def test_each_flat_flow_parameter_is_declared_once_for_form_flags_and_call(module_name,
+                                                                          flow_name):
+    """The form's description, the flag and its default all come from the one declaration."""
+    import importlib
+
+    from prefect.utilities.callables import parameter_schema
+
+    from flows import params
+
+    module = importlib.import_module(module_name)
+    flow = getattr(module, flow_name)
+    declared = params.declared(flow.fn)
+    properties = parameter_schema(flow).model_dump_for_openapi()["properties"]
+    assert [d.name for d in declared] == list(properties)
+    for d in declared:
+        assert properties[d.name]["description"] == d.param.description, d.name
+    call = params.flow_arguments(module._parser().parse_args([]), module.PARAMETERS)
+    assert set(call) == set(properties)  # every parameter is reachable from the CLI
+    for d in declared:
+        default = [] if d.default is None and "list" in str(d.kind) else d.default
+        assert call[d.name] == default, d.name
+
+
+@pytest.mark.unit
+def test_restore_flags_map_back_to_the_flows_parameters():
+    from flows import params
+    from flows import restore as restore_flow
+
+    args = restore_flow._parser().parse_args([
+        "--no-files", "--path", "/a", "--path", "/b", "--database", "nova", "--db-user", "root",
+        "--no-signature-check", "--timeout-hours", "2", "--staging-dir", "/srv/x"])
+    call = params.flow_arguments(args, restore_flow.PARAMETERS)
+    assert call["files"] is False and call["check_signature"] is False
+    assert call["paths"] == ["/a", "/b"] and call["databases"] == ["nova"]
+    assert call["database"].db_user == "root" and call["timeout_hours"] == 2.0
+    assert call["staging_dir"] == "/srv/x" and call["dry_run"] is False
