@@ -32,6 +32,7 @@ import anyio
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.utilities.dispatch import register_type
+from prefect.workers import process as process_worker_module
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
 from undercloud_backup.core.errors import BackupError
@@ -176,6 +177,22 @@ def refusal(node: str, app: str, deployment: Any, flow_run: Any, base_job_templa
 warnings.filterwarnings("ignore", message="Type 'FleetNodeWorker'", category=UserWarning)
 
 
+def installed_flow_loader(node: str, app: str) -> Any:
+    """A load_flow_from_flow_run that reads only the deployment's name and loads the installed
+    entrypoint of that name (no pull steps), for this node's deployments only."""
+    async def load(flow_run: Any) -> Any:
+        from prefect.flows import load_flow_from_entrypoint
+
+        async with get_client() as client:
+            name = (await client.read_deployment(flow_run.deployment_id)).name
+        base, _, suffix = name.rpartition("-")
+        installed = installed_entrypoints(app)
+        if suffix != node or base not in installed:
+            raise RunRefused(node=node, reason=f"deployment {name!r} is not one of this node's")
+        return load_flow_from_entrypoint(str(Path(app) / installed[base]))
+    return load
+
+
 class FleetNodeWorker(ProcessWorker):
     """A process worker that checks each run against the node's installation first.
 
@@ -188,6 +205,10 @@ class FleetNodeWorker(ProcessWorker):
         super().__init__(*args, **kwargs)
         self.node = node
         self.app = str(Path(app).resolve())
+        # The process worker loads a run's flow in this process to run its on_crashed and
+        # on_cancellation hooks, through the deployment as it is then (pull steps included):
+        # here, only from the installed entrypoint.
+        process_worker_module.load_flow_from_flow_run = installed_flow_loader(node, self.app)
 
     async def run(self, flow_run: Any, configuration: ProcessJobConfiguration,
                   task_status: anyio.abc.TaskStatus[int] | None = None) -> ProcessWorkerResult:

@@ -486,3 +486,31 @@ def test_the_engine_checks_parameters_again(fleet):
     assert state["type"] == "FAILED", state
     assert "parameter swift.container may not be changed" in state["message"], state
     assert node2_objects(fleet) == before
+
+
+@pytest.mark.slow
+@needs_root
+def test_a_cancelled_run_loads_no_changed_deployment(fleet, evil):
+    """The process worker loads a cancelled or crashed run's flow in the worker itself (for its
+    hooks), through the deployment as it is then. With node1's API password: a pull step put
+    on node3's on-demand while its accepted run is running, then the run cancelled: node3's
+    worker loads only the installed flow, the pull step never runs."""
+    api = node_api(fleet, "node1")
+    top, marker = evil
+    deployment = api("GET", "/deployments/name/undercloud_backup/on-demand-node3")
+    original = {k: deployment[k] for k in ("pull_steps",)}
+    run_id = api("POST", f"/deployments/{deployment['id']}/create_flow_run")["id"]
+    deadline = time.monotonic() + 120
+    while api("GET", f"/flow_runs/{run_id}")["state"]["type"] != "RUNNING":
+        assert time.monotonic() < deadline, "node3's run never started"
+        time.sleep(0.5)
+    touch = {"prefect.deployments.steps.run_shell_script": {"script": f"touch {marker}"}}
+    try:
+        api("PATCH", f"/deployments/{deployment['id']}", pull_steps=[touch])
+        api("POST", f"/flow_runs/{run_id}/set_state", state={"type": "CANCELLING"}, force=True)
+        final = api.wait(run_id)
+        time.sleep(3)  # hooks run after the state is final
+    finally:
+        api("PATCH", f"/deployments/{deployment['id']}", **original)
+    assert final["state"]["type"] in ("CANCELLED", "COMPLETED"), final["state"]
+    assert not marker.exists()
