@@ -229,7 +229,7 @@ def test_retention_keeps_every_backup_a_kept_incremental_needs(chain3):
     result = retention.prune(swift_store(), container, policy, dt.datetime.now(dt.UTC),
                              dry_run=False)
     assert result.deleted == []
-    reasons = {b["backup_id"]: b["reasons"] for b in result.kept}
+    reasons = {b.backup_id: b.reasons for b in result.kept}
     assert reasons == {ids[2]: ["last", "newest"], ids[1]: [f"parent of {ids[2]}"],
                        ids[0]: [f"parent of {ids[2]}"]}
     dry = subprocess.run([sys.executable, "-m", "flows.prune", "--container", container,
