@@ -23,7 +23,7 @@ from prefect.context import get_run_context
 from prefect.exceptions import TerminationSignal
 
 from blocks.sources import SwiftSource
-from flows import cli, interrupt, logs, params
+from flows import cli, fleet_uploads, interrupt, logs, params
 from flows.params import (
     AdvancedParams,
     DatabaseParams,
@@ -228,12 +228,13 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
     # Fed by the streams with what they have stored (compressed), against the uncompressed
     # estimate: a lower bound until the end, which is 100 %.
     progress.start_run(space.database_bytes + space.files_bytes)
-    run.futures.append(stages.dump_databases.with_options(**retry).submit(
-        request, db_source, swift_source))
-    if request.include_files:
-        run.futures.append(stages.archive_paths.with_options(**retry).submit(
-            request, plan, swift_source))
-    results = [future.result() for future in run.futures]
+    with fleet_uploads.upload_slot():  # in a fleet: at most UCB_FLEET_UPLOADS nodes upload
+        run.futures.append(stages.dump_databases.with_options(**retry).submit(
+            request, db_source, swift_source))
+        if request.include_files:
+            run.futures.append(stages.archive_paths.with_options(**retry).submit(
+                request, plan, swift_source))
+        results = [future.result() for future in run.futures]
     progress.finish_run()
     files = results[1] if request.include_files else None
 
