@@ -32,6 +32,7 @@ from undercloud_backup.core.manifest import Manifest
 from undercloud_backup.restore import databases as restoredb
 from undercloud_backup.restore import files as restore
 from undercloud_backup.restore import plan as restoreplan
+from undercloud_backup.store import session as swift_session
 from undercloud_backup.trust import crypto, signing
 
 logs.quiet_expected_errors()  # a refused signature is one line, not a traceback
@@ -164,34 +165,36 @@ def undercloud_restore(
     allowed_signers = signing.allowed_signers_for(allowed_signers, check_signature,
                                                   signing.installed_allowed_signers())
     swift_source = SwiftSource(block=swift_block, container=container)
-    db_source = database.source()
-    manifest = checks.load_manifest(swift_source, backup_id, allowed_signers)
-    backup_id = manifest.backup_id
-    decryption = crypto.prepare_identity(identity, manifest, required=True)  # exit 51/52/59
-    warnings = _warnings(decryption, allowed_signers)
-    for warning in warnings:
-        get_run_logger().warning("%s", warning)
-    request = restore.RestoreRequest(
-        backup_id=backup_id, target=target or "",  # empty: a new directory, made when used
-        paths=tuple(paths or ()), exclude_paths=tuple(exclude_paths or ()),
-        reinstalled_host=reinstalled_host, overwrite=overwrite, skip_existing=skip_existing,
-        overwrite_empty=overwrite_empty, allow_root_target=allow_root_target,
-        explicit_target=bool(target), dry_run=dry_run, staging_dir=staging_dir,
-        timeout_s=timeout_hours * 3600)
-    fresh_target = not files or _fresh(request)
-    names = None if all_databases else list(databases or [])
-    result = RestoreResult(backup_id, swift_source.settings().container, dry_run,
-                           decryption.describe() if decryption else "not encrypted", warnings)
-    # Every object it will use is in Swift as recorded (HEAD) before anything is written.
-    checks.check_stored_objects(swift_source, manifest,
-                                _objects_used(manifest, files, want_databases, all_databases))
-    with crypto.decrypting(decryption):
-        _restore(swift_source, db_source, manifest, names, request, result, files=files,
-                 want_databases=want_databases, paths=paths, overwrite=overwrite,
-                 fresh_target=fresh_target)
-    _report_artifact(result)
-    _log_done(result)
-    return result
+    # one Keystone login and one check per container for every stage of the run
+    with swift_session.shared(swift_source.settings()):
+        db_source = database.source()
+        manifest = checks.load_manifest(swift_source, backup_id, allowed_signers)
+        backup_id = manifest.backup_id
+        decryption = crypto.prepare_identity(identity, manifest, required=True)  # exit 51/52/59
+        warnings = _warnings(decryption, allowed_signers)
+        for warning in warnings:
+            get_run_logger().warning("%s", warning)
+        request = restore.RestoreRequest(
+            backup_id=backup_id, target=target or "",  # empty: a new directory, made when used
+            paths=tuple(paths or ()), exclude_paths=tuple(exclude_paths or ()),
+            reinstalled_host=reinstalled_host, overwrite=overwrite, skip_existing=skip_existing,
+            overwrite_empty=overwrite_empty, allow_root_target=allow_root_target,
+            explicit_target=bool(target), dry_run=dry_run, staging_dir=staging_dir,
+            timeout_s=timeout_hours * 3600)
+        fresh_target = not files or _fresh(request)
+        names = None if all_databases else list(databases or [])
+        result = RestoreResult(backup_id, swift_source.settings().container, dry_run,
+                               decryption.describe() if decryption else "not encrypted", warnings)
+        # Every object it will use is in Swift as recorded (HEAD) before anything is written.
+        checks.check_stored_objects(swift_source, manifest,
+                                    _objects_used(manifest, files, want_databases, all_databases))
+        with crypto.decrypting(decryption):
+            _restore(swift_source, db_source, manifest, names, request, result, files=files,
+                     want_databases=want_databases, paths=paths, overwrite=overwrite,
+                     fresh_target=fresh_target)
+        _report_artifact(result)
+        _log_done(result)
+        return result
 
 
 # The flow's parameters as declared: its CLI's flags, and the call they make.

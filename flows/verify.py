@@ -28,6 +28,7 @@ from undercloud_backup.core.errors import BackupError
 from undercloud_backup.core.manifest import Manifest
 from undercloud_backup.core.sizes import format_size
 from undercloud_backup.restore import verify
+from undercloud_backup.store import session as swift_session
 from undercloud_backup.trust import crypto, signing
 
 logs.quiet_expected_errors()  # a refused signature is one line, not a traceback
@@ -84,44 +85,47 @@ def verify_backup(
     allowed_signers = signing.allowed_signers_for(allowed_signers, check_signature,
                                                   signing.installed_allowed_signers())
     swift_source = SwiftSource(block=swift_block, container=container)
-    retry = {"retries": task_retries}
-    timeout_s = timeout_hours * 3600
-    manifest = checks.load_manifest.with_options(**retry)(swift_source, backup_id,
-                                                          allowed_signers)
-    # Checked before anything is read: a missing or unusable identity 51, another key's 52.
-    decryption = crypto.prepare_identity(identity, manifest, required=False)
-    # Encrypted and no identity: presence, sizes and SHA-256 of the stored bytes only.
-    undecryptable = crypto.is_encrypted(manifest) and decryption is None
-    futures = {}
-    if manifest.incremental:  # every link of its chain must be there, each missing one a problem
-        futures["chain"] = checks.verify_chain.with_options(**retry).submit(swift_source,
-                                                                           manifest)
-    with crypto.decrypting(decryption):  # the submitted tasks run in a copy of this context
-        for obj in manifest.objects:
-            kind = "encrypted" if undecryptable else verify.kind_of(obj)
-            if kind == "archive":
-                futures[obj.name] = checks.verify_archive.with_options(**retry).submit(
-                    swift_source, manifest, obj, timeout_s)
-            elif kind in ("database", "users") and check_database:
-                if "database" not in futures:  # one throwaway server loads both, in order
-                    futures["database"] = checks.verify_database.with_options(**retry).submit(
-                        swift_source, manifest, staging_dir, timeout_s,
-                        list(ignore_tables or []))
-            else:
-                futures[obj.name] = checks.verify_object.with_options(**retry).submit(
-                    swift_source, obj)
-        results = {name: future.result() for name, future in futures.items()}
-    report = verify.summarize(manifest, swift_source.settings().container, results,
-                              time.monotonic() - started)
-    _add_trust(report, manifest, allowed_signers, check_signature, decryption)
-    _report_artifact(report, manifest)
-    if not report.ok:  # the error carries the report as --json prints it
-        raise verify.VerificationFailed(backup_id=report.backup_id,
-                                        summary=verify.short_summary(report),
-                                        report=report.to_dict())
-    logger.info("backup %s verified in %.0f s%s", report.backup_id, report.seconds,
-                f" ({len(report.warnings)} warning(s))" if report.warnings else "")
-    return report
+    # one Keystone login and one check per container for every stage of the run
+    with swift_session.shared(swift_source.settings()):
+        retry = {"retries": task_retries}
+        timeout_s = timeout_hours * 3600
+        manifest = checks.load_manifest.with_options(**retry)(swift_source, backup_id,
+                                                              allowed_signers)
+        # Checked before anything is read: a missing or unusable identity 51, another key's 52.
+        decryption = crypto.prepare_identity(identity, manifest, required=False)
+        # Encrypted and no identity: presence, sizes and SHA-256 of the stored bytes only.
+        undecryptable = crypto.is_encrypted(manifest) and decryption is None
+        futures = {}
+        # every link of its chain must be there, each missing one a problem
+        if manifest.incremental:
+            futures["chain"] = checks.verify_chain.with_options(**retry).submit(swift_source,
+                                                                               manifest)
+        with crypto.decrypting(decryption):  # the submitted tasks run in a copy of this context
+            for obj in manifest.objects:
+                kind = "encrypted" if undecryptable else verify.kind_of(obj)
+                if kind == "archive":
+                    futures[obj.name] = checks.verify_archive.with_options(**retry).submit(
+                        swift_source, manifest, obj, timeout_s)
+                elif kind in ("database", "users") and check_database:
+                    if "database" not in futures:  # one throwaway server loads both, in order
+                        futures["database"] = checks.verify_database.with_options(**retry).submit(
+                            swift_source, manifest, staging_dir, timeout_s,
+                            list(ignore_tables or []))
+                else:
+                    futures[obj.name] = checks.verify_object.with_options(**retry).submit(
+                        swift_source, obj)
+            results = {name: future.result() for name, future in futures.items()}
+        report = verify.summarize(manifest, swift_source.settings().container, results,
+                                  time.monotonic() - started)
+        _add_trust(report, manifest, allowed_signers, check_signature, decryption)
+        _report_artifact(report, manifest)
+        if not report.ok:  # the error carries the report as --json prints it
+            raise verify.VerificationFailed(backup_id=report.backup_id,
+                                            summary=verify.short_summary(report),
+                                            report=report.to_dict())
+        logger.info("backup %s verified in %.0f s%s", report.backup_id, report.seconds,
+                    f" ({len(report.warnings)} warning(s))" if report.warnings else "")
+        return report
 
 
 # The flow's parameters as declared: its CLI's flags, and the call they make.

@@ -13,6 +13,8 @@ from keystoneauth1.identity.v3 import base as v3_base
 
 from flows.backup import undercloud_backup
 from flows.params import grouped
+from flows.restore import undercloud_restore
+from flows.verify import verify_backup
 from undercloud_backup import config
 from undercloud_backup.store import session as swift_session
 from undercloud_backup.store.connection import SwiftSession, SwiftStore
@@ -92,6 +94,18 @@ def test_a_backup_logs_in_once_puts_each_container_once_and_closes_every_store(
         assert container_puts(swift_proxy) == {container: 1, f"{container}_segments": 1}, run
         assert [s for s in opened if not s.closed] == [], run
     assert swift_session.registered() == 0  # the run's session closed with it
+    # verify (its checks run side by side) and a restore of that incremental (its chain's
+    # listings and archives) each log in once too
+    identity = str(tmp_path / "key")
+    del logins[:]
+    report = verify_backup(container=container, identity=identity, check_signature=False)
+    assert report.ok and len(logins) == 1, logins
+    del logins[:]
+    restored = undercloud_restore(container=container, identity=identity,
+                                  check_signature=False, target=str(tmp_path / "restored"))
+    assert restored.files is not None and len(logins) == 1, logins
+    assert [s for s in opened if not s.closed] == []
+    assert swift_session.registered() == 0
 
 
 def test_stores_on_one_session_share_its_login_and_container_checks(os_env, swift_proxy,

@@ -6,6 +6,7 @@ import datetime as dt
 import secrets
 from dataclasses import dataclass, replace
 
+from undercloud_backup.core import defaults
 from undercloud_backup.store.space import SpaceReport
 
 
@@ -25,7 +26,7 @@ class BackupRequest:
     exclude_paths: tuple[str, ...] = ()
     include_files: bool = True
     include_databases: bool = True
-    staging_dir: str = "/var/tmp"
+    staging_dir: str = defaults.STAGING_DIR
     allow_unreadable: bool = False
     # Back up what a database account can see when it cannot see everything (warned, recorded).
     allow_partial_database: bool = False

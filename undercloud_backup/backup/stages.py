@@ -393,5 +393,5 @@ def archive_paths(request: BackupRequest, plan: fs.PathPlan, swift_settings: Swi
                            changed=report.listed("changed"),
                            vanished=report.listed("vanished"),
                            unreadable=report.listed("unreadable"), other=report.listed("other"))
-    return ArchiveResult(section=section, object=stored, level=level.as_dict(),
+    return ArchiveResult(section=section, object=stored, level=level.to_dict(),
                          snapshot=snapshot_object, snapshot_record=record)

@@ -29,7 +29,7 @@ class TableComparison:
     ignored: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return asdict(self)
 
     def check(self, name: str, table: TableRecord, found: tuple[int, int | None]) -> None:

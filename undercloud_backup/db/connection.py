@@ -126,7 +126,7 @@ class TableStats:
     rows: int
     checksum: int | None
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {"table": self.table, "engine": self.engine, "rows": self.rows,
                 "checksum": self.checksum}
 

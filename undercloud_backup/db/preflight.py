@@ -76,7 +76,7 @@ class PrivilegeReport:
     def complete(self) -> bool:
         return not self.missing
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {"user": self.user, "grants": self.grants, "missing": self.missing,
                 "fix": self.fix}
 

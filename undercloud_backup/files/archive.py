@@ -67,7 +67,7 @@ class PathPlan:
     # Present paths an exclusion leaves out entirely: not in ``included``, not in the archive.
     excluded_whole: tuple[str, ...] = field(default=())
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {"root": self.root, "included": list(self.included), "absent": list(self.absent),
                 "excluded": list(self.excluded)}
 
@@ -204,6 +204,6 @@ class TarReport:
         more = self.unlisted.get(kind, 0)
         return [*getattr(self, kind), *([f"... and {more} more, not listed"] if more else [])]
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {"changed": self.changed, "vanished": self.vanished,
                 "unreadable": self.unreadable, "other": self.other}

@@ -80,7 +80,7 @@ class Level:
     full_reason: str | None = None
     forced: bool = False  # a full this run did not ask for
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         data = asdict(self)
         data["chain"] = list(self.chain)
         return data

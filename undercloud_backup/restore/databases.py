@@ -126,9 +126,9 @@ class DatabasesRestored:
                   "object": self.object, "dry_run": self.dry_run}
         if self.dry_run:
             return values
-        checks = [c.as_dict() for c in self.object_checks]
+        checks = [c.to_dict() for c in self.object_checks]
         return {**values, "object_check": checks[0], "object_checks": checks,
-                **(self.comparison or TableComparison()).as_dict(), "seconds": self.seconds}
+                **(self.comparison or TableComparison()).to_dict(), "seconds": self.seconds}
 
 
 def _objects_in(session, names: Sequence[str]) -> dict[str, int]:

@@ -123,14 +123,14 @@ class FilesRestored:
 
     def to_dict(self) -> dict:
         """The JSON edge (``--json``'s "files"): its keys and their order are a contract."""
-        check = self.object.as_dict() if self.object else None
+        check = self.object.to_dict() if self.object else None
         if self.chain is None:
             return {"target": self.target, "dry_run": False, "entries": self.entries,
                     "paths": self.paths, "excluded": self.excluded, "object": check,
                     "seconds": self.seconds, "deleted": self.deleted}
         return {"target": self.target, "dry_run": False, "entries": self.entries,
                 "deleted": self.deleted, "paths": self.paths, "excluded": self.excluded,
-                "object": check, "objects": [o.as_dict() for o in self.objects or []],
+                "object": check, "objects": [o.to_dict() for o in self.objects or []],
                 "chain": self.chain, "seconds": self.seconds}
 
 

@@ -84,10 +84,10 @@ class PlainCheck(Check):
     object: ObjectCheck
 
     def object_checks(self) -> list[dict]:
-        return [self.object.as_dict()]
+        return [self.object.to_dict()]
 
     def to_dict(self) -> dict:
-        return {"object": self.object.as_dict(), "problems": self.problems,
+        return {"object": self.object.to_dict(), "problems": self.problems,
                 "warnings": self.warnings}
 
 
@@ -109,7 +109,7 @@ class ArchiveCheck(Check):
         return self.entries - self.directories
 
     def object_checks(self) -> list[dict]:
-        return [self.object.as_dict() if self.object else {"name": self.name, "ok": False}]
+        return [self.object.to_dict() if self.object else {"name": self.name, "ok": False}]
 
     def to_dict(self, with_object: bool = True) -> dict:
         """The JSON edge; the report's "archive" has no "object" (its row is in "objects")."""
@@ -140,14 +140,14 @@ class DatabaseCheck(Check):
         return self.checked
 
     def object_checks(self) -> list[dict]:
-        return [o.as_dict() for o in self.objects]
+        return [o.to_dict() for o in self.objects]
 
     def to_dict(self, with_objects: bool = True) -> dict:
         """The JSON edge; the report's "database" has no "objects" (they are its "objects")."""
         head = {"objects": self.object_checks()} if with_objects else {}
         return {**head, "checked": self.checked, "loaded": self.loaded,
                 "load_seconds": self.load_seconds, "scratch_version": self.scratch_version,
-                "databases": self.databases, **self.comparison.as_dict(),
+                "databases": self.databases, **self.comparison.to_dict(),
                 "problems": self.problems, "warnings": self.warnings, "seconds": self.seconds}
 
 

@@ -101,7 +101,7 @@ class ObjectCheck:
     def ok(self) -> bool:
         return self.complete and not self.problems
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}
 
 
