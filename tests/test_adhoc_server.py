@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, backup_cli
 from deploy_helpers import as_user, remove_tree, scratch_dir
+from test_faults import _stalling_zstd
 
 from flows.server import PRIVATE_PREFIX, TEMPLATE_PREFIX
 
@@ -139,15 +140,6 @@ def _private_dirs(home: Path) -> list[Path]:
 def _readable_by_nobody(home: Path) -> list[str]:
     found = as_user(NOBODY, ["find", str(home), "-readable", "-type", "f"])
     return found.stdout.split()
-
-
-def _stalling_zstd(directory: Path, marker: int) -> dict[str, str]:
-    """A `zstd` first in PATH that compresses, then hangs: the run stays mid-backup."""
-    directory.mkdir()
-    shim = directory / "zstd"
-    shim.write_text(f"#!/bin/bash\n/usr/bin/zstd \"$@\"\nexec sleep {marker} >&-\n")
-    shim.chmod(0o755)
-    return {"PATH": f"{directory}:{os.environ['PATH']}"}
 
 
 def _pids(pattern: str) -> list[int]:
