@@ -36,8 +36,9 @@ from deploy_helpers import (
     scratch_dir,
 )
 
-from undercloud_backup.db import connection, privileged
+from undercloud_backup.db import connection as dbconn
 from undercloud_backup.db import dump as dbdump
+from undercloud_backup.db import privileged
 from undercloud_backup.files import archive
 
 SUDOERS_SOURCE = REPO / "deployments/sudoers/undercloud-backup"
@@ -129,7 +130,7 @@ def test_wrappers_run_what_the_library_would_run():
     got = mariadb.dump_argv("mariadb-dump", ["nova", "keystone"])
     assert got[:3] == ["mariadb-dump", "--protocol=socket", "--user=root"]
     assert got[3:] == expected
-    assert set(mariadb.SYSTEM_SCHEMAS) == connection.SYSTEM_SCHEMAS
+    assert set(mariadb.SYSTEM_SCHEMAS) == dbconn.SYSTEM_SCHEMAS
     # A lock line the wrapper's watch takes back (its statement ended before KILL QUERY ID)
     # is not the dump's failure; a later one is.
     assert privileged._WITHDRAWN == f"{mariadb.NAME}: {mariadb.WITHDRAWN}"
@@ -191,19 +192,19 @@ def test_worker_reads_the_database_as_root_through_sudo(installed, sample_databa
     got = __import__("json").loads(result.stdout)
     connection = pymysql.connect(unix_socket="/run/mysqld/mysqld.sock", user="root")
     try:
-        expected_info = connection.server_info(connection)
-        expected = connection.table_stats(connection, tuple(sample_databases))
-        expected_rows = connection.table_stats(connection, tuple(sample_databases),
-                                             checksums=False)
+        expected_info = dbconn.server_info(connection)
+        expected = dbconn.table_stats(connection, tuple(sample_databases))
+        expected_rows = dbconn.table_stats(connection, tuple(sample_databases),
+                                         checksums=False)
     finally:
         connection.close()
     assert set(sample_databases) <= set(got["databases"])
     assert tuple(got["databases"]) == expected_info.databases
     assert got["version"] == expected_info.version
-    assert [connection.TableStats(**s) for s in got["stats"]] == expected
+    assert [dbconn.TableStats(**s) for s in got["stats"]] == expected
     assert any(s.checksum is not None for s in expected)
     # --rows-only: the same counts, no CHECKSUM TABLE
-    assert [connection.TableStats(**s) for s in got["rows"]] == expected_rows
+    assert [dbconn.TableStats(**s) for s in got["rows"]] == expected_rows
     assert [(s.table, s.rows) for s in expected_rows] == [(s.table, s.rows) for s in expected]
     assert all(s.checksum is None for s in expected_rows)
 

@@ -4,12 +4,12 @@ Nothing else talks to ``swiftclient`` (or Keystone, for Swift): callers get lowe
 dicts, bytes, iterators and our errors (:mod:`undercloud_backup.core.errors`), never a
 ``ClientException`` and never an HTTP status to parse out of a message.
 
-The retry policy (:class:`RetryPolicy`): a request that failed in a way that can heal (5xx, 408,
-429 and Swift's 498, a lost connection, a timeout) is tried again after 1, 2, 4, 8, 16 s, or
-after what the server's ``Retry-After`` asks, at most ``retries`` times and only while the
-request's time budget (``retry_budget_s``) lasts; anything else (400, 401 after one re-auth,
-403, 404, 409, 413, ...) fails at once. Every attempt has a connect and a read timeout, so a
-Swift that accepts and never answers fails one request after at most
+The retry policy (:class:`~undercloud_backup.store.retry.RetryPolicy`): a request that failed in
+a way that can heal (5xx, 408, 429 and Swift's 498, a lost connection, a timeout) is tried again
+after 1, 2, 4, 8, 16 s, or after what the server's ``Retry-After`` asks, at most ``retries``
+times and only while the request's time budget (``retry_budget_s``) lasts; anything else (400,
+401 after one re-auth, 403, 404, 409, 413, ...) fails at once. Every attempt has a connect and a
+read timeout, so a Swift that accepts and never answers fails one request after at most
 ``retry_budget_s + timeout`` seconds (plus the connect timeout): with the defaults, 180 s.
 
 Requests go through swiftclient's public module functions (``put_object(url, token, ...)``),
@@ -26,10 +26,7 @@ not shared) reuses both. A run opens one session for all its stages
 from __future__ import annotations
 
 import builtins
-import email.utils
-import http.client
 import io
-import logging
 import re
 import threading
 import time
@@ -39,8 +36,6 @@ from types import TracebackType
 from typing import IO, TypeVar
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-import requests
-import urllib3
 from keystoneauth1 import exceptions as ks_exceptions
 from keystoneauth1 import session as ks_session
 from keystoneauth1.identity import v3
@@ -48,27 +43,26 @@ from swiftclient import client as swift_client
 from swiftclient.exceptions import ClientException
 
 from undercloud_backup.core.errors import (
-    BackupError,
     ConfigError,
-    NotFound,
     ObjectTooLarge,
     SwiftAuthError,
     SwiftRequestFailed,
     SwiftUnreachable,
     redact,
 )
+from undercloud_backup.store.retry import (
+    Attempts,
+    RetryPolicy,
+    first_line,
+    retry_after,
+    translate,
+)
 from undercloud_backup.store.swift import READ_CHUNK, SwiftSettings
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 # What get_bytes reads at most by default: a manifest lists a few hundred bytes per segment,
 # about 1 MiB for 300 GB in 64 MiB segments.
 SMALL_OBJECT_LIMIT = 64 << 20
-
-# What a lost or broken connection looks like from below swiftclient (reading a body).
-_CONNECTION_ERRORS = (requests.exceptions.RequestException, urllib3.exceptions.HTTPError,
-                      http.client.HTTPException, OSError)
-
 
 @dataclass(frozen=True)
 class SwiftLimits:
@@ -86,67 +80,6 @@ class SwiftLimits:
         return cls(max_object_bytes=capabilities.get("swift", {}).get("max_file_size"),
                    max_manifest_segments=capabilities.get("slo", {}).get(
                        "max_manifest_segments"))
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how long one request is tried; see the module docstring."""
-
-    retries: int = 5
-    budget_s: float = 120.0
-    first_backoff_s: float = 1.0
-    max_backoff_s: float = 16.0
-
-    @classmethod
-    def of(cls, settings: SwiftSettings) -> RetryPolicy:
-        return cls(retries=settings.retries, budget_s=settings.retry_budget_s)
-
-
-def retry_after(error: BaseException) -> float | None:
-    """Seconds a ``Retry-After`` header (delta-seconds or an HTTP date) asks to wait."""
-    headers = getattr(error, "http_response_headers", None) or {}
-    value = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
-    if not value:
-        return None
-    value = str(value).strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-class _Attempts:
-    """The attempts of one request: decides, after each failure, to wait or to give up."""
-
-    def __init__(self, policy: RetryPolicy, sleep: Callable[[float], None]) -> None:
-        self.policy = policy
-        self.sleep = sleep
-        self.started = time.monotonic()
-        self.count = 0
-        self.backoff = policy.first_backoff_s
-
-    def failed(self, error: BackupError, asked: float | None) -> None:
-        """Sleep before the next attempt, or raise ``error`` when trying again cannot help."""
-        self.count += 1
-        if not error.retryable:
-            raise error
-        elapsed = time.monotonic() - self.started
-        delay = asked if asked is not None else self.backoff
-        if self.count > self.policy.retries or elapsed + delay > self.policy.budget_s:
-            why = (f"Swift asked to wait {delay:.0f} s" if asked is not None
-                   and elapsed + delay > self.policy.budget_s else "giving up")
-            fields = dict(error.fields)
-            fields["reason"] = (f"{fields.get('reason', '')}; {why} after {self.count} "
-                                f"attempt(s) in {elapsed:.0f} s (retry budget "
-                                f"{self.policy.budget_s:.0f} s)")
-            raise type(error)(**fields)
-        log.warning("%s; attempt %d, retrying in %.1f s", str(error).rstrip("."), self.count,
-                    delay)
-        self.sleep(delay)
-        self.backoff = min(self.backoff * 2, self.policy.max_backoff_s)
 
 
 # The credentials and endpoint a session is for: stores with equal keys can share one.
@@ -205,16 +138,16 @@ class SwiftSession:
                     region_name=settings.region_name)
             except ks_exceptions.Unauthorized as error:
                 raise SwiftAuthError(auth_url=settings.auth_url, user=settings.who,
-                                     reason=redact(_first_line(error), settings.secrets)
+                                     reason=redact(first_line(error), settings.secrets)
                                      ) from None
             except (ks_exceptions.ConnectFailure, ks_exceptions.ConnectTimeout,
                     ks_exceptions.DiscoveryFailure) as error:
                 raise SwiftUnreachable(service="Keystone", url=settings.auth_url,
-                                       reason=redact(_first_line(error), settings.secrets)
+                                       reason=redact(first_line(error), settings.secrets)
                                        ) from None
             except ks_exceptions.ClientException as error:
                 raise SwiftAuthError(auth_url=settings.auth_url, user=settings.who,
-                                     reason=redact(_first_line(error), settings.secrets)
+                                     reason=redact(first_line(error), settings.secrets)
                                      ) from None
             if not url:
                 raise ConfigError(detail=f"no object-store endpoint ({settings.interface}) in "
@@ -326,7 +259,7 @@ class SwiftStore:
     def _call(self, operation: str, target: str, request: Callable[..., T],
               rewind: Callable[[], None] | None = None, *, url: str | None = None) -> T:
         """``request(url, token, http_conn)`` under the retry policy."""
-        attempts = _Attempts(self.policy, self._sleep)
+        attempts = Attempts(self.policy, self._sleep)
         reauthenticated = False
         while True:
             try:
@@ -344,7 +277,7 @@ class SwiftStore:
             if rewind is not None:
                 rewind()
 
-    def _failed(self, attempts: _Attempts, exc: Exception, operation: str, target: str,
+    def _failed(self, attempts: Attempts, exc: Exception, operation: str, target: str,
                 asked: float | None) -> None:
         self._disconnect()  # a failed request can leave the connection unusable
         attempts.failed(translate(exc, operation, target, self.url, self.settings), asked)
@@ -373,7 +306,7 @@ class SwiftStore:
         expected = int(headers["content-length"]) if "content-length" in headers else None
         etag = headers.get("etag")
         done = 0
-        attempts = _Attempts(self.policy, self._sleep)
+        attempts = Attempts(self.policy, self._sleep)
         while True:
             try:
                 for chunk in body:
@@ -510,45 +443,6 @@ def info_url(storage_url: str) -> str:
     return urlunsplit(parts._replace(path=path, query="", fragment=""))
 
 
-# ------------------------------------------------------------------------- errors
-def translate(error: BaseException, operation: str, target: str, url: str,
-              settings: SwiftSettings | None = None) -> BackupError:
-    """What swiftclient, requests and keystoneauth raise, as our errors (the txn id kept);
-    anything else is raised as it is."""
-    if isinstance(error, BackupError):
-        return error
-    if isinstance(error, ClientException):
-        status = error.http_status
-        reason = (f"HTTP {status} {error.http_reason or ''}".strip() if status is not None
-                  else _first_line(error))
-        cls = NotFound if status == 404 else SwiftRequestFailed
-        return cls(operation=operation, target=target, reason=reason, status=status,
-                   transaction_id=error.transaction_id or "none")
-    if isinstance(error, ks_exceptions.Unauthorized):
-        return SwiftAuthError(auth_url=settings.auth_url if settings else "Keystone",
-                              user=settings.who if settings else "?",
-                              reason=_first_line(error))
-    if isinstance(error, ks_exceptions.ClientException):
-        return SwiftUnreachable(service="Keystone", url=url or target,
-                                reason=_first_line(error))
-    if isinstance(error, _CONNECTION_ERRORS):
-        where = operation if target == url else f"{operation} of {target}"
-        return SwiftUnreachable(service="Swift", url=url or target,
-                                reason=f"{where}: {_what_went_wrong(error, settings)}")
-    raise error
-
-
-def _what_went_wrong(error: BaseException, settings: SwiftSettings | None) -> str:
-    """requests' words for a timeout are a repr of its pool; say it plainly."""
-    connect, read = settings.timeouts if settings else (None, None)
-    if isinstance(error, requests.exceptions.ConnectTimeout):
-        return f"no connection within {connect:g} s" if connect else "connect timeout"
-    if isinstance(error, requests.exceptions.Timeout | urllib3.exceptions.TimeoutError
-                  | TimeoutError):
-        return f"no answer within {read:g} s" if read else "read timeout"
-    return _first_line(error)
-
-
 def _keystone_session(settings: SwiftSettings) -> ks_session.Session:
     auth: v3.ApplicationCredential | v3.Password
     if settings.application_credential_id and settings.application_credential_secret:
@@ -565,8 +459,3 @@ def _keystone_session(settings: SwiftSettings) -> ks_session.Session:
         raise ConfigError(detail="Swift needs a username and password or an application "
                                  "credential (OS_USERNAME/OS_PASSWORD or a Swift block)")
     return ks_session.Session(auth=auth, timeout=settings.timeout)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return text.strip().splitlines()[0][:300]

@@ -33,6 +33,7 @@ from swiftclient.utils import generate_temp_url
 
 from undercloud_backup.core.errors import ConfigError, SwiftRequestFailed
 from undercloud_backup.core.manifest import Manifest
+from undercloud_backup.store.connection import info_url
 from undercloud_backup.trust import crypto
 
 DEFAULT_LIFETIME = 24 * 3600
@@ -74,13 +75,6 @@ class DownloadLink:
     def to_dict(self) -> dict:
         return {"object": self.leaf, "bytes": self.size, "sha256": self.sha256,
                 "url": self.url, "expires": self.expires}
-
-
-def info_url(storage_url: str) -> str:
-    """``/info`` lives at the proxy's root, beside ``/v1/<account>``."""
-    parts = urllib.parse.urlsplit(storage_url)
-    prefix = parts.path.split("/v1/", 1)[0] if "/v1/" in parts.path else ""
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, f"{prefix}/info", "", ""))
 
 
 def choose_digest(capabilities: dict) -> str:
