@@ -93,11 +93,6 @@ def read_entries(stream: IO[bytes], on_entry: Callable[[Entry], None]) -> None:
         on_entry(parse_line(raw))
 
 
-def read_members(stream: IO[bytes], on_member: Callable[[str], None]) -> None:
-    """Feed every member name tar lists (directories end in ``/``)."""
-    read_entries(stream, lambda entry: on_member(entry.name))
-
-
 # ------------------------------------------------------------------- leading out of a target
 def _under(path: str, links: dict[str, int]) -> str | None:
     """The symlink of ``links`` that ``path`` lies under (or is), if any."""
