@@ -146,9 +146,18 @@ def archive_members(os_env: dict[str, str], container: str, backup_id: str,
 
 
 def run_messages(deployed: Deployment, run_id: str, level: int = 0) -> list[str]:
-    logs = deployed.api("POST", "/logs/filter", {"logs": {
-        "flow_run_id": {"any_": [run_id]}, "level": {"ge_": level}}, "limit": 200})
-    return [entry["message"] for entry in logs]  # type: ignore[union-attr]
+    """The run's log lines at `level` or above, once its last line ("Finished in state ...")
+    has reached the server: a run's state turns final before its process has sent its last
+    batch of logs, so reading at once can miss the warnings it logged."""
+    deadline = time.monotonic() + 30
+    while True:
+        logs = deployed.api("POST", "/logs/filter", {"logs": {
+            "flow_run_id": {"any_": [run_id]}}, "limit": 200, "sort": "TIMESTAMP_ASC"})
+        entries: list[dict] = logs  # type: ignore[assignment]
+        if any(e["message"].startswith("Finished in state") for e in entries) \
+                or time.monotonic() > deadline:
+            return [e["message"] for e in entries if e["level"] >= level]
+        time.sleep(0.5)
 
 
 def run_artifact(deployed: Deployment, run_id: str) -> str:
