@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import NoReturn, TypeVar
 
 from flows import interrupt
@@ -54,15 +54,18 @@ def _heartbeats() -> Iterator[None]:
 
 
 def run(prog: str, call: Callable[[], T], *, interrupted: str = "",
-        on_backup_error: Callable[[BackupError], None] | None = None) -> tuple[T | None, int]:
-    """Call ``call``; on failure print one line to stderr, last, and return the exit status."""
+        on_backup_error: Callable[[BackupError], None] | None = None,
+        server: bool = True) -> tuple[T | None, int]:
+    """Call ``call``; on failure print one line to stderr, last, and return the exit status.
+    ``server``: a temporary Prefect server when none is configured (a call that runs no flow
+    needs none)."""
     from prefect.exceptions import TerminationSignal
 
     global FROM_CLI
     FROM_CLI = True
     line, status = "", 0
     try:
-        with _heartbeats(), temporary_server():
+        with _heartbeats(), (temporary_server() if server else nullcontext()):
             try:
                 return call(), 0
             finally:

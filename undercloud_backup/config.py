@@ -4,6 +4,9 @@ a MariaDB option file (``~/.my.cnf``) for the database, as OpenStack and MariaDB
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -36,8 +39,32 @@ def _from_clouds_yaml(cloud: str) -> dict[str, str]:
     raise ConfigError(detail=f"cloud {cloud!r} (OS_CLOUD) is in no clouds.yaml")
 
 
+# Swift settings the process was given by its caller (the `openstack` client's login), for
+# every run and task thread of this process while they are provided.
+_provided: list[SwiftSettings] = []
+_provided_lock = threading.Lock()
+
+
+@contextmanager
+def provided_swift(settings: SwiftSettings) -> Iterator[None]:
+    """While the ``with`` lasts, Swift settings that name no block are ``settings`` (the
+    `openstack` client's session, its region and interface) rather than ``OS_*``."""
+    with _provided_lock:
+        _provided.append(settings)
+    try:
+        yield
+    finally:
+        with _provided_lock:
+            _provided.remove(settings)
+
+
 def swift_settings_from_env(**overrides: object) -> SwiftSettings:
-    """Build Swift settings from ``OS_CLOUD``'s clouds.yaml entry, then ``OS_*`` over it."""
+    """Build Swift settings from the ones the caller provided (:func:`provided_swift`), else
+    from ``OS_CLOUD``'s clouds.yaml entry, then ``OS_*`` over it."""
+    with _provided_lock:
+        given = _provided[-1] if _provided else None
+    if given is not None:
+        return replace(given, **{k: v for k, v in overrides.items() if v is not None})
     values: dict[str, object] = {}
     if os.environ.get("OS_CLOUD"):
         values.update(_from_clouds_yaml(os.environ["OS_CLOUD"]))

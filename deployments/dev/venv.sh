@@ -19,7 +19,8 @@ if [ ! -f "$stamp" ]; then
   then
     "$VENV/bin/pip" install -q --upgrade pip >&2
   fi
-  "$VENV/bin/pip" install -q -e "$REPO[dev]" >&2
+  # osc: the `openstack undercloud backup` plugin, tested with the real `openstack` client
+  "$VENV/bin/pip" install -q -e "$REPO[dev,osc]" >&2
   "$VENV/bin/python" -c 'import prefect, pymysql, swiftclient, keystoneauth1, pytest' >&2
   rm -f "$VENV"/.installed-*; touch "$stamp"
 fi

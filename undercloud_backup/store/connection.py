@@ -86,7 +86,8 @@ class SwiftLimits:
 SessionKey = tuple[object, ...]
 _KEY_FIELDS = ("auth_url", "username", "password", "user_domain_name", "project_name",
                "project_domain_name", "application_credential_id",
-               "application_credential_secret", "region_name", "interface", "storage_url")
+               "application_credential_secret", "region_name", "interface", "storage_url",
+               "keystone_session")
 # A storage URL's version and account (/v1/AUTH_x): Swift's /info sits where they start.
 _VERSION_PATH = re.compile(r"/v\d+\.?\d*(/.*)?$")
 
@@ -192,7 +193,8 @@ class SwiftSession:
 
     def close(self) -> None:
         self.closed = True
-        self._keystone.close()
+        if self.settings.keystone_session is None:  # a caller's session is the caller's
+            self._keystone.close()
 
 
 class SwiftStore:
@@ -444,6 +446,8 @@ def info_url(storage_url: str) -> str:
 
 
 def _keystone_session(settings: SwiftSettings) -> ks_session.Session:
+    if isinstance(settings.keystone_session, ks_session.Session):
+        return settings.keystone_session
     auth: v3.ApplicationCredential | v3.Password
     if settings.application_credential_id and settings.application_credential_secret:
         auth = v3.ApplicationCredential(

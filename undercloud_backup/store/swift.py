@@ -71,6 +71,10 @@ class SwiftSettings:
     retries: int = 5
     timeout: float = 60.0
     retry_budget_s: float = 120.0
+    # A keystoneauth session the caller has already set up (the `openstack` client's, with
+    # whatever authentication it was given): used instead of a login from the fields above,
+    # so no secret of it ever reaches these settings. Never closed by a store or session.
+    keystone_session: object | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_container_name(self.container)
