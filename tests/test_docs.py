@@ -55,6 +55,7 @@ def _exit_statuses_in_code() -> dict[int, list[str]]:
         importlib.import_module(module.name)
     for flow in ("backup", "restore", "verify", "prune"):
         importlib.import_module(f"flows.{flow}")
+    importlib.import_module("undercloud_backup_osc.deployed")  # openstack undercloud backup
     found: dict[int, list[str]] = {}
     pending = [BackupError]
     while pending:

@@ -63,9 +63,11 @@ def swift_settings_from_env(**overrides: object) -> SwiftSettings:
     from ``OS_CLOUD``'s clouds.yaml entry, then ``OS_*`` over it."""
     with _provided_lock:
         given = _provided[-1] if _provided else None
-    if given is not None:
-        return replace(given, **{k: v for k, v in overrides.items() if v is not None})
     values: dict[str, object] = {}
+    if given is not None:
+        values = {f.name: getattr(given, f.name) for f in fields(SwiftSettings)}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return SwiftSettings(**values)  # type: ignore[arg-type]  # untyped, as below
     if os.environ.get("OS_CLOUD"):
         values.update(_from_clouds_yaml(os.environ["OS_CLOUD"]))
     values.update(env_settings())
