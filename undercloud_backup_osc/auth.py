@@ -17,6 +17,9 @@ from undercloud_backup.store.swift import SwiftSettings
 def swift_settings(client_manager: Any) -> SwiftSettings:
     """Swift settings on the client manager's session (its auth plugin renews the token)."""
     client_manager.setup_auth()  # done already for a command that requires auth; idempotent
+    session = client_manager.session
+    if session.timeout is None:  # the client's default: a stalled Keystone would hang a run
+        session.timeout = SwiftSettings.timeout
     config = client_manager.get_configuration()
     auth = config.get("auth") or {}
     return SwiftSettings(
@@ -28,4 +31,4 @@ def swift_settings(client_manager: Any) -> SwiftSettings:
         region_name=client_manager.region_name or None,
         interface=client_manager.interface or "public",
         storage_url=config.get("object_store_endpoint_override") or None,
-        keystone_session=client_manager.session)
+        keystone_session=session)
