@@ -316,3 +316,33 @@ def test_deployment_starts_the_deployed_flow_and_follows_it(served, cloud_env):
                         "no-such-deployment", env=cloud_env)
     assert unknown.returncode == 2
     assert f"undercloud_backup/{name}" in last_line(unknown.stderr)
+
+
+@pytest.mark.unit
+def test_only_the_flags_given_go_over_the_deployments_own_parameters():
+    from flows import params
+    from undercloud_backup_osc import deployed
+
+    groups = {key: value for key, value in params.grouped(add_paths=["/opt/x"],
+                                                           keep_last=9).items()
+              if key != "dry_run"}
+    changed = deployed.changed_fields(groups)
+    assert changed == {"what": {"add_paths": ["/opt/x"]}, "retention": {"keep_last": 9}}
+    installed = {"what": {"root": "/"}, "retention": {"prune": True, "keep_last": 3},
+                 "advanced": {"privileged": True, "staging_dir": "/var/tmp"}}
+    # a group is sent whole (the server replaces it): the deployment's fields stay in it
+    assert deployed.merged(installed, changed) == {
+        "what": {"root": "/", "add_paths": ["/opt/x"]},
+        "retention": {"prune": True, "keep_last": 9}}
+
+
+@pytest.mark.unit
+def test_a_deployed_runs_error_exits_with_the_status_the_twin_would():
+    from undercloud_backup_osc import deployed
+
+    status, line = deployed.error_status(
+        "Flow run encountered an exception: PathNotFound: Path /x does not exist under root "
+        "/: fix or drop --add-path /x.")
+    assert (status, line) == (3, "Path /x does not exist under root /: fix or drop "
+                                 "--add-path /x.")
+    assert deployed.error_status("Run crashed: worker died")[0] == 70
