@@ -97,8 +97,11 @@ def test_openstack_undercloud_backup_backs_up_with_the_clients_own_login(
     assert os_env["OS_PASSWORD"] not in result.stdout + result.stderr
     print(f"openstack undercloud backup: {seconds:.1f} s")
 
-    listed = openstack("--os-cloud", CLOUD, "undercloud", "backup", "list", "--container",
-                       container, "-f", "json", env=cloud_env)
+    # the other way the client logs in: the OS_* variables of an rc file
+    rc_env = dict(cloud_env, **os_env)
+    del rc_env["OS_CLIENT_CONFIG_FILE"]
+    listed = openstack("undercloud", "backup", "list", "--container", container, "-f", "json",
+                       env=rc_env)
     assert listed.returncode == 0, listed.stderr
     assert [b["backup_id"] for b in json.loads(listed.stdout)] == [summary["backup_id"]]
     assert json.loads(listed.stdout)[0]["kind"] == "full"
@@ -146,6 +149,19 @@ def test_errors_are_one_line_with_the_twins_exit_statuses(backed_up, cloud_env, 
                              str(tree), "--add-path", "/no/such/path", "--container",
                              container, "--dry-run", env=cloud_env)
     assert missing_path.returncode == 3, missing_path.stderr  # PathNotFound
+
+    # A verify that fails shows its report (-f json: the twin's --json) before the error line.
+    from conftest import swift_store
+
+    backup_id = json.loads(backed_up[1].stdout)["backup_id"]
+    swift_store().delete(container, f"{backup_id}/mariadb-all-databases.sql.zst")
+    failed = openstack("--os-cloud", CLOUD, "undercloud", "backup", "verify", "--container",
+                       container, "--skip-database", "-f", "json", env=cloud_env)
+    assert failed.returncode == 41, failed.stderr  # VerificationFailed
+    report = json.loads(failed.stdout)
+    assert report["ok"] is False and any("missing" in p for p in report["problems"])
+    assert last_line(failed.stderr).startswith(
+        f"openstack undercloud backup verify: error: Backup {backup_id} failed verification")
 
     # A refused login is the client's own (its message, its status); no secret printed.
     env = dict(cloud_env, OS_PASSWORD="not-the-password")
