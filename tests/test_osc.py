@@ -361,4 +361,4 @@ def test_a_deployed_runs_error_exits_with_the_status_the_twin_would():
         "/: fix or drop --add-path /x.")
     assert (status, line) == (3, "Path /x does not exist under root /: fix or drop "
                                  "--add-path /x.")
-    assert deployed.error_status("Run crashed: worker died")[0] == 70
+    assert deployed.error_status("Run crashed: worker died")[0] == 76

@@ -5,7 +5,7 @@ The run is the worker's: its Swift and database credentials, its privileges, its
 parameters (``privileged``, ``staging_dir``...), each field of which a flag given here
 replaces; a group of fields is sent whole (the server replaces a group given, it does not
 merge it). Exit statuses: the deployed run's own error's (the same as ``python -m
-flows.backup``'s for it), else 70; 71 when the Prefect server cannot be reached.
+flows.backup``'s for it), else 76; 77 when the Prefect server cannot be reached.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ EXCEPTION = re.compile(r"exception: (\w+): (.*)$", re.S)
 class DeployedRunFailed(BackupError):
     """the deployed run {run} ended {state}: {reason}"""
 
-    exit_code = 70  # an error of ours exits with its own status (error_status)
+    exit_code = 76  # an error of ours exits with its own status (error_status)
 
     def __init__(self, status: int | None = None, **fields: object) -> None:
         super().__init__(**fields)
@@ -46,7 +46,7 @@ class DeployedRunFailed(BackupError):
 class PrefectUnreachable(BackupError):
     """the Prefect server at {url} did not answer ({reason}); is it running? (PREFECT_API_URL, PREFECT_API_AUTH_STRING)"""  # noqa: E501
 
-    exit_code = 71
+    exit_code = 77
 
 
 class NoSuchDeployment(ConfigError):
@@ -205,7 +205,7 @@ def _level(level: int) -> str:
 
 def start(name: str, changed: dict[str, dict[str, object]], dry_run: bool,
           say: Callable[[str], None]) -> dict[str, Any]:
-    """:func:`trigger_and_follow`, a server that does not answer (or refuses us) exit 71."""
+    """:func:`trigger_and_follow`, a server that does not answer (or refuses us) exit 77."""
     import httpx
     from prefect.settings import PREFECT_API_URL
 
