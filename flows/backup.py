@@ -451,7 +451,10 @@ def main(argv: list[str] | None = None) -> int:
                               "kind", "parent")},
                           "pruned": summary.get("pruned"),
                           "partial_database": summary.get("partial_database"),
-                          "warnings": summary.get("warnings") or []}))
+                          "warnings": summary.get("warnings") or [],
+                          # a dry run's plan: what would be archived, and the space check
+                          **({k: summary.get(k) for k in ("paths", "absent", "space")}
+                             if args.dry_run else {})}))
     elif summary["manifest"]:
         kind = summary["kind"] if not summary["parent"] else \
             f"incremental on {summary['parent']}"

@@ -60,7 +60,9 @@ class WhatToBackUp(_Group):
 
     add_paths: list[str] = Field(
         [], description="Extra absolute paths to archive, besides /etc, /root, /home/stack, "
-                        "/srv/node and /var/lib/glance/images. A missing added path is an error.")
+                        "/srv/node and /var/lib/glance/images. A missing added path is an error. "
+                        "On an installed worker (privileged) each needs a path = line in "
+                        "/etc/undercloud-backup/privileged.conf first, added as root.")
     exclude_paths: list[str] = Field(
         [], description="Absolute paths or patterns (anchored at root) to leave out, e.g. "
                         "/home/stack/.cache or /srv/node/*/tmp. Excluding everything is an "

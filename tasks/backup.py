@@ -19,7 +19,7 @@ from undercloud_backup.core.errors import BackupError
 from undercloud_backup.core.manifest import Manifest
 from undercloud_backup.db import database
 from undercloud_backup.db.connection import ServerInfo
-from undercloud_backup.files.archive import PathPlan, estimate_bytes
+from undercloud_backup.files.archive import PathPlan
 from undercloud_backup.store import space
 from undercloud_backup.store.session import open_store
 
@@ -86,7 +86,7 @@ def check_space(request: BackupRequest, plan: PathPlan, db_source: DatabaseSourc
         info = check_database(request, database_access(request, db_source), logger)
         streams[space.DATABASE_STREAM], version = info.size_bytes, info.version
     if plan.included:
-        streams[space.FILES_STREAM] = estimate_bytes(plan.root, plan.included, plan.excluded)
+        streams[space.FILES_STREAM] = plan.estimated_bytes  # what tar will write
     settings = swift_source.settings()
     with open_store(settings) as store:
         report = space.check_space(request.staging_dir, streams, request.segment_size

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+from dataclasses import replace
 
 from undercloud_backup import __version__
 from undercloud_backup.backup.request import BackupRequest, new_backup_id
@@ -26,7 +27,9 @@ from undercloud_backup.core.manifest import (
     INCREMENTAL_FORMAT,
     Manifest,
 )
+from undercloud_backup.db import privileged
 from undercloud_backup.files import archive as fs
+from undercloud_backup.files import estimate
 from undercloud_backup.store.catalogue import put_manifest
 from undercloud_backup.store.connection import SwiftStore
 from undercloud_backup.store.space import SpaceReport
@@ -38,11 +41,22 @@ __all__ = ["DB_OBJECT", "FS_OBJECT", "BackupRequest", "new_backup_id", "plan_fil
 
 
 def plan_files(request: BackupRequest) -> fs.PathPlan:
-    """What tar will archive; an error when that is nothing (all absent, or all excluded)."""
+    """What tar will archive and about how many bytes it will write; an error when that is
+    nothing (all absent, or all excluded), or when the privileged policy refuses a path.
+
+    A privileged run learns what exists and how big it is from the wrapper, as root: the worker
+    cannot see into root-only directories, and the wrapper checks every path against the
+    policy now, before anything is written."""
     if not request.include_files:
         return fs.PathPlan(root=os.path.realpath(request.root), included=(), absent=(),
                            excluded=())
-    plan = fs.plan_paths(request.root, request.add_paths, request.exclude_paths)
+    root = os.path.realpath(request.root)
+    candidates = fs.candidate_paths(request.add_paths)
+    excluded = [fs.normalize(p) for p in request.exclude_paths]
+    sizes = (privileged.estimate_paths(root, candidates, excluded) if request.privileged
+             else estimate.measure(root, candidates, excluded))
+    plan = fs.plan_paths(root, request.add_paths, request.exclude_paths, exists=sizes.exists)
+    plan = replace(plan, estimated_bytes=sizes.total(plan.included))
     if not plan.included and plan.excluded_whole:
         raise ConfigError(detail=f"--exclude-path {' '.join(plan.excluded)} leaves out every "
                                  f"path to back up ({', '.join(plan.excluded_whole)}); the "

@@ -60,6 +60,12 @@ class PathNotFound(BackupError):
     exit_code = 3
 
 
+class PathNotAllowed(BackupError):
+    """The privileged policy {config} refuses this backup's plan, so nothing was written: {reason}. Change --add-path or --root, or allow the path there as root with a 'path =' line (docs/deploy.md)."""  # noqa: E501
+
+    exit_code = 7
+
+
 class InsufficientSpace(BackupError):
     """Not enough space on {location} for {purpose}: need {needed}, available {available}; free space or use another --staging-dir."""  # noqa: E501
 

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from undercloud_backup.core.errors import (
     BackupError,
     CommandFailed,
+    ConfigError,
     DatabaseAuthError,
     DatabaseUnreachable,
+    PathNotAllowed,
     SudoRefused,
 )
 from undercloud_backup.core.execute import Command, capture
@@ -38,6 +40,7 @@ from undercloud_backup.db.preflight import (
     require,
 )
 from undercloud_backup.files.archive import PathPlan
+from undercloud_backup.files.estimate import PathSizes
 
 LIBEXEC = "/usr/local/libexec/undercloud-backup"
 ARCHIVE_WRAPPER = f"{LIBEXEC}/ucb-archive"
@@ -47,11 +50,14 @@ CONFIG_FILE = "/etc/undercloud-backup/privileged.conf"
 SNAPSHOT_DIR = "/var/lib/undercloud-backup/snapshots"  # ucb-archive's, root 0700
 
 INFO_TIMEOUT_S = 120.0
+ESTIMATE_TIMEOUT_S = 3600.0  # a walk of every tree to back up, as the archive will read it
 STATS_TIMEOUT_S = 3600.0
 # The wrappers' exit statuses (sysexits.h) that mean something to the retry logic.
 EX_UNAVAILABLE = 69
 EX_AUTH = 71
 EX_TEMPFAIL = 75  # a table stayed locked
+EX_USAGE = 64  # a malformed request
+EX_NOPERM = 77  # ucb-archive: not allowed by the policy
 WHERE = "the local MariaDB socket (as root, through sudo)"
 _LOCKED = re.compile(r"table (.+?) is locked by another session \((.*)\); gave up after "
                      r"([0-9]+) s")
@@ -81,6 +87,32 @@ def archive_command(plan: PathPlan, extra_excludes: Iterable[str] = (),
     argv += ["--", *plan.included]
     # tar's own statuses, judged as for tar_command; the wrapper's refusals are 64 and 77.
     return Command(argv=_sudo(*argv), name="tar", ok_statuses=frozenset({0, 1, 2}))
+
+
+def estimate_command(root: str, paths: Iterable[str], excludes: Iterable[str] = ()) -> Command:
+    """``ucb-archive ROOT --estimate``: which ``paths`` exist and their tar bytes, as root,
+    refused as an archive of them would be (:mod:`files.estimate`)."""
+    argv = [ARCHIVE_WRAPPER, root, "--estimate",
+            *(f"--exclude={pattern.lstrip('/') or '.'}" for pattern in excludes), "--", *paths]
+    return Command(argv=_sudo(*argv), name="ucb-archive --estimate")
+
+
+def estimate_paths(root: str, paths: Iterable[str], excludes: Iterable[str] = ()) -> PathSizes:
+    """What exists of ``paths`` under ``root`` and how big, read by root through the wrapper;
+    a path the policy refuses is :class:`PathNotAllowed` (before anything is written)."""
+    try:
+        answer = json.loads(capture(estimate_command(root, paths, excludes),
+                                    timeout=ESTIMATE_TIMEOUT_S))
+    except CommandFailed as error:
+        status, stderr = error.fields.get("status"), str(error.fields.get("stderr", ""))
+        reason = stderr.strip().splitlines()[-1] if stderr.strip() else "no reason given"
+        reason = reason.removeprefix("ucb-archive: refused: ")
+        if status == EX_NOPERM:
+            raise PathNotAllowed(reason=reason, config=CONFIG_FILE) from None
+        if status == EX_USAGE:
+            raise ConfigError(detail=f"{ARCHIVE_WRAPPER} refused the plan: {reason}") from None
+        raise
+    return PathSizes.from_answer(answer)
 
 
 def take_snapshot_command(root: str, snapshot_id: str) -> Command:

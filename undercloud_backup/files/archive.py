@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -62,6 +62,7 @@ class PathPlan:
     included: tuple[str, ...]
     absent: tuple[str, ...]
     excluded: tuple[str, ...]
+    # What tar will write for the included paths (files.estimate), filled in by the planner.
     estimated_bytes: int = 0
     warnings: tuple[str, ...] = field(default=())
     # Present paths an exclusion leaves out entirely: not in ``included``, not in the archive.
@@ -72,19 +73,33 @@ class PathPlan:
                 "excluded": list(self.excluded)}
 
 
+def candidate_paths(add_paths: Iterable[str] = (),
+                    default_paths: Iterable[str] = DEFAULT_PATHS) -> tuple[str, ...]:
+    """The defaults, then the added paths, normalized, each once."""
+    return tuple(dict.fromkeys([normalize(p) for p in default_paths]
+                               + [normalize(p) for p in add_paths]))
+
+
 def plan_paths(root: str, add_paths: Iterable[str] = (), exclude_paths: Iterable[str] = (),
-               default_paths: Iterable[str] = DEFAULT_PATHS) -> PathPlan:
-    """Decide what to archive: an added path must exist, an absent default is only noted."""
+               default_paths: Iterable[str] = DEFAULT_PATHS,
+               exists: Callable[[str], bool] | None = None) -> PathPlan:
+    """Decide what to archive: an added path must exist, an absent default is only noted.
+
+    ``exists(path)``: whether a path exists under root (default: as this process sees it; a
+    privileged run asks the wrapper, which sees what only root can)."""
     root = os.path.realpath(root)
     if not os.path.isdir(root):
         raise ConfigError(detail=f"root {root!r} is not a directory")
+    if exists is None:
+        def exists(path: str) -> bool:
+            return os.path.lexists(under(root, path))
     excluded = tuple(dict.fromkeys(normalize(p) for p in exclude_paths))
     added = [normalize(p) for p in add_paths]
     for path in added:
-        if not os.path.lexists(under(root, path)):
+        if not exists(path):
             raise PathNotFound(path=path, root=root)
-    candidates = list(dict.fromkeys([normalize(p) for p in default_paths] + added))
-    absent = tuple(p for p in candidates if not os.path.lexists(under(root, p)))
+    candidates = candidate_paths(add_paths, default_paths)
+    absent = tuple(p for p in candidates if not exists(p))
     present = [p for p in candidates if p not in absent]
     # A path inside another included path would be archived twice.
     top = tuple(p for p in present if not any(q != p and inside(p, q) for q in present))
@@ -98,29 +113,6 @@ def plan_paths(root: str, add_paths: Iterable[str] = (), exclude_paths: Iterable
 
 def under(root: str, path: str) -> str:
     return os.path.join(root, path.lstrip("/")) if path != "/" else root
-
-
-def estimate_bytes(root: str, paths: Iterable[str], excluded: Iterable[str] = ()) -> int:
-    """Apparent bytes under ``paths`` (what tar will read), without following symlinks."""
-    excluded_abs = [under(root, x) for x in excluded if "*" not in x]
-    total = 0
-    for path in paths:
-        top = under(root, path)
-        if os.path.islink(top) or not os.path.isdir(top):
-            try:
-                total += os.lstat(top).st_size
-            except OSError:
-                pass
-            continue
-        for directory, dirnames, filenames in os.walk(top, onerror=lambda e: None):
-            dirnames[:] = [d for d in dirnames
-                           if os.path.join(directory, d) not in excluded_abs]
-            for name in filenames:
-                try:
-                    total += os.lstat(os.path.join(directory, name)).st_size
-                except OSError:
-                    pass
-    return total
 
 
 def tar_command(plan: PathPlan, *, prefix: tuple[str, ...] = (),
