@@ -20,15 +20,18 @@ from fnmatch import fnmatchcase
 
 from undercloud_backup.files.archive import inside, under
 
-BLOCK = 512  # tar's block: a header per member, data padded to whole blocks
+BLOCK = 512  # tar's block: data is padded to whole blocks
+# Each member's headers: the archive is POSIX (pax) because of --xattrs/--acls/--selinux, and
+# every member gets an extended header (its block and one of records: atime, ctime, xattrs).
+MEMBER = 3 * BLOCK
 
 
 def tar_bytes(st: os.stat_result) -> int:
     """About what tar writes for one member (GNU tar's ``ucb-archive`` counts alike)."""
     if not stat.S_ISREG(st.st_mode):
-        return BLOCK
+        return MEMBER
     data = min(st.st_size, st.st_blocks * 512)
-    return BLOCK + -(-data // BLOCK) * BLOCK
+    return MEMBER + -(-data // BLOCK) * BLOCK
 
 
 def excluded(member: str, patterns: Iterable[str]) -> bool:
@@ -89,7 +92,7 @@ def measure(root: str, paths: Iterable[str], excludes: Iterable[str] = ()) -> Pa
             return 0, False
         if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
             if (st.st_dev, st.st_ino) in seen:
-                return BLOCK, False
+                return MEMBER, False  # tar stores a hard link as headers only
             seen.add((st.st_dev, st.st_ino))
         return tar_bytes(st), stat.S_ISDIR(st.st_mode)
 
