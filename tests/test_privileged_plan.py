@@ -148,7 +148,9 @@ def test_the_estimate_answers_what_root_sees_and_no_names(tree):
     assert [p["path"] for p in answer["paths"]] == paths
     sizes = estimate.PathSizes.from_answer(answer)
     assert not sizes.exists("/var/lib/glance/images/absent/deeper") and sizes.exists(ADDED)
-    assert sizes.exists("/etc/keystone") and sizes.sizes["/etc/keystone"] == 0  # in /etc
+    assert sizes.exists("/etc/keystone") and "/etc/keystone" not in sizes.sizes
+    assert answer["paths"][6] == {"path": "/etc/keystone", "exists": True, "bytes": 0,
+                                  "in": "/etc"}  # counted in /etc, once
     local = estimate.measure(str(tree), paths, ("/home/stack/templates",
                                                 *load_archive_wrapper().DEFAULT_DENY))
     assert sizes.sizes == local.sizes
