@@ -51,6 +51,8 @@ def plan_files(request: BackupRequest) -> fs.PathPlan:
         return fs.PathPlan(root=os.path.realpath(request.root), included=(), absent=(),
                            excluded=())
     root = os.path.realpath(request.root)
+    if not os.path.isdir(root):
+        raise ConfigError(detail=f"root {root!r} is not a directory")
     candidates = fs.candidate_paths(request.add_paths)
     excluded = [fs.normalize(p) for p in request.exclude_paths]
     sizes = (privileged.estimate_paths(root, candidates, excluded) if request.privileged
