@@ -34,16 +34,23 @@ def tar_bytes(st: os.stat_result) -> int:
     return MEMBER + -(-data // BLOCK) * BLOCK
 
 
-def excluded(member: str, patterns: Iterable[str]) -> bool:
-    """Whether tar's anchored ``--exclude`` (``--no-wildcards-match-slash``) leaves out
-    ``member`` (relative to root) with all it holds: a pattern matches its first components."""
-    parts = member.strip("/").split("/")
-    for pattern in patterns:
-        wanted = pattern.strip("/").split("/")
-        if len(parts) >= len(wanted) and all(
-                fnmatchcase(part, want) for part, want in zip(parts, wanted, strict=False)):
-            return True
-    return False
+class _Excludes:
+    """tar's anchored ``--exclude`` patterns (``--no-wildcards-match-slash``): one leaves out a
+    member (relative to root), with all it holds, when it matches the member's first
+    components. Kept by number of components: below a walked directory an entry can only be
+    matched by one as deep as itself (a shorter one would have matched the directory)."""
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self.by_depth: dict[int, list[list[str]]] = {}
+        for pattern in patterns:
+            wanted = pattern.strip("/").split("/")
+            self.by_depth.setdefault(len(wanted), []).append(wanted)
+
+    def match(self, member: str, walked: bool = True) -> bool:
+        parts = member.strip("/").split("/")
+        depths = [len(parts)] if walked else range(1, len(parts) + 1)
+        return any(all(fnmatchcase(part, want) for part, want in zip(parts, wanted, strict=False))
+                   for depth in depths for wanted in self.by_depth.get(depth, ()))
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ def measure(root: str, paths: Iterable[str], excludes: Iterable[str] = ()) -> Pa
     A path inside another present one is counted in that one (tar archives it once).
     """
     asked = list(dict.fromkeys(paths))
-    patterns = tuple(excludes)
+    patterns = _Excludes(excludes)
     present = {p: os.path.lexists(under(root, p)) for p in asked}
     found = [p for p in asked if present[p]]
     tops = [p for p in found if not any(q != p and inside(p, q) for q in found)]
@@ -101,7 +108,7 @@ def measure(root: str, paths: Iterable[str], excludes: Iterable[str] = ()) -> Pa
 
     sizes: dict[str, int] = {}
     for top in tops:
-        if excluded(top, patterns):
+        if patterns.match(top, walked=False):
             sizes[top] = 0
             continue
         total, is_dir = member(under(root, top))
@@ -110,13 +117,13 @@ def measure(root: str, paths: Iterable[str], excludes: Iterable[str] = ()) -> Pa
                 relative = "/" + os.path.relpath(directory, root)
                 kept = []
                 for name in dirnames:
-                    if not excluded(f"{relative}/{name}", patterns):
+                    if not patterns.match(f"{relative}/{name}"):
                         total += member(os.path.join(directory, name))[0]
                         # os.walk lists a symlink to a directory here: tar stores the link
                         if not os.path.islink(os.path.join(directory, name)):
                             kept.append(name)
                 dirnames[:] = kept
                 total += sum(member(os.path.join(directory, name))[0] for name in filenames
-                             if not excluded(f"{relative}/{name}", patterns))
+                             if not patterns.match(f"{relative}/{name}"))
         sizes[top] = total
     return PathSizes(present=present, sizes=sizes, unreadable=unreadable[0])
