@@ -22,6 +22,7 @@ from deploy_helpers import REPO, WORKER, as_user, remove_tree, scratch_dir
 from test_sudo import ARCHIVE, PYTHON, sudo
 from test_sudo import installed as installed  # noqa: F401 - the module's install fixture
 
+from flows.params import WhatToBackUp
 from undercloud_backup.db import privileged
 from undercloud_backup.files import estimate
 
@@ -210,3 +211,12 @@ def test_the_estimate_is_refused_what_an_archive_would_be(tree):
     finally:
         remove_tree(own)
         remove_tree(secret_dir)
+
+
+@pytest.mark.unit
+def test_the_form_and_the_readme_say_an_added_path_needs_a_policy_line():
+    line = f"path = line in {privileged.CONFIG_FILE}"
+    assert line in WhatToBackUp.model_fields["add_paths"].description
+    steps = (REPO / "README.md").read_text().split("### From install to a first backup")[1]
+    assert f"`add_paths` needs a `path =` line in `{privileged.CONFIG_FILE}`" in " ".join(
+        steps.split())
