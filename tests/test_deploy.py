@@ -206,18 +206,26 @@ def test_run_from_the_ui_backs_up_root_only_files(deployed, os_env, container):
     root = deployed.roots["small"]
     secret = root / "root/.my.cnf"
     assert os.stat(secret).st_uid == 0 and os.stat(secret).st_mode & 0o077 == 0
+    hidden = root / "root/root-only.bin"  # in /root (0700): the worker cannot even stat it
+    hidden.write_bytes(os.urandom(3 << 20))
     started = time.monotonic()
-    run_id = deployed.create_run("on-demand", **run_parameters(root, container))
-    run = deployed.api.wait_final(run_id, timeout=120)
+    try:
+        run_id = deployed.create_run("on-demand", **run_parameters(root, container))
+        run = deployed.api.wait_final(run_id, timeout=120)
+    finally:
+        hidden.unlink()
     assert run["state"]["type"] == "COMPLETED", (run["state"]["message"],
                                                  deployed.worker_log_tail())
     assert time.monotonic() - started < 90
 
     [manifest] = manifests(os_env, container)
     backup_id = manifest.split("/")[0]
+    # Planned from what root reads (the space check, segment sizes and progress estimate)
+    space = json.loads(swift_connection(os_env).get_object(container, manifest)[1])["space"]
+    assert space["files_bytes"] > 3 << 20, space
     identity = deployed.install.identity
     members = archive_members(os_env, container, backup_id, identity)
-    assert "root/.my.cnf" in members
+    assert "root/.my.cnf" in members and "root/root-only.bin" in members
     assert "etc/keystone/fernet-keys/0" in members and "etc/keystone/fernet-keys/1" in members
     sql = decrypted(os_env, container, f"{backup_id}/mariadb-all-databases.sql.zst.age",
                     identity)
