@@ -87,6 +87,9 @@ class BackupSummary:
     prune_failed: bool = False
     signing_key: str | None = None
     space: SpaceReport | None = None
+    # "dump" (a full dump) or "binlog" (the binary log since the last backup); None: no
+    # databases in this backup.
+    database_kind: str | None = None
 
     def to_dict(self) -> dict:
         """The flow's result: only the keys a run of this kind has always had."""
@@ -102,7 +105,8 @@ class BackupSummary:
             data["space"] = self.space.to_dict() if self.space else None
             return data
         data.update(level=self.level, full_reason=self.full_reason,
-                    partial_database=self.partial_database, signing_key=self.signing_key)
+                    partial_database=self.partial_database, signing_key=self.signing_key,
+                    database_kind=self.database_kind)
         if self.pruned is not None or self.prune_failed:
             data["pruned"] = self.pruned
         return data
@@ -247,6 +251,7 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
     summary.chain, summary.level = list(manifest.chain), manifest.level
     summary.full_reason = manifest.full_reason
     summary.partial_database = manifest.mariadb.partial_note() if manifest.mariadb else None
+    summary.database_kind = manifest.mariadb.kind if manifest.mariadb else None
     if policy is not None:
         summary.pruned = _prune(swift_source, policy, backup_id, retry)
         summary.prune_failed = summary.pruned is None
@@ -427,7 +432,9 @@ def _list(args: argparse.Namespace) -> int:
             kind = entry.kind or "?"
             parent = f"  parent {entry.parent}" if entry.parent else ""
             partial = "  PARTIAL database dump" if entry.partial_database else ""
-            print(f"{entry.last_modified}  {entry.backup_id}  {kind}{parent}{partial}")
+            database = f"  database {entry.database_kind}" if entry.database_kind else ""
+            print(f"{entry.last_modified}  {entry.backup_id}  {kind}{parent}{database}"
+                  f"{partial}")
     return 0
 
 
@@ -451,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                               "kind", "parent")},
                           "pruned": summary.get("pruned"),
                           "partial_database": summary.get("partial_database"),
+                          "database_kind": summary.get("database_kind"),
                           "warnings": summary.get("warnings") or [],
                           # a dry run's plan: what would be archived, and the space check
                           **({k: summary.get(k) for k in ("paths", "absent", "space")}

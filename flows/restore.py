@@ -29,6 +29,7 @@ from tasks import verify as checks
 from undercloud_backup.core import defaults
 from undercloud_backup.core.errors import ConfigError
 from undercloud_backup.core.manifest import Manifest
+from undercloud_backup.restore import binlog as replaylog
 from undercloud_backup.restore import databases as restoredb
 from undercloud_backup.restore import files as restore
 from undercloud_backup.restore import plan as restoreplan
@@ -117,6 +118,18 @@ def undercloud_restore(
         "Load only these databases (without users and grants).",
         Flag("--database", "NAME", help="load only this database (repeatable; without users "
                                         "and grants)"), FILES)] = None,
+    until: Annotated[str | None, Param(
+        "Restore the databases as they were at this UTC time (YYYY-MM-DD HH:MM:SS): the "
+        "newest full dump before it, then the shipped binary log up to it; the files as of "
+        "the newest backup before it. A time no shipped log reaches is refused before "
+        "anything is written.",
+        Flag("--until", "'YYYY-MM-DD HH:MM:SS'",
+             help="restore the databases to this UTC time through the shipped binary log "
+                  "(the files: the newest backup before it)"), FILES)] = None,
+    until_gtid: Annotated[str | None, Param(
+        "Restore the databases up to this GTID (inclusive), e.g. 0-1-4711.",
+        Flag("--until-gtid", "GTID", help="restore the databases up to this GTID, "
+                                          "inclusive"), FILES)] = None,
     overwrite: Annotated[bool, Param(
         "Replace existing files and drop and replace existing databases; without it the "
         "restore refuses and names them.",
@@ -169,6 +182,11 @@ def undercloud_restore(
     with swift_session.shared(swift_source.settings()):
         db_source = database.source()
         manifest = checks.load_manifest(swift_source, backup_id, allowed_signers)
+        if until and until_gtid:
+            raise ConfigError(detail="choose until or until_gtid, not both")
+        # the full dump and the shipped logs to replay, decided before anything is written
+        replay_plan, manifest = steps.plan_replay(swift_source, manifest, until, until_gtid,
+                                                  allowed_signers, want_databases)
         backup_id = manifest.backup_id
         decryption = crypto.prepare_identity(identity, manifest, required=True)  # exit 51/52/59
         warnings = _warnings(decryption, allowed_signers)
@@ -187,11 +205,15 @@ def undercloud_restore(
                                decryption.describe() if decryption else "not encrypted", warnings)
         # Every object it will use is in Swift as recorded (HEAD) before anything is written.
         checks.check_stored_objects(swift_source, manifest,
-                                    _objects_used(manifest, files, want_databases, all_databases))
+                                    _objects_used(manifest, files, False, all_databases))
+        if want_databases:
+            dumped = replay_plan.base if replay_plan is not None else manifest
+            checks.check_stored_objects(swift_source, dumped,
+                                        _objects_used(dumped, False, True, all_databases))
         with crypto.decrypting(decryption):
             _restore(swift_source, db_source, manifest, names, request, result, files=files,
                      want_databases=want_databases, paths=paths, overwrite=overwrite,
-                     fresh_target=fresh_target)
+                     fresh_target=fresh_target, replay_plan=replay_plan)
         _report_artifact(result)
         _log_done(result)
         return result
@@ -205,22 +227,23 @@ def _restore(swift_source: SwiftSource, db_source: DatabaseSource, manifest: Man
              names: list[str] | None, request: restore.RestoreRequest,
              result: RestoreResult, *,
              files: bool, want_databases: bool, paths: list[str] | None, overwrite: bool,
-             fresh_target: bool) -> None:
+             fresh_target: bool, replay_plan: replaylog.ReplayPlan | None = None) -> None:
     """Files and databases, side by side where they can be; ``result`` filled in."""
     dry_run = request.dry_run
     if want_databases and not dry_run:
         # Check the databases can be loaded (and would not be replaced unasked) before any
         # file is written.
         steps.restore_databases.with_options(task_run_name="check-target-databases")(
-            swift_source, db_source, manifest, names, replace(request, dry_run=True))
+            swift_source, db_source, manifest, names, replace(request, dry_run=True),
+            replay_plan)
     if files and want_databases and not paths and (fresh_target or overwrite or dry_run):
-        _side_by_side(swift_source, db_source, manifest, names, request, result)
+        _side_by_side(swift_source, db_source, manifest, names, request, result, replay_plan)
     else:
         if files:
             result.files = steps.restore_files(swift_source, manifest, request)
         if want_databases:
             result.databases = steps.restore_databases(swift_source, db_source, manifest,
-                                                       names, request)
+                                                       names, request, replay_plan)
 
 
 def _objects_used(manifest: Manifest, files: bool, want_databases: bool,
@@ -260,7 +283,8 @@ def _log_done(result: RestoreResult) -> None:
 
 def _side_by_side(swift_source: SwiftSource, db_source: DatabaseSource, manifest: Manifest,
                   names: list[str] | None, request: restore.RestoreRequest,
-                  result: RestoreResult) -> None:
+                  result: RestoreResult, replay_plan: replaylog.ReplayPlan | None = None
+                  ) -> None:
     """Files and databases at once; if one fails, the other's result is kept and logged.
 
     tar is mostly I/O, loading the dump mostly MariaDB's CPU; one after the other took their
@@ -270,7 +294,7 @@ def _side_by_side(swift_source: SwiftSource, db_source: DatabaseSource, manifest
     """
     futures = {"files": steps.restore_files.submit(swift_source, manifest, request),
                "databases": steps.restore_databases.submit(
-                   swift_source, db_source, manifest, names, request)}
+                   swift_source, db_source, manifest, names, request, replay_plan)}
     wait(list(futures.values()))
     failed = [part for part, future in futures.items()
               if not future.state.is_completed()]  # failed or crashed

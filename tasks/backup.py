@@ -12,8 +12,8 @@ from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
 from blocks.sources import DatabaseSource, SwiftSource
+from undercloud_backup.backup import binlog, stages
 from undercloud_backup.backup import run as backup
-from undercloud_backup.backup import stages
 from undercloud_backup.backup.request import BackupRequest
 from undercloud_backup.core.errors import BackupError
 from undercloud_backup.core.manifest import Manifest
@@ -100,8 +100,8 @@ def check_space(request: BackupRequest, plan: PathPlan, db_source: DatabaseSourc
 def dump_databases(request: BackupRequest, db_source: DatabaseSource,
                    swift_source: SwiftSource) -> stages.DumpResult:
     """Dump every MariaDB database, users and grants consistently, streamed into Swift."""
-    return stages.dump_databases(request, database_access(request, db_source),
-                                 swift_source.settings(), get_run_logger())
+    return binlog.back_up_databases(request, database_access(request, db_source),
+                                    swift_source.settings(), get_run_logger())
 
 
 @task(name="archive_paths", **_stage)

@@ -345,7 +345,7 @@ def test_the_summary_is_typed_and_becomes_the_same_dict_as_before():
     assert set(summary.to_dict()) == {
         "backup_id", "container", "manifest", "objects", "dry_run", "paths", "absent", "kind",
         "parent", "warnings", "chain", "level", "full_reason", "partial_database",
-        "signing_key"}
+        "signing_key", "database_kind"}
     assert summary.to_dict()["objects"] == [obj.to_dict()]
     summary.pruned = ["a"]
     assert summary.to_dict()["pruned"] == ["a"]

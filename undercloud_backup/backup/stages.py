@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from undercloud_backup.backup.request import BackupRequest
 from undercloud_backup.core import progress
@@ -38,8 +38,8 @@ from undercloud_backup.core.manifest import (
     TableRecord,
 )
 from undercloud_backup.core.sizes import format_size
+from undercloud_backup.db import binlog, privileged
 from undercloud_backup.db import connection as db
-from undercloud_backup.db import privileged
 from undercloud_backup.db.database import DatabaseAccess
 from undercloud_backup.db.dump import DumpSpec
 from undercloud_backup.db.tablestats import TableStatsReader
@@ -175,10 +175,12 @@ def stream_to_swift(request: BackupRequest, swift_settings: SwiftSettings, leaf:
 
 
 def dump_databases(request: BackupRequest, access: DatabaseAccess,
-                   swift_settings: SwiftSettings, logger: Logger) -> DumpResult:
+                   swift_settings: SwiftSettings, logger: Logger,
+                   coordinates: list[str] | None = None) -> DumpResult:
     """Dump every database, then users and grants into an object of their own (so that the
     databases' dump loads with ``mariadb --one-database NAME``), through zstd into Swift;
-    return the manifest's section and the objects."""
+    return the manifest's section and the objects. With ``coordinates``, the dump also says
+    where its snapshot is in the binary log: that line is appended to the list."""
     info = access.server_info()
     logger.info("dumping %d database(s) from MariaDB %s (%s on disk): %s",
                 len(info.databases), info.version, format_size(info.size_bytes),
@@ -202,9 +204,11 @@ def dump_databases(request: BackupRequest, access: DatabaseAccess,
             objects.append(stream_to_swift(
                 request, swift_settings, DB_OBJECT, "mariadb-dump",
                 request.database_segment_size,
-                Pipeline([dump.command, *compress_commands(request, threads=2)],
+                Pipeline([*binlog_tap(dump.command, coordinates),
+                          *compress_commands(request, threads=2)],
                          timeout=request.dump_timeout_s, secrets=dump.secrets,
-                         pass_fds=dump.pass_fds),
+                         pass_fds=dump.pass_fds,
+                         on_stderr={1: coordinates.append} if coordinates is not None else None),
                 on_failure=dump.failure, progress=progressed,
                 # as the dump opens its snapshot: the two are as close as we can
                 after_start=lambda: started(dump),
@@ -227,6 +231,16 @@ def dump_databases(request: BackupRequest, access: DatabaseAccess,
     if section.partial:
         logger.warning("%s", section.partial_note())
     return DumpResult(section=section, objects=objects)
+
+
+def binlog_tap(dump: Command, coordinates: list[str] | None) -> list[Command]:
+    """The dump alone; or, to learn its snapshot's binlog coordinates, with ``--master-data=2``
+    and the tap that reads them from its head (:mod:`undercloud_backup.db.headtap`)."""
+    if coordinates is None:
+        return [dump]
+    # after --defaults-extra-file, which must stay first
+    argv = (*dump.argv[:2], binlog.MASTER_DATA, *dump.argv[2:])
+    return [replace(dump, argv=argv), binlog.headtap_command()]
 
 
 def _database_section(access: DatabaseAccess, info: db.ServerInfo, system_tables: str,

@@ -137,6 +137,21 @@ class DatabaseSection:
     partial: bool = False
     missing: list[str] = field(default_factory=list)
     fix: str | None = None
+    # The binary log (undercloud_backup/db/binlog.py). ``kind`` "dump" (a full dump: ``end``
+    # is its snapshot's coordinates, ``start`` too) or "binlog" (no dump: ``binlogs`` are the
+    # log files shipped, replayed from ``start`` to ``end`` on top of the chain that ends in
+    # ``parent``; ``base`` is the backup holding the dump, and ``databases`` counts the rows
+    # at ``end``). ``server``: server_id, GTID domain, binlog_format; ``full_reason``: why a
+    # dump was taken where the log could have been shipped. Coordinates: {file, position,
+    # gtid, time}; no coordinates when the server keeps no binary log.
+    kind: str = "dump"
+    start: dict[str, Any] | None = None
+    end: dict[str, Any] | None = None
+    binlogs: list[dict[str, Any]] = field(default_factory=list)
+    server: dict[str, Any] = field(default_factory=dict)
+    base: str | None = None
+    parent: str | None = None
+    full_reason: str | None = None
 
     @property
     def has_checksums(self) -> bool:
@@ -169,7 +184,11 @@ class DatabaseSection:
                    schema_objects=dict(known.get("schema_objects") or {}),
                    account=known.get("account"), partial=bool(known.get("partial")),
                    missing=[str(m) for m in known.get("missing") or []],
-                   fix=known.get("fix"))
+                   fix=known.get("fix"), kind=known.get("kind") or "dump",
+                   start=known.get("start"), end=known.get("end"),
+                   binlogs=list(known.get("binlogs") or []),
+                   server=dict(known.get("server") or {}), base=known.get("base"),
+                   parent=known.get("parent"), full_reason=known.get("full_reason"))
 
 
 @dataclass

@@ -29,6 +29,7 @@ from undercloud_backup.core.manifest import USERS_OBJECT, Manifest, StoredObject
 from undercloud_backup.db import connection as db
 from undercloud_backup.db.check import TableComparison, compare_tables
 from undercloud_backup.db.dumpstream import DatabaseFilter, DumpGate, sandboxed
+from undercloud_backup.restore.binlog import ReplayPlan, replay
 from undercloud_backup.restore.files import (
     NotInBackup,
     RestoreFailed,
@@ -201,11 +202,17 @@ def _load(store, container: str, obj: StoredObject, settings: db.DatabaseSetting
 def restore_databases(store, container: str, manifest: Manifest,
                       settings: db.DatabaseSettings, databases: Sequence[str] | None,
                       request: RestoreRequest,
-                      logger: logging.Logger | logging.LoggerAdapter) -> DatabasesRestored:
+                      logger: logging.Logger | logging.LoggerAdapter,
+                      replay_plan: ReplayPlan | None = None) -> DatabasesRestored:
     """Load the dump (all of it, or only ``databases``) into the MariaDB of ``settings``,
-    then compare every restored table's row count and checksum with the manifest."""
+    then compare every restored table's row count and checksum with the manifest. With a
+    ``replay_plan``, the dump is its full one's and the shipped binary log replays after it;
+    the counts compare with its end point's, when it ends at one."""
     started = time.monotonic()
-    obj, users = dump_object(manifest), users_object(manifest)
+    if replay_plan is not None:
+        manifest = replay_plan.end or replay_plan.base
+    dumped = replay_plan.base if replay_plan is not None else manifest
+    obj, users = dump_object(dumped), users_object(dumped)
     selected = selected_databases(manifest, databases)
     everything = not databases
     # One session from before the load to after it: loading every account may change the
@@ -228,13 +235,38 @@ def restore_databases(store, container: str, manifest: Manifest,
                                                           keep_system=everything), request)]
         if everything and users is not None:
             checks.append(_load(store, container, users, settings, None, request))
+        if replay_plan is not None:
+            _replay(store, container, replay_plan, settings, None if whole else plan.load,
+                    request, logger)
         loaded_in = time.monotonic() - started
-        comparison = _compare(session, manifest, plan.load, logger)
+        if replay_plan is not None and replay_plan.end is None:
+            logger.info("restored to %s: no backup's row counts were taken there, so none "
+                        "are compared", replay_plan.point)
+            comparison = TableComparison()
+        else:
+            comparison = _compare(session, manifest, plan.load, logger)
     logger.info("restored %d database(s) in %.1f s; %d of %d table(s) match the manifest",
                 len(plan.load), loaded_in, comparison.matching, comparison.compared)
     return DatabasesRestored(plan, everything, obj.name, dry_run=False, object_checks=checks,
                              comparison=comparison,
                              seconds=round(time.monotonic() - started, 2))
+
+
+def _replay(store, container: str, replay_plan: ReplayPlan, settings: db.DatabaseSettings,
+            databases: Sequence[str] | None, request: RestoreRequest,
+            logger: logging.Logger | logging.LoggerAdapter) -> None:
+    logger.info("replaying the binary log: %s", replay_plan.describe())
+
+    def open_client() -> tuple[Command, tuple[int, ...]]:
+        read_fd, write_fd = os.pipe()
+        with os.fdopen(write_fd, "w") as options:  # a 64 KiB pipe holds it all
+            options.write(settings.option_file_text())
+        return client_command(read_fd), (read_fd,)
+
+    files = replay(store, container, replay_plan, open_client, databases=databases,
+                   timeout=request.timeout_s, staging_dir=request.staging_dir,
+                   secrets=[settings.password])
+    logger.info("replayed %d binary log file(s) to %s", files, replay_plan.point)
 
 
 def _drop(session, names: Sequence[str]) -> None:

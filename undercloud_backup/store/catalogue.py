@@ -35,6 +35,8 @@ class BackupEntry:
     # The manifest's note when its database dump is partial (--allow-partial-database), so that
     # a listing never shows such a backup like a complete one.
     partial_database: str | None = None
+    # "dump" or "binlog" (the binary log since the last backup); None: no databases.
+    database_kind: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +74,9 @@ def describe(store: SwiftStore, container: str,
             continue
         partial = manifest.mariadb.partial_note() if manifest.mariadb else None
         described.append(replace(entry, kind=manifest.kind or "full", parent=manifest.parent,
-                                 partial_database=partial))
+                                 partial_database=partial,
+                                 database_kind=manifest.mariadb.kind if manifest.mariadb
+                                 else None))
     return described
 
 
