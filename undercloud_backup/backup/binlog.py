@@ -156,7 +156,8 @@ def back_up_databases(request: BackupRequest, access: DatabaseAccess,
     decision = decide(request, access, swift_settings)
     if decision.ship:
         return ship(request, access, swift_settings, decision, logger)
-    if decision.server is not None and decision.server.log_bin and request.full:
+    if decision.server is not None and decision.server.log_bin and (
+            request.full or decision.parent is None):
         logger.info("dumping the databases in full: %s", decision.reason)
     elif decision.server is not None and decision.server.log_bin:
         logger.warning("dumping the databases in FULL instead of shipping the binary log: %s",

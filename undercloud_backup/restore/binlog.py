@@ -293,7 +293,7 @@ def replay(store, container: str, plan: ReplayPlan, open_client: OpenClient, *,
                                                 plan.stop_datetime, name, tool)
             client, pass_fds = open_client()
             try:
-                _pipe(command, client, timeout, pass_fds, secrets)
+                _pipe(command, client, timeout, pass_fds, secrets, plan.point)
             finally:
                 for fd in pass_fds:
                     os.close(fd)
@@ -314,7 +314,7 @@ def gtid_replay_command(paths: list[str], start: binlog.Coordinates, stop_gtid: 
 
 
 def _pipe(producer: Command, client: Command, timeout: float, pass_fds: Sequence[int],
-          secrets: Sequence[str | None]) -> None:
+          secrets: Sequence[str | None], point: str) -> None:
     env = dict(os.environ, TZ=binlog.REPLAY_ENV_TZ)
     with Pipeline([producer], timeout=timeout, env=env) as source:
         assert source.stdout is not None
@@ -324,12 +324,12 @@ def _pipe(producer: Command, client: Command, timeout: float, pass_fds: Sequence
             try:
                 sink.wait()
             except BackupError as error:
-                raise LogChainBroken(backup_id="the chain", reason=f"replaying into the "
-                                     f"server failed: {_reason(sink, error)}") from None
+                raise LogChainBroken(backup_id=f"the chain to {point}", reason=f"replaying "
+                                     f"into the server failed: {_reason(sink, error)}") from None
         try:
             source.wait()
         except BackupError as error:
-            raise LogChainBroken(backup_id="the chain",
+            raise LogChainBroken(backup_id=f"the chain to {point}",
                                  reason=f"mariadb-binlog failed: {error}") from None
 
 

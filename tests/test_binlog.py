@@ -1,0 +1,289 @@
+"""The MariaDB binary log end to end, against a scratch MariaDB with the log on and Swift behind
+Keystone: a full dump records its snapshot's coordinates, a nightly ships the closed log files
+instead of dumping, and a restore replays them to a nightly's end point or to any second
+(``--until``); every doubt a forced full dump with its reason, every point no log reaches a
+refusal before anything is written."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import subprocess
+import time
+
+import pytest
+from binlog_server import BinlogServer
+from conftest import backup_cli, backup_in_process, swift_store
+
+from undercloud_backup.store import catalogue
+
+DB = "ucb_binlog"
+
+
+@pytest.fixture(scope="module")
+def source(services):
+    """The server backed up: binary log on, ROW format, server_id 9."""
+    server = BinlogServer(server_id=9)
+    try:
+        server.install()
+        server.start()
+        server.create_backup_user()
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture(scope="module")
+def target(services):
+    """Where restores go: a server of its own, without a binary log."""
+    server = BinlogServer(log_bin=False)
+    try:
+        server.install()
+        server.start()
+        server.create_backup_user()
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def database(source, target):
+    """A database of this test's own on the source; dropped on both servers afterwards."""
+    name = f"{DB}_{os.urandom(3).hex()}"
+    source.sql(f"CREATE DATABASE {name}; CREATE TABLE {name}.t (id INT PRIMARY KEY, "
+               f"v VARCHAR(32)) ENGINE=InnoDB; INSERT INTO {name}.t SELECT seq, "
+               f"CONCAT('row-', seq) FROM {name}.seq_1_to_1000;")
+    yield name
+    for server in (source, target):
+        with contextlib.suppress(RuntimeError):
+            server.sql(f"DROP DATABASE IF EXISTS {name}")
+
+
+def backup(server: BinlogServer, container: str, *args: str) -> dict:
+    started = time.monotonic()
+    result = backup_in_process("--db-only", "--db-defaults-file", str(server.cnf),
+                               "--container", container, "--no-prune", "--json", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    summary["stderr"] = result.stderr
+    summary["seconds"] = time.monotonic() - started
+    return summary
+
+
+class _Lines(logging.Handler):
+    def __init__(self, sink: io.StringIO) -> None:
+        super().__init__(logging.INFO)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.write(f"{record.levelname} | {record.getMessage()}\n")
+
+
+def restore(target: BinlogServer, container: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m flows.restore`` called in this process, into ``target``."""
+    from flows import restore as flow
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = _Lines(err)
+    logging.getLogger().addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = flow.main(["--container", container, "--no-files",
+                                    "--db-defaults-file", str(target.root_cnf),
+                                    "--no-signature-check", "--json", *args])
+            except SystemExit as done:
+                status = done.code
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return subprocess.CompletedProcess(["flows.restore", *args], status, out.getvalue(),
+                                       err.getvalue())
+
+
+def manifest(container: str, backup_id: str):
+    return catalogue.get_manifest(swift_store(), container, backup_id)
+
+
+def utc_second(server: BinlogServer) -> str:
+    """The server's UTC time, once a new second has begun (events before it are older)."""
+    first = server.sql("SELECT UTC_TIMESTAMP()").strip()
+    while (now := server.sql("SELECT UTC_TIMESTAMP()").strip()) == first:
+        time.sleep(0.1)
+    return now
+
+
+def test_a_nightly_ships_the_log_and_restores_to_its_end_point(source, target, database,
+                                                               container):
+    full = backup(source, container)
+    assert full["database_kind"] == "dump"
+    dumped = manifest(container, full["backup_id"]).mariadb
+    assert dumped.kind == "dump" and dumped.end["file"].startswith("binlog.")
+    assert dumped.end["gtid"].startswith("0-9-")
+
+    source.sql(f"INSERT INTO {database}.t SELECT seq, 'new' FROM {database}.seq_1001_to_1500; "
+               f"DELETE FROM {database}.t WHERE id <= 100; "
+               f"UPDATE {database}.t SET v = 'changed' WHERE id <= 200;")
+    first = backup(source, container)
+    assert first["database_kind"] == "binlog", first["stderr"][-2000:]
+    shipped = manifest(container, first["backup_id"]).mariadb
+    assert shipped.kind == "binlog" and shipped.parent == full["backup_id"]
+    assert shipped.base == full["backup_id"] and shipped.start == dumped.end
+    assert [o["name"].split("/", 1)[1] for o in first["objects"]] == [
+        f"mariadb-binlog-{log['file']}.zst" for log in shipped.binlogs]
+    assert {t.table: t.rows for t in shipped.databases[database]} == {"t": 1400}
+
+    source.sql(f"INSERT INTO {database}.t SELECT seq, 'night 2' FROM {database}.seq_1501_to_1600;"
+               f"USE {database}; CREATE TABLE later (id INT PRIMARY KEY); "
+               f"INSERT INTO {database}.later VALUES (1), (2), (3);")
+    second = backup(source, container)
+    assert second["database_kind"] == "binlog"
+    assert manifest(container, second["backup_id"]).mariadb.parent == first["backup_id"]
+    listed = backup_cli("--list", "--container", container)
+    assert f"{second['backup_id']}  full  database binlog" in listed.stdout, listed.stdout
+
+    # the newest nightly: the full dump, then both nights' logs, to its end point
+    done = restore(target, container, "--backup-id", second["backup_id"], "--database",
+                   database)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)["databases"]
+    assert result["compared"] == 2 and result["matching"] == 2, result
+    assert target.counts(f"{database}.t", f"{database}.later") == {
+        f"{database}.t": 1500, f"{database}.later": 3}
+    assert target.sql(f"SELECT COUNT(*) FROM {database}.t WHERE v = 'changed'").strip() == "100"
+
+    # the first nightly alone stops at its own end point, not later
+    done = restore(target, container, "--backup-id", first["backup_id"], "--database",
+                   database, "--overwrite")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert target.counts(f"{database}.t") == {f"{database}.t": 1400}
+    assert "later" not in target.sql(f"SHOW TABLES FROM {database}")
+
+
+def test_until_restores_any_second_and_refuses_what_no_log_reaches(source, target, database,
+                                                                  container):
+    before_everything = utc_second(source)
+    full = backup(source, container)
+    source.sql(f"INSERT INTO {database}.t SELECT seq, 'before' FROM {database}.seq_2001_to_2010;")
+    point = utc_second(source)
+    utc_second(source)
+    source.sql(f"INSERT INTO {database}.t SELECT seq, 'after' FROM {database}.seq_3001_to_3010;")
+    nightly = backup(source, container)
+    assert nightly["database_kind"] == "binlog"
+    end = manifest(container, nightly["backup_id"]).mariadb.end
+
+    done = restore(target, container, "--until", point, "--database", database)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert target.sql(f"SELECT v, COUNT(*) FROM {database}.t WHERE id > 2000 GROUP BY v"
+                      ).split() == ["before", "10"]
+    assert full["backup_id"] in done.stderr  # the full dump it started from is named
+
+    target.sql(f"DROP DATABASE {database}")
+    for when, says in ((before_everything, "before the first full dump"),
+                       ("2999-01-01 00:00:00", "no shipped binary log reaches it")):
+        refused = restore(target, container, "--until", when, "--database", database)
+        assert refused.returncode == 70, refused.stderr[-2000:]
+        assert says in refused.stderr
+        assert f"newest point that can be reached is {end['time']} UTC" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert database not in target.sql("SHOW DATABASES")
+
+
+def test_purged_log_forces_a_full_dump_and_nothing_replays_past_the_gap(source, database,
+                                                                        container):
+    backup(source, container)
+    source.sql(f"INSERT INTO {database}.t VALUES (5001, 'lost to the purge'); "
+               "FLUSH BINARY LOGS;")
+    current = source.sql("SHOW MASTER STATUS").split()[0]
+    source.sql(f"PURGE BINARY LOGS TO '{current}'")
+    forced = backup(source, container)
+    assert forced["database_kind"] == "dump"
+    section = manifest(container, forced["backup_id"]).mariadb
+    assert "no longer on the server (purged" in section.full_reason
+    assert "dumping the databases in FULL instead of shipping the binary log" in \
+        forced["stderr"]
+    after = backup(source, container)
+    assert after["database_kind"] == "binlog"
+    assert manifest(container, after["backup_id"]).mariadb.parent == forced["backup_id"]
+
+
+def test_a_damaged_shipped_log_is_refused_before_anything_is_written(source, target, database,
+                                                                     container):
+    backup(source, container)
+    source.sql(f"INSERT INTO {database}.t VALUES (6001, 'x');")
+    nightly = backup(source, container)
+    name = nightly["objects"][0]["name"]
+    store = swift_store()
+    body = store.get_bytes(container, name)
+    store.put(container, name, bytes(reversed(body)), content_type="application/zstd",
+              operation="PUT")
+    refused = restore(target, container, "--backup-id", nightly["backup_id"], "--database",
+                      database)
+    assert refused.returncode in (43, 56), refused.stderr[-2000:]
+    assert name in refused.stderr and "Traceback" not in refused.stderr
+    assert database not in target.sql("SHOW DATABASES")
+
+
+def test_log_bin_off_says_how_to_turn_it_on(db_cnf, sample_databases, container):
+    result = backup_in_process("--db-only", "--db-defaults-file", db_cnf, "--container",
+                               container, "--no-prune", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert summary["database_kind"] == "dump"
+    section = manifest(container, summary["backup_id"]).mariadb
+    assert "log_bin=OFF" in section.full_reason and "expire_logs_days" in section.full_reason
+    assert section.end is None
+    assert "log_bin=binlog, binlog_format=ROW, server_id=" in result.stderr
+
+
+def test_identity_format_and_grants_force_a_full_dump(source, database, container):
+    backup(source, container)
+    source.sql("SET GLOBAL binlog_format = 'MIXED'")
+    try:
+        mixed = backup(source, container)
+    finally:
+        source.sql("SET GLOBAL binlog_format = 'ROW'")
+    assert mixed["database_kind"] == "dump"
+    assert "binlog_format changed from ROW to MIXED" in \
+        manifest(container, mixed["backup_id"]).mariadb.full_reason
+
+    source.sql("REVOKE REPLICATION SLAVE ON *.* FROM 'ucbbinlog'@'127.0.0.1'")
+    try:
+        ungranted = backup(source, container)
+    finally:
+        source.sql("GRANT REPLICATION SLAVE ON *.* TO 'ucbbinlog'@'127.0.0.1'")
+    assert ungranted["database_kind"] == "dump"
+    assert "lacks REPLICATION SLAVE ON *.*" in \
+        manifest(container, ungranted["backup_id"]).mariadb.full_reason
+
+    # a restart between two nightlies only rotates the log: still shipped
+    backup(source, container)
+    source.stop()
+    source.start()
+    source.sql(f"INSERT INTO {database}.t VALUES (7001, 'after restart')")
+    restarted = backup(source, container)
+    assert restarted["database_kind"] == "binlog", restarted["stderr"][-2000:]
+
+
+def test_a_reinstalled_server_forces_a_full_dump(container, services):
+    server = BinlogServer(server_id=9)
+    try:
+        server.install()
+        server.start()
+        server.create_backup_user()
+        server.sql(f"CREATE DATABASE {DB}_r; CREATE TABLE {DB}_r.t (id INT PRIMARY KEY);"
+                   f"INSERT INTO {DB}_r.t VALUES (1), (2);")
+        backup(server, container)
+        server.stop()
+        server.install()  # same server_id, a fresh log and GTID position
+        server.start()
+        server.create_backup_user()
+        again = backup(server, container)
+        assert again["database_kind"] == "dump"
+        reason = manifest(container, again["backup_id"]).mariadb.full_reason
+        assert "reinstalled" in reason, reason
+    finally:
+        server.remove()
+
