@@ -68,7 +68,7 @@ def plan_replay(swift_source: SwiftSource, manifest: Manifest, until: str | None
             logger.info("files as of backup %s, the newest before %s", manifest.backup_id,
                         plan.point)
         elif databases and manifest.mariadb is not None and \
-                manifest.mariadb.kind == replaylog.binlog.BINLOG:
+                manifest.mariadb.kind == replaylog.BINLOG:
             plan = replaylog.plan_to_end(manifest, load)
         if plan is not None and databases:
             reader.precheck(store, settings.container, plan.objects())

@@ -7,6 +7,7 @@ refusal before anything is written."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import logging
@@ -82,25 +83,29 @@ class _Lines(logging.Handler):
         self.sink.write(f"{record.levelname} | {record.getMessage()}\n")
 
 
-def restore(target: BinlogServer, container: str, *args: str) -> subprocess.CompletedProcess:
-    """``python -m flows.restore`` called in this process, into ``target``."""
-    from flows import restore as flow
-
+def run_in_process(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` called in this process (stderr: the run's log lines)."""
+    flow = importlib.import_module(module)
     out, err = io.StringIO(), io.StringIO()
     handler = _Lines(err)
     logging.getLogger().addHandler(handler)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                status = flow.main(["--container", container, "--no-files",
-                                    "--db-defaults-file", str(target.root_cnf),
-                                    "--no-signature-check", "--json", *args])
+                status = flow.main(list(args))
             except SystemExit as done:
                 status = done.code
     finally:
         logging.getLogger().removeHandler(handler)
-    return subprocess.CompletedProcess(["flows.restore", *args], status, out.getvalue(),
+    return subprocess.CompletedProcess([module, *args], status, out.getvalue(),
                                        err.getvalue())
+
+
+def restore(target: BinlogServer, container: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m flows.restore`` called in this process, into ``target``."""
+    return run_in_process("flows.restore", "--container", container, "--no-files",
+                          "--db-defaults-file", str(target.root_cnf), "--no-signature-check",
+                          "--json", *args)
 
 
 def manifest(container: str, backup_id: str):
@@ -153,6 +158,15 @@ def test_a_nightly_ships_the_log_and_restores_to_its_end_point(source, target, d
     assert target.counts(f"{database}.t", f"{database}.later") == {
         f"{database}.t": 1500, f"{database}.later": 3}
     assert target.sql(f"SELECT COUNT(*) FROM {database}.t WHERE v = 'changed'").strip() == "100"
+
+    # verify test-restores the chain the same way into its throwaway server
+    verified = run_in_process("flows.verify", "--container", container, "--backup-id",
+                              second["backup_id"], "--no-signature-check", "--json")
+    assert verified.returncode == 0, verified.stderr[-3000:]
+    report = json.loads(verified.stdout)
+    assert report["database"]["loaded"] is True
+    assert report["database"]["compared"] >= 2
+    assert report["database"]["matching"] == report["database"]["compared"]
 
     # the first nightly alone stops at its own end point, not later
     done = restore(target, container, "--backup-id", first["backup_id"], "--database",

@@ -28,6 +28,7 @@ from undercloud_backup.store.reader import ObjectDamaged
 from undercloud_backup.store.streams import Consumer, stream_object
 
 UNTIL_FORMAT = "%Y-%m-%d %H:%M:%S"
+BINLOG, BINLOG_CONTENT = binlog.BINLOG, binlog.BINLOG_CONTENT
 
 
 class PointInTimeUnreachable(BackupError):

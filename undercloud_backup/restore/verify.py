@@ -42,6 +42,8 @@ from undercloud_backup.files.tarlist import (
     read_entries,
     tar_list_command,
 )
+from undercloud_backup.restore import binlog
+from undercloud_backup.store import catalogue
 from undercloud_backup.store.reader import ObjectCheck, read_collecting
 from undercloud_backup.store.streams import Consumer, StreamOutcome, stream_object
 
@@ -309,6 +311,16 @@ def check_database(store, container: str, manifest: Manifest, *, staging_dir: st
     objects = dump_objects(manifest)
     checks: list[ObjectCheck] = []
     problems: list[str] = []
+    replay_plan = None
+    if manifest.mariadb is not None and manifest.mariadb.kind == binlog.BINLOG:
+        # its chain's full dump, then the shipped logs replayed to this backup's end point
+        try:
+            replay_plan = binlog.plan_to_end(manifest, lambda backup_id: catalogue.get_manifest(
+                store, container, backup_id))
+            objects = dump_objects(replay_plan.base)
+        except BackupError as error:
+            problems.append(str(error))
+            objects = []
     loaded_in = 0.0
     comparison = TableComparison()
     with scratch_mariadb(staging_dir, lifetime_s=timeout) as server:
@@ -328,6 +340,16 @@ def check_database(store, container: str, manifest: Manifest, *, staging_dir: st
             loaded_in += time.monotonic() - load_started
             problems += seen
             checks.append(outcome.check)
+        if replay_plan is not None and objects and not problems:
+            log.info("replaying %s into the %s", replay_plan.describe(), server.where)
+            load_started = time.monotonic()
+            try:
+                binlog.replay(store, container, replay_plan,
+                              lambda: (server.client_command(), ()), databases=None,
+                              timeout=timeout, staging_dir=staging_dir)
+            except BackupError as error:
+                problems.append(f"replaying the binary log failed: {error}")
+            loaded_in += time.monotonic() - load_started
         loaded = bool(objects) and not problems
         if loaded:
             log.info("loaded in %.1f s; comparing %d database(s) with the manifest",
@@ -345,7 +367,10 @@ def check_database(store, container: str, manifest: Manifest, *, staging_dir: st
     if backup_version and backup_version.split(".")[:2] != scratch_version.split(".")[:2]:
         warnings.append(f"the dump comes from MariaDB {backup_version} and was loaded into "
                         f"{scratch_version}; checksums may differ between versions")
-    return DatabaseCheck(objects=checks, checked=[o.name for o in objects], loaded=loaded,
+    replayed = [o.name for o in replay_plan.objects()] if replay_plan is not None else []
+    return DatabaseCheck(objects=checks, checked=[o.name for o in objects] + replayed
+                         + [o.name for o in manifest.objects if kind_of(o) == "database"
+                            and o.name not in replayed], loaded=loaded,
                          load_seconds=round(loaded_in, 2), scratch_version=scratch_version,
                          databases=len(recorded), comparison=comparison, problems=problems,
                          warnings=warnings, seconds=round(time.monotonic() - started, 2))
@@ -440,5 +465,7 @@ def kind_of(obj: StoredObject) -> str:
     if obj.leaf == USERS_OBJECT or obj.content == "mariadb-users":
         return "users"
     if obj.content == "mariadb-dump" or obj.leaf == DB_OBJECT:
+        return "database"
+    if obj.content == binlog.BINLOG_CONTENT:  # replayed on its chain's dump
         return "database"
     return "plain"
