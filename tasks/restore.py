@@ -64,9 +64,10 @@ def plan_replay(swift_source: SwiftSource, manifest: Manifest, until: str | None
             plan = replaylog.plan_until(store, settings.container, manifest.hostname, load,
                                         until=when, until_gtid=until_gtid)
             manifest = replaylog.files_backup(store, settings.container, manifest, when,
-                                              load) or manifest
-            logger.info("files as of backup %s, the newest before %s", manifest.backup_id,
-                        plan.point)
+                                              load) or plan.base
+            if manifest.paths is not None:
+                logger.info("files as of backup %s, the newest before %s",
+                            manifest.backup_id, plan.point)
         elif databases and manifest.mariadb is not None and \
                 manifest.mariadb.kind == replaylog.BINLOG:
             plan = replaylog.plan_to_end(manifest, load)

@@ -44,7 +44,6 @@ class BinlogServer:
         self.password = secrets.token_hex(12)
         self.process: subprocess.Popen | None = None
         self.cnf = self.top / "backup.cnf"
-        self.root_cnf = self.top / "root.cnf"
 
     # ------------------------------------------------------------------ lifecycle
     def _own(self, *paths: Path) -> None:
@@ -118,13 +117,6 @@ class BinlogServer:
         self.cnf.write_text(f"[client]\nhost=127.0.0.1\nport={self.port}\nuser={USER}\n"
                             f"password={self.password}\n")
         self.cnf.chmod(0o600)
-        # the restore's target: root of this server over TCP needs a password too
-        self.sql(f"CREATE OR REPLACE USER 'ucbrestore'@'127.0.0.1' IDENTIFIED BY "
-                 f"'{self.password}'; GRANT ALL ON *.* TO 'ucbrestore'@'127.0.0.1' WITH "
-                 "GRANT OPTION;")
-        self.root_cnf.write_text(f"[client]\nhost=127.0.0.1\nport={self.port}\n"
-                                 f"user=ucbrestore\npassword={self.password}\n")
-        self.root_cnf.chmod(0o600)
         return str(self.cnf)
 
     def counts(self, *tables: str) -> dict[str, int]:

@@ -229,8 +229,8 @@ def _choose_dump(dumps: list[Manifest], until: dt.datetime | None,
         end = _end(manifest)
         assert end is not None
         if until is not None:
-            when = _when(end.time)
-            if when is not None and when <= until:
+            when = _when(end.time)  # its snapshot may hold events of that very second
+            if when is not None and when < until:
                 chosen = manifest
         elif until_gtid is not None and 0 <= _seq(end.gtid) <= _seq(until_gtid):
             chosen = manifest
