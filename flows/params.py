@@ -68,6 +68,10 @@ class WhatToBackUp(_Group):
                         "/home/stack/.cache or /srv/node/*/tmp. Excluding everything is an "
                         "error.")
     db_only: bool = Field(False, description="Only dump the databases; archive no files.")
+    binlogs_only: bool = Field(
+        False, description="Only ship MariaDB's binary log since this host's last backup (a "
+                           "small backup of its own, no files); refused when the log cannot be "
+                           "shipped (no binary log, a gap, another server).")
     root: str = Field("/", description="Directory the paths are resolved under: / on the "
                                        "undercloud, a scratch tree in tests.")
     full: bool = Field(False, description="Take a full backup of the files (tar level 0) even "
@@ -213,6 +217,7 @@ class Flag:
 FLAGS: dict[str, Flag] = {
     "add_paths": Flag("--add-path", "PATH"), "exclude_paths": Flag("--exclude-path", "PATTERN"),
     "db_only": Flag("--db-only"), "root": Flag("--root", "DIR"),
+    "binlogs_only": Flag("--binlogs-only"),
     "full": Flag("--full", help="take a full backup of the files (tar level 0), not an "
                                "incremental"),
     "full_every": Flag("--full-every", "AGE"),

@@ -308,3 +308,24 @@ def test_a_reinstalled_server_forces_a_full_dump(container, services):
     finally:
         server.remove()
 
+
+
+def test_binlogs_only_ships_a_small_backup_or_refuses_saying_why(source, database, container):
+    refused = backup_in_process("--binlogs-only", "--db-defaults-file", str(source.cnf),
+                                "--container", container, "--no-prune", "--json")
+    assert refused.returncode == 73, refused.stderr[-2000:]
+    assert "No binary log was shipped (--binlogs-only): no earlier backup of this host " \
+           "recorded binary-log coordinates" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert catalogue.list_backups(swift_store(), container) == []
+
+    backup(source, container)
+    source.sql(f"INSERT INTO {database}.t VALUES (8001, 'a quarter of an hour later')")
+    shipped = backup_in_process("--binlogs-only", "--db-defaults-file", str(source.cnf),
+                                "--container", container, "--no-prune", "--json")
+    assert shipped.returncode == 0, shipped.stderr[-2000:]
+    summary = json.loads(shipped.stdout)
+    assert summary["database_kind"] == "binlog"
+    assert summary["objects"] and all("/mariadb-binlog-" in o["name"]
+                                      for o in summary["objects"])
+    assert manifest(container, summary["backup_id"]).paths is None

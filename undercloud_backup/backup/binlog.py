@@ -42,6 +42,12 @@ FETCH_TIMEOUT_S = 3600.0
 CANDIDATES = 50  # this host's newest backups looked at for a parent
 
 
+class BinlogsNotShipped(BackupError):
+    """No binary log was shipped (--binlogs-only): {reason}. Nothing was written; the next nightly backup dumps the databases in full."""  # noqa: E501
+
+    exit_code = 73
+
+
 @dataclass
 class Decision:
     """Ship the log (``reason`` None) from ``parent``'s end, or dump, and why."""
@@ -156,6 +162,8 @@ def back_up_databases(request: BackupRequest, access: DatabaseAccess,
     decision = decide(request, access, swift_settings)
     if decision.ship:
         return ship(request, access, swift_settings, decision, logger)
+    if request.binlogs_only:
+        raise BinlogsNotShipped(reason=decision.reason)
     if decision.server is not None and decision.server.log_bin and (
             request.full or decision.parent is None):
         logger.info("dumping the databases in full: %s", decision.reason)

@@ -53,6 +53,8 @@ class BackupRequest:
     # complete backup while its chain's full is younger than full_every_s (0: always full).
     full: bool = False
     full_every_s: float = 7 * 86400
+    # Only the binary log since the last backup (no files); refused when it cannot be shipped.
+    binlogs_only: bool = False
 
     def object_name(self, leaf: str) -> str:
         return f"{self.backup_id}/{leaf}"

@@ -146,6 +146,10 @@ def inventory(store: SwiftStore, container: str) -> tuple[list[StoredBackup], li
                 else backup.last_modified
             backup.hostname = manifest.hostname
             backup.chain = list(manifest.chain)
+            section = manifest.mariadb  # shipped binary log: its full dump and the link before
+            if section is not None and section.kind == "binlog":
+                backup.chain += [b for b in (section.base, section.parent)
+                                 if b and b not in backup.chain]
             # Segments kept in another container than <container>_segments are found through
             # the manifest.
             for record in manifest.objects:
@@ -203,6 +207,16 @@ def keep_parents(backups: Iterable[StoredBackup],
             if ancestor in complete:
                 reasons = kept.setdefault(ancestor, [])
                 reasons.append(f"parent of {backup_id}")
+    # A shipped binary log records only its parent and full dump: what the parent needs,
+    # and so on, is kept too.
+    pending = list(kept)
+    while pending:
+        backup_id = pending.pop()
+        backup = complete.get(backup_id)
+        for ancestor in backup.chain if backup else []:
+            if ancestor in complete and ancestor not in kept:
+                kept[ancestor] = [f"parent of {backup_id}"]
+                pending.append(ancestor)
     return kept
 
 
