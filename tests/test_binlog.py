@@ -329,3 +329,27 @@ def test_binlogs_only_ships_a_small_backup_or_refuses_saying_why(source, databas
     assert summary["objects"] and all("/mariadb-binlog-" in o["name"]
                                       for o in summary["objects"])
     assert manifest(container, summary["backup_id"]).paths is None
+
+
+def test_retention_keeps_every_link_a_kept_shipped_log_needs(source, target, database,
+                                                           container):
+    import datetime as dt
+
+    from undercloud_backup.store import retention
+
+    ids = [backup(source, container)["backup_id"]]
+    for n in range(3):
+        source.sql(f"INSERT INTO {database}.t VALUES ({9001 + n}, 'night {n}')")
+        ids.append(backup(source, container)["backup_id"])
+    result = retention.prune(swift_store(), container,
+                             retention.RetentionPolicy(keep_last=1, keep_daily=0,
+                                                       keep_weekly=0),
+                             dt.datetime.now(dt.UTC))
+    assert result.deleted == []
+    reasons = {k.backup_id: k.reasons for k in result.kept}
+    assert reasons[ids[0]] and reasons[ids[1]] and reasons[ids[2]], reasons
+    # and what is kept still restores to the newest end point
+    done = restore(target, container, "--backup-id", ids[-1], "--database", database,
+                   "--overwrite")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert target.counts(f"{database}.t") == {f"{database}.t": 1003}
