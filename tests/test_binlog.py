@@ -12,12 +12,16 @@ import io
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from binlog_server import BinlogServer
-from conftest import backup_cli, backup_in_process, swift_store
+from conftest import REPO, backup_cli, backup_in_process, swift_store
 
 from undercloud_backup.store import catalogue
 
@@ -353,3 +357,46 @@ def test_retention_keeps_every_link_a_kept_shipped_log_needs(source, target, dat
                    "--overwrite")
     assert done.returncode == 0, done.stderr[-3000:]
     assert target.counts(f"{database}.t") == {f"{database}.t": 1003}
+
+
+def by_hand_block() -> str:
+    """The bash block of docs/restore.md marked ``by-hand-binlog``, as written there."""
+    text = (REPO / "docs/restore.md").read_text()
+    found = re.search(r"<!-- by-hand-binlog -->\n```bash\n(.*?)```", text, re.S)
+    assert found, "docs/restore.md lost its by-hand binary-log block"
+    return found.group(1)
+
+
+def test_the_documented_commands_restore_a_nightly_by_hand(source, database, container,
+                                                          os_env, tmp_path):
+    backup(source, container)
+    source.sql(f"INSERT INTO {database}.t VALUES (10001, 'by hand'); "
+               f"DELETE FROM {database}.t WHERE id <= 10")
+    first = backup(source, container)
+    source.sql(f"UPDATE {database}.t SET v = 'second night' WHERE id <= 50")
+    second = backup(source, container)
+    assert (first["database_kind"], second["database_kind"]) == ("binlog", "binlog")
+    expected = source.sql(f"SELECT COUNT(*), SUM(v = 'second night') FROM {database}.t")
+    fresh = BinlogServer(log_bin=False)
+    try:
+        fresh.install()
+        fresh.start()
+        # the block's plain `mariadb` reaches this server (the command line beats my.cnf)
+        tools = tmp_path / "bin"
+        tools.mkdir()
+        (tools / "mariadb").write_text(f"#!/bin/sh\nexec {shutil.which('mariadb')} "
+                                       f"--socket={fresh.socket} \"$@\"\n")
+        (tools / "mariadb").chmod(0o755)
+        work = tmp_path / "work"
+        work.mkdir()
+        done = subprocess.run(["bash", "-c", by_hand_block()], cwd=work,
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **os_env, "CONTAINER": container,
+                                   "ID": second["backup_id"],
+                                   "PATH": f"{tools}:{Path(sys.executable).parent}:"
+                                           f"{os.environ['PATH']}"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert fresh.sql(f"SELECT COUNT(*), SUM(v = 'second night') FROM {database}.t"
+                         ) == expected == "991\t40\n"
+    finally:
+        fresh.remove()
