@@ -75,8 +75,8 @@ class WhatToBackUp(_Group):
     root: str = Field("/", description="Directory the paths are resolved under: / on the "
                                        "undercloud, a scratch tree in tests.")
     full: bool = Field(False, description="Take a full backup of the files (tar level 0) even "
-                                          "when an incremental would do. The database is "
-                                          "always dumped in full.")
+                                          "when an incremental would do, and dump the "
+                                          "databases in full rather than ship the binary log.")
     full_every: str = Field(
         "7d", description="Files: take an incremental (only what changed since this host's "
                           "previous backup) while the chain's full is younger than this, e.g. "

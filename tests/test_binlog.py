@@ -400,3 +400,15 @@ def test_the_documented_commands_restore_a_nightly_by_hand(source, database, con
                          ) == expected == "991\t40\n"
     finally:
         fresh.remove()
+
+
+def test_until_gtid_stops_after_that_transaction(source, target, database, container):
+    backup(source, container)
+    source.sql(f"INSERT INTO {database}.t VALUES (11001, 'kept')")
+    kept = source.sql("SELECT @@gtid_binlog_pos").strip()
+    source.sql(f"INSERT INTO {database}.t VALUES (11002, 'not kept')")
+    backup(source, container)
+    done = restore(target, container, "--until-gtid", kept, "--database", database,
+                   "--overwrite")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert target.sql(f"SELECT id FROM {database}.t WHERE id > 11000").split() == ["11001"]
