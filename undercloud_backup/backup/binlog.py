@@ -121,8 +121,8 @@ def decide(request: BackupRequest, access: DatabaseAccess, swift_settings: Swift
            ) -> Decision:
     """Whether this backup can ship the binary log, and from where; else why it dumps."""
     if not isinstance(access, DirectAccess):
-        return Decision(None, reason="the binary log is shipped only over a direct "
-                                     "connection (not through the sudo wrapper)")
+        return Decision(None, reason="a binary log, if the server keeps one, is shipped only "
+                                     "over a direct connection (not through the sudo wrapper)")
     with db.connect(access.settings) as connection:
         server = binlog.read_server_log(connection)
     if not server.log_bin:
