@@ -186,6 +186,9 @@ def dump_with_coordinates(request: BackupRequest, access: DatabaseAccess,
         return result
     assert isinstance(access, DirectAccess)
     with db.connect(access.settings) as connection, connection.cursor() as cursor:
+        # a fresh log file for the snapshot: the first nightly ships what came after the
+        # dump, not what the current file held before it
+        binlog.flush(connection)
         started = binlog.utc_now(cursor)
     lines: list[str] = []
     result = dump_databases(request, access, swift_settings, logger, coordinates=lines)
