@@ -205,7 +205,7 @@ def test_until_restores_any_second_and_refuses_what_no_log_reaches(source, targe
     for when, says in ((before_everything, "before the first full dump"),
                        ("2999-01-01 00:00:00", "no shipped binary log reaches it")):
         refused = restore(target, container, "--until", when, "--database", database)
-        assert refused.returncode == 70, refused.stderr[-2000:]
+        assert refused.returncode == 80, refused.stderr[-2000:]
         assert says in refused.stderr
         assert f"newest point that can be reached is {end['time']} UTC" in refused.stderr
         assert "Traceback" not in refused.stderr
@@ -319,7 +319,7 @@ def test_a_reinstalled_server_forces_a_full_dump(container, services):
 def test_binlogs_only_ships_a_small_backup_or_refuses_saying_why(source, database, container):
     refused = backup_in_process("--binlogs-only", "--db-defaults-file", str(source.cnf),
                                 "--container", container, "--no-prune", "--json")
-    assert refused.returncode == 73, refused.stderr[-2000:]
+    assert refused.returncode == 83, refused.stderr[-2000:]
     assert "No binary log was shipped (--binlogs-only): no earlier backup of this host " \
            "recorded binary-log coordinates" in refused.stderr
     assert "Traceback" not in refused.stderr

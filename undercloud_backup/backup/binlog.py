@@ -45,7 +45,7 @@ CANDIDATES = 50  # this host's newest backups looked at for a parent
 class BinlogsNotShipped(BackupError):
     """No binary log was shipped (--binlogs-only): {reason}. Nothing was written; the next nightly backup dumps the databases in full."""  # noqa: E501
 
-    exit_code = 73
+    exit_code = 83
 
 
 @dataclass

@@ -50,7 +50,7 @@ HOW_TO_TURN_ON = (
 class BinlogUnavailable(BackupError):
     """The binary log of MariaDB at {where} could not be shipped: {reason}"""
 
-    exit_code = 72
+    exit_code = 82
     retryable = True
 
 

@@ -34,13 +34,13 @@ BINLOG, BINLOG_CONTENT = binlog.BINLOG, binlog.BINLOG_CONTENT
 class PointInTimeUnreachable(BackupError):
     """{point} cannot be restored: {reason}. Nothing was written."""
 
-    exit_code = 70
+    exit_code = 80
 
 
 class LogChainBroken(BackupError):
     """The binary log of {backup_id} cannot be replayed: {reason}. Nothing was replayed past it; restore an earlier point or the full dump alone."""  # noqa: E501
 
-    exit_code = 71
+    exit_code = 81
 
 
 @dataclass
