@@ -234,7 +234,7 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
         if request.include_files:
             run.futures.append(stages.archive_paths.with_options(**retry).submit(
                 request, plan, swift_source))
-        results = [future.result() for future in run.futures]
+        results = _results(run.futures)
     progress.finish_run()
     files = results[1] if request.include_files else None
 
@@ -256,6 +256,19 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
     for warning in warnings:  # said again last, after the run's other lines
         logger.warning("%s", warning)
     return summary
+
+
+def _results(futures: list) -> list:
+    """Every stream's result once all have ended; if any failed, the error of the one that
+    failed first (the other may only have followed it: the same Swift outage, a stage it
+    was waiting on), whatever the order they were started in."""
+    from prefect.futures import wait
+
+    wait(futures)
+    failed = [f for f in futures if not f.state.is_completed()]
+    if failed:
+        min(failed, key=lambda f: f.state.timestamp).result()
+    return [future.result() for future in futures]
 
 
 def _download_links(swift_source: SwiftSource, manifest: Manifest, hours: float = 24) -> str:

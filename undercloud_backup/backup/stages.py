@@ -25,6 +25,7 @@ from undercloud_backup.core.errors import (
     BackupError,
     CommandFailed,
     UnreadableFiles,
+    first_few,
 )
 from undercloud_backup.core.execute import Command, Pipeline, StageResult, capture
 from undercloud_backup.core.manifest import (
@@ -341,6 +342,19 @@ def store_snapshot(request: BackupRequest, swift_settings: SwiftSettings, plain:
     return stored, record
 
 
+def judge_tar(status: int | None, report: fs.TarReport, allow_unreadable: bool) -> None:
+    """tar's verdict on an archive whose stream went through: status 2 fails the run only for
+    a complaint of its own (not a warning such as "socket ignored", not a file it could not
+    read, which ``allow_unreadable`` decides on)."""
+    fatal = report.fatal()
+    if status == 2 and fatal:
+        raise ArchiveFailed(reason="tar: " + first_few(
+            fatal, len(fatal) + report.unlisted.get("other", 0), limit=80))
+    if report.unreadable and not allow_unreadable:
+        raise UnreadableFiles(count=report.count("unreadable"),
+                              examples=first_few(report.unreadable[:3]))
+
+
 def archive_paths(request: BackupRequest, plan: fs.PathPlan, swift_settings: SwiftSettings,
                   logger: Logger) -> ArchiveResult:
     """Archive the planned paths through zstd into Swift, as a full or an incremental level
@@ -361,11 +375,7 @@ def archive_paths(request: BackupRequest, plan: fs.PathPlan, swift_settings: Swi
         extra += (os.path.relpath(key, plan.root),) if fs.inside(key, plan.root) else ()
 
     def judge(results: list[StageResult]) -> None:
-        if results[0].status == 2 and report.other:
-            raise ArchiveFailed(reason="tar: " + "; ".join(report.other[:5]))
-        if report.unreadable and not request.allow_unreadable:
-            raise UnreadableFiles(count=report.count("unreadable"),
-                                  examples=", ".join(report.unreadable[:3]))
+        judge_tar(results[0].status, report, request.allow_unreadable)
 
     logger.info("archiving %s under %s", ", ".join(plan.included), plan.root)
     with _snapshot(request, plan, parent_snapshot) as snapshot:

@@ -7,7 +7,7 @@ says what to do next; ``exit_code`` is stable and is what ``python -m flows.back
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 REDACTED = "********"
 
@@ -18,6 +18,29 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
         if secret:
             text = text.replace(secret, REDACTED)
     return text
+
+
+# What one field of an error's message may take: a path longer than PATH_MAX, or a tool's
+# complaint about thousands of files, must not make the run's one line unreadable.
+FIELD_CHARS_AT_MOST = 300
+
+
+def shorten(text: str, limit: int = FIELD_CHARS_AT_MOST) -> str:
+    """``text`` on one line, its middle left out (and its length said) beyond ``limit``."""
+    text = text.replace("\r", " ").replace("\n", " ")
+    if len(text) <= limit:
+        return text
+    keep = max(limit // 2 - 16, 8)
+    return f"{text[:keep]}...({len(text):,} characters)...{text[-keep:]}"
+
+
+def first_few(items: Sequence[str], total: int | None = None, few: int = 3,
+              limit: int = 120) -> str:
+    """The first ``few`` of ``items`` (each shortened), and how many more there are."""
+    total = len(items) if total is None else total
+    shown = [shorten(item, limit) for item in items[:few]]
+    more = total - len(shown)
+    return ", ".join(shown) + (f" and {more:,} more" if more > 0 else "")
 
 
 def one_line(text: object) -> str:
@@ -34,8 +57,10 @@ class BackupError(Exception):
     def __init__(self, **fields: object) -> None:
         self.fields = fields
         template = (type(self).__doc__ or "{detail}").strip().splitlines()[0]
+        shown = {key: shorten(value) if isinstance(value, str) else value
+                 for key, value in fields.items()}
         try:
-            message = template.format(**fields)
+            message = template.format(**shown)
         except (KeyError, IndexError):
             message = f"{template} {fields}"
         super().__init__(message)
