@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 from prefect.exceptions import TerminationSignal
+from prefect.states import Failed, State
 
 from blocks.sources import SwiftSource
 from flows import cli, fleet_uploads, interrupt, logs, params
@@ -116,7 +117,7 @@ def undercloud_backup(
     swift: SwiftParams = SwiftParams(),  # noqa: B008
     retention: RetentionParams = RetentionParams(),  # noqa: B008
     advanced: AdvancedParams = AdvancedParams(),  # noqa: B008
-) -> dict:
+) -> dict | State:
     """Back up the undercloud's databases and files into Swift, manifest last.
 
     Args:
@@ -134,7 +135,10 @@ def undercloud_backup(
         except BackupError as error:
             if not cli.FROM_CLI:  # the UI's words: add_paths, not --add-path
                 error.args = (params.ui_language(str(error)),)
-            raise
+            # The cause is the run's ERROR line and its state's message, as they are; the
+            # caller (the CLI, the engine under a worker) gets the error raised all the same.
+            get_run_logger().error("%s", error)
+            return Failed(message=str(error), data=error)
         except (KeyboardInterrupt, TerminationSignal) as signalled:
             why = "SIGINT" if isinstance(signalled, KeyboardInterrupt) else "SIGTERM"
             get_run_logger().error(interrupt.stop(why, run.futures, run.swift_source,

@@ -120,3 +120,133 @@ def test_the_stream_that_failed_first_is_the_one_named(os_env, db_cnf, tmp_path,
     assert result.returncode == 32, result.stderr[-3000:]
     assert "filesystem.tar.zst" in last and "HTTP 401" in last, last
     assert "socket" not in last and "403" not in last
+
+
+def _engine_run(parameters: dict) -> tuple[object, list]:
+    """A flow run made on the server and run by ``python -m prefect.engine``, as a worker runs
+    a deployment's; its final state and its logs."""
+    import sys
+    import time
+
+    from conftest import REPO
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.backup import undercloud_backup
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(undercloud_backup, parameters=parameters)
+        engine = subprocess.run(
+            [sys.executable, "-m", "prefect.engine", str(run.id)], cwd=REPO,
+            env=dict(os.environ, PREFECT__FLOW_ENTRYPOINT="flows/backup.py:undercloud_backup"),
+            capture_output=True, text=True, timeout=120)
+        assert "Finished in state Failed" in engine.stderr, engine.stderr[-2000:]
+        state = client.read_flow_run(run.id).state
+        deadline = time.monotonic() + 10
+        while True:  # its last lines reach the server a moment after its state
+            logs = client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            if any("Finished in state" in log.message for log in logs) or \
+                    time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+    return state, logs
+
+
+def test_a_failed_run_s_cause_is_its_error_line_and_its_state_message(os_env, db_cnf,
+                                                                        tmp_path):
+    """In the UI, filtered by level, a failed run shows why: the cause at ERROR (before:
+    INFO, and the only ERROR line Prefect's "Engine execution exited with unexpected
+    exception"), and the state's message is that line."""
+    (tmp_path / "etc").mkdir()
+    state, logs = _engine_run({"what": {"root": str(tmp_path), "add_paths": ["/not/there"]},
+                               "database": {"db_defaults_file": db_cnf}})
+    cause = (f"Path /not/there does not exist under root {tmp_path}: fix or drop add_paths "
+             "/not/there.")
+    assert state.type.value == "FAILED" and state.message == cause
+    errors = [log.message for log in logs if log.level >= 40]
+    assert errors == [cause], errors
+
+
+@pytest.mark.unit
+def test_a_locked_table_fails_the_run_within_one_bound_not_once_per_retry():
+    """Each session waits LOCK_WAIT_S (60 s) for a locked table; the stage's retries (two by
+    default, after 10 and 20 s) made that 228 s. The wait is the retry: the stage is not tried
+    again after it. The server's own shorter lock_wait_timeout (1205) still is."""
+    from prefect.states import Failed
+
+    from tasks.backup import transient
+    from undercloud_backup.db.preflight import DatabaseLocked, DumpLockTimeout
+
+    waited = DatabaseLocked(table="`nova`.`instances`", where="localhost", holder="id 7",
+                            waited=60)
+    assert waited.exit_code == 26
+    assert transient(None, None, Failed(data=waited)) is False
+    by_server = DumpLockTimeout(table="`nova`.`instances`", where="localhost", waited=60,
+                                holder="mariadb-dump said: Lock wait timeout exceeded (1205)")
+    assert transient(None, None, Failed(data=by_server)) is True
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory on a read-only file system (a tmpfs mounted ro), unmounted afterwards."""
+    path = tmp_path / "ro-staging"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m,mode=0755", "tmpfs", str(path)],
+                   check=True)
+    yield path
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_read_only_staging_directory_has_its_own_line_and_status(
+        os_env, db_cnf, tmp_path, container, read_only_dir):
+    """Before: exit 1, "OSError: [Errno 30] Read-only file system", after the dump had
+    begun. Now: exit 15 before anything is written, naming the directory and why."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/hosts").write_text("127.0.0.1 localhost\n")
+    result = backup_in_process("--root", str(tmp_path), "--container", container,
+                               "--db-defaults-file", db_cnf, "--staging-dir",
+                               str(read_only_dir), "--no-prune")
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 15, result.stderr[-3000:]
+    assert last == (f"undercloud-backup: error: The staging directory {read_only_dir} cannot "
+                    "be written (Read-only file system): segments are spooled there on their "
+                    "way to Swift; make it writable by the user the backup runs as, or choose "
+                    "another --staging-dir.")
+    assert "Traceback" not in result.stderr and "dumping" not in result.stderr
+
+
+def test_a_container_deleted_mid_run_has_its_own_line_and_status(os_env, db_cnf, tmp_path,
+                                                                 container, swift_proxy):
+    """The segments container is deleted (for real, in Swift) while the archive's first
+    segment is on its way; Swift answers that PUT with 404. Before: a bare "HTTP 404 Not
+    Found" (exit 32). Now: exit 35, saying the container was deleted and what to do."""
+    import threading
+    import time
+
+    from conftest import swift_store
+
+    segments = f"{container}_segments"
+    swift_proxy.stall(seconds=3, times=1, method="PUT", path=f"{segments}/")
+
+    def delete_once_the_upload_waits() -> None:
+        deadline = time.monotonic() + 60
+        while swift_proxy.count(method="PUT", path=f"{segments}/") == 0:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        swift_store().delete_container(segments)
+
+    deleter = threading.Thread(target=delete_once_the_upload_waits, daemon=True)
+    deleter.start()
+    with _socket_tree(tmp_path / "root"):
+        result = backup_in_process(
+            "--root", str(tmp_path / "root"), "--container", container,
+            "--db-defaults-file", db_cnf, "--segment-size", "1MiB", "--task-retries", "0",
+            "--no-prune", env=dict(os.environ, OS_STORAGE_URL=swift_proxy.account_url))
+    deleter.join(5)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 35, result.stderr[-3000:]
+    assert last.startswith(f"undercloud-backup: error: Swift container {segments} was "
+                           "deleted while the backup ran (HTTP 404 to PUT segment"), last
+    assert "run the backup again" in last

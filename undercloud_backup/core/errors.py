@@ -97,6 +97,12 @@ class InsufficientSpace(BackupError):
     exit_code = 14
 
 
+class StagingNotWritable(BackupError):
+    """The staging directory {path} cannot be written ({reason}): segments are spooled there on their way to Swift; make it writable by the user the backup runs as, or choose another --staging-dir."""  # noqa: E501
+
+    exit_code = 15
+
+
 class CommandFailed(BackupError):
     """{name} failed (exit status {status}): {stderr}"""
 
@@ -186,6 +192,12 @@ class SwiftRequestFailed(BackupError):
 
 class NotFound(SwiftRequestFailed):
     """Swift {operation} of {target} failed: {reason} (transaction {transaction_id})."""
+
+
+class ContainerGone(NotFound):
+    """Swift container {container} was deleted while the backup ran (HTTP 404 to {operation} of {target}, transaction {transaction_id}): nothing was committed and earlier backups are intact; run the backup again, which creates it anew."""  # noqa: E501
+
+    exit_code = 35
 
 
 class UploadVerifyFailed(BackupError):

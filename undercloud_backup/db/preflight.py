@@ -36,7 +36,8 @@ from undercloud_backup.db.rows import one_row
 REQUIRED_PRIVILEGES = ("SELECT", "SHOW VIEW", "TRIGGER", "EVENT", "SHOW DATABASES")
 GLOBAL_ONLY = frozenset({"SHOW DATABASES"})
 # How long a session of ours (the checks, the table statistics and the dump itself) waits for
-# a table another session has locked before the run fails with exit 26 (retryable).
+# a table another session has locked before the run fails with exit 26: the run's one bound,
+# never multiplied by a stage's retries (the wait itself is the retry).
 LOCK_WAIT_S = 60
 ER_LOCK_WAIT_TIMEOUT = 1205
 # The statements of mariadb-dump's that wait for a table's metadata lock: the rows' SELECT
@@ -56,11 +57,13 @@ class DatabaseLocked(BackupError):
     """Table {table} on MariaDB at {where} is locked by another session ({holder}); gave up after {waited} s: end that session or retry later."""  # noqa: E501
 
     exit_code = 26
-    retryable = True
+    retryable = False  # the session waited out the run's bound already (LOCK_WAIT_S)
 
 
 class DumpLockTimeout(DatabaseLocked):
     """Table {table} on MariaDB at {where} is locked by another session; the dump gave up when the server's lock_wait_timeout ran out ({holder}): end that session or retry later."""  # noqa: E501
+
+    retryable = True  # the server's own shorter wait ended it, within the run's bound
 
 
 @dataclass(frozen=True)
