@@ -26,6 +26,8 @@
 #   UCB_VENV [$UCB_PREFIX/venv]   UCB_STATE [/var/lib/undercloud-backup]
 #   UCB_LOCAL_SERVER [1]  run a Prefect server here; 0: use the one at PREFECT_API_URL
 #   UCB_PORT [4200]       the local server's port
+#   UCB_UI_URL [http://127.0.0.1:$UCB_PORT]  where people open the local server's UI (the alerts'
+#                         links to a run start with it): PREFECT_UI_URL of server.env
 #   PREFECT_API_URL [http://127.0.0.1:$UCB_PORT/api]  (PREFECT_API_AUTH_STRING if it needs one)
 #   UCB_ZOMBIE_AFTER [90] seconds without a heartbeat before a run is marked CRASHED
 #   UCB_RECIPIENTS_FILE [] age recipients (public keys) to encrypt every backup to, installed as
@@ -64,6 +66,7 @@ UCB_VENV=${UCB_VENV:-$UCB_PREFIX/venv}
 UCB_STATE=${UCB_STATE:-/var/lib/undercloud-backup}
 UCB_LOCAL_SERVER=${UCB_LOCAL_SERVER:-1}
 UCB_PORT=${UCB_PORT:-4200}
+UCB_UI_URL=${UCB_UI_URL:-http://127.0.0.1:$UCB_PORT}
 UCB_ZOMBIE_AFTER=${UCB_ZOMBIE_AFTER:-90}
 UCB_PYTHON=${UCB_PYTHON:-/usr/bin/python3}
 ETC=/etc/undercloud-backup
@@ -242,7 +245,7 @@ render() {  # render TEMPLATE DEST GROUP: fill in @...@ once (0640 root:GROUP); 
     auth_line="#PREFECT_API_AUTH_STRING=user:password"
   fi
   result=$(UCB_SUBST_PREFECT_API_URL=$PREFECT_API_URL UCB_SUBST_STATE=$UCB_STATE \
-         UCB_SUBST_PORT=$UCB_PORT UCB_SUBST_AUTH_LINE=$auth_line \
+         UCB_SUBST_PORT=$UCB_PORT UCB_SUBST_UI_URL=$UCB_UI_URL UCB_SUBST_AUTH_LINE=$auth_line \
          UCB_SUBST_SERVER_AUTH_LINE=$server_auth_line fs render "$template" "$dest" root "$group" 0640)
   # Kept files too: the group is the service's own (older installations: the worker's group).
   fs touch "$dest" root "$group" 0640
@@ -391,7 +394,7 @@ make_break_glass() {
 unit_text() {  # unit_text UNIT USER GROUP: the unit with this installation's paths and user
   sed -e "s#/opt/undercloud-backup/venv#$UCB_VENV#g" -e "s#/opt/undercloud-backup/app#$UCB_APP#g" \
       -e "s#/var/lib/undercloud-backup#$UCB_STATE#g" -e "s#^User=.*#User=$2#" \
-      -e "s#^Group=.*#Group=$3#" "$1"
+      -e "s#^Group=.*#Group=$3#" -e "s#^Environment=PREFECT_UI_URL=.*#Environment=PREFECT_UI_URL=$UCB_UI_URL#" "$1"
 }
 
 # Reads a systemd-style env file (KEY=value, # comments) and execs the command with it, with
@@ -450,7 +453,7 @@ step_services() {
     say "no systemd: starting with start-stop-daemon (not restarted on failure or at boot)"
     if [ "$UCB_LOCAL_SERVER" = 1 ]; then
       # server.env may set it too; this default serves the UI from older server.env files.
-      DAEMON_ENV=("PREFECT_SERVER_UI_STATIC_DIRECTORY=$UCB_STATE/server/ui")
+      DAEMON_ENV=("PREFECT_SERVER_UI_STATIC_DIRECTORY=$UCB_STATE/server/ui" "PREFECT_UI_URL=$UCB_UI_URL")
       start_daemon server "$UCB_API_USER" "$API_GROUP" "$ETC/server.env" "$UCB_STATE/server" \
         "$UCB_STATE/server" "$UCB_VENV/bin/prefect" server start --analytics-off
     fi
