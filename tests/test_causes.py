@@ -250,3 +250,54 @@ def test_a_container_deleted_mid_run_has_its_own_line_and_status(os_env, db_cnf,
     assert last.startswith(f"undercloud-backup: error: Swift container {segments} was "
                            "deleted while the backup ran (HTTP 404 to PUT segment"), last
     assert "run the backup again" in last
+
+
+def test_a_table_dropped_while_its_rows_are_counted_is_recorded_as_vanished(services):
+    """The row-count reader lists the tables, then counts each; one dropped in between (held
+    here with LOCK TABLES ... WRITE, then dropped by its holder while the reader waits) made
+    the run fail with ProgrammingError 1146. Now it is recorded as vanished."""
+    import threading
+    import time
+    import uuid
+
+    import pymysql
+
+    from undercloud_backup.backup.stages import table_records
+    from undercloud_backup.db import connection
+
+    schema = f"ucb_vanish_{uuid.uuid4().hex[:8]}"
+    holder = pymysql.connect(unix_socket="/run/mysqld/mysqld.sock", user="root",
+                             autocommit=True)
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE {schema}")
+            cursor.execute(f"CREATE TABLE {schema}.a (id INT) ENGINE=InnoDB")
+            cursor.execute(f"INSERT INTO {schema}.a VALUES (1), (2)")
+            cursor.execute(f"CREATE TABLE {schema}.b (id INT) ENGINE=InnoDB")
+            cursor.execute(f"LOCK TABLES {schema}.b WRITE")
+        found: list = []
+        reader = pymysql.connect(unix_socket="/run/mysqld/mysqld.sock", user="root")
+        counting = threading.Thread(target=lambda: found.append(
+            connection.table_stats(reader, (schema,), checksums=True)))
+        counting.start()
+        deadline = time.monotonic() + 30
+        with holder.cursor() as cursor:
+            while time.monotonic() < deadline:  # the reader waits for b's lock
+                cursor.execute("SELECT COUNT(*) FROM information_schema.processlist WHERE "
+                               "state LIKE 'Waiting for table metadata lock' AND info LIKE "
+                               f"'%{schema}%'")
+                if cursor.fetchone()[0]:
+                    break
+                time.sleep(0.05)
+            cursor.execute(f"DROP TABLE {schema}.b")
+            cursor.execute("UNLOCK TABLES")
+        counting.join(30)
+        reader.close()
+        assert found, "the reader failed (see the thread's exception above)"
+        tables, vanished = table_records([schema], found[0])
+        assert [(t.table, t.rows) for t in tables[schema]] == [("a", 2)]
+        assert vanished == [f"{schema}.b"]
+    finally:
+        with holder.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {schema}")
+        holder.close()

@@ -227,6 +227,9 @@ def dump_databases(request: BackupRequest, access: DatabaseAccess,
     section = _database_section(access, info, dumps.system_tables, stats.result(), objects)
     if section.partial:
         logger.warning("%s", section.partial_note())
+    for name in section.vanished_tables:
+        logger.warning("table %s was dropped while the dump ran: recorded as vanished in the "
+                       "manifest, without row count", name)
     return DumpResult(section=section, objects=objects)
 
 
@@ -234,10 +237,7 @@ def _database_section(access: DatabaseAccess, info: db.ServerInfo, system_tables
                       table_stats: list[db.TableStats],
                       objects: list[StoredObject]) -> DatabaseSection:
     """The manifest's database section: what the server held and how the dump saw it."""
-    tables: dict[str, list[TableRecord]] = {name: [] for name in info.databases}
-    for table in table_stats:
-        tables[table.database].append(TableRecord(table=table.table, engine=table.engine,
-                                                  rows=table.rows, checksum=table.checksum))
+    tables, vanished = table_records(info.databases, table_stats)
     # The grants the dump ran with, and what they left out: only --allow-partial-database
     # gets this far with something missing (the check before fails the run, exit 25).
     grants = access.privilege_report(info.databases)
@@ -246,7 +246,21 @@ def _database_section(access: DatabaseAccess, info: db.ServerInfo, system_tables
         databases=tables, users_object=objects[1].name if len(objects) > 1 else None,
         privileges=list(grants.grants), schema_objects=access.schema_objects(info.databases),
         account=grants.user, partial=not grants.complete, missing=list(grants.missing),
-        fix=grants.fix)
+        fix=grants.fix, vanished_tables=vanished)
+
+
+def table_records(databases: tuple[str, ...] | list[str], table_stats: list[db.TableStats]
+                  ) -> tuple[dict[str, list[TableRecord]], list[str]]:
+    """The manifest's tables per database, and the ``db.table`` of those that vanished."""
+    tables: dict[str, list[TableRecord]] = {name: [] for name in databases}
+    vanished = []
+    for table in table_stats:
+        if table.vanished:
+            vanished.append(f"{table.database}.{table.table}")
+            continue
+        tables[table.database].append(TableRecord(table=table.table, engine=table.engine,
+                                                  rows=table.rows, checksum=table.checksum))
+    return tables, vanished
 
 
 def decide_level(request: BackupRequest, plan: fs.PathPlan, swift_settings: SwiftSettings,

@@ -137,6 +137,9 @@ class DatabaseSection:
     partial: bool = False
     missing: list[str] = field(default_factory=list)
     fix: str | None = None
+    # ``db.table`` of tables dropped while the dump ran: listed when it began, gone when
+    # their rows were counted (the dump may or may not hold them).
+    vanished_tables: list[str] = field(default_factory=list)
 
     @property
     def has_checksums(self) -> bool:
@@ -169,7 +172,8 @@ class DatabaseSection:
                    schema_objects=dict(known.get("schema_objects") or {}),
                    account=known.get("account"), partial=bool(known.get("partial")),
                    missing=[str(m) for m in known.get("missing") or []],
-                   fix=known.get("fix"))
+                   fix=known.get("fix"),
+                   vanished_tables=[str(t) for t in known.get("vanished_tables") or []])
 
 
 @dataclass
