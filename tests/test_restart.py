@@ -14,8 +14,14 @@ RESTART_S = 60
 
 
 def _environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+    """The worker's environment, once its launcher has exec'd the worker with worker.env's."""
+    deadline = time.monotonic() + 20
+    while True:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        found = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+        if "PREFECT_API_AUTH_STRING" in found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
 
 
 def _restart_worker(install) -> int:
@@ -39,10 +45,11 @@ def test_restart_worker_without_systemd_takes_a_changed_worker_env(full_system):
     try:
         worker_env.write_bytes(kept + f"UCB_TEST_RESTART_MARK={mark}\n".encode())
         pid = _restart_worker(install)
-        assert _environ(pid).get("UCB_TEST_RESTART_MARK") == mark
+        log = LOG_DIR / "worker.log"
+        assert _environ(pid).get("UCB_TEST_RESTART_MARK") == mark, \
+            log.read_text(errors="replace")[-3000:]
         assert install.pid("server") == server and Path(f"/proc/{server}").exists()
         deadline = time.monotonic() + RESTART_S
-        log = LOG_DIR / "worker.log"
         while "started" not in log.read_text(errors="replace")[-2000:]:
             assert time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
             time.sleep(0.5)
