@@ -92,6 +92,10 @@ class WhatToBackUp(_Group):
         [], description="Absolute paths or patterns (anchored at root) to leave out, e.g. "
                         "/home/stack/.cache or /srv/node/*/tmp. Excluding everything is an "
                         "error.")
+    exclude_tables: list[str] = Field(
+        [], description="Tables or views to leave out of the database dump, as DATABASE.NAME "
+                        "(e.g. a view whose table was dropped, which fails the dump); the run "
+                        "says so and the manifest records them.")
     db_only: bool = Field(False, description="Only dump the databases; archive no files.")
     root: str = Field("/", description="Directory the paths are resolved under: / on the "
                                        "undercloud, a scratch tree in tests.")
@@ -107,6 +111,15 @@ class WhatToBackUp(_Group):
     @classmethod
     def _full_every(cls, value: str) -> str:
         duration_seconds(value)
+        return value
+
+    @field_validator("exclude_tables")
+    @classmethod
+    def _tables(cls, value: list[str]) -> list[str]:
+        for name in value:
+            schema, _, table = name.partition(".")
+            if not schema or not table:
+                raise ValueError(f"{name!r} is not DATABASE.NAME")
         return value
 
 
@@ -242,6 +255,7 @@ class Flag:
 
 FLAGS: dict[str, Flag] = {
     "add_paths": Flag("--add-path", "PATH"), "exclude_paths": Flag("--exclude-path", "PATTERN"),
+    "exclude_tables": Flag("--exclude-table", "DB.NAME"),
     "db_only": Flag("--db-only"), "root": Flag("--root", "DIR"),
     "full": Flag("--full", help="take a full backup of the files (tar level 0), not an "
                                "incremental"),

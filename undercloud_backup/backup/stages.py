@@ -184,9 +184,13 @@ def dump_databases(request: BackupRequest, access: DatabaseAccess,
     logger.info("dumping %d database(s) from MariaDB %s (%s on disk): %s",
                 len(info.databases), info.version, format_size(info.size_bytes),
                 ", ".join(info.databases) or "(none, users only)")
+    excluded = access.table_types(request.exclude_tables) if request.exclude_tables else {}
+    if excluded:
+        logger.warning("left out of the database dump (exclude_tables): %s",
+                       ", ".join(f"{name} ({kind})" for name, kind in excluded.items()))
     stats = TableStatsReader(*access.table_stats_beside(info.databases,
                                                         request.table_checksums))
-    dumps = access.dump_commands(info.databases)
+    dumps = access.dump_commands(info.databases, ignore=request.exclude_tables)
     progress = Progress(logger, "database dump")
 
     def progressed(sent: int, elapsed: int, read: int | None = None) -> None:
@@ -224,7 +228,8 @@ def dump_databases(request: BackupRequest, access: DatabaseAccess,
     for obj in objects:
         logger.info("database dump stored as %s: %s compressed, sha256 %s", obj.name,
                     format_size(obj.size), obj.sha256)
-    section = _database_section(access, info, dumps.system_tables, stats.result(), objects)
+    section = _database_section(access, info, dumps.system_tables, stats.result(), objects,
+                                excluded)
     if section.partial:
         logger.warning("%s", section.partial_note())
     for name in section.vanished_tables:
@@ -234,19 +239,27 @@ def dump_databases(request: BackupRequest, access: DatabaseAccess,
 
 
 def _database_section(access: DatabaseAccess, info: db.ServerInfo, system_tables: str,
-                      table_stats: list[db.TableStats],
-                      objects: list[StoredObject]) -> DatabaseSection:
-    """The manifest's database section: what the server held and how the dump saw it."""
-    tables, vanished = table_records(info.databases, table_stats)
+                      table_stats: list[db.TableStats], objects: list[StoredObject],
+                      excluded: dict[str, str] | None = None) -> DatabaseSection:
+    """The manifest's database section: what the server held and how the dump saw it (less
+    what ``excluded`` left out: ``db.name`` -> ``view`` or ``table``)."""
+    excluded = excluded or {}
+    tables, vanished = table_records(
+        info.databases, [t for t in table_stats if f"{t.database}.{t.table}" not in excluded])
+    schema_objects = access.schema_objects(info.databases)
+    for name, kind in excluded.items():  # what a restore of this dump brings back
+        counts = schema_objects.get(name.partition(".")[0], {})
+        if kind == "view" and counts.get("views"):
+            counts["views"] -= 1
     # The grants the dump ran with, and what they left out: only --allow-partial-database
     # gets this far with something missing (the check before fails the run, exit 25).
     grants = access.privilege_report(info.databases)
     return DatabaseSection(
         version=info.version, object=objects[0].name, system_tables=system_tables.split(","),
         databases=tables, users_object=objects[1].name if len(objects) > 1 else None,
-        privileges=list(grants.grants), schema_objects=access.schema_objects(info.databases),
+        privileges=list(grants.grants), schema_objects=schema_objects,
         account=grants.user, partial=not grants.complete, missing=list(grants.missing),
-        fix=grants.fix, vanished_tables=vanished)
+        fix=grants.fix, vanished_tables=vanished, excluded_tables=sorted(excluded))
 
 
 def table_records(databases: tuple[str, ...] | list[str], table_stats: list[db.TableStats]

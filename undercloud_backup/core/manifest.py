@@ -140,6 +140,8 @@ class DatabaseSection:
     # ``db.table`` of tables dropped while the dump ran: listed when it began, gone when
     # their rows were counted (the dump may or may not hold them).
     vanished_tables: list[str] = field(default_factory=list)
+    # ``db.name`` of the tables and views left out on purpose (``exclude_tables``).
+    excluded_tables: list[str] = field(default_factory=list)
 
     @property
     def has_checksums(self) -> bool:
@@ -173,7 +175,8 @@ class DatabaseSection:
                    account=known.get("account"), partial=bool(known.get("partial")),
                    missing=[str(m) for m in known.get("missing") or []],
                    fix=known.get("fix"),
-                   vanished_tables=[str(t) for t in known.get("vanished_tables") or []])
+                   vanished_tables=[str(t) for t in known.get("vanished_tables") or []],
+                   excluded_tables=[str(t) for t in known.get("excluded_tables") or []])
 
 
 @dataclass

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import pymysql
 
-from undercloud_backup.core.errors import BackupError
+from undercloud_backup.core.errors import BackupError, ConfigError
 from undercloud_backup.db.rows import one_row
 
 # What a complete `mariadb-dump --single-transaction --routines --events --triggers` needs
@@ -179,6 +179,24 @@ def schema_object_counts(connection: pymysql.connections.Connection,
                 if schema in counts:
                     counts[schema][kind] = int(count)
     return counts
+
+
+def table_types(connection: pymysql.connections.Connection, names: Sequence[str]
+                ) -> dict[str, str]:
+    """``db.name`` -> ``view`` or ``table``, for each of ``names`` (``exclude_tables``); a name
+    the server does not know is an error (a typo would leave nothing out, silently)."""
+    found: dict[str, str] = {}
+    with connection.cursor() as cursor:
+        for name in names:
+            schema, _, table = name.partition(".")
+            cursor.execute("SELECT table_type FROM information_schema.tables"
+                           " WHERE table_schema = %s AND table_name = %s", (schema, table))
+            row = cursor.fetchone()
+            if row is None:
+                raise ConfigError(detail=f"--exclude-table {name}: no such table or view on "
+                                         "the server")
+            found[name] = "view" if row[0] == "VIEW" else "table"
+    return found
 
 
 def set_lock_wait(cursor, seconds: int) -> None:
