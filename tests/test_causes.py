@@ -192,7 +192,7 @@ def read_only_dir(tmp_path):
     """A directory on a read-only file system (a tmpfs mounted ro), unmounted afterwards."""
     path = tmp_path / "ro-staging"
     path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m,mode=0755", "tmpfs", str(path)],
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=512m,mode=0755", "tmpfs", str(path)],
                    check=True)
     yield path
     subprocess.run(["umount", str(path)], check=True)
