@@ -57,13 +57,11 @@ class DatabaseLocked(BackupError):
     """Table {table} on MariaDB at {where} is locked by another session ({holder}); gave up after {waited} s: end that session or retry later."""  # noqa: E501
 
     exit_code = 26
-    retryable = False  # the session waited out the run's bound already (LOCK_WAIT_S)
+    retryable = False  # its session waited out a bound already: a stage retry would repeat it
 
 
 class DumpLockTimeout(DatabaseLocked):
     """Table {table} on MariaDB at {where} is locked by another session; the dump gave up when the server's lock_wait_timeout ran out ({holder}): end that session or retry later."""  # noqa: E501
-
-    retryable = True  # the server's own shorter wait ended it, within the run's bound
 
 
 @dataclass(frozen=True)
