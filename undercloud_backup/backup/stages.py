@@ -166,7 +166,7 @@ def stream_to_swift(request: BackupRequest, swift_settings: SwiftSettings, leaf:
                 try:
                     results = pipe.wait()
                 except CommandFailed as error:
-                    raise on_failure(reason=str(error)) from None
+                    raise on_failure(reason=error.unabridged()) from None
                 if judge is not None:
                     judge(results)
                 return uploader.commit()

@@ -21,8 +21,9 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
 
 
 # What one field of an error's message may take: a path longer than PATH_MAX, or a tool's
-# complaint about thousands of files, must not make the run's one line unreadable.
-FIELD_CHARS_AT_MOST = 300
+# complaint about thousands of files, must not make the run's one line unreadable. (Code that
+# reads a tool's words out of an error takes them from ``unabridged()``.)
+FIELD_CHARS_AT_MOST = 1000
 
 
 def shorten(text: str, limit: int = FIELD_CHARS_AT_MOST) -> str:
@@ -64,6 +65,14 @@ class BackupError(Exception):
         except (KeyError, IndexError):
             message = f"{template} {fields}"
         super().__init__(message)
+
+    def unabridged(self) -> str:
+        """The message with every field in full (for code that parses a tool's words)."""
+        template = (type(self).__doc__ or "{detail}").strip().splitlines()[0]
+        try:
+            return template.format(**self.fields)
+        except (KeyError, IndexError):
+            return str(self)
 
     def __reduce__(self):  # keep the fields when Prefect pickles the exception
         return (_rebuild, (type(self), self.fields))
