@@ -20,12 +20,19 @@
 #               crashed run; no backup completed in 26 h) through the notification target below
 #   stop        (not part of the default) stop the worker and server started without systemd
 #
+#   deployments/install.sh restart [worker|server]...   (default: worker) restart them, with or
+#               without systemd (`systemctl restart`, else the pid file's process stopped and
+#               started again as `services` starts it): e.g. after worker.env changed. A
+#               restarted worker kills the backup it runs: restart between backups
+#
 # Environment (defaults in brackets):
 #   UCB_USER [undercloud-backup]  UCB_API_USER [undercloud-backup-api] (the local server's user)
 #   UCB_PREFIX [/opt/undercloud-backup]  UCB_APP [$UCB_PREFIX/app]
 #   UCB_VENV [$UCB_PREFIX/venv]   UCB_STATE [/var/lib/undercloud-backup]
 #   UCB_LOCAL_SERVER [1]  run a Prefect server here; 0: use the one at PREFECT_API_URL
 #   UCB_PORT [4200]       the local server's port
+#   UCB_UI_URL [http://127.0.0.1:$UCB_PORT]  where people open the local server's UI (the alerts'
+#                         links to a run start with it): PREFECT_UI_URL of server.env
 #   PREFECT_API_URL [http://127.0.0.1:$UCB_PORT/api]  (PREFECT_API_AUTH_STRING if it needs one)
 #   UCB_ZOMBIE_AFTER [90] seconds without a heartbeat before a run is marked CRASHED
 #   UCB_RECIPIENTS_FILE [] age recipients (public keys) to encrypt every backup to, installed as
@@ -64,6 +71,7 @@ UCB_VENV=${UCB_VENV:-$UCB_PREFIX/venv}
 UCB_STATE=${UCB_STATE:-/var/lib/undercloud-backup}
 UCB_LOCAL_SERVER=${UCB_LOCAL_SERVER:-1}
 UCB_PORT=${UCB_PORT:-4200}
+UCB_UI_URL=${UCB_UI_URL:-http://127.0.0.1:$UCB_PORT}
 UCB_ZOMBIE_AFTER=${UCB_ZOMBIE_AFTER:-90}
 UCB_PYTHON=${UCB_PYTHON:-/usr/bin/python3}
 ETC=/etc/undercloud-backup
@@ -242,7 +250,7 @@ render() {  # render TEMPLATE DEST GROUP: fill in @...@ once (0640 root:GROUP); 
     auth_line="#PREFECT_API_AUTH_STRING=user:password"
   fi
   result=$(UCB_SUBST_PREFECT_API_URL=$PREFECT_API_URL UCB_SUBST_STATE=$UCB_STATE \
-         UCB_SUBST_PORT=$UCB_PORT UCB_SUBST_AUTH_LINE=$auth_line \
+         UCB_SUBST_PORT=$UCB_PORT UCB_SUBST_UI_URL=$UCB_UI_URL UCB_SUBST_AUTH_LINE=$auth_line \
          UCB_SUBST_SERVER_AUTH_LINE=$server_auth_line fs render "$template" "$dest" root "$group" 0640)
   # Kept files too: the group is the service's own (older installations: the worker's group).
   fs touch "$dest" root "$group" 0640
@@ -391,7 +399,7 @@ make_break_glass() {
 unit_text() {  # unit_text UNIT USER GROUP: the unit with this installation's paths and user
   sed -e "s#/opt/undercloud-backup/venv#$UCB_VENV#g" -e "s#/opt/undercloud-backup/app#$UCB_APP#g" \
       -e "s#/var/lib/undercloud-backup#$UCB_STATE#g" -e "s#^User=.*#User=$2#" \
-      -e "s#^Group=.*#Group=$3#" "$1"
+      -e "s#^Group=.*#Group=$3#" -e "s#^Environment=PREFECT_UI_URL=.*#Environment=PREFECT_UI_URL=$UCB_UI_URL#" "$1"
 }
 
 # Reads a systemd-style env file (KEY=value, # comments) and execs the command with it, with
@@ -449,25 +457,58 @@ step_services() {
   else
     say "no systemd: starting with start-stop-daemon (not restarted on failure or at boot)"
     if [ "$UCB_LOCAL_SERVER" = 1 ]; then
-      # server.env may set it too; this default serves the UI from older server.env files.
-      DAEMON_ENV=("PREFECT_SERVER_UI_STATIC_DIRECTORY=$UCB_STATE/server/ui")
-      start_daemon server "$UCB_API_USER" "$API_GROUP" "$ETC/server.env" "$UCB_STATE/server" \
-        "$UCB_STATE/server" "$UCB_VENV/bin/prefect" server start --analytics-off
+      start_server
     fi
-    DAEMON_ENV=()
-    start_daemon worker "$UCB_USER" "$GROUP" "$ETC/worker.env" "$UCB_APP" \
-      "$UCB_STATE/worker" "$UCB_VENV/bin/prefect" worker start --pool "$POOL" --type process --name "$(hostname)"
+    start_worker
   fi
+}
+
+start_worker() {  # without systemd
+  DAEMON_ENV=()
+  start_daemon worker "$UCB_USER" "$GROUP" "$ETC/worker.env" "$UCB_APP" \
+    "$UCB_STATE/worker" "$UCB_VENV/bin/prefect" worker start --pool "$POOL" --type process --name "$(hostname)"
+}
+
+start_server() {  # without systemd
+  # server.env may set them too; these defaults serve older server.env files.
+  DAEMON_ENV=("PREFECT_SERVER_UI_STATIC_DIRECTORY=$UCB_STATE/server/ui" "PREFECT_UI_URL=$UCB_UI_URL")
+  start_daemon server "$UCB_API_USER" "$API_GROUP" "$ETC/server.env" "$UCB_STATE/server" \
+    "$UCB_STATE/server" "$UCB_VENV/bin/prefect" server start --analytics-off
+}
+
+stop_daemon() {  # stop_daemon NAME: the process of its pid file (TERM, KILL after 30 s)
+  local name=$1
+  [ -e "$RUN/$name.pid" ] || return 0
+  start-stop-daemon --stop --quiet --oknodo --pidfile "$RUN/$name.pid" --retry TERM/30/KILL/5
+  rm -f "$RUN/$name.pid"
+  say "stopped $name"
+}
+
+restart() {  # restart [worker|server]...: what `systemctl restart` does, with or without systemd
+  local names=("$@") name
+  [ ${#names[@]} -gt 0 ] || names=(worker)
+  for name in "${names[@]}"; do
+    case $name in
+      worker|server) ;;
+      *) die "restart: unknown service '$name' (worker server)" ;;
+    esac
+  done
+  for name in "${names[@]}"; do
+    if have_systemd; then
+      systemctl restart "undercloud-backup-$name.service"
+      say "restarted undercloud-backup-$name.service"
+    else
+      stop_daemon "$name"
+      "start_$name"
+    fi
+  done
 }
 
 step_stop() {
   have_systemd && { systemctl stop undercloud-backup-worker undercloud-backup-server || true; return; }
   local name
   for name in worker server; do
-    [ -e "$RUN/$name.pid" ] || continue
-    start-stop-daemon --stop --quiet --oknodo --pidfile "$RUN/$name.pid" --retry TERM/30/KILL/5
-    rm -f "$RUN/$name.pid"
-    say "stopped $name"
+    stop_daemon "$name"
   done
 }
 
@@ -533,11 +574,16 @@ step_prefect() {
 
 # -------------------------------------------------------------------------------------- main
 [ "$(id -u)" = 0 ] || die "run as root"
+if [ "${1:-}" = restart ]; then
+  shift
+  restart "$@"
+  exit 0
+fi
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(user app venv privileged config services prefect)
 for step in "${steps[@]}"; do
   case $step in
     user|app|venv|privileged|config|services|prefect|stop) "step_$step" ;;
-    *) die "unknown step '$step' (user app venv privileged config services prefect stop)" ;;
+    *) die "unknown step '$step' (user app venv privileged config services prefect stop; or: restart [worker|server])" ;;
   esac
 done

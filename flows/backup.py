@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import get_run_context
 from prefect.exceptions import TerminationSignal
+from prefect.states import Failed, State
 
 from blocks.sources import SwiftSource
 from flows import cli, fleet_uploads, interrupt, logs, params
@@ -120,7 +121,7 @@ def undercloud_backup(
     swift: SwiftParams = SwiftParams(),  # noqa: B008
     retention: RetentionParams = RetentionParams(),  # noqa: B008
     advanced: AdvancedParams = AdvancedParams(),  # noqa: B008
-) -> dict:
+) -> dict | State:
     """Back up the undercloud's databases and files into Swift, manifest last.
 
     Args:
@@ -138,7 +139,10 @@ def undercloud_backup(
         except BackupError as error:
             if not cli.FROM_CLI:  # the UI's words: add_paths, not --add-path
                 error.args = (params.ui_language(str(error)),)
-            raise
+            # The cause is the run's ERROR line and its state's message, as they are; the
+            # caller (the CLI, the engine under a worker) gets the error raised all the same.
+            get_run_logger().error("%s", error)
+            return Failed(message=str(error), data=error)
         except (KeyboardInterrupt, TerminationSignal) as signalled:
             why = "SIGINT" if isinstance(signalled, KeyboardInterrupt) else "SIGTERM"
             get_run_logger().error(interrupt.stop(why, run.futures, run.swift_source,
@@ -168,6 +172,7 @@ def _request(what: WhatToBackUp, swift: SwiftParams,
         root=what.root, add_paths=tuple(what.add_paths),
         exclude_paths=tuple(what.exclude_paths),
         include_files=not (what.db_only or what.binlogs_only), binlogs_only=what.binlogs_only,
+        exclude_tables=tuple(what.exclude_tables),
         staging_dir=advanced.staging_dir, allow_unreadable=advanced.allow_unreadable,
         allow_partial_database=advanced.allow_partial_database,
         compression_level=advanced.compression_level,
@@ -239,7 +244,7 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
         if request.include_files:
             run.futures.append(stages.archive_paths.with_options(**retry).submit(
                 request, plan, swift_source))
-        results = [future.result() for future in run.futures]
+        results = _results(run.futures)
     progress.finish_run()
     files = results[1] if request.include_files else None
 
@@ -262,6 +267,19 @@ def _backup(run: _Run, dry_run: bool, what: WhatToBackUp, database: DatabasePara
     for warning in warnings:  # said again last, after the run's other lines
         logger.warning("%s", warning)
     return summary
+
+
+def _results(futures: list) -> list:
+    """Every stream's result once all have ended; if any failed, the error of the one that
+    failed first (the other may only have followed it: the same Swift outage, a stage it
+    was waiting on), whatever the order they were started in."""
+    from prefect.futures import wait
+
+    wait(futures)
+    failed = [f for f in futures if not f.state.is_completed()]
+    if failed:
+        min(failed, key=lambda f: f.state.timestamp).result()
+    return [future.result() for future in futures]
 
 
 def _download_links(swift_source: SwiftSource, manifest: Manifest, hours: float = 24) -> str:

@@ -4,6 +4,8 @@ Prefect logs a failing task or flow with the exception's traceback, and the flow
 "Encountered exception during execution" before its final state line. For our own errors
 (:class:`~undercloud_backup.core.errors.BackupError`: a wrong password, a missing path, no space)
 the traceback says nothing the one-line message does not; unexpected errors keep theirs.
+The flow logs such an error itself, at ERROR, as its one line (what the UI's level filter
+shows); the engine's "Engine execution exited with unexpected exception" would only hide it.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ class ExpectedErrors(logging.Filter):
         error = record.exc_info[1] if record.exc_info else None
         if not isinstance(error, BackupError):
             return True
-        if record.name.startswith("prefect.flow_runs") and "Encountered exception" in str(
-                record.msg):
-            return False  # the final state line that follows says the same
+        if record.name.startswith("prefect.flow_runs") and any(
+                said in str(record.msg) for said in ("Encountered exception",
+                                                     "Engine execution exited")):
+            return False  # the flow logged the cause at ERROR; its final state says it too
         record.exc_info, record.exc_text = None, None
         return True
 

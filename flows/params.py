@@ -50,13 +50,38 @@ KEEP_DAILY = "Keep the newest backup of each of the last N days that have backup
 KEEP_WEEKLY = "Keep the newest backup of each of the last N ISO weeks that have backups."
 
 
+def _plain_optional_fields(schema: dict[str, typing.Any]) -> None:
+    """The form's schema: an optional field (``str | None``) as a plain field of its type,
+    not ``anyOf`` a type and null (which the UI shows as a type switch, "Property is type
+    None"). Left empty it is None: the server still accepts null for a field with no default
+    and not required (Prefect's validation adds the null itself)."""
+    for prop in schema.get("properties", {}).values():
+        choices = prop.get("anyOf")
+        if not choices or len(choices) != 2 or {"type": "null"} not in choices:
+            continue
+        prop.update(next(c for c in choices if c != {"type": "null"}))
+        del prop["anyOf"]
+        if prop.get("default", ...) is None:
+            del prop["default"]
+
+
 class _Group(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_plain_optional_fields)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object, info) -> object:
+        """An optional field the form sends empty is unset, as one it leaves out."""
+        field = cls.model_fields.get(info.field_name or "")
+        if value == "" and field is not None and field.default is None:
+            return None
+        return value
 
 
 class WhatToBackUp(_Group):
     """What to back up: the default paths, plus and minus yours; or the databases only."""
-    model_config = ConfigDict(extra="forbid", title="What to back up")
+    model_config = ConfigDict(extra="forbid", title="What to back up",
+                              json_schema_extra=_plain_optional_fields)
 
     add_paths: list[str] = Field(
         [], description="Extra absolute paths to archive, besides /etc, /root, /home/stack, "
@@ -67,6 +92,10 @@ class WhatToBackUp(_Group):
         [], description="Absolute paths or patterns (anchored at root) to leave out, e.g. "
                         "/home/stack/.cache or /srv/node/*/tmp. Excluding everything is an "
                         "error.")
+    exclude_tables: list[str] = Field(
+        [], description="Tables or views to leave out of the database dump, as DATABASE.NAME "
+                        "(e.g. a view whose table was dropped, which fails the dump); the run "
+                        "says so and the manifest records them.")
     db_only: bool = Field(False, description="Only dump the databases; archive no files.")
     binlogs_only: bool = Field(
         False, description="Only ship MariaDB's binary log since this host's last backup (a "
@@ -88,10 +117,20 @@ class WhatToBackUp(_Group):
         duration_seconds(value)
         return value
 
+    @field_validator("exclude_tables")
+    @classmethod
+    def _tables(cls, value: list[str]) -> list[str]:
+        for name in value:
+            schema, _, table = name.partition(".")
+            if not schema or not table:
+                raise ValueError(f"{name!r} is not DATABASE.NAME")
+        return value
+
 
 class DatabaseParams(_Group):
     """Which MariaDB, and how to log in (default: the option file ~/.my.cnf)."""
-    model_config = ConfigDict(extra="forbid", title="Database")
+    model_config = ConfigDict(extra="forbid", title="Database",
+                              json_schema_extra=_plain_optional_fields)
 
     db_block: str | None = Field(None, description="Name of a saved MariaDB Connection block "
                                                    "(otherwise the option file).")
@@ -114,7 +153,8 @@ class DatabaseParams(_Group):
 
 class SwiftParams(_Group):
     """Where the backup goes: the Swift container, and how long Swift may take."""
-    model_config = ConfigDict(extra="forbid", title="Swift")
+    model_config = ConfigDict(extra="forbid", title="Swift",
+                              json_schema_extra=_plain_optional_fields)
 
     container: str | None = Field(
         None, description="Swift container for the backup (default: the Swift block's, or "
@@ -149,7 +189,8 @@ class SwiftParams(_Group):
 
 class RetentionParams(_Group):
     """What to delete once the backup is complete (manifest first)."""
-    model_config = ConfigDict(extra="forbid", title="Retention")
+    model_config = ConfigDict(extra="forbid", title="Retention",
+                              json_schema_extra=_plain_optional_fields)
 
     prune: bool = Field(True, description="Once the backup is complete, delete the backups "
                                           "the policy below no longer keeps, and incomplete "
@@ -161,7 +202,8 @@ class RetentionParams(_Group):
 
 class AdvancedParams(_Group):
     """Staging, privileges, compression and retries: the defaults suit most runs."""
-    model_config = ConfigDict(extra="forbid", title="Advanced")
+    model_config = ConfigDict(extra="forbid", title="Advanced",
+                              json_schema_extra=_plain_optional_fields)
 
     staging_dir: str = Field(defaults.STAGING_DIR, description="Where segments are spooled on "
                                                                "their way to Swift (up to two "
@@ -182,7 +224,8 @@ class AdvancedParams(_Group):
                                    "for 10-20 % more bytes on text.")
     table_checksums: bool = Field(True, description="Record CHECKSUM TABLE of every table "
                                   "besides its row count, read while the dump runs (on a "
-                                  "second connection: the database user needs two). Off: row "
+                                  "second connection, a third watches the dump's lock "
+                                  "waits: the database user needs three). Off: row "
                                   "counts only.")
     task_retries: int = Field(defaults.TASK_RETRIES, ge=0,
                               description="Retries of a stage after a transient failure (Swift "
@@ -216,6 +259,7 @@ class Flag:
 
 FLAGS: dict[str, Flag] = {
     "add_paths": Flag("--add-path", "PATH"), "exclude_paths": Flag("--exclude-path", "PATTERN"),
+    "exclude_tables": Flag("--exclude-table", "DB.NAME"),
     "db_only": Flag("--db-only"), "root": Flag("--root", "DIR"),
     "binlogs_only": Flag("--binlogs-only"),
     "full": Flag("--full", help="take a full backup of the files (tar level 0), not an "
@@ -290,6 +334,35 @@ def from_args(args: argparse.Namespace, group: type[_Group]) -> _Group:
         name = str(first["loc"][0]) if first["loc"] else ""
         flag = FLAGS[name].flag if name in FLAGS else name
         raise ConfigError(detail=f"{flag} {values.get(name)}: {first['msg'].lower()}") from None
+
+
+# ----------------------------------------------------------- the docs' table of parameters
+TABLE_BEGIN = "<!-- parameters: made by python -m flows.params from flows/params.py -->"
+TABLE_END = "<!-- end of parameters -->"
+
+
+def _default_text(field) -> str:
+    value = field.default
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value == []:
+        return "none"
+    return f"`{value:g}`" if isinstance(value, float) else f"`{value}`"
+
+
+def parameters_markdown() -> str:
+    """The run form's parameters as docs/backup.md shows them: section, name, CLI flag,
+    default and the form's own description (so the two cannot say different things)."""
+    rows = ["| section | parameter | flag | default | what it does |", "|---|---|---|---|---|"]
+    for key, group in GROUPS.items():
+        for name, field in group.model_fields.items():
+            flag = FLAGS[name].flag
+            description = (field.description or "").replace("|", "\\|")
+            rows.append(f"| `{key}` | `{name}` | `{flag}` | {_default_text(field)} "
+                        f"| {description} |")
+    return "\n".join([TABLE_BEGIN, *rows, TABLE_END])
 
 
 # --------------------------------------------------------------------- the errors' language
@@ -450,3 +523,7 @@ CHECK_SIGNATURE = Param(
 
 def timeout_hours(description: str) -> Param:
     return Param(description, Flag("--timeout-hours"))
+
+
+if __name__ == "__main__":  # the table of docs/backup.md, to paste between its markers
+    print(parameters_markdown())

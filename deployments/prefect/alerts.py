@@ -60,6 +60,16 @@ class AlertSettings:
     prefix: str = "undercloud-backup"  # automation names: "<prefix>: backup failed"
 
 
+def node_name(fqdn: str, hostname: str) -> str:
+    """The name the messages give this node: its fully qualified name where the resolver
+    knows one, else its host name; never ``localhost`` (what ``getfqdn()`` says where
+    /etc/hosts maps the host name to a loopback line that lists localhost first)."""
+    loopback = {"localhost", "localhost.localdomain", "localhost6", "ip6-localhost"}
+    if fqdn and fqdn not in loopback and fqdn.split(".")[0] == hostname.split(".")[0]:
+        return fqdn
+    return hostname if hostname and hostname not in loopback else (fqdn or hostname)
+
+
 def failed_message(settings: AlertSettings) -> tuple[str, str]:
     """Subject and body (Jinja, rendered by the server with the failed run in context)."""
     subject = (f"[undercloud-backup] {settings.host}: backup {{{{ flow_run.name }}}} "
@@ -197,8 +207,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     target.add_argument("--kind", choices=sorted(KINDS), default="webhook",
                         help="the block to make from the URL (default: webhook)")
     parser.add_argument("--url-file", help=f"file holding the webhook URL (else ${URL_ENV})")
-    parser.add_argument("--host", default=socket.getfqdn(),
-                        help="host name the messages give (default: this host's)")
+    parser.add_argument("--host", default=node_name(socket.getfqdn(), socket.gethostname()),
+                        help="host name the messages give (default: this node's)")
     parser.add_argument("--flow-name", default=FLOW_NAME)
     parser.add_argument("--silence-hours", type=float, default=26.0,
                         help="alert when no backup completed for this long (default: 26)")

@@ -26,6 +26,8 @@ class BackupRequest:
     exclude_paths: tuple[str, ...] = ()
     include_files: bool = True
     include_databases: bool = True
+    # ``db.name`` of tables and views left out of the dump (a view whose table is gone).
+    exclude_tables: tuple[str, ...] = ()
     staging_dir: str = defaults.STAGING_DIR
     allow_unreadable: bool = False
     # Back up what a database account can see when it cannot see everything (warned, recorded).

@@ -25,6 +25,7 @@ from undercloud_backup.core.errors import (
     BackupError,
     CommandFailed,
     UnreadableFiles,
+    first_few,
 )
 from undercloud_backup.core.execute import Command, Pipeline, StageResult, capture
 from undercloud_backup.core.manifest import (
@@ -165,7 +166,7 @@ def stream_to_swift(request: BackupRequest, swift_settings: SwiftSettings, leaf:
                 try:
                     results = pipe.wait()
                 except CommandFailed as error:
-                    raise on_failure(reason=str(error)) from None
+                    raise on_failure(reason=error.unabridged()) from None
                 if judge is not None:
                     judge(results)
                 return uploader.commit()
@@ -185,9 +186,13 @@ def dump_databases(request: BackupRequest, access: DatabaseAccess,
     logger.info("dumping %d database(s) from MariaDB %s (%s on disk): %s",
                 len(info.databases), info.version, format_size(info.size_bytes),
                 ", ".join(info.databases) or "(none, users only)")
+    excluded = access.table_types(request.exclude_tables) if request.exclude_tables else {}
+    if excluded:
+        logger.warning("left out of the database dump (exclude_tables): %s",
+                       ", ".join(f"{name} ({kind})" for name, kind in excluded.items()))
     stats = TableStatsReader(*access.table_stats_beside(info.databases,
                                                         request.table_checksums))
-    dumps = access.dump_commands(info.databases)
+    dumps = access.dump_commands(info.databases, ignore=request.exclude_tables)
     progress = Progress(logger, "database dump")
 
     def progressed(sent: int, elapsed: int, read: int | None = None) -> None:
@@ -227,9 +232,13 @@ def dump_databases(request: BackupRequest, access: DatabaseAccess,
     for obj in objects:
         logger.info("database dump stored as %s: %s compressed, sha256 %s", obj.name,
                     format_size(obj.size), obj.sha256)
-    section = _database_section(access, info, dumps.system_tables, stats.result(), objects)
+    section = _database_section(access, info, dumps.system_tables, stats.result(), objects,
+                                excluded)
     if section.partial:
         logger.warning("%s", section.partial_note())
+    for name in section.vanished_tables:
+        logger.warning("table %s was dropped while the dump ran: recorded as vanished in the "
+                       "manifest, without row count", name)
     return DumpResult(section=section, objects=objects)
 
 
@@ -244,22 +253,41 @@ def binlog_tap(dump: Command, coordinates: list[str] | None) -> list[Command]:
 
 
 def _database_section(access: DatabaseAccess, info: db.ServerInfo, system_tables: str,
-                      table_stats: list[db.TableStats],
-                      objects: list[StoredObject]) -> DatabaseSection:
-    """The manifest's database section: what the server held and how the dump saw it."""
-    tables: dict[str, list[TableRecord]] = {name: [] for name in info.databases}
-    for table in table_stats:
-        tables[table.database].append(TableRecord(table=table.table, engine=table.engine,
-                                                  rows=table.rows, checksum=table.checksum))
+                      table_stats: list[db.TableStats], objects: list[StoredObject],
+                      excluded: dict[str, str] | None = None) -> DatabaseSection:
+    """The manifest's database section: what the server held and how the dump saw it (less
+    what ``excluded`` left out: ``db.name`` -> ``view`` or ``table``)."""
+    excluded = excluded or {}
+    tables, vanished = table_records(
+        info.databases, [t for t in table_stats if f"{t.database}.{t.table}" not in excluded])
+    schema_objects = access.schema_objects(info.databases)
+    for name, kind in excluded.items():  # what a restore of this dump brings back
+        counts = schema_objects.get(name.partition(".")[0], {})
+        if kind == "view" and counts.get("views"):
+            counts["views"] -= 1
     # The grants the dump ran with, and what they left out: only --allow-partial-database
     # gets this far with something missing (the check before fails the run, exit 25).
     grants = access.privilege_report(info.databases)
     return DatabaseSection(
         version=info.version, object=objects[0].name, system_tables=system_tables.split(","),
         databases=tables, users_object=objects[1].name if len(objects) > 1 else None,
-        privileges=list(grants.grants), schema_objects=access.schema_objects(info.databases),
+        privileges=list(grants.grants), schema_objects=schema_objects,
         account=grants.user, partial=not grants.complete, missing=list(grants.missing),
-        fix=grants.fix)
+        fix=grants.fix, vanished_tables=vanished, excluded_tables=sorted(excluded))
+
+
+def table_records(databases: tuple[str, ...] | list[str], table_stats: list[db.TableStats]
+                  ) -> tuple[dict[str, list[TableRecord]], list[str]]:
+    """The manifest's tables per database, and the ``db.table`` of those that vanished."""
+    tables: dict[str, list[TableRecord]] = {name: [] for name in databases}
+    vanished = []
+    for table in table_stats:
+        if table.vanished:
+            vanished.append(f"{table.database}.{table.table}")
+            continue
+        tables[table.database].append(TableRecord(table=table.table, engine=table.engine,
+                                                  rows=table.rows, checksum=table.checksum))
+    return tables, vanished
 
 
 def decide_level(request: BackupRequest, plan: fs.PathPlan, swift_settings: SwiftSettings,
@@ -355,6 +383,19 @@ def store_snapshot(request: BackupRequest, swift_settings: SwiftSettings, plain:
     return stored, record
 
 
+def judge_tar(status: int | None, report: fs.TarReport, allow_unreadable: bool) -> None:
+    """tar's verdict on an archive whose stream went through: status 2 fails the run only for
+    a complaint of its own (not a warning such as "socket ignored", not a file it could not
+    read, which ``allow_unreadable`` decides on)."""
+    fatal = report.fatal()
+    if status == 2 and fatal:
+        raise ArchiveFailed(reason="tar: " + first_few(
+            fatal, len(fatal) + report.unlisted.get("other", 0), limit=80))
+    if report.unreadable and not allow_unreadable:
+        raise UnreadableFiles(count=report.count("unreadable"),
+                              examples=first_few(report.unreadable[:3]))
+
+
 def archive_paths(request: BackupRequest, plan: fs.PathPlan, swift_settings: SwiftSettings,
                   logger: Logger) -> ArchiveResult:
     """Archive the planned paths through zstd into Swift, as a full or an incremental level
@@ -375,11 +416,7 @@ def archive_paths(request: BackupRequest, plan: fs.PathPlan, swift_settings: Swi
         extra += (os.path.relpath(key, plan.root),) if fs.inside(key, plan.root) else ()
 
     def judge(results: list[StageResult]) -> None:
-        if results[0].status == 2 and report.other:
-            raise ArchiveFailed(reason="tar: " + "; ".join(report.other[:5]))
-        if report.unreadable and not request.allow_unreadable:
-            raise UnreadableFiles(count=report.count("unreadable"),
-                                  examples=", ".join(report.unreadable[:3]))
+        judge_tar(results[0].status, report, request.allow_unreadable)
 
     logger.info("archiving %s under %s", ", ".join(plan.included), plan.root)
     with _snapshot(request, plan, parent_snapshot) as snapshot:

@@ -7,7 +7,7 @@ says what to do next; ``exit_code`` is stable and is what ``python -m flows.back
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 REDACTED = "********"
 
@@ -18,6 +18,30 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
         if secret:
             text = text.replace(secret, REDACTED)
     return text
+
+
+# What one field of an error's message may take: a path longer than PATH_MAX, or a tool's
+# complaint about thousands of files, must not make the run's one line unreadable. (Code that
+# reads a tool's words out of an error takes them from ``unabridged()``.)
+FIELD_CHARS_AT_MOST = 1000
+
+
+def shorten(text: str, limit: int = FIELD_CHARS_AT_MOST) -> str:
+    """``text`` on one line, its middle left out (and its length said) beyond ``limit``."""
+    text = text.replace("\r", " ").replace("\n", " ")
+    if len(text) <= limit:
+        return text
+    keep = max(limit // 2 - 16, 8)
+    return f"{text[:keep]}...({len(text):,} characters)...{text[-keep:]}"
+
+
+def first_few(items: Sequence[str], total: int | None = None, few: int = 3,
+              limit: int = 120) -> str:
+    """The first ``few`` of ``items`` (each shortened), and how many more there are."""
+    total = len(items) if total is None else total
+    shown = [shorten(item, limit) for item in items[:few]]
+    more = total - len(shown)
+    return ", ".join(shown) + (f" and {more:,} more" if more > 0 else "")
 
 
 def one_line(text: object) -> str:
@@ -34,11 +58,21 @@ class BackupError(Exception):
     def __init__(self, **fields: object) -> None:
         self.fields = fields
         template = (type(self).__doc__ or "{detail}").strip().splitlines()[0]
+        shown = {key: shorten(value) if isinstance(value, str) else value
+                 for key, value in fields.items()}
         try:
-            message = template.format(**fields)
+            message = template.format(**shown)
         except (KeyError, IndexError):
             message = f"{template} {fields}"
         super().__init__(message)
+
+    def unabridged(self) -> str:
+        """The message with every field in full (for code that parses a tool's words)."""
+        template = (type(self).__doc__ or "{detail}").strip().splitlines()[0]
+        try:
+            return template.format(**self.fields)
+        except (KeyError, IndexError):
+            return str(self)
 
     def __reduce__(self):  # keep the fields when Prefect pickles the exception
         return (_rebuild, (type(self), self.fields))
@@ -70,6 +104,12 @@ class InsufficientSpace(BackupError):
     """Not enough space on {location} for {purpose}: need {needed}, available {available}; free space or use another --staging-dir."""  # noqa: E501
 
     exit_code = 14
+
+
+class StagingNotWritable(BackupError):
+    """The staging directory {path} cannot be written ({reason}): segments are spooled there on their way to Swift; make it writable by the user the backup runs as, or choose another --staging-dir."""  # noqa: E501
+
+    exit_code = 15
 
 
 class CommandFailed(BackupError):
@@ -161,6 +201,12 @@ class SwiftRequestFailed(BackupError):
 
 class NotFound(SwiftRequestFailed):
     """Swift {operation} of {target} failed: {reason} (transaction {transaction_id})."""
+
+
+class ContainerGone(NotFound):
+    """Swift container {container} was deleted while the backup ran (HTTP 404 to {operation} of {target}, transaction {transaction_id}): nothing was committed and earlier backups are intact; run the backup again, which creates it anew."""  # noqa: E501
+
+    exit_code = 35
 
 
 class UploadVerifyFailed(BackupError):

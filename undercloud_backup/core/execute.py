@@ -277,9 +277,9 @@ class Pipeline:
         self._reap()
         if self.timed_out:
             raise CommandTimedOut(name=self._names(), timeout=self.timeout)
-        for result in self.results:
-            if result.status not in result.command.ok_statuses:
-                raise self.failure(result)
+        failed = [r for r in self.results if r.status not in r.command.ok_statuses]
+        if failed:
+            raise self.failure(first_cause(failed))
         return self.results
 
     def failure(self, result: StageResult) -> CommandFailed | SudoRefused:
@@ -290,6 +290,19 @@ class Pipeline:
 
     def _names(self) -> str:
         return " | ".join(c.name for c in self.commands)
+
+
+def _lost_its_reader(result: StageResult) -> bool:
+    """A stage that ended because the stage after it went away: SIGPIPE, or EPIPE said."""
+    return result.status == -signal.SIGPIPE or any(
+        "Broken pipe" in line for line in result.stderr_lines[-5:])
+
+
+def first_cause(failed: Sequence[StageResult]) -> StageResult:
+    """Of the stages that failed (in pipe order), the one that failed first: not a stage
+    that only lost its reader when a later one died (``tar | zstd | age``: age refusing its
+    recipients makes zstd fail with "Broken pipe"; the line names age)."""
+    return next((r for r in failed if not _lost_its_reader(r)), failed[0])
 
 
 def _signal_group(pgid: int, sig: int) -> None:

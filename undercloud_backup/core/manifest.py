@@ -152,6 +152,11 @@ class DatabaseSection:
     base: str | None = None
     parent: str | None = None
     full_reason: str | None = None
+    # ``db.table`` of tables dropped while the dump ran: listed when it began, gone when
+    # their rows were counted (the dump may or may not hold them).
+    vanished_tables: list[str] = field(default_factory=list)
+    # ``db.name`` of the tables and views left out on purpose (``exclude_tables``).
+    excluded_tables: list[str] = field(default_factory=list)
 
     @property
     def has_checksums(self) -> bool:
@@ -188,7 +193,9 @@ class DatabaseSection:
                    start=known.get("start"), end=known.get("end"),
                    binlogs=list(known.get("binlogs") or []),
                    server=dict(known.get("server") or {}), base=known.get("base"),
-                   parent=known.get("parent"), full_reason=known.get("full_reason"))
+                   parent=known.get("parent"), full_reason=known.get("full_reason"),
+                   vanished_tables=[str(t) for t in known.get("vanished_tables") or []],
+                   excluded_tables=[str(t) for t in known.get("excluded_tables") or []])
 
 
 @dataclass

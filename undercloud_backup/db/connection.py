@@ -125,6 +125,8 @@ class TableStats:
     engine: str | None
     rows: int
     checksum: int | None
+    # Dropped after the dump began (its SELECT found no table, ER_NO_SUCH_TABLE): no count.
+    vanished: bool = False
 
     def to_dict(self) -> dict:
         return {"table": self.table, "engine": self.engine, "rows": self.rows,
@@ -152,6 +154,9 @@ def server_info(connection: pymysql.connections.Connection) -> ServerInfo:
         )
         size = int(one_row(cursor)[0])
     return ServerInfo(version=version, databases=databases, size_bytes=size)
+
+
+ER_NO_SUCH_TABLE = 1146
 
 
 def table_stats(connection: pymysql.connections.Connection, databases: tuple[str, ...],
@@ -182,6 +187,12 @@ def table_stats(connection: pymysql.connections.Connection, databases: tuple[str
                 if error.args and error.args[0] == ER_LOCK_WAIT_TIMEOUT:
                     raise locked_error(connection, schema, table, where, lock_wait_s) from None
                 raise
+            except pymysql.err.ProgrammingError as error:
+                if not error.args or error.args[0] != ER_NO_SUCH_TABLE:
+                    raise
+                # Listed, then dropped by its application while the dump ran: not an error
+                # of the backup's; the manifest says it vanished.
+                stats.append(TableStats(schema, table, engine, 0, None, vanished=True))
         cursor.execute("COMMIT")
     return stats
 

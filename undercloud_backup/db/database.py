@@ -42,6 +42,7 @@ from undercloud_backup.db.preflight import (
     check_privileges,
     require,
     schema_object_counts,
+    table_types,
 )
 from undercloud_backup.db.privileged import PrivilegedAccess
 from undercloud_backup.db.tablestats import DumpLockWatch
@@ -65,7 +66,9 @@ class DatabaseAccess(Protocol):
     def schema_objects(self, databases: tuple[str, ...]) -> dict[str, dict[str, int]]: ...
     def privileges(self) -> list[str]: ...
     def privilege_report(self, databases: tuple[str, ...]) -> PrivilegeReport: ...
-    def dump_commands(self, databases: tuple[str, ...]) -> Dumps: ...
+    def dump_commands(self, databases: tuple[str, ...], ignore: tuple[str, ...] = ()
+                      ) -> Dumps: ...
+    def table_types(self, names: tuple[str, ...]) -> dict[str, str]: ...
 
 
 @dataclass
@@ -115,7 +118,12 @@ class DirectAccess:
         with connect(self.settings) as connection:
             return check_privileges(connection, databases)
 
-    def dump_commands(self, databases: tuple[str, ...]) -> Dumps:
+    def table_types(self, names: tuple[str, ...]) -> dict[str, str]:
+        with connect(self.settings) as connection:
+            return table_types(connection, names)
+
+    def dump_commands(self, databases: tuple[str, ...], ignore: tuple[str, ...] = ()
+                      ) -> Dumps:
         tool, secrets = dump_tool(), [self.settings.password]
         text = self.settings.option_file_text()
         first = option_pipe(text)
@@ -124,7 +132,8 @@ class DirectAccess:
         except BaseException:
             os.close(first)
             raise
-        return Dumps(databases=DumpSpec(dump_command(databases, first, tool), secrets, (first,),
+        return Dumps(databases=DumpSpec(dump_command(databases, first, tool, ignore), secrets,
+                                        (first,),
                                         DumpLockWatch(self.settings, self.lock_wait_s)),
                      users=DumpSpec(users_dump_command(second, tool), secrets, (second,)))
 

@@ -51,10 +51,12 @@ def databases_dump_options(databases: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def dump_command(databases: tuple[str, ...], options_fd: int,
-                 tool: str = "mariadb-dump") -> Command:
-    """The consistent dump of ``databases``: tables, data, routines, events, triggers, views."""
+                 tool: str = "mariadb-dump", ignore: tuple[str, ...] = ()) -> Command:
+    """The consistent dump of ``databases``: tables, data, routines, events, triggers, views;
+    without the tables and views ``ignore`` names (``db.name``: a view whose table is gone)."""
     # --defaults-extra-file must stay the first option
     return Command(argv=(tool, f"--defaults-extra-file=/dev/fd/{options_fd}",
+                         *(f"--ignore-table={name}" for name in ignore),
                          *databases_dump_options(databases)), name="mariadb-dump")
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import pymysql
 
-from undercloud_backup.core.errors import BackupError
+from undercloud_backup.core.errors import BackupError, ConfigError
 from undercloud_backup.db.rows import one_row
 
 # What a complete `mariadb-dump --single-transaction --routines --events --triggers` needs
@@ -36,7 +36,8 @@ from undercloud_backup.db.rows import one_row
 REQUIRED_PRIVILEGES = ("SELECT", "SHOW VIEW", "TRIGGER", "EVENT", "SHOW DATABASES")
 GLOBAL_ONLY = frozenset({"SHOW DATABASES"})
 # How long a session of ours (the checks, the table statistics and the dump itself) waits for
-# a table another session has locked before the run fails with exit 26 (retryable).
+# a table another session has locked before the run fails with exit 26: the run's one bound,
+# never multiplied by a stage's retries (the wait itself is the retry).
 LOCK_WAIT_S = 60
 ER_LOCK_WAIT_TIMEOUT = 1205
 # The statements of mariadb-dump's that wait for a table's metadata lock: the rows' SELECT
@@ -56,7 +57,7 @@ class DatabaseLocked(BackupError):
     """Table {table} on MariaDB at {where} is locked by another session ({holder}); gave up after {waited} s: end that session or retry later."""  # noqa: E501
 
     exit_code = 26
-    retryable = True
+    retryable = False  # its session waited out a bound already: a stage retry would repeat it
 
 
 class DumpLockTimeout(DatabaseLocked):
@@ -176,6 +177,24 @@ def schema_object_counts(connection: pymysql.connections.Connection,
                 if schema in counts:
                     counts[schema][kind] = int(count)
     return counts
+
+
+def table_types(connection: pymysql.connections.Connection, names: Sequence[str]
+                ) -> dict[str, str]:
+    """``db.name`` -> ``view`` or ``table``, for each of ``names`` (``exclude_tables``); a name
+    the server does not know is an error (a typo would leave nothing out, silently)."""
+    found: dict[str, str] = {}
+    with connection.cursor() as cursor:
+        for name in names:
+            schema, _, table = name.partition(".")
+            cursor.execute("SELECT table_type FROM information_schema.tables"
+                           " WHERE table_schema = %s AND table_name = %s", (schema, table))
+            row = cursor.fetchone()
+            if row is None:
+                raise ConfigError(detail=f"--exclude-table {name}: no such table or view on "
+                                         "the server")
+            found[name] = "view" if row[0] == "VIEW" else "table"
+    return found
 
 
 def set_lock_wait(cursor, seconds: int) -> None:

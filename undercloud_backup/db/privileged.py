@@ -251,7 +251,14 @@ class PrivilegedAccess:
         answer = check((), self.lock_wait_s)  # no table opened: grants only
         return evaluate(answer["user"], answer["grants"], databases)
 
-    def dump_commands(self, databases: tuple[str, ...]) -> Dumps:
+    def table_types(self, names: tuple[str, ...]) -> dict[str, str]:
+        raise ConfigError(detail="--exclude-table is not available with --privileged (the "
+                                 "ucb-mariadb wrapper dumps every table and view)")
+
+    def dump_commands(self, databases: tuple[str, ...], ignore: tuple[str, ...] = ()
+                      ) -> Dumps:
+        if ignore:
+            self.table_types(ignore)
         return Dumps(databases=DumpSpec(dump_command(databases, self.lock_wait_s),
                                         guard=WrapperLockWatch(self.lock_wait_s)),
                      users=DumpSpec(users_dump_command()), system_tables=SYSTEM_DUMP)

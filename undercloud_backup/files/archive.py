@@ -139,6 +139,12 @@ def tar_command(plan: PathPlan, *, prefix: tuple[str, ...] = (),
 
 
 _TAR_PROBLEM = re.compile(r"^tar: (?P<path>.+?): (?P<what>[^:]+)(?:: (?P<why>.*))?$")
+# What tar says about an entry it leaves out by design, or about its own bookkeeping: recorded
+# in the manifest's ``other``, never the reason a run fails (a socket is no file to restore).
+_ONLY_WARNINGS = ("socket ignored", "door ignored", "file is the archive; not dumped",
+                  "file is unchanged; not dumped", "Directory is new",
+                  "Directory has been renamed", "file is on a different filesystem; not dumped",
+                  "Removing leading", "Removing drive spec")
 _VANISHED = ("File removed before we read it", "file changed as we read it",
              "File shrank by", "file changed", "Cannot stat", "Cannot open", "Cannot readlink",
              "Read error", "Cannot savedir", "Cannot get xattr", "Cannot get ACL")
@@ -187,6 +193,12 @@ class TarReport:
             self.chars[kind] = chars
         else:
             self.unlisted[kind] = self.unlisted.get(kind, 0) + 1
+
+    def fatal(self) -> list[str]:
+        """The ``other`` lines that are not one of tar's warnings (:data:`_ONLY_WARNINGS`),
+        without their ``tar: `` (the error that quotes them says it once)."""
+        return [line.removeprefix("tar: ") for line in self.other
+                if not any(warning in line for warning in _ONLY_WARNINGS)]
 
     def count(self, kind: str) -> int:
         return len(getattr(self, kind)) + self.unlisted.get(kind, 0)

@@ -44,6 +44,8 @@ from swiftclient.exceptions import ClientException
 
 from undercloud_backup.core.errors import (
     ConfigError,
+    ContainerGone,
+    NotFound,
     ObjectTooLarge,
     SwiftAuthError,
     SwiftRequestFailed,
@@ -369,11 +371,15 @@ class SwiftStore:
             stream.seek(start)
 
         # put_object reads exactly ``length`` bytes from the file; a retry starts it over.
-        return self._call(operation, f"{container}/{name}",
-                          lambda url, token, http: swift_client.put_object(
-                              url, token, container, name, stream, content_length=length,
-                              etag=etag, chunk_size=READ_CHUNK, content_type=content_type,
-                              headers=headers, http_conn=http, query_string=qs), rewind)
+        try:
+            return self._call(operation, f"{container}/{name}",
+                              lambda url, token, http: swift_client.put_object(
+                                  url, token, container, name, stream, content_length=length,
+                                  etag=etag, chunk_size=READ_CHUNK, content_type=content_type,
+                                  headers=headers, http_conn=http, query_string=qs), rewind)
+        except NotFound as error:  # a PUT's 404: the container is not there (any more)
+            self.session.forget_container(container)
+            raise ContainerGone(container=container, **error.fields) from None
 
     def list(self, container: str, prefix: str | None = None) -> list[dict]:
         """Every object in ``container`` (under ``prefix``); NotFound if it does not exist."""

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 
-from undercloud_backup.core.errors import ConfigError, InsufficientSpace
+from undercloud_backup.core.errors import ConfigError, InsufficientSpace, StagingNotWritable
 from undercloud_backup.core.sizes import format_size
 from undercloud_backup.store.connection import SwiftLimits
 
@@ -95,6 +96,17 @@ def segment_sizes(streams: dict[str, int], segment_size: int | None,
     return sizes
 
 
+def check_writable(staging_dir: str) -> None:
+    """An anonymous file made (and gone) in ``staging_dir``, as every spool is, or the
+    error saying why it cannot be (read-only file system, permissions), before any work."""
+    try:
+        with tempfile.TemporaryFile(dir=staging_dir):
+            pass
+    except OSError as error:
+        raise StagingNotWritable(path=staging_dir,
+                                 reason=error.strerror or type(error).__name__) from None
+
+
 def staging_needed(streams: dict[str, int], sizes: dict[str, int]) -> int:
     """Bytes the spools of every stream can take at once, with the margin.
 
@@ -121,6 +133,7 @@ def check_space(staging_dir: str, streams: dict[str, int], segment_size: int | N
     needed = staging_needed(streams, sizes)
     if not os.path.isdir(staging_dir):
         raise ConfigError(detail=f"staging directory {staging_dir} does not exist")
+    check_writable(staging_dir)
     available = shutil.disk_usage(staging_dir).free
     segments = ", ".join(f"{what} {format_size(size)}" for what, size in sizes.items())
     checks = [f"staging {staging_dir}: need {format_size(needed)} (up to {SPOOLS_PER_STREAM} "

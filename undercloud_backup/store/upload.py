@@ -31,7 +31,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import IO
 
-from undercloud_backup.core.errors import InsufficientSpace, SwiftUnreachable, UploadVerifyFailed
+from undercloud_backup.core.errors import (
+    InsufficientSpace,
+    StagingNotWritable,
+    SwiftUnreachable,
+    UploadVerifyFailed,
+)
 from undercloud_backup.core.manifest import Segment, StoredObject
 from undercloud_backup.core.sizes import format_size
 from undercloud_backup.store.connection import SwiftStore
@@ -104,6 +109,9 @@ class StreamUploader:
         try:
             yield
         except OSError as error:
+            if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # e.g. remounted ro
+                raise StagingNotWritable(path=self.staging_dir,
+                                         reason=error.strerror or "not writable") from None
             if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             raise InsufficientSpace(
