@@ -305,7 +305,14 @@ def backup_in_process(*args: str, env: dict[str, str] | None = None,
     rather than of the CLI's process: the same parsing, flow run and printed lines (stdout as
     it prints it; stderr: the run's log lines, then its own), without the start and exit of a
     Python that imports Prefect (2 to 4 s a run). ``env`` replaces os.environ meanwhile."""
-    from flows import backup
+    return cli_in_process("backup", *args, env=env)
+
+
+def cli_in_process(module: str, *args: str, env: dict[str, str] | None = None,
+                   ) -> subprocess.CompletedProcess:
+    """``python -m flows.<module>`` (backup, restore, verify, prune) called in this process,
+    as backup_in_process does for the backup."""
+    import importlib
 
     out, err = io.StringIO(), io.StringIO()
     handler = _LogLines(err)
@@ -314,12 +321,12 @@ def backup_in_process(*args: str, env: dict[str, str] | None = None,
         with mock.patch.dict(os.environ, env or {}, clear=env is not None), \
                 contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                status = backup.main(list(args))
+                status = importlib.import_module(f"flows.{module}").main(list(args))
             except SystemExit as done:  # argparse
                 status = done.code
     finally:
         logging.getLogger().removeHandler(handler)
-    return subprocess.CompletedProcess(["flows.backup", *args], status, out.getvalue(),
+    return subprocess.CompletedProcess([f"flows.{module}", *args], status, out.getvalue(),
                                        err.getvalue())
 
 
