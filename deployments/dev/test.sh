@@ -31,6 +31,10 @@ else
 fi
 echo "[test] services and venv ready in $((SECONDS - t0)) s"
 export PATH="$VENV/bin:$PATH"
+# mypy's incremental cache (tests/test_types.py) outside the checkout, so that a fresh clone's
+# unit tier checks only what changed (it validates each module by its content's hash): a cold
+# check takes 7-10 s on 2 cores, a warm one under 1 s.
+export MYPY_CACHE_DIR=${MYPY_CACHE_DIR:-/var/tmp/ucb-mypy-cache}
 "$VENV/bin/ruff" check .
 # The 25 slowest tests in CI's log: where the suite's time goes (it is near its 20-minute budget).
 durations=()
