@@ -381,6 +381,10 @@ def test_a_verify_host_worker_runs_the_decrypted_weekly_verify(keys, encrypted, 
     log = open(tmp_path / "worker.log", "wb")
     worker = None
     try:
+        # The worker starts (a few seconds of imports) while the deployment is made.
+        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "verify-host"],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
         deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--name",
                                    "weekly-verify-decrypted"], cwd=REPO, env=env,
                                   capture_output=True, text=True, timeout=300)
@@ -388,9 +392,6 @@ def test_a_verify_host_worker_runs_the_decrypted_weekly_verify(keys, encrypted, 
         deployment = api("GET", "/deployments/name/verify_backup/weekly-verify-decrypted")
         assert deployment["work_pool_name"] == "verify-host"
         assert deployment["parameters"]["identity"] == "/etc/undercloud-backup/verify/identity"
-        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "verify-host"],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
         run = api("POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {
             "container": encrypted["container"], "identity": keys["operator"],
             "allowed_signers": keys["allowed"]}})
