@@ -74,10 +74,58 @@ def services() -> dict[str, str]:
 
 
 _SERVER: list[subprocess.Popen] = []
+# The session server's database starts as a copy of one an earlier session's server migrated
+# (schema and block types, no run: copied as soon as it answered), as flows.server does for ad
+# hoc runs: a new database is migrated at every start, 5 to 10 s on 2 cores. Root's alone.
+_TEMPLATES = Path("/var/tmp/ucb-test-prefect-templates")
+_FROM_TEMPLATE = [False]
+
+
+def _session_template() -> Path | None:
+    """The migrated database of this Prefect version, kept for the sessions to start from;
+    None where this user cannot keep one of its own."""
+    from importlib.metadata import version
+
+    try:
+        _TEMPLATES.mkdir(mode=0o700, exist_ok=True)
+        st = _TEMPLATES.lstat()
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        return None
+    return _TEMPLATES / f"prefect-{version('prefect')}.db"
+
+
+def _copy_session_template() -> None:
+    template = _session_template()
+    if template is not None and template.is_file():
+        shutil.copyfile(template, Path(_PREFECT_HOME) / "prefect.db")
+        _FROM_TEMPLATE[0] = True
+
+
+def _keep_session_template() -> None:
+    """Once the session's server answers, before any test: its database as a template."""
+    import sqlite3
+
+    template = _session_template()
+    if template is None or _FROM_TEMPLATE[0]:
+        return
+    scratch = template.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        with contextlib.closing(sqlite3.connect(
+                f"file:{Path(_PREFECT_HOME) / 'prefect.db'}?mode=ro", uri=True)) as live, \
+                contextlib.closing(sqlite3.connect(scratch)) as copy:
+            live.backup(copy)  # a consistent snapshot of a database in use
+        os.replace(scratch, template)
+    except (OSError, sqlite3.Error):
+        pass  # only the next session's start-up is slower
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def _start_prefect_server() -> subprocess.Popen:
     if not _SERVER:
+        _copy_session_template()
         log = open(Path(_PREFECT_HOME) / "server.log", "wb")
         _SERVER.append(subprocess.Popen(
             [str(Path(PYTHON).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
@@ -146,8 +194,12 @@ def prefect_server():
             pass
         if server.poll() is not None or time.monotonic() > deadline:
             _KEEP_PREFECT_HOME[0] = True
+            template = _session_template()
+            if _FROM_TEMPLATE[0] and template is not None:  # not again from a bad copy
+                template.unlink(missing_ok=True)
             raise RuntimeError(f"Prefect server did not start; see {_PREFECT_HOME}/server.log")
         time.sleep(0.2)
+    _keep_session_template()
     yield PREFECT_API_URL
     _drain_prefect()
     _stop_prefect_server()
@@ -305,7 +357,14 @@ def backup_in_process(*args: str, env: dict[str, str] | None = None,
     rather than of the CLI's process: the same parsing, flow run and printed lines (stdout as
     it prints it; stderr: the run's log lines, then its own), without the start and exit of a
     Python that imports Prefect (2 to 4 s a run). ``env`` replaces os.environ meanwhile."""
-    from flows import backup
+    return cli_in_process("backup", *args, env=env)
+
+
+def cli_in_process(module: str, *args: str, env: dict[str, str] | None = None,
+                   ) -> subprocess.CompletedProcess:
+    """``python -m flows.<module>`` (backup, restore, verify, prune) called in this process,
+    as backup_in_process does for the backup."""
+    import importlib
 
     out, err = io.StringIO(), io.StringIO()
     handler = _LogLines(err)
@@ -314,12 +373,12 @@ def backup_in_process(*args: str, env: dict[str, str] | None = None,
         with mock.patch.dict(os.environ, env or {}, clear=env is not None), \
                 contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                status = backup.main(list(args))
+                status = importlib.import_module(f"flows.{module}").main(list(args))
             except SystemExit as done:  # argparse
                 status = done.code
     finally:
         logging.getLogger().removeHandler(handler)
-    return subprocess.CompletedProcess(["flows.backup", *args], status, out.getvalue(),
+    return subprocess.CompletedProcess([f"flows.{module}", *args], status, out.getvalue(),
                                        err.getvalue())
 
 

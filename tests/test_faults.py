@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pymysql
 import pytest
-from conftest import PYTHON, REPO, SERVICES, STATE, backup_cli, mariadb
+from conftest import PYTHON, REPO, SERVICES, STATE, backup_cli, backup_in_process, mariadb
 
 from undercloud_backup import config
 from undercloud_backup.core.errors import NotFound
@@ -61,8 +61,9 @@ def earlier(os_env, db_cnf, tmp_path_factory):
     (root / "etc/hosts").write_text("127.0.0.1 localhost\n")
     (root / "home/stack").mkdir(parents=True)
     (root / "home/stack/stackrc").write_text("export OS_CLOUD=undercloud\n")
-    result = backup_cli("--root", str(root), "--container", container,
-                        "--db-defaults-file", db_cnf, "--json")
+    # In this process: a backup to fail beside, not a test of the CLI's process.
+    result = backup_in_process("--root", str(root), "--container", container,
+                               "--db-defaults-file", db_cnf, "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     manifest = _store().get_bytes(container, summary["manifest"])
@@ -93,7 +94,7 @@ def assert_failed_cleanly(result, earlier: Earlier, staging: Path, before: dict[
     assert len(error_lines) == 1, result.stderr
     assert says in error_lines[0]
     assert DB_PASSWORD not in result.stderr
-    listing = backup_cli("--list", "--json", "--container", earlier.container)
+    listing = backup_in_process("--list", "--json", "--container", earlier.container)
     backups = json.loads(listing.stdout)["backups"]
     assert [b["backup_id"] for b in backups] == [earlier.summary["backup_id"]]
     assert _store().get_bytes(earlier.container, earlier.summary["manifest"]) == earlier.manifest
@@ -561,7 +562,7 @@ def test_a_killed_run_leaves_no_child_and_no_temporary_prefect_server(tmp_path, 
     time.sleep(1)
     assert _processes(f"sleep {marker}") == [], "a child outlived the killed run"
     assert not [p for p in _processes("uvicorn") if _environ_has(p, f"PREFECT_HOME={home}")]
-    listing = backup_cli("--list", "--json", "--container", container)
+    listing = backup_in_process("--list", "--json", "--container", container)
     assert json.loads(listing.stdout)["backups"] == []  # incomplete: prune's to delete
 
 

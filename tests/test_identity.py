@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import sample_undercloud as sample
-from conftest import REPO, backup_cli, describe_tree
+from conftest import REPO, backup_in_process, describe_tree
 from test_restore import archived, checksums, remove_container
 from test_verify import database_sql, run_sql, swift_store
 
@@ -88,10 +88,11 @@ def encrypted(keys, source_mariadb, os_env, tmp_path_factory) -> Iterator[dict]:
     run_sql(source_mariadb, "CREATE USER ucb_identity_svc@localhost IDENTIFIED BY 'x';"
                             f"GRANT SELECT ON {names[0]}.* TO ucb_identity_svc@localhost;")
     container = f"ucbtest-{uuid.uuid4().hex[:10]}"
-    result = backup_cli("--root", str(root), "--container", container, "--db-socket",
-                        source_mariadb.socket, "--db-user", "root", "--segment-size", "1MiB",
-                        "--no-prune", "--recipients-file", keys["recipients"],
-                        "--signing-key", keys["signing"], "--json")
+    # In this process: the backup these tests read, not a test of the backup's CLI.
+    result = backup_in_process("--root", str(root), "--container", container, "--db-socket",
+                               source_mariadb.socket, "--db-user", "root", "--segment-size",
+                               "1MiB", "--no-prune", "--recipients-file", keys["recipients"],
+                               "--signing-key", keys["signing"], "--json")
     assert result.returncode == 0, result.stderr
     backup_id = json.loads(result.stdout)["backup_id"]
     try:
@@ -270,14 +271,14 @@ def test_an_encrypted_signed_incremental_chain_verifies_and_restores_with_the_id
               str(tmp_path), "--recipients-file", keys["recipients"], "--signing-key",
               keys["signing"], "--json")
     try:
-        full = backup_cli(*common)
+        full = backup_in_process(*common)
         assert full.returncode == 0, full.stderr
         full_id = json.loads(full.stdout)["backup_id"]
         with open(root / "etc/keystone/keystone.conf", "a") as conf:
             conf.write("[cache]\nenabled = true\n")
         (root / "etc/keystone/added.yaml").write_text("added in level 1\n")
         (root / "etc/hosts").unlink()
-        level = backup_cli(*common)
+        level = backup_in_process(*common)
         assert level.returncode == 0, level.stderr
         summary = json.loads(level.stdout)
         assert (summary["kind"], summary["parent"]) == ("incremental", full_id)
@@ -380,6 +381,10 @@ def test_a_verify_host_worker_runs_the_decrypted_weekly_verify(keys, encrypted, 
     log = open(tmp_path / "worker.log", "wb")
     worker = None
     try:
+        # The worker starts (a few seconds of imports) while the deployment is made.
+        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "verify-host"],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
         deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--name",
                                    "weekly-verify-decrypted"], cwd=REPO, env=env,
                                   capture_output=True, text=True, timeout=300)
@@ -387,9 +392,6 @@ def test_a_verify_host_worker_runs_the_decrypted_weekly_verify(keys, encrypted, 
         deployment = api("GET", "/deployments/name/verify_backup/weekly-verify-decrypted")
         assert deployment["work_pool_name"] == "verify-host"
         assert deployment["parameters"]["identity"] == "/etc/undercloud-backup/verify/identity"
-        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "verify-host"],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
         run = api("POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {
             "container": encrypted["container"], "identity": keys["operator"],
             "allowed_signers": keys["allowed"]}})

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pymysql
 import pytest
-from test_restore import cli, make_backup, remove_container
+from conftest import cli_in_process
+from test_restore import make_backup, remove_container
 
 from undercloud_backup.db.scratch import ScratchServer, scratch_mariadb
 
@@ -156,7 +157,8 @@ def point(link: Path, server: ScratchServer) -> None:
 
 
 def step(*args: str) -> dict:
-    result = cli(*args, "--json")
+    # In this process: the procedure's steps and their results, not the CLIs' processes.
+    result = cli_in_process(*args, "--json")
     assert result.returncode == 0, f"{args}: {result.stderr}"
     return json.loads(result.stdout)
 

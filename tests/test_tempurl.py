@@ -228,7 +228,7 @@ def test_a_real_runs_artifact_links_download_its_objects(os_env, db_cnf, store, 
     import json
     import re
 
-    from conftest import PREFECT_API_URL, backup_cli
+    from conftest import PREFECT_API_URL, backup_in_process
 
     from undercloud_backup.store import catalogue
 
@@ -237,9 +237,10 @@ def test_a_real_runs_artifact_links_download_its_objects(os_env, db_cnf, store, 
     recipients.write_text(subprocess.run(["age-keygen", "-y", str(identity)], check=True,
                                          capture_output=True, text=True).stdout)
     started = time.time()
-    result = backup_cli("--db-only", "--container", container, "--db-defaults-file", db_cnf,
-                        "--no-prune", "--link-lifetime-hours", "0.05", "--json",
-                        "--recipients-file", str(recipients))
+    # In this process: the run's artifact is what is tested, not the backup's CLI.
+    result = backup_in_process("--db-only", "--container", container, "--db-defaults-file",
+                               db_cnf, "--no-prune", "--link-lifetime-hours", "0.05", "--json",
+                               "--recipients-file", str(recipients))
     assert result.returncode == 0, result.stderr
     backup_id = json.loads(result.stdout)["backup_id"]
     with urllib.request.urlopen(f"{PREFECT_API_URL}/artifacts/undercloud-backup/latest",

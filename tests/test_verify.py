@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PREFECT_API_URL, REPO, backup_cli
+from conftest import PREFECT_API_URL, REPO, backup_in_process
 
 from undercloud_backup import config
 from undercloud_backup.core.manifest import Manifest, StoredObject
@@ -79,10 +79,11 @@ def test_database(private_mariadb):
 
 @pytest.fixture
 def backup(sample_root, test_database, private_mariadb, container, os_env) -> dict:
-    """A fresh backup of the sample tree and the databases, in 1 MiB segments."""
-    result = backup_cli("--root", str(sample_root), "--container", container,
-                        "--db-socket", private_mariadb.socket, "--db-user", "root",
-                        "--segment-size", "1MiB", "--json")
+    """A fresh backup of the sample tree and the databases, in 1 MiB segments (in this
+    process: what is verified, not a test of the backup's CLI)."""
+    result = backup_in_process("--root", str(sample_root), "--container", container,
+                               "--db-socket", private_mariadb.socket, "--db-user", "root",
+                               "--segment-size", "1MiB", "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -170,9 +171,10 @@ def test_a_good_backup_verifies_with_a_test_restore_of_every_table(backup, sampl
 @pytest.mark.slow
 def test_without_table_checksums_row_counts_are_recorded_and_verified(
         sample_root, test_database, private_mariadb, container, os_env):
-    result = backup_cli("--root", str(sample_root), "--container", container, "--db-only",
-                        "--db-socket", private_mariadb.socket, "--db-user", "root",
-                        "--no-table-checksums", "--no-prune", "--json")
+    result = backup_in_process("--root", str(sample_root), "--container", container,
+                               "--db-only", "--db-socket", private_mariadb.socket,
+                               "--db-user", "root", "--no-table-checksums", "--no-prune",
+                               "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     manifest = get_manifest(container, summary["backup_id"])
