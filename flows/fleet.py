@@ -41,7 +41,9 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
 from prefect.states import Completed, Failed
 
+from flows.fleet_worker import deployment_base
 from undercloud_backup.core.errors import BackupError
+from undercloud_backup.core.sizes import format_size, parse_size
 
 ON_DEMAND = "on-demand"
 BACKUP_DEPLOYMENTS = ("on-demand", "nightly", "weekly-full")
@@ -49,6 +51,8 @@ WORKER_ONLINE_S = 60
 FILES_KIND = re.compile(r"^- Files: (full|incremental|none)", re.M)
 ENCRYPTION = re.compile(r"^- Encryption: (.*)$", re.M)
 SIGNATURE = re.compile(r"^- Signature: (.*)$", re.M)
+# A row of the backup artifact's objects table: | `name` | 1.5 MiB | segments | sha256 |
+OBJECT_SIZE = re.compile(r"^\| `[^`]+` \| ([\d.]+ [KMGT]?i?B) \|", re.M)
 
 
 class FleetBackupFailed(BackupError):
@@ -84,15 +88,22 @@ async def _backup_artifact(client: Any, flow_run_id: Any) -> Any:
     return artifacts[0] if artifacts else None
 
 
+def backup_size(text: str) -> str | None:
+    """The backup's stored size: its objects' sizes as the artifact's table lists them."""
+    sizes = [parse_size(size.replace(" ", "")) for size in OBJECT_SIZE.findall(text)]
+    return format_size(sum(sizes)) if sizes else None
+
+
 def _from_artifact(artifact: Any) -> dict[str, str | None]:
     if artifact is None:
-        return {"backup_id": None, "kind": None, "encrypted": None, "signed": None}
+        return {"backup_id": None, "kind": None, "size": None, "encrypted": None,
+                "signed": None}
     text = str(artifact.data or "")
     kind = FILES_KIND.search(text)
     encryption = ENCRYPTION.search(text)
     signature = SIGNATURE.search(text)
     return {"backup_id": (artifact.description or "").removeprefix("Backup ").strip() or None,
-            "kind": kind.group(1) if kind else None,
+            "kind": kind.group(1) if kind else None, "size": backup_size(text),
             "encrypted": encryption.group(1)[:60] if encryption else None,
             "signed": signature.group(1)[:60] if signature else None}
 
@@ -111,7 +122,7 @@ async def _back_up_node(node: str, deployment: Any, full: bool,
                                        tags=["fleet"])
         except Exception as error:  # the run could not even be created
             return {"node": node, "state": "FAILED", "flow_run_id": None, "backup_id": None,
-                    "kind": None, "seconds": round(time.monotonic() - started, 1),
+                    "kind": None, "size": None, "seconds": round(time.monotonic() - started, 1),
                     "error": _line(str(error))}
     state = run.state.type.value if run.state else "UNKNOWN"
     async with get_client() as client:
@@ -119,6 +130,7 @@ async def _back_up_node(node: str, deployment: Any, full: bool,
     return {"node": node, "state": state, "flow_run_id": str(run.id),
             "backup_id": found["backup_id"] if state == "COMPLETED" else None,
             "kind": found["kind"] if state == "COMPLETED" else None,
+            "size": found["size"] if state == "COMPLETED" else None,
             "seconds": round(time.monotonic() - started, 1),
             "error": None if state == "COMPLETED" else _line(run.state and run.state.message)}
 
@@ -149,7 +161,8 @@ async def fleet_backup(nodes: list[str] | None = None, full: bool = False,
     await create_table_artifact(
         key="fleet-backup", description="Fleet backup: one row per node",
         table=[{"node": r["node"], "state": r["state"], "backup id": r["backup_id"] or "",
-                "kind": r["kind"] or "", "seconds": r["seconds"], "error": r["error"] or ""}
+                "kind": r["kind"] or "", "size": r["size"] or "", "seconds": r["seconds"],
+                "error": r["error"] or ""}
                for r in rows])
     failed = [r["node"] for r in rows if r["state"] != "COMPLETED"]
     if failed:
@@ -162,7 +175,7 @@ async def fleet_backup(nodes: list[str] | None = None, full: bool = False,
 async def node_status(client: Any, node: str, now: dt.datetime) -> dict[str, Any]:
     deployments = await client.read_deployments(deployment_filter=DeploymentFilter(
         tags=DeploymentFilterTags(all_=[f"node:{node}"])))
-    by_name = {d.name.rpartition("-")[0]: d for d in deployments}
+    by_name = {deployment_base(d.name, node): d for d in deployments}
     backup_ids = [by_name[n].id for n in BACKUP_DEPLOYMENTS if n in by_name]
     row: dict[str, Any] = {"node": node}
     completed = await client.read_flow_runs(
@@ -208,8 +221,8 @@ async def collect_status() -> list[dict]:
 
 @flow(name="fleet_status")
 async def fleet_status() -> list[dict]:
-    """For every node: its last complete backup and age, kind, encryption and signature, its
-    last verify, its next scheduled run and whether its worker is online."""
+    """For every node: its last complete backup and age, kind, size, encryption and signature,
+    its last verify, its next scheduled run and whether its worker is online."""
     rows = await collect_status()
     await create_table_artifact(key="fleet-status", description="Fleet status: one row per node",
                                 table=[{k: ("" if v is None else v) for k, v in r.items()}
@@ -239,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps({"nodes": rows}, default=str))
             else:
-                _print_table(rows, ("node", "backup_id", "age h", "kind", "last verify",
+                _print_table(rows, ("node", "backup_id", "age h", "kind", "size", "last verify",
                                     "next run", "worker online"))
             return 0
         state = asyncio.run(fleet_backup(nodes=args.nodes, full=args.full,
@@ -256,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         keys = ("node", "state", "flow_run_id", "backup_id", "error")
         print(json.dumps({"nodes": [{k: r[k] for k in keys} for r in rows]}))
     else:
-        _print_table(rows, ("node", "state", "backup_id", "seconds", "error"))
+        _print_table(rows, ("node", "state", "backup_id", "size", "seconds", "error"))
     return 0 if all(r["state"] == "COMPLETED" for r in rows) else 1
 
 

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 
 LIMIT_NAME = "fleet-uploads"
 # A slot is held for a whole upload; its lease is renewed while the run lives, and a run that
-# dies frees it when the lease runs out.
-LEASE_SECONDS = 300
+# dies frees it when the lease runs out (Prefect's shortest lease, plus its 15 s sweep).
+LEASE_SECONDS = 60
 
 
 @contextmanager

@@ -49,6 +49,13 @@ class RunRefused(BackupError):
     exit_code = 2
 
 
+def deployment_base(name: str, node: str) -> str | None:
+    """The node deployment a fleet deployment's name stands for (names are ``<base>-<node>``,
+    and both bases and node names may hold "-"), or None when the name is not one of node's."""
+    base = name.removesuffix(f"-{node}")
+    return base if base != name and base in NODE_DEPLOYMENTS else None
+
+
 def installed_entrypoints(app: str | os.PathLike[str]) -> dict[str, str]:
     """Deployment name (without the node suffix) -> entrypoint, from the installed prefect.yaml."""
     with open(Path(app) / "prefect.yaml", encoding="utf-8") as text:
@@ -144,9 +151,9 @@ def refusal(node: str, app: str, deployment: Any, flow_run: Any, base_job_templa
     """Why this run must not start on this node, or None."""
     if deployment is None:
         return "the run belongs to no deployment (only this node's deployments run here)"
-    base, _, suffix = deployment.name.rpartition("-")
+    base = deployment_base(deployment.name, node)
     installed = installed_entrypoints(app)
-    if suffix != node or base not in installed:
+    if base is None or base not in installed:
         return f"deployment {deployment.name!r} is not one of this node's"
     if deployment.entrypoint != installed[base]:
         return f"entrypoint {deployment.entrypoint!r} is not the installed {installed[base]!r}"
@@ -185,9 +192,9 @@ def installed_flow_loader(node: str, app: str) -> Any:
 
         async with get_client() as client:
             name = (await client.read_deployment(flow_run.deployment_id)).name
-        base, _, suffix = name.rpartition("-")
+        base = deployment_base(name, node)
         installed = installed_entrypoints(app)
-        if suffix != node or base not in installed:
+        if base is None or base not in installed:
             raise RunRefused(node=node, reason=f"deployment {name!r} is not one of this node's")
         return load_flow_from_entrypoint(str(Path(app) / installed[base]))
     return load
@@ -269,10 +276,11 @@ def _engine() -> None:
             async with get_client() as client:
                 return (await client.read_deployment(flow_run.deployment_id)).name
 
-        base, _, suffix = asyncio.run(deployment_name()).rpartition("-")
+        name = asyncio.run(deployment_name())
+        base = deployment_base(name, node)
         installed = installed_entrypoints(os.getcwd())
-        if suffix != node or base not in installed:
-            raise SystemExit(f"refused: deployment {base}-{suffix} is not one of node {node}'s")
+        if base is None or base not in installed:
+            raise SystemExit(f"refused: deployment {name} is not one of node {node}'s")
         # Checked again on the very parameters this process runs with: the run's parameters
         # can be changed through the API after the worker's check.
         policy_path = os.environ.get("UCB_FLEET_POLICY")

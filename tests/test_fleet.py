@@ -1,7 +1,10 @@
 """A fleet of three simulated underclouds on one Prefect server (deployments/dev/fleet.sh): the
-fan-out before an upgrade, one node failing alone, and a compromised node's attacks on another.
+fan-out before an upgrade, one node failing alone, a compromised node's attacks on another, the
+status page in a browser, and a node whose worker is killed mid-run (crashed run, slots freed,
+alerts naming the node).
 
-The fleet is brought up once for the module and removed at its end, whatever happened.
+The fleet is brought up once for the module and removed at its end, whatever happened. Its third
+node's name holds a "-" (deployment names are "<deployment>-<node>").
 """
 
 from __future__ import annotations
@@ -20,11 +23,15 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 from swiftclient import client as swc
+from test_alerts import Receiver
 
 REPO = Path(__file__).resolve().parents[1]
 FLEET = REPO / "deployments" / "dev" / "fleet.sh"
 STATE = Path("/var/lib/ucb-fleet")
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+NODE3 = "edge-3"
+SILENCE_S, OFFLINE_S, ZOMBIE_S = 40, 10, 35  # the fleet's alert windows, shortened for tests
+SHOTS = Path(os.environ.get("UCB_UI_SCREENSHOTS", "/var/tmp/ucb-ui-screenshots"))
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="fleet.sh needs root")
 
@@ -67,7 +74,13 @@ def fleet(services):
     if (STATE / "fleet.json").exists():  # a previous session's, killed before its `down`
         subprocess.run([str(FLEET), "down"], capture_output=True, timeout=300)
     started = time.monotonic()
-    up = subprocess.run([str(FLEET), "up", "3"], capture_output=True, text=True, timeout=300)
+    receiver = Receiver()
+    env = {**os.environ, "UCB_FLEET_NAMES": f"node1,node2,{NODE3}",
+           "UCB_ALERT_WEBHOOK_URL": receiver.url, "UCB_FLEET_ZOMBIE_AFTER": str(ZOMBIE_S),
+           "UCB_FLEET_SILENCE_HOURS": str(SILENCE_S / 3600),
+           "UCB_FLEET_OFFLINE_HOURS": str(OFFLINE_S / 3600)}
+    up = subprocess.run([str(FLEET), "up", "3"], capture_output=True, text=True, timeout=300,
+                        env=env)
     try:
         assert up.returncode == 0, up.stderr[-3000:]
         lines = [json.loads(line) for line in up.stdout.splitlines()]
@@ -77,8 +90,10 @@ def fleet(services):
         status = subprocess.run([str(FLEET), "status"], capture_output=True, text=True,
                                 timeout=60)
         assert status.returncode == 0 and json.loads(status.stdout)["up"], status.stdout
-        yield {"nodes": nodes, "server": server, "operator": env_file(server["env"])}
+        yield {"nodes": nodes, "server": server, "operator": env_file(server["env"]),
+               "alerts": receiver}
     finally:
+        receiver.close()
         started = time.monotonic()
         down = subprocess.run([str(FLEET), "down"], capture_output=True, text=True,
                               timeout=300)
@@ -123,13 +138,15 @@ def test_fan_out_backs_up_every_node(fleet):
     assert all(n["backup_id"] and n["flow_run_id"] and n["error"] is None
                for n in out["nodes"])
     api = Api(fleet["operator"])
-    assert {r["node"]: r["state"] for r in artifact_rows(api, "fleet-backup")} == \
-        dict.fromkeys(fleet["nodes"], "COMPLETED")
+    rows = artifact_rows(api, "fleet-backup")
+    assert {r["node"]: r["state"] for r in rows} == dict.fromkeys(fleet["nodes"], "COMPLETED")
+    assert all(r["size"].endswith(("KiB", "MiB")) for r in rows), rows
     rc, status, err = fleet_cli(fleet, "status")
     assert rc == 0, err[-2000:]
     ids = {n["node"]: n["backup_id"] for n in out["nodes"]}
     assert {r["node"]: r["backup_id"] for r in status["nodes"]} == ids
     assert all(r["worker online"] and r["age h"] < 1 for r in status["nodes"])
+    assert {r["node"]: r["size"] for r in status["nodes"]} == {r["node"]: r["size"] for r in rows}
     assert {r["node"] for r in artifact_rows(api, "fleet-status")} == set(fleet["nodes"])
 
 
@@ -145,7 +162,7 @@ def test_a_node_whose_mariadb_is_down_fails_alone(fleet):
     error = states["node2"]["error"]
     assert error and "\n" not in error, error
     print(f"node2's error line: {error}", file=sys.stderr)
-    assert states["node1"]["state"] == states["node3"]["state"] == "COMPLETED"
+    assert states["node1"]["state"] == states[NODE3]["state"] == "COMPLETED"
     assert "node2" in err.splitlines()[-1] or "node2" in err
 
 
@@ -187,7 +204,7 @@ def test_node_cannot_run_code_on_another_node(fleet, evil):
     api = node_api(fleet, "node1")
     top, marker = evil
     pool = "undercloud-node2"
-    deployments = {d["name"].rpartition("-")[0]: d for d in api(
+    deployments = {d["name"].removesuffix("-node2"): d for d in api(
         "POST", "/deployments/filter", deployments={"tags": {"all_": ["node:node2"]}})}
     keep = ("entrypoint", "pull_steps", "job_variables", "path")
     originals = {base: {k: d[k] for k in keep} for base, d in deployments.items()}
@@ -250,7 +267,7 @@ def test_node_cannot_ask_another_node_for_destructive_parameters(fleet):
     api = node_api(fleet, "node1")
     before = node2_objects(fleet)
     assert before, "node2 has no backup yet"
-    deployments = {d["name"].rpartition("-")[0]: d for d in api(
+    deployments = {d["name"].removesuffix("-node2"): d for d in api(
         "POST", "/deployments/filter", deployments={"tags": {"all_": ["node:node2"]}})}
     on_demand = deployments["on-demand"]
     asked = {
@@ -310,11 +327,12 @@ def swift_as(env: dict[str, str]) -> swc.Connection:
 @pytest.mark.slow
 @needs_root
 def test_a_node_cannot_touch_another_nodes_backups(fleet):
+    """node1's Swift token is refused on edge-3's objects."""
     mine = swift_as(env_file(fleet["nodes"]["node1"]["env"]))
-    theirs = swift_as(env_file(fleet["nodes"]["node3"]["env"]))
+    theirs = swift_as(env_file(fleet["nodes"][NODE3]["env"]))
     url, _ = theirs.get_auth()
     objects = theirs.get_container("undercloud-backups")[1]
-    assert objects, "node3 has no backup to attack"
+    assert objects, f"{NODE3} has no backup to attack"
     name = objects[0]["name"]
     my_url, token = mine.get_auth()
     assert my_url != url
@@ -400,6 +418,21 @@ def test_the_node_policy_accepts_only_its_installed_deployments():
         "another run": _policy_case(env={"PREFECT__FLOW_RUN_ID": "run-2"}),
     }
     assert all(refused.values()), [k for k, v in refused.items() if not v]
+
+
+@pytest.mark.unit
+def test_node_names_may_hold_a_dash():
+    from flows.fleet import backup_size
+    from flows.fleet_worker import deployment_base
+
+    assert deployment_base("weekly-full-edge-3", "edge-3") == "weekly-full"
+    assert deployment_base("on-demand-edge-3", "3") is None  # "on-demand-edge" is no deployment
+    assert deployment_base("on-demand-edge-3", "edge") is None
+    assert deployment_base("prune-node1", "node1") == "prune"
+    assert deployment_base("evil-node1", "node1") is None
+    assert _policy_case(name="on-demand-edge-3") is not None  # node2's worker: not its own
+    table = "| `a/db.sql.zst.age` | 1.5 MiB | plain | `ab…` |\n| `a/m.json` | 512 B | plain | x |"
+    assert backup_size(table) == "1.5 MiB" and backup_size("no table") is None
 
 
 @pytest.mark.unit
@@ -493,16 +526,16 @@ def test_the_engine_checks_parameters_again(fleet):
 def test_a_cancelled_run_loads_no_changed_deployment(fleet, evil):
     """The process worker loads a cancelled or crashed run's flow in the worker itself (for its
     hooks), through the deployment as it is then. With node1's API password: a pull step put
-    on node3's on-demand while its accepted run is running, then the run cancelled: node3's
+    on edge-3's on-demand while its accepted run is running, then the run cancelled: edge-3's
     worker loads only the installed flow, the pull step never runs."""
     api = node_api(fleet, "node1")
     top, marker = evil
-    deployment = api("GET", "/deployments/name/undercloud_backup/on-demand-node3")
+    deployment = api("GET", f"/deployments/name/undercloud_backup/on-demand-{NODE3}")
     original = {k: deployment[k] for k in ("pull_steps",)}
     run_id = api("POST", f"/deployments/{deployment['id']}/create_flow_run")["id"]
     deadline = time.monotonic() + 120
     while api("GET", f"/flow_runs/{run_id}")["state"]["type"] != "RUNNING":
-        assert time.monotonic() < deadline, "node3's run never started"
+        assert time.monotonic() < deadline, f"{NODE3}'s run never started"
         time.sleep(0.5)
     touch = {"prefect.deployments.steps.run_shell_script": {"script": f"touch {marker}"}}
     try:
@@ -514,3 +547,116 @@ def test_a_cancelled_run_loads_no_changed_deployment(fleet, evil):
         api("PATCH", f"/deployments/{deployment['id']}", **original)
     assert final["state"]["type"] in ("CANCELLED", "COMPLETED"), final["state"]
     assert not marker.exists()
+
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.mark.slow
+@needs_root
+def test_the_status_page_in_a_browser(fleet):
+    """The operator logs in to the fleet server's UI and opens the fleet-status artifact: one row
+    per node with its last backup, size, verify, next run and worker."""
+    from playwright import sync_api
+
+    rc, status, err = fleet_cli(fleet, "status")
+    assert rc == 0, err[-2000:]
+    api = Api(fleet["operator"])
+    [artifact] = api("POST", "/artifacts/latest/filter",
+                     artifacts={"key": {"any_": ["fleet-status"]}}, limit=1)
+    base = fleet["server"]["server"].removesuffix("/api")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    shot = SHOTS / "fleet-status.png"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 900})
+            page.goto(base + "/dashboard")
+            page.locator("input[placeholder='admin:pass']").fill(
+                fleet["operator"]["PREFECT_API_AUTH_STRING"])
+            page.locator("button[type=submit]").click()
+            page.wait_for_load_state("networkidle")
+            page.goto(f"{base}/artifacts/artifact/{artifact['id']}")
+            page.get_by_text(NODE3, exact=True).first.wait_for()
+            page.wait_for_load_state("networkidle")
+            page.screenshot(path=str(shot), full_page=True)
+            text = page.locator("body").inner_text()
+        finally:
+            browser.close()
+    print(f"fleet-status screenshot: {shot}", file=sys.stderr)
+    for column in ("node", "backup_id", "age h", "size", "last verify", "next run",
+                   "worker online"):
+        assert column in text, column
+    for row in status["nodes"]:
+        assert row["node"] in text and row["backup_id"] in text and row["size"] in text, row
+
+
+def node_processes(user: str) -> list[int]:
+    """The node's processes but its MariaDB: its worker and whatever the worker started."""
+    import pwd
+
+    uid = pwd.getpwnam(user).pw_uid
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and entry.stat().st_uid == uid and \
+                    (entry / "comm").read_text().strip() != "mariadbd":
+                found.append(int(entry.name))
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def alerts_for(fleet: dict, node: str, what: str) -> list[dict]:
+    return [b for b in fleet["alerts"].bodies
+            if b["subject"].startswith(f"[undercloud-backup] {node}: {what}")]
+
+
+@pytest.mark.slow
+@needs_root
+def test_a_killed_worker_leaves_a_crashed_run_frees_its_slots_and_alerts(fleet):
+    """edge-3's worker and its run SIGKILLed while the run holds a fleet upload slot: the run
+    ends CRASHED (no heartbeat), the upload slot and the node's own slot are freed (the worker
+    started again backs up at once), and the operator gets one alert for the crashed run and
+    one for the worker offline, each naming edge-3, plus edge-3's no-backup alert."""
+    api = Api(fleet["operator"])
+    deployment = api("GET", f"/deployments/name/undercloud_backup/on-demand-{NODE3}")
+    run_id = api("POST", f"/deployments/{deployment['id']}/create_flow_run")["id"]
+    deadline = time.monotonic() + 120
+    while api("GET", "/v2/concurrency_limits/fleet-uploads")["active_slots"] < 1:
+        assert time.monotonic() < deadline, api("GET", f"/flow_runs/{run_id}")["state"]
+        time.sleep(0.05)
+    victims = node_processes(fleet["nodes"][NODE3]["user"])
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    assert api("GET", f"/flow_runs/{run_id}")["state"]["type"] == "RUNNING"
+
+    run = api.wait(run_id, timeout=ZOMBIE_S + 120)
+    assert run["state"]["type"] == "CRASHED", run["state"]
+    crashed_s = time.monotonic() - killed
+    deadline = time.monotonic() + 120
+    while not (alerts_for(fleet, NODE3, "worker offline") and alerts_for(fleet, NODE3, "backup")
+               and api("GET", "/v2/concurrency_limits/fleet-uploads")["active_slots"] == 0):
+        assert time.monotonic() < deadline, (fleet["alerts"].bodies, api(
+            "GET", "/v2/concurrency_limits/fleet-uploads"))
+        time.sleep(1)
+    print(f"killed {len(victims)} processes; CRASHED after {crashed_s:.0f} s, alerts and "
+          f"slot after {time.monotonic() - killed:.0f} s", file=sys.stderr)
+    [crash] = alerts_for(fleet, NODE3, "backup")
+    assert "Crashed" in crash["subject"] and run["name"] in crash["subject"], crash
+    assert f"Host: {NODE3}" in crash["body"] and "No heartbeat" in crash["body"], crash
+    [offline] = alerts_for(fleet, NODE3, "worker offline")
+    assert f"undercloud-{NODE3}" in offline["body"], offline
+
+    done = subprocess.run([str(FLEET), "worker", NODE3], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    again = api("POST", f"/deployments/{deployment['id']}/create_flow_run")["id"]
+    assert api.wait(again, timeout=120)["state"]["type"] == "COMPLETED"
+    assert alerts_for(fleet, NODE3, "no backup completed")
+    for body in fleet["alerts"].bodies:  # every alert names one node, the same in both places
+        node = body["subject"].split("] ", 1)[1].split(":", 1)[0]
+        assert f"Host: {node}\n" in body["body"], body

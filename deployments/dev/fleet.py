@@ -1,6 +1,6 @@
 """A fleet on one machine, for tests and for trying it: the body of deployments/dev/fleet.sh.
 
-    fleet.sh up N | down | status
+    fleet.sh up N | down | status | worker NODE
 
 `up`: a Prefect server on the local PostgreSQL (its own role and database, password on no
 argv), then N simulated nodes, each with its own system user, state directory, sample
@@ -8,17 +8,24 @@ undercloud root, MariaDB (own datadir, socket, port), Keystone user and project 
 Swift account), work pool ``undercloud-<node>`` with the node's deployments, and a worker
 (flows/fleet_worker.py) running as that user from a root-owned copy of the project. One JSON
 line per node, then one for the server. `down` removes everything `up` recorded in
-$STATE/fleet.json. Runs as root, with the loopback Keystone and Swift of
-deployments/dev/services.sh.
+$STATE/fleet.json. `worker NODE` starts the node's worker again (after a test killed it).
+
+Nodes are node1..nodeN, or the names in UCB_FLEET_NAMES (comma-separated; "-" allowed). With
+UCB_ALERT_WEBHOOK_URL set, each node gets its alerts (deployments/prefect/fleet_alerts.py,
+windows UCB_FLEET_SILENCE_HOURS [26] and UCB_FLEET_OFFLINE_HOURS [1]) through a webhook block;
+runs without heartbeats for UCB_FLEET_ZOMBIE_AFTER seconds [90] are CRASHED. Runs as root,
+with the loopback Keystone and Swift of deployments/dev/services.sh.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -39,6 +46,8 @@ MANIFEST = STATE / "fleet.json"
 DB_NAME = f"{PREFIX}_prefect"
 SERVER_USER = f"{PREFIX}-server"
 FLEET_POOL = "fleet"
+ZOMBIE_AFTER = int(os.environ.get("UCB_FLEET_ZOMBIE_AFTER", "90"))
+NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$")
 FLOWS: dict[str, tuple[str, dict]] = {}  # entrypoint -> flow name, parameter schema
 
 
@@ -369,6 +378,47 @@ async def deploy_server(app: Path) -> None:
                 path=str(app), pull_steps=[], schedules=schedules)
 
 
+def set_up_alerts(app: Path, nodes: list[str]) -> None:
+    """The zombie automation, and each node's alerts when a webhook URL is given."""
+    sys.path.insert(0, str(app / "deployments" / "prefect"))
+    import alerts
+    import fleet_alerts
+    import zombie_automation
+
+    log(alerts.apply(zombie_automation.automation(ZOMBIE_AFTER)))
+    url = os.environ.get(alerts.URL_ENV)
+    if not url:
+        return
+    block_id = alerts.save_block("webhook", url, "fleet")
+    silence = float(os.environ.get("UCB_FLEET_SILENCE_HOURS", "26"))
+    offline = float(os.environ.get("UCB_FLEET_OFFLINE_HOURS", "1"))
+    for node in nodes:
+        for automation in fleet_alerts.node_automations(
+                node, block_id, datetime.timedelta(hours=silence),
+                datetime.timedelta(hours=offline)):
+            log(alerts.apply(automation))
+
+
+def start_worker(node: str, state: dict) -> int:
+    """The node's worker, as the node's user, from the root-owned copy."""
+    node_dir = STATE / "nodes" / node
+    user = pwd.getpwnam(state["nodes"][node]["user"])
+    env = env_file(node_dir / "worker.env")
+    return start(f"worker-{node}", [str(VENV / "bin/python"), "-m", "flows.fleet_worker",
+                                    "worker", "--pool", f"undercloud-{node}", "--name", node],
+                 env, user, STATE / "app", state)
+
+
+def node_names(count: int) -> list[str]:
+    names = [n.strip() for n in os.environ.get("UCB_FLEET_NAMES", "").split(",") if n.strip()]
+    names = names[:count] + [f"node{i}" for i in range(len(names) + 1, count + 1)]
+    bad = [n for n in names if not NODE_NAME.match(n)]
+    if bad or len(set(names)) != len(names):
+        raise SystemExit(f"node names: lowercase letters, digits and '-', at most 20, unique: "
+                         f"{', '.join(bad) or 'duplicates'}")
+    return names
+
+
 def keygen(node_dir: Path, user: pwd.struct_passwd, node: str) -> None:
     """The node's age recipients (identity root's, for tests) and its signing key."""
     subprocess.run(["age-keygen", "-o", str(node_dir / "identity")], check=True,
@@ -408,8 +458,7 @@ def up(count: int) -> None:
     from sample_undercloud import SampleSize, make_files
 
     nodes = []
-    for i in range(1, count + 1):
-        node = f"node{i}"
+    for node in node_names(count):
         node_dir = STATE / "nodes" / node
         node_dir.mkdir(mode=0o755)
         user = make_user(f"{PREFIX}-{node}", node_dir / "home", state)
@@ -459,16 +508,15 @@ def up(count: int) -> None:
         for node, _, node_dir, home, _ in nodes:
             await deploy_node(node, app, node_dir, home)
     asyncio.run(deploy_all())
+    set_up_alerts(app, [node for node, *_ in nodes])
     server = pwd.getpwnam(SERVER_USER)
     start("worker-fleet", [str(VENV / "bin/prefect"), "worker", "start", "--pool", FLEET_POOL,
                            "--type", "process", "--name", "fleet"],
           {**operator, "PATH": f"{VENV}/bin:/usr/bin:/bin", "HOME": str(STATE / "server"),
            "PREFECT_HOME": str(STATE / "server"), "PREFECT_WORKER_QUERY_SECONDS": "2"},
           server, app, state)
-    for node, user, _, _, env in nodes:
-        start(f"worker-{node}", [str(VENV / "bin/python"), "-m", "flows.fleet_worker",
-                                 "worker", "--pool", f"undercloud-{node}", "--name", node],
-              env, user, app, state)
+    for node, *_ in nodes:
+        start_worker(node, state)
     print(json.dumps({"server": url, "env": str(STATE / "operator.env")}), flush=True)
     log(f"up: {count} nodes in {time.monotonic() - started:.1f} s")
 
@@ -550,7 +598,15 @@ def main(argv: list[str]) -> int:
         return 0
     if argv == ["status"]:
         return status()
-    raise SystemExit("usage: fleet.sh up N | down | status")
+    if argv[:1] == ["worker"] and len(argv) == 2:
+        state = load()
+        if argv[1] not in state.get("nodes", {}):
+            raise SystemExit(f"no node {argv[1]} in the fleet")
+        if _running(state.get("pids", {}).get(f"worker-{argv[1]}", 0)):
+            raise SystemExit(f"the worker of {argv[1]} runs")
+        start_worker(argv[1], state)
+        return 0
+    raise SystemExit("usage: fleet.sh up N | down | status | worker NODE")
 
 
 if __name__ == "__main__":

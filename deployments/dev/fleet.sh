@@ -8,9 +8,12 @@
 #                     {"server": "http://127.0.0.1:PORT/api", "env": PATH} (the operator's)
 #   fleet.sh down     remove every user, process, database, directory and container it made
 #   fleet.sh status   what runs (JSON); exit 1 when something is down
+#   fleet.sh worker NODE   start NODE's worker again (after it was killed)
 #
 # Environment: UCB_FLEET_STATE [/var/lib/ucb-fleet], UCB_FLEET_VENV [the checkout's .venv, made
-# from a system python: the node users run it], UCB_FLEET_UPLOADS [2], UCB_DEV_STATE (services.sh's).
+# from a system python: the node users run it], UCB_FLEET_UPLOADS [2], UCB_DEV_STATE (services.sh's),
+# UCB_FLEET_NAMES [node1,...], UCB_ALERT_WEBHOOK_URL [no alerts], UCB_FLEET_SILENCE_HOURS [26],
+# UCB_FLEET_OFFLINE_HOURS [1], UCB_FLEET_ZOMBIE_AFTER [90 s] (deployments/dev/fleet.py).
 set -euo pipefail
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 VENV=${UCB_FLEET_VENV:-$SRC/.venv}
