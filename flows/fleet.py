@@ -67,6 +67,15 @@ class NoSuchNode(BackupError):
     exit_code = 2
 
 
+# The status table's columns, most telling first: a page one screen wide shows them all.
+STATUS_COLUMNS = ("node", "worker online", "last backup", "age h", "kind", "size", "encrypted",
+                  "signed", "last verify", "next run", "backup_id")
+
+
+def _when(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def _line(text: str | None) -> str:
     return " ".join((text or "").split())[:300]
 
@@ -94,7 +103,7 @@ def backup_size(text: str) -> str | None:
     return format_size(sum(sizes)) if sizes else None
 
 
-def _from_artifact(artifact: Any) -> dict[str, str | None]:
+def _from_artifact(artifact: Any) -> dict[str, str | bool | None]:
     if artifact is None:
         return {"backup_id": None, "kind": None, "size": None, "encrypted": None,
                 "signed": None}
@@ -104,8 +113,8 @@ def _from_artifact(artifact: Any) -> dict[str, str | None]:
     signature = SIGNATURE.search(text)
     return {"backup_id": (artifact.description or "").removeprefix("Backup ").strip() or None,
             "kind": kind.group(1) if kind else None, "size": backup_size(text),
-            "encrypted": encryption.group(1)[:60] if encryption else None,
-            "signed": signature.group(1)[:60] if signature else None}
+            "encrypted": encryption.group(1).startswith("age") if encryption else None,
+            "signed": signature.group(1).startswith("`manifest.json.sig`") if signature else None}
 
 
 async def _back_up_node(node: str, deployment: Any, full: bool,
@@ -185,7 +194,7 @@ async def node_status(client: Any, node: str, now: dt.datetime) -> dict[str, Any
         sort=FlowRunSort.END_TIME_DESC, limit=1) if backup_ids else []
     last = completed[0] if completed else None
     row.update(_from_artifact(await _backup_artifact(client, last.id) if last else None))
-    row["last backup"] = last.end_time.isoformat(timespec="seconds") if last else ""
+    row["last backup"] = _when(last.end_time) if last else ""
     row["age h"] = round((now - last.end_time).total_seconds() / 3600, 1) if last else None
     verify = by_name.get("weekly-verify")
     verified = await client.read_flow_runs(
@@ -194,22 +203,20 @@ async def node_status(client: Any, node: str, now: dt.datetime) -> dict[str, Any
             state=FlowRunFilterState(type=FlowRunFilterStateType(
                 any_=[StateType.COMPLETED, StateType.FAILED, StateType.CRASHED]))),
         sort=FlowRunSort.END_TIME_DESC, limit=1) if verify else []
-    row["last verify"] = (f"{verified[0].state.type.value} "
-                          f"{verified[0].end_time.isoformat(timespec='seconds')}"
+    row["last verify"] = (f"{verified[0].state.type.value} {_when(verified[0].end_time)}"
                           if verified else "")
     scheduled = await client.read_flow_runs(
         flow_run_filter=FlowRunFilter(
             deployment_id=FlowRunFilterDeploymentId(any_=[d.id for d in deployments]),
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
         sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=1) if deployments else []
-    row["next run"] = (scheduled[0].expected_start_time.isoformat(timespec="seconds")
-                       if scheduled else "")
+    row["next run"] = _when(scheduled[0].expected_start_time) if scheduled else ""
     pool = deployments[0].work_pool_name if deployments else None
     beats = [w.last_heartbeat_time for w in
              (await client.read_workers_for_work_pool(pool) if pool else [])
              if w.last_heartbeat_time]
     row["worker online"] = bool(beats) and (now - max(beats)).total_seconds() < WORKER_ONLINE_S
-    return row
+    return {column: row[column] for column in STATUS_COLUMNS}
 
 
 async def collect_status() -> list[dict]:

@@ -225,6 +225,8 @@ def start_server(state: dict) -> tuple[str, str]:
         "PREFECT_API_DATABASE_CONNECTION_URL":
             f"postgresql+asyncpg://{DB_NAME}:{password}@127.0.0.1:5432/{DB_NAME}",
         "PREFECT_SERVER_API_AUTH_STRING": auth, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The UI asks the API where the server listens (not the default 4200).
+        "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE":
             "prefect.server.concurrency.lease_storage.filesystem",
         "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "5",
