@@ -73,7 +73,7 @@ STATUS_COLUMNS = ("node", "worker online", "last backup", "age h", "kind", "size
 
 
 def _when(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%MZ")
 
 
 def _line(text: str | None) -> str:

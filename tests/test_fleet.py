@@ -663,6 +663,7 @@ def test_a_killed_worker_leaves_a_crashed_run_frees_its_slots_and_alerts(fleet):
     assert f"Host: {NODE3}" in crash["body"] and "No heartbeat" in crash["body"], crash
     [offline] = alerts_for(fleet, NODE3, "worker offline")
     assert f"undercloud-{NODE3}" in offline["body"], offline
+    assert not alerts_for(fleet, "node1", "worker offline")  # its worker never stopped
 
     done = subprocess.run([str(FLEET), "worker", NODE3], capture_output=True, text=True,
                           timeout=60)

@@ -78,7 +78,10 @@ def node_automations(node: str, block_id: UUID, silence: dt.timedelta,
             after={"prefect.work-pool.not-ready"}, expect={"prefect.work-pool.ready"},
             match=ResourceSpecification({"prefect.resource.id": "prefect.work-pool.*",
                                          "prefect.resource.name": pool_name(node)}),
-            posture=Posture.Proactive, threshold=1, within=offline),
+            # Buckets only from a not-ready event: one alert per time the pool went offline
+            # (without it the server keeps a bucket open and alerts every window).
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=offline),
         actions=[SendNotification(block_document_id=block_id, subject=subject, body=body)]))
     return wanted
 
