@@ -46,6 +46,7 @@ MANIFEST = STATE / "fleet.json"
 DB_NAME = f"{PREFIX}_prefect"
 SERVER_USER = f"{PREFIX}-server"
 FLEET_POOL = "fleet"
+SQLITE = os.environ.get("UCB_FLEET_DATABASE", "postgresql") == "sqlite"
 ZOMBIE_AFTER = int(os.environ.get("UCB_FLEET_ZOMBIE_AFTER", "90"))
 NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$")
 FLOWS: dict[str, tuple[str, dict]] = {}  # entrypoint -> flow name, parameter schema
@@ -209,21 +210,24 @@ def copy_app() -> Path:
 
 
 def start_server(state: dict) -> tuple[str, str]:
-    password = secrets.token_urlsafe(24)
-    psql(f"DROP DATABASE IF EXISTS {DB_NAME};\nDROP ROLE IF EXISTS {DB_NAME};\n"
-         f"CREATE ROLE {DB_NAME} LOGIN PASSWORD '{password}';\n"
-         f"CREATE DATABASE {DB_NAME} OWNER {DB_NAME};\n")
-    state["database"] = DB_NAME
-    save(state)
     user = make_user(SERVER_USER, STATE / "server", state)
+    if SQLITE:  # for comparison (benchmarks/fleet.py): the single-node install's database
+        database = f"sqlite+aiosqlite:///{STATE / 'server' / 'prefect.db'}"
+    else:
+        password = secrets.token_urlsafe(24)
+        psql(f"DROP DATABASE IF EXISTS {DB_NAME};\nDROP ROLE IF EXISTS {DB_NAME};\n"
+             f"CREATE ROLE {DB_NAME} LOGIN PASSWORD '{password}';\n"
+             f"CREATE DATABASE {DB_NAME} OWNER {DB_NAME};\n")
+        state["database"] = DB_NAME
+        save(state)
+        database = f"postgresql+asyncpg://{DB_NAME}:{password}@127.0.0.1:5432/{DB_NAME}"
     port = free_port()
     auth = "admin:" + secrets.token_urlsafe(18)
     env = {
         "PATH": "/usr/bin:/bin", "HOME": str(STATE / "server"), "LANG": "C.UTF-8",
         "PREFECT_HOME": str(STATE / "server"),
         "PREFECT_SERVER_UI_STATIC_DIRECTORY": str(STATE / "server" / "ui"),
-        "PREFECT_API_DATABASE_CONNECTION_URL":
-            f"postgresql+asyncpg://{DB_NAME}:{password}@127.0.0.1:5432/{DB_NAME}",
+        "PREFECT_API_DATABASE_CONNECTION_URL": database,
         "PREFECT_SERVER_API_AUTH_STRING": auth, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # The UI asks the API where the server listens (not the default 4200).
         "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),

@@ -13,7 +13,8 @@
 # Environment: UCB_FLEET_STATE [/var/lib/ucb-fleet], UCB_FLEET_VENV [the checkout's .venv, made
 # from a system python: the node users run it], UCB_FLEET_UPLOADS [2], UCB_DEV_STATE (services.sh's),
 # UCB_FLEET_NAMES [node1,...], UCB_ALERT_WEBHOOK_URL [no alerts], UCB_FLEET_SILENCE_HOURS [26],
-# UCB_FLEET_OFFLINE_HOURS [1], UCB_FLEET_ZOMBIE_AFTER [90 s] (deployments/dev/fleet.py).
+# UCB_FLEET_OFFLINE_HOURS [1], UCB_FLEET_ZOMBIE_AFTER [90 s], UCB_FLEET_PREFIX [ucbf],
+# UCB_FLEET_DATABASE [postgresql; sqlite to compare] (deployments/dev/fleet.py).
 set -euo pipefail
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 VENV=${UCB_FLEET_VENV:-$SRC/.venv}
