@@ -187,9 +187,18 @@ def measure(count: int, database: str, max_parallel: int | None) -> dict:
     up_s = time.monotonic() - started
     lines = [json.loads(line) for line in up.stdout.splitlines()]
     nodes, operator = {line["node"]: line for line in lines[:-1]}, env_file(lines[-1]["env"])
-    os.environ.update(operator)
     server_pid = json.loads((STATE / "fleet.json").read_text())["pids"]["server"]
     parallel = max_parallel or count
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    # Prefect reads its settings once per process: each fleet's server is set here.
+    with temporary_settings({PREFECT_API_URL: operator["PREFECT_API_URL"],
+                             PREFECT_API_AUTH_STRING: operator["PREFECT_API_AUTH_STRING"]}):
+        return _measure(count, database, parallel, nodes, operator, server_pid, up_s)
+
+
+def _measure(count: int, database: str, parallel: int, nodes: dict, operator: dict,
+             server_pid: int, up_s: float) -> dict:
     try:
         online_s = asyncio.run(workers_online(list(nodes)))
         idle_rss, _ = usage(tree(server_pid))
