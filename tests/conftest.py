@@ -382,6 +382,18 @@ def cli_in_process(module: str, *args: str, env: dict[str, str] | None = None,
                                        err.getvalue())
 
 
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, options: str):
+    """``path`` (created) with a tmpfs mounted on it (``-o options``), unmounted afterwards:
+    a file system of a chosen size, or read-only, for staging and restore targets."""
+    path.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
 def describe_tree(top: Path) -> dict[str, tuple]:
     """Per path under ``top``: type, mode, owner, content (hard links by first name), xattrs."""
     entries: dict[str, tuple] = {}

@@ -7,10 +7,7 @@ refusal before anything is written."""
 from __future__ import annotations
 
 import contextlib
-import importlib
-import io
 import json
-import logging
 import os
 import re
 import shutil
@@ -21,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from binlog_server import BinlogServer
-from conftest import REPO, backup_cli, backup_in_process, swift_store
+from conftest import REPO, backup_cli, backup_in_process, cli_in_process, swift_store
 
 from undercloud_backup.store import catalogue
 
@@ -31,20 +28,17 @@ DB = "ucb_binlog"
 @pytest.fixture(scope="module")
 def source(services):
     """The server backed up: binary log on, ROW format, server_id 9."""
-    server = BinlogServer(server_id=9)
-    try:
-        server.install()
-        server.start()
-        server.create_backup_user()
-        yield server
-    finally:
-        server.remove()
+    yield from running(BinlogServer(server_id=9))
 
 
 @pytest.fixture(scope="module")
 def target(services):
     """Where restores go: a server of its own, without a binary log."""
-    server = BinlogServer(log_bin=False)
+    yield from running(BinlogServer(log_bin=False))
+
+
+def running(server: BinlogServer):
+    """``server`` installed, started, with the backup account; removed afterwards."""
     try:
         server.install()
         server.start()
@@ -78,36 +72,19 @@ def backup(server: BinlogServer, container: str, *args: str) -> dict:
     return summary
 
 
-class _Lines(logging.Handler):
-    def __init__(self, sink: io.StringIO) -> None:
-        super().__init__(logging.INFO)
-        self.sink = sink
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.sink.write(f"{record.levelname} | {record.getMessage()}\n")
-
-
-def run_in_process(module: str, *args: str) -> subprocess.CompletedProcess:
-    """``python -m MODULE ARGS`` called in this process (stderr: the run's log lines)."""
-    flow = importlib.import_module(module)
-    out, err = io.StringIO(), io.StringIO()
-    handler = _Lines(err)
-    logging.getLogger().addHandler(handler)
+@contextlib.contextmanager
+def changed(server: BinlogServer, change: str, undo: str):
+    """The server with ``change`` made, undone afterwards whatever happens."""
+    server.sql(change)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                status = flow.main(list(args))
-            except SystemExit as done:
-                status = done.code
+        yield
     finally:
-        logging.getLogger().removeHandler(handler)
-    return subprocess.CompletedProcess([module, *args], status, out.getvalue(),
-                                       err.getvalue())
+        server.sql(undo)
 
 
 def restore(target: BinlogServer, container: str, *args: str) -> subprocess.CompletedProcess:
     """``python -m flows.restore`` called in this process, into ``target``."""
-    return run_in_process("flows.restore", "--container", container, "--no-files",
+    return cli_in_process("restore", "--container", container, "--no-files",
                           "--db-socket", target.socket, "--db-user", "root",
                           "--no-signature-check", "--json", *args)
 
@@ -167,7 +144,7 @@ def test_a_nightly_ships_the_log_and_restores_to_its_end_point(source, target, d
     assert target.sql(f"SELECT COUNT(*) FROM {database}.t WHERE v = 'changed'").strip() == "100"
 
     # verify test-restores the chain the same way into its throwaway server
-    verified = run_in_process("flows.verify", "--container", container, "--backup-id",
+    verified = cli_in_process("verify", "--container", container, "--backup-id",
                               second["backup_id"], "--no-signature-check", "--json")
     assert verified.returncode == 0, verified.stderr[-3000:]
     report = json.loads(verified.stdout)
@@ -267,20 +244,16 @@ def test_log_bin_off_says_how_to_turn_it_on(db_cnf, sample_databases, container)
 
 def test_identity_format_and_grants_force_a_full_dump(source, database, container):
     backup(source, container)
-    source.sql("SET GLOBAL binlog_format = 'MIXED'")
-    try:
+    with changed(source, "SET GLOBAL binlog_format = 'MIXED'",
+                 "SET GLOBAL binlog_format = 'ROW'"):
         mixed = backup(source, container)
-    finally:
-        source.sql("SET GLOBAL binlog_format = 'ROW'")
     assert mixed["database_kind"] == "dump"
     assert "binlog_format changed from ROW to MIXED" in \
         manifest(container, mixed["backup_id"]).mariadb.full_reason
 
-    source.sql("REVOKE REPLICATION SLAVE ON *.* FROM 'ucbbinlog'@'127.0.0.1'")
-    try:
+    with changed(source, "REVOKE REPLICATION SLAVE ON *.* FROM 'ucbbinlog'@'127.0.0.1'",
+                 "GRANT REPLICATION SLAVE ON *.* TO 'ucbbinlog'@'127.0.0.1'"):
         ungranted = backup(source, container)
-    finally:
-        source.sql("GRANT REPLICATION SLAVE ON *.* TO 'ucbbinlog'@'127.0.0.1'")
     assert ungranted["database_kind"] == "dump"
     assert "lacks REPLICATION SLAVE ON *.*" in \
         manifest(container, ungranted["backup_id"]).mariadb.full_reason

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import backup_in_process
+from conftest import backup_in_process, mounted_tmpfs
 
 from undercloud_backup.backup.stages import judge_tar
 from undercloud_backup.core.errors import ArchiveFailed, PathNotFound
@@ -190,12 +190,8 @@ def test_a_locked_table_fails_the_run_within_one_bound_not_once_per_retry():
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A directory on a read-only file system (a tmpfs mounted ro), unmounted afterwards."""
-    path = tmp_path / "ro-staging"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=512m,mode=0755", "tmpfs", str(path)],
-                   check=True)
-    yield path
-    subprocess.run(["umount", str(path)], check=True)
+    with mounted_tmpfs(tmp_path / "ro-staging", "ro,size=512m,mode=0755") as path:
+        yield path
 
 
 def test_a_read_only_staging_directory_has_its_own_line_and_status(

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import REPO, backup_in_process, remove_container, swift_store
+from conftest import REPO, backup_in_process, mounted_tmpfs, remove_container, swift_store
 
 from undercloud_backup.files import archive, estimate
 from undercloud_backup.store import catalogue
@@ -76,12 +76,8 @@ def test_the_wrappers_count_is_the_librarys(tmp_path, monkeypatch):
 @pytest.fixture
 def small_staging(tmp_path):
     """A 256 MiB file system for the staging area (the 1 TiB image was planned with 2.3 GiB)."""
-    path = tmp_path / "staging"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m,mode=0700", "tmpfs", str(path)],
-                   check=True)
-    yield path
-    subprocess.run(["umount", str(path)], check=True)
+    with mounted_tmpfs(tmp_path / "staging", "size=256m,mode=0700") as path:
+        yield path
 
 
 def test_a_sparse_terabyte_backs_up_through_a_small_staging_area(tmp_path, os_env, db_cnf,
