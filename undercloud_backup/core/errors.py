@@ -177,7 +177,7 @@ class SwiftUnreachable(BackupError):
 
 def transient_status(status: int | None) -> bool:
     """Whether a Swift answer can heal by itself: 5xx, 408, 429 (and Swift's ratelimit 498),
-    or no answer at all; never 400, 401 (after one re-auth), 403, 404, 409, 413, ..."""
+    or no answer at all; never 400, 401 (the store re-authenticates first), 403, 404, 409, ..."""
     return status is None or status in (408, 429, 498) or 500 <= status <= 599
 
 

@@ -7,14 +7,17 @@ dicts, bytes, iterators and our errors (:mod:`undercloud_backup.core.errors`), n
 The retry policy (:class:`~undercloud_backup.store.retry.RetryPolicy`): a request that failed in
 a way that can heal (5xx, 408, 429 and Swift's 498, a lost connection, a timeout) is tried again
 after 1, 2, 4, 8, 16 s, or after what the server's ``Retry-After`` asks, at most ``retries``
-times and only while the request's time budget (``retry_budget_s``) lasts; anything else (400,
-401 after one re-auth, 403, 404, 409, 413, ...) fails at once. Every attempt has a connect and a
-read timeout, so a Swift that accepts and never answers fails one request after at most
-``retry_budget_s + timeout`` seconds (plus the connect timeout): with the defaults, 180 s.
+times and only while the request's time budget (``retry_budget_s``) lasts; so is an auth outage
+(Swift's 401 to a new token, Keystone refusing credentials that worked earlier in the session);
+anything else (400, 403, 404, 409, 413, a wrong password at the first login, ...) fails at once.
+Every attempt has a connect and a read timeout, so a Swift that accepts and never answers fails
+one request after at most ``retry_budget_s + timeout`` seconds (plus the connect timeout): with
+the defaults, 180 s.
 
 Requests go through swiftclient's public module functions (``put_object(url, token, ...)``),
-so the policy above is the only one: nothing is retried twice. A 401 gets one new token and
-one more attempt, not counted as a retry. A PUT body is rewound before every attempt,
+so the policy above is the only one: nothing is retried twice. A 401 gets a new token and
+one more attempt, not counted as a retry; a further 401 (to the new token) a new token before
+each attempt the policy allows. A PUT body is rewound before every attempt,
 ``bytes`` included.
 
 A :class:`SwiftSession` is one Keystone login (token, storage URL) and the containers checked
@@ -43,6 +46,7 @@ from swiftclient import client as swift_client
 from swiftclient.exceptions import ClientException
 
 from undercloud_backup.core.errors import (
+    BackupError,
     ConfigError,
     ContainerGone,
     NotFound,
@@ -112,6 +116,7 @@ class SwiftSession:
         self.key = session_key(settings)
         self._keystone = _keystone_session(settings)
         self._url: str | None = None
+        self.authenticated_once = False  # credentials that worked are not wrong later
         self._lock = threading.Lock()
         self._containers: set[str] = set()
         self._containers_lock = threading.Lock()
@@ -156,6 +161,7 @@ class SwiftSession:
                 raise ConfigError(detail=f"no object-store endpoint ({settings.interface}) in "
                                          "the Keystone catalog; set a storage URL")
             self._url = url
+            self.authenticated_once = True
             return url
 
     def token(self) -> str:
@@ -269,22 +275,35 @@ class SwiftStore:
             try:
                 return request(self.url, self.session.token(), self._connection())
             except ClientException as exc:
-                if exc.http_status == 401 and not reauthenticated:
-                    # A token revoked or expired early: one new one, not counted as a retry.
-                    reauthenticated = True
+                if exc.http_status == 401:
+                    # A token revoked or expired early gets a new one, the first time not
+                    # counted as a retry. Again with a new token, Swift could not validate
+                    # it (Keystone away: delay_auth_decision makes that a 401): an auth
+                    # outage, ridden out like any other within the retry budget.
                     self._disconnect()
                     self.session.invalidate()
+                    if reauthenticated:
+                        self._failed(attempts, exc, operation, target, retry_after(exc),
+                                     auth_outage=True)
+                    reauthenticated = True
                 else:
                     self._failed(attempts, exc, operation, target, retry_after(exc))
             except Exception as exc:  # noqa: BLE001 - translated, then retried or raised
-                self._failed(attempts, exc, operation, target, retry_after(exc))
+                self._failed(attempts, exc, operation, target, retry_after(exc),
+                             auth_outage=self.session.authenticated_once)
             if rewind is not None:
                 rewind()
 
     def _failed(self, attempts: Attempts, exc: Exception, operation: str, target: str,
-                asked: float | None) -> None:
+                asked: float | None, *, auth_outage: bool = False) -> None:
+        """Wait before the next attempt or raise. ``auth_outage``: refusals of credentials
+        that worked in this session (Keystone's 401 when logging in again, Swift's 401 to a
+        new token) are tried again within the budget, as a 503 would be."""
         self._disconnect()  # a failed request can leave the connection unusable
-        attempts.failed(translate(exc, operation, target, self.url, self.settings), asked)
+        error = translate(exc, operation, target, self.url, self.settings)
+        if auth_outage and not error.retryable and _refused(error):
+            error = AuthOutage.of(error)
+        attempts.failed(error, asked)
 
     # --------------------------------------------------------------------- requests
     def head(self, container: str, name: str) -> dict[str, str]:
@@ -441,6 +460,34 @@ class SwiftStore:
             finally:
                 info[1].close()
         return SwiftLimits.from_capabilities(self._call("GET info", self.url, capabilities))
+
+
+def _refused(error: BackupError) -> bool:
+    """Keystone refused the credentials, or Swift the token (HTTP 401)."""
+    return isinstance(error, SwiftAuthError) or (
+        isinstance(error, SwiftRequestFailed) and error.status == 401)
+
+
+class AuthOutage(SwiftRequestFailed):
+    """Swift {operation} of {target} failed: {reason} (transaction {transaction_id})."""
+
+    exit_code = 30  # after the budget: the credentials stayed refused
+
+    @property
+    def retryable(self) -> bool:  # type: ignore[override]
+        return True
+
+    @classmethod
+    def of(cls, error: BackupError) -> AuthOutage:
+        """``error`` (a 401 of Swift, a refusal of Keystone) as one to try again."""
+        fields = error.fields
+        if isinstance(error, SwiftAuthError):
+            return cls(operation="login", target=f"Keystone at {fields.get('auth_url')}",
+                       reason=f"credentials of {fields.get('user')!r} that worked earlier "
+                              f"refused ({fields.get('reason')}): Keystone unavailable?",
+                       transaction_id="none", status=401)
+        return cls(**{**fields, "reason": f"{fields.get('reason')}: Swift could not "
+                                          "validate a new token (Keystone unavailable?)"})
 
 
 def info_url(storage_url: str) -> str:

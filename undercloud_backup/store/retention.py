@@ -9,10 +9,14 @@ policy applies to each backed-up host on its own (the manifest's ``hostname``), 
 sharing a container never prune each other's backups away. The clock is a parameter: backup
 times come from each manifest's ``created_at``.
 
-Deleting a backup removes its manifest first (from then on it is incomplete by definition and
-nothing will restore from it), then its objects, then their segments. Incomplete backups
-(objects without a manifest: a failed run, an interrupted prune, or a backup still uploading)
-are removed once nothing of theirs was written for a grace period.
+Deleting a backup first leaves a marker object (``<backup_id>/deleting``), then removes its
+manifest (from then on it is incomplete by definition and nothing will restore from it), then
+its objects and their segments, the marker last. Incomplete backups (objects without a
+manifest: a failed run, or a backup still uploading) are removed once nothing of theirs was
+written for a grace period, except that one whose run is still alive is never touched,
+whatever the grace (``running``: the flow runs the orchestrator knows are live, whose ids
+the backup ids end with), and one with the marker (a prune stopped half way) or whose run is
+known to have ended (a failed run's leftovers) is deleted at once.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from undercloud_backup.store.swift import segment_container as segments_of
 # backup.new_backup_id: <host>-<UTC time>-<6 hex>. Only names of this shape are ever removed
 # as incomplete backups; anything else in the container is left alone.
 BACKUP_ID = re.compile(r"^.+-\d{8}T\d{6}Z-[0-9a-f]{6}$")
+# Written before a backup's manifest is deleted: what is left after an interrupted prune is
+# recognisably a deletion to finish, not a backup that may still be uploading.
+DELETING = "deleting"
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,17 @@ class StoredBackup:
     objects: list[str] = field(default_factory=list)
     segments: list[tuple[str, str]] = field(default_factory=list)
     chain: list[str] = field(default_factory=list)  # what an incremental needs, full first
+
+    @property
+    def deleting(self) -> bool:
+        """A prune had started deleting it (the marker is there)."""
+        return f"{self.backup_id}/{DELETING}" in self.objects
+
+    def run_alive(self, runs: Iterable[str]) -> bool:
+        """Whether the flow run that wrote it is among ``runs`` (run ids, hex): a backup id
+        ends with the first 6 hex digits of its run's id."""
+        tail = self.backup_id.rsplit("-", 1)[-1]
+        return any(run.replace("-", "").startswith(tail) for run in runs)
 
     def touch(self, stamp: dt.datetime) -> None:
         if self.last_modified is None or stamp > self.last_modified:
@@ -281,26 +299,36 @@ def _delete(store: SwiftStore, container: str, name: str) -> None:
 
 
 def delete_backup(store: SwiftStore, container: str, backup: StoredBackup) -> None:
-    """Manifest first, then the objects (SLO manifests among them), then the segments."""
+    """The marker, then the manifest, then the objects (SLO manifests among them), then the
+    segments, the marker last: a prune stopped anywhere leaves something the next one
+    finishes at once."""
     manifest = catalogue.manifest_name(backup.backup_id)
+    marker = f"{backup.backup_id}/{DELETING}"
+    if backup.complete and not backup.deleting:
+        store.put(container, marker, b"", content_type="text/plain")
     if backup.complete:
         _delete(store, container, manifest)
     for name in backup.objects:
-        if name != manifest:
+        if name not in (manifest, marker):
             _delete(store, container, name)
     for segment_container, name in backup.segments:
         _delete(store, segment_container, name)
+    _delete(store, container, marker)
 
 
 def prune(store: SwiftStore, container: str, policy: RetentionPolicy, now: dt.datetime, *,
-          dry_run: bool = False,
+          dry_run: bool = False, running: Iterable[str] = (), ended: Iterable[str] = (),
           logger: logging.Logger | logging.LoggerAdapter | None = None) -> PruneResult:
     """Apply ``policy`` to the backups in ``container`` as of ``now``.
 
     Complete backups the policy does not keep are deleted, manifest first; incomplete ones
-    are deleted when their last write is older than ``policy.grace``. With ``dry_run``
-    nothing is deleted and the result says what would be.
+    are deleted when their last write is older than ``policy.grace`` and their run is not
+    among ``running`` (live flow run ids), or at once when an earlier prune had started
+    deleting them or their run is among ``ended`` (runs the orchestrator knows have ended:
+    a failed run's leftovers). With ``dry_run`` nothing is deleted and the result says what
+    would be.
     """
+    running, ended = list(running), list(ended)
     log = logger or logging.getLogger(__name__)
     now = now.replace(tzinfo=dt.UTC) if now.tzinfo is None else now.astimezone(dt.UTC)
     backups, ignored = inventory(store, container)
@@ -325,7 +353,18 @@ def prune(store: SwiftStore, container: str, policy: RetentionPolicy, now: dt.da
             result.deleted.append(backup.summary())
         elif BACKUP_ID.match(backup.backup_id):
             idle = now - (backup.last_modified or now)
-            if idle < policy.grace:
+            if backup.deleting:
+                log.info("%s what is left of backup %s: an earlier prune was stopped while "
+                         "deleting it", verb, backup.backup_id)
+            elif backup.run_alive(running):
+                log.info("keeping incomplete backup %s: its run is still running (whatever "
+                         "the grace period)", backup.backup_id)
+                result.incomplete_kept.append(backup.summary())
+                continue
+            elif backup.run_alive(ended) and not backup.run_alive(running):
+                log.info("%s incomplete backup %s at once: its run has ended", verb,
+                         backup.backup_id)
+            elif idle < policy.grace:
                 log.info("keeping incomplete backup %s: last written %s ago, within the grace "
                          "period (it may still be uploading)", backup.backup_id, idle)
                 result.incomplete_kept.append(backup.summary())
