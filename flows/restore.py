@@ -33,6 +33,7 @@ from undercloud_backup.restore import binlog as replaylog
 from undercloud_backup.restore import databases as restoredb
 from undercloud_backup.restore import files as restore
 from undercloud_backup.restore import plan as restoreplan
+from undercloud_backup.restore import target as restore_target
 from undercloud_backup.store import session as swift_session
 from undercloud_backup.trust import crypto, signing
 
@@ -230,12 +231,14 @@ def _restore(swift_source: SwiftSource, db_source: DatabaseSource, manifest: Man
              fresh_target: bool, replay_plan: replaylog.ReplayPlan | None = None) -> None:
     """Files and databases, side by side where they can be; ``result`` filled in."""
     dry_run = request.dry_run
+    if files and not paths and fresh_target:  # room for every file, before anything else
+        restore_target.check_free_space(request.target or request.staging_dir, manifest)
     if want_databases and not dry_run:
         # Check the databases can be loaded (and would not be replaced unasked) before any
         # file is written.
         steps.restore_databases.with_options(task_run_name="check-target-databases")(
-            swift_source, db_source, manifest, names, replace(request, dry_run=True),
-            replay_plan)
+            swift_source, db_source, manifest, names,
+            replace(request, dry_run=True, checking=True), replay_plan)
     if files and want_databases and not paths and (fresh_target or overwrite or dry_run):
         _side_by_side(swift_source, db_source, manifest, names, request, result, replay_plan)
     else:

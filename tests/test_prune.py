@@ -245,4 +245,5 @@ def test_manifest_goes_first(conn, container):
     retention.delete_backup(conn, container, backup)
     assert calls[0] == (catalogue.manifest_name(ident), "listed")
     assert all(state == "unlisted" for _, state in calls[1:])
-    assert len(calls) == 1 + 1 + 2  # manifest, SLO manifest, two segments
+    # manifest, SLO manifest, two segments, and last the marker put before the manifest went
+    assert len(calls) == 1 + 1 + 2 + 1 and calls[-1][0] == f"{ident}/{retention.DELETING}"

@@ -39,7 +39,7 @@ from undercloud_backup.core.manifest import (
     TableRecord,
 )
 from undercloud_backup.core.sizes import format_size
-from undercloud_backup.db import binlog, privileged
+from undercloud_backup.db import binlog, packets, privileged
 from undercloud_backup.db import connection as db
 from undercloud_backup.db.database import DatabaseAccess
 from undercloud_backup.db.dump import DumpSpec
@@ -204,16 +204,20 @@ def dump_databases(request: BackupRequest, access: DatabaseAccess,
         stats.start()
 
     objects = []
+    meter = packets.MeterReport()  # the longest statement: what a restore's server must take
     try:
         with dumps.databases as dump:
+            producer = binlog_tap(dump.command, coordinates)
+            on_stderr: dict[int, Callable[[str], None]] = {len(producer): meter}
+            if coordinates is not None:
+                on_stderr[1] = coordinates.append
             objects.append(stream_to_swift(
                 request, swift_settings, DB_OBJECT, "mariadb-dump",
                 request.database_segment_size,
-                Pipeline([*binlog_tap(dump.command, coordinates),
+                Pipeline([*producer, packets.meter_command(),
                           *compress_commands(request, threads=2)],
                          timeout=request.dump_timeout_s, secrets=dump.secrets,
-                         pass_fds=dump.pass_fds,
-                         on_stderr={1: coordinates.append} if coordinates is not None else None),
+                         pass_fds=dump.pass_fds, on_stderr=on_stderr),
                 on_failure=dump.failure, progress=progressed,
                 # as the dump opens its snapshot: the two are as close as we can
                 after_start=lambda: started(dump),
@@ -234,6 +238,8 @@ def dump_databases(request: BackupRequest, access: DatabaseAccess,
                     format_size(obj.size), obj.sha256)
     section = _database_section(access, info, dumps.system_tables, stats.result(), objects,
                                 excluded)
+    if meter.longest is not None:
+        section.max_allowed_packet = packets.needed(meter.longest)
     if section.partial:
         logger.warning("%s", section.partial_note())
     for name in section.vanished_tables:

@@ -157,6 +157,9 @@ class DatabaseSection:
     vanished_tables: list[str] = field(default_factory=list)
     # ``db.name`` of the tables and views left out on purpose (``exclude_tables``).
     excluded_tables: list[str] = field(default_factory=list)
+    # The max_allowed_packet (bytes) a server needs to load the dump: its longest statement
+    # and a margin (undercloud_backup.db.packets). None: not measured (older backups).
+    max_allowed_packet: int | None = None
 
     @property
     def has_checksums(self) -> bool:
@@ -195,7 +198,8 @@ class DatabaseSection:
                    server=dict(known.get("server") or {}), base=known.get("base"),
                    parent=known.get("parent"), full_reason=known.get("full_reason"),
                    vanished_tables=[str(t) for t in known.get("vanished_tables") or []],
-                   excluded_tables=[str(t) for t in known.get("excluded_tables") or []])
+                   excluded_tables=[str(t) for t in known.get("excluded_tables") or []],
+                   max_allowed_packet=known.get("max_allowed_packet"))
 
 
 @dataclass

@@ -29,6 +29,7 @@ from undercloud_backup.core.manifest import USERS_OBJECT, Manifest, StoredObject
 from undercloud_backup.db import connection as db
 from undercloud_backup.db.check import TableComparison, compare_tables
 from undercloud_backup.db.dumpstream import DatabaseFilter, DumpGate, sandboxed
+from undercloud_backup.restore import target
 from undercloud_backup.restore.binlog import ReplayPlan, replay
 from undercloud_backup.restore.files import (
     NotInBackup,
@@ -170,8 +171,11 @@ def plan_databases(session, where: str, selected: list[str],
 
 
 def _load(store, container: str, obj: StoredObject, settings: db.DatabaseSettings,
-          line_filter, request: RestoreRequest) -> ObjectCheck:
-    """Stream one dump object into the target server; its check, or RestoreFailed."""
+          line_filter, request: RestoreRequest,
+          plan: DatabasePlan | None = None) -> ObjectCheck:
+    """Stream one dump object into the target server; its check, or the failure that says
+    how far it came (:mod:`undercloud_backup.restore.target`)."""
+    progress = target.LoadProgress(then=line_filter)
     read_fd, write_fd = os.pipe()
     with os.fdopen(write_fd, "w") as options:  # a 64 KiB pipe holds it all
         options.write(settings.option_file_text())
@@ -183,20 +187,35 @@ def _load(store, container: str, obj: StoredObject, settings: db.DatabaseSetting
 
     try:
         outcome = stream_object(store, container, obj, Consumer(
-            [client_command(read_fd)], line_filter=DumpGate(obj.name, line_filter),
+            [client_command(read_fd)], line_filter=DumpGate(obj.name, progress),
             secrets=[settings.password], pass_fds=(read_fd,), after_start=close_read),
             timeout=request.timeout_s, strict=True, spool_dir=request.staging_dir)
     except ObjectDamaged as error:
-        raise RestoreFailed(what=f"{obj.leaf} into {settings.where}", reason=str(error)) \
-            from None
+        raise target.DamagedWhileRestoring(
+            what=f"{obj.leaf} into {settings.where}", detail=str(error).rstrip("."),
+            progress=_progress(progress, plan)) from None
     finally:
         if read_fd >= 0:
             os.close(read_fd)
     if outcome.filter_error is not None:
         raise outcome.filter_error  # not a dump: refused before a byte reached the server
     if outcome.first_failure is not None:
-        raise RestoreFailed(what=f"{obj.leaf} into {settings.where}", reason=outcome.reason())
+        reason = outcome.reason()
+        if not target.server_alive(lambda: db.connect(settings)):
+            raise target.TargetServerLost(where=settings.where, object=obj.leaf,
+                                          reason=reason, progress=_progress(progress, plan))
+        if target.packet_refused(reason) or "2006" in reason:
+            reason += (" (a statement larger than the server's max_allowed_packet: raise "
+                       "it, see docs/restore.md)")
+        raise RestoreFailed(what=f"{obj.leaf} into {settings.where}",
+                            reason=f"{reason}; {_progress(progress, plan)}")
     return outcome.check
+
+
+def _progress(progress: target.LoadProgress, plan: DatabasePlan | None) -> str:
+    if plan is None:  # the users and grants, after every database was loaded
+        return "every database had been loaded; users and grants partly"
+    return progress.describe(plan.load, plan.replaced)
 
 
 def restore_databases(store, container: str, manifest: Manifest,
@@ -219,32 +238,40 @@ def restore_databases(store, container: str, manifest: Manifest,
     # authentication of the very user we connect as.
     with db.connect(settings) as session:
         plan = plan_databases(session, settings.where, selected, request)
-        if request.dry_run:
-            logger.info("dry run: would load %s into MariaDB at %s%s%s%s",
-                        ", ".join(plan.load) or "no database", settings.where,
-                        " with users and grants" if everything else "",
-                        f", replacing {', '.join(plan.replaced)}" if plan.replaced else "",
-                        f", leaving {', '.join(plan.skipped)} alone" if plan.skipped else "")
-            return DatabasesRestored(plan, everything, obj.name, dry_run=True)
-        logger.info("loading %s into MariaDB at %s%s", ", ".join(plan.load) or "no database",
-                    settings.where, " with users and grants" if everything else "")
-        _drop(session, plan.replaced)
-        whole = everything and not plan.skipped
-        checks = [_load(store, container, obj, settings,
-                        None if whole else DatabaseFilter(plan.load,
-                                                          keep_system=everything), request)]
-        if everything and users is not None:
-            checks.append(_load(store, container, users, settings, None, request))
-        if replay_plan is not None:
-            _replay(store, container, replay_plan, settings, None if whole else plan.load,
-                    request, logger)
-        loaded_in = time.monotonic() - started
-        if replay_plan is not None and replay_plan.end is None:
-            logger.info("restored to %s: no backup's row counts were taken there, so none "
-                        "are compared", replay_plan.point)
-            comparison = TableComparison()
-        else:
-            comparison = _compare(session, manifest, plan.load, logger)
+        if everything:
+            target.check_database_space(session, dumped, settings.where,
+                                        replacing=bool(plan.replaced))
+        # the server must take the dump's longest statement: checked (or raised) first
+        with target.packet_fits(session, dumped, settings.where, dry_run=request.dry_run,
+                                logger=logger):
+            if request.dry_run:
+                logger.info("%s %s into MariaDB at %s%s%s%s",
+                            "checked: can load" if request.checking else "dry run: would load",
+                            ", ".join(plan.load) or "no database", settings.where,
+                            " with users and grants" if everything else "",
+                            f", replacing {', '.join(plan.replaced)}" if plan.replaced else "",
+                            f", leaving {', '.join(plan.skipped)} alone" if plan.skipped else "")
+                return DatabasesRestored(plan, everything, obj.name, dry_run=True)
+            logger.info("loading %s into MariaDB at %s%s", ", ".join(plan.load) or "no database",
+                        settings.where, " with users and grants" if everything else "")
+            _drop(session, plan.replaced)
+            whole = everything and not plan.skipped
+            checks = [_load(store, container, obj, settings,
+                            None if whole else DatabaseFilter(plan.load,
+                                                              keep_system=everything),
+                            request, plan)]
+            if everything and users is not None:
+                checks.append(_load(store, container, users, settings, None, request))
+            if replay_plan is not None:
+                _replay(store, container, replay_plan, settings, None if whole else plan.load,
+                        request, logger)
+            loaded_in = time.monotonic() - started
+            if replay_plan is not None and replay_plan.end is None:
+                logger.info("restored to %s: no backup's row counts were taken there, so none "
+                            "are compared", replay_plan.point)
+                comparison = TableComparison()
+            else:
+                comparison = _compare(session, manifest, plan.load, logger)
     logger.info("restored %d database(s) in %.1f s; %d of %d table(s) match the manifest",
                 len(plan.load), loaded_in, comparison.matching, comparison.compared)
     return DatabasesRestored(plan, everything, obj.name, dry_run=False, object_checks=checks,

@@ -64,6 +64,12 @@ from undercloud_backup.restore.plan import (
     require_found,
     select,
 )
+from undercloud_backup.restore.target import (
+    DamagedWhileRestoring,
+    TargetFull,
+    check_free_space,
+    disk_full,
+)
 from undercloud_backup.store.reader import ObjectCheck, ObjectDamaged
 from undercloud_backup.store.streams import Consumer, StreamOutcome, stream_object
 
@@ -279,6 +285,8 @@ def restore_files(store, container: str, manifest: Manifest, request: RestoreReq
                     "existing directories kept, %d excluded and left alone", plan.entries,
                     target, plan.creates, plan.replaces, plan.merges, plan.kept)
         return FilesPlanned(target, list(selection.excluded), plan)
+    if not selection.members and not occupied:
+        check_free_space(target, manifest)  # exit 14 before anything is written
     target = make_target(target, request.explicit_target)
     if os.geteuid() != 0:
         logger.warning("not running as root: owners and trusted/security xattrs cannot be "
@@ -312,9 +320,9 @@ def _extract(store, container: str, obj: StoredObject, selection: Selection, tar
                                 timeout=request.timeout_s, strict=True,
                                 spool_dir=request.staging_dir)
     except ObjectDamaged as error:
-        raise RestoreFailed(what=f"files into {target}",
-                            reason=f"{error} ({len(written)} entries had been written)") \
-            from None
+        raise DamagedWhileRestoring(
+            what=f"files into {target}", detail=str(error).rstrip("."),
+            progress=f"{len(written)} entries had been written under {target}") from None
     if outcome.first_failure is not None:
         raise _extract_failure(outcome, obj, target, len(written))
     seconds = time.monotonic() - started
@@ -335,6 +343,9 @@ def _extract_failure(outcome: StreamOutcome, obj: StoredObject, target: str,
         escape = confine.escape_attempt(stderr)
         if escape is not None:
             return confine.OutsideRefused(name=obj.name, target=target, example=escape)
+        full = disk_full(stderr)
+        if full is not None:
+            return TargetFull(target=target, reason=full, written=written)
     return RestoreFailed(what=f"files into {target}",
                          reason=f"{outcome.reason()} ({written} entries had been written)")
 
@@ -399,6 +410,8 @@ def restore_chain(store, container: str, levels: list[Manifest], request: Restor
                     target, len(levels), " > ".join(ids), merged.creates, merged.replaces,
                     merged.merges, merged.kept)
         return FilesPlanned(target, list(selection.excluded), merged, chain=ids)
+    if not selection.members and not occupied:
+        check_free_space(target, manifest)  # exit 14 before anything is written
     target = make_target(target, request.explicit_target)
     if occupied:
         logger.warning("restoring an incremental chain over %s (--overwrite): archived "

@@ -68,6 +68,7 @@ class RestoreRequest:
     allow_root_target: bool = False
     explicit_target: bool = False  # created 0755 (a stand-in root); the default scratch 0700
     dry_run: bool = False
+    checking: bool = False  # a dry run that checks a real restore first: it says "checked"
     staging_dir: str = defaults.STAGING_DIR
     timeout_s: float = defaults.RESTORE_TIMEOUT_HOURS * 3600
 

@@ -29,8 +29,10 @@ from undercloud_backup.core.manifest import (
     StoredObject,
 )
 from undercloud_backup.core.sizes import format_size
+from undercloud_backup.db import packets
 from undercloud_backup.db.check import TableComparison, compare_schema_objects, compare_tables
 from undercloud_backup.db.dumpstream import DumpGate
+from undercloud_backup.db.packets import LongestLine
 from undercloud_backup.db.rows import one_row
 from undercloud_backup.db.scratch import ScratchServer, scratch_mariadb
 from undercloud_backup.files import chain
@@ -137,6 +139,7 @@ class DatabaseCheck(Check):
     databases: int
     comparison: TableComparison
     seconds: float
+    max_allowed_packet: int | None = None  # what a restore's target server needs
 
     def covers(self, name: str) -> list[str]:
         return self.checked
@@ -150,7 +153,8 @@ class DatabaseCheck(Check):
         return {**head, "checked": self.checked, "loaded": self.loaded,
                 "load_seconds": self.load_seconds, "scratch_version": self.scratch_version,
                 "databases": self.databases, **self.comparison.to_dict(),
-                "problems": self.problems, "warnings": self.warnings, "seconds": self.seconds}
+                "problems": self.problems, "warnings": self.warnings, "seconds": self.seconds,
+                "max_allowed_packet": self.max_allowed_packet}
 
 
 @dataclass(kw_only=True)
@@ -274,10 +278,12 @@ def _list_ancestors(store, container: str, manifest: Manifest, paths: ChainPaths
 
 # ------------------------------------------------------------------------------ database
 def _load(store, container: str, obj: StoredObject, server: ScratchServer,
-          timeout: float) -> tuple[StreamOutcome, list[str]]:
-    """Load one dump object into the scratch server: its outcome and the problems seen."""
+          timeout: float, meter: LongestLine | None = None
+          ) -> tuple[StreamOutcome, list[str]]:
+    """Load one dump object into the scratch server: its outcome and the problems seen
+    (``meter`` measures its longest statement on the way)."""
     outcome = stream_object(store, container, obj, Consumer(
-        [server.client_command()], line_filter=DumpGate(obj.name)), timeout=timeout,
+        [server.client_command()], line_filter=DumpGate(obj.name, meter)), timeout=timeout,
         strict=False)
     problems = list(outcome.check.problems)
     if outcome.check.ok and outcome.decrypt_error is not None:  # age said why (key, tampering)
@@ -323,6 +329,7 @@ def check_database(store, container: str, manifest: Manifest, *, staging_dir: st
             objects = []
     loaded_in = 0.0
     comparison = TableComparison()
+    meter = LongestLine()
     with scratch_mariadb(staging_dir, lifetime_s=timeout) as server:
         with server.session.cursor() as cursor:
             cursor.execute("SELECT VERSION()")
@@ -336,7 +343,7 @@ def check_database(store, container: str, manifest: Manifest, *, staging_dir: st
             log.info("loading %s (%s) into a %s on port %d", obj.name, format_size(obj.size),
                      server.where, server.port)
             load_started = time.monotonic()
-            outcome, seen = _load(store, container, obj, server, timeout)
+            outcome, seen = _load(store, container, obj, server, timeout, meter)
             loaded_in += time.monotonic() - load_started
             problems += seen
             checks.append(outcome.check)
@@ -363,6 +370,16 @@ def check_database(store, container: str, manifest: Manifest, *, staging_dir: st
             problems += comparison.differences + schema
     warnings = [f"table {name} was loaded but the manifest has no record of it"
                 for name in comparison.extra]
+    # The throwaway server takes any statement (1G); a restore's target may not.
+    packet = (manifest.mariadb.max_allowed_packet if manifest.mariadb else None) \
+        or (packets.needed(meter.longest) if meter.longest else None)
+    if packet and packet > packets.STOCK_MAX_ALLOWED_PACKET:
+        warnings.append(
+            f"the dump holds a statement of {format_size(packet - packets.PACKET_MARGIN)}: "
+            f"a restore's target MariaDB needs max_allowed_packet of at least "
+            f"{packets.setting(packet)} (a stock one allows "
+            f"{packets.setting(packets.STOCK_MAX_ALLOWED_PACKET)}; the restore raises it "
+            "where its account may, see docs/restore.md)")
     backup_version = manifest.mariadb.version if manifest.mariadb else ""
     if backup_version and backup_version.split(".")[:2] != scratch_version.split(".")[:2]:
         warnings.append(f"the dump comes from MariaDB {backup_version} and was loaded into "
@@ -371,7 +388,8 @@ def check_database(store, container: str, manifest: Manifest, *, staging_dir: st
     return DatabaseCheck(objects=checks, checked=[o.name for o in objects] + replayed
                          + [o.name for o in manifest.objects if kind_of(o) == "database"
                             and o.name not in replayed], loaded=loaded,
-                         load_seconds=round(loaded_in, 2), scratch_version=scratch_version,
+                         load_seconds=round(loaded_in, 2), max_allowed_packet=packet,
+                         scratch_version=scratch_version,
                          databases=len(recorded), comparison=comparison, problems=problems,
                          warnings=warnings, seconds=round(time.monotonic() - started, 2))
 
