@@ -395,7 +395,26 @@ def main(argv: list[str] | None = None) -> int:
                                       if databases.existing else "")
               + (f" (left alone: {', '.join(databases.skipped)})"
                  if databases.skipped else ""))
+    if result.dry_run:
+        print(dry_run_summary(result))
     return 0
+
+
+def dry_run_summary(result: RestoreResult) -> str:
+    """A dry run's last line: what a restore would write where, in one line."""
+    parts = []
+    files, databases = result.files, result.databases
+    if isinstance(files, restore.FilesPlanned):
+        plan = files.plan
+        parts.append(f"{plan.entries} entries would be written under {files.target} "
+                     f"({plan.creates} new, {plan.replaces} replacing existing files, "
+                     f"{plan.kept} left alone)")
+    if databases:
+        parts.append(f"database(s) {', '.join(databases.databases) or '(none)'} would be "
+                     f"loaded into {databases.where}"
+                     + (f", replacing {', '.join(databases.existing)}"
+                        if databases.existing else ""))
+    return f"dry run of backup {result.backup_id}: nothing was written; " + "; ".join(parts)
 
 
 if __name__ == "__main__":

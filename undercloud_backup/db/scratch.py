@@ -16,7 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +73,10 @@ def install_command(datadir: str, user: str | None) -> Command:
     return Command(argv=tuple(argv), name="mariadb-install-db")
 
 
-def server_command(directory: str, port: int, user: str | None) -> Command:
-    """mariadbd on loopback only, tuned for one bulk load of data that may be thrown away."""
+def server_command(directory: str, port: int, user: str | None,
+                   options: Sequence[str] = ()) -> Command:
+    """mariadbd on loopback only, tuned for one bulk load of data that may be thrown away;
+    ``options`` last (they win), e.g. a target's ``--max-allowed-packet=16M``."""
     top = Path(directory)
     argv = [
         _tool("mariadbd", "mysqld"), "--no-defaults",
@@ -88,6 +90,7 @@ def server_command(directory: str, port: int, user: str | None) -> Command:
     ]
     if user:
         argv.append(f"--user={user}")
+    argv += options
     return Command(argv=tuple(argv), name="mariadbd (scratch)")
 
 
@@ -164,11 +167,12 @@ def _wait_ready(pipe: Pipeline, sock: str, deadline: float) -> pymysql.connectio
 
 
 @contextmanager
-def scratch_mariadb(base_dir: str, *, lifetime_s: float) -> Iterator[ScratchServer]:
+def scratch_mariadb(base_dir: str, *, lifetime_s: float,
+                    options: Sequence[str] = ()) -> Iterator[ScratchServer]:
     """Initialise and start a throwaway server under ``base_dir``; stop and delete it after.
 
     ``lifetime_s`` bounds how long the server may live: it is killed with its process group
-    after that, whatever happens to the caller.
+    after that, whatever happens to the caller. ``options``: more mariadbd options.
     """
     user = _server_user()
     directory = _prepare(base_dir, user)
@@ -181,7 +185,8 @@ def scratch_mariadb(base_dir: str, *, lifetime_s: float) -> Iterator[ScratchServ
         sock = os.path.join(directory, "mysqld.sock")
         for attempt in range(3):  # a free port can be taken between probe and bind
             port = _free_port()
-            with Pipeline([server_command(directory, port, user)], timeout=lifetime_s,
+            with Pipeline([server_command(directory, port, user, options)],
+                          timeout=lifetime_s,
                           stdout=subprocess.DEVNULL) as pipe:
                 try:
                     session = _wait_ready(pipe, sock, time.monotonic() + START_TIMEOUT_S)

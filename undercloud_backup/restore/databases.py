@@ -192,7 +192,7 @@ def _load(store, container: str, obj: StoredObject, settings: db.DatabaseSetting
             timeout=request.timeout_s, strict=True, spool_dir=request.staging_dir)
     except ObjectDamaged as error:
         raise target.DamagedWhileRestoring(
-            what=f"{obj.leaf} into {settings.where}", detail=str(error).rstrip("."),
+            what=f"{obj.leaf} into {settings.where}", detail=target.damaged(error),
             progress=_progress(progress, plan)) from None
     finally:
         if read_fd >= 0:
@@ -203,19 +203,21 @@ def _load(store, container: str, obj: StoredObject, settings: db.DatabaseSetting
         reason = outcome.reason()
         if not target.server_alive(lambda: db.connect(settings)):
             raise target.TargetServerLost(where=settings.where, object=obj.leaf,
-                                          reason=reason, progress=_progress(progress, plan))
+                                          reason=reason,
+                                          progress=_progress(progress, plan, reason))
         if target.packet_refused(reason) or "2006" in reason:
             reason += (" (a statement larger than the server's max_allowed_packet: raise "
                        "it, see docs/restore.md)")
         raise RestoreFailed(what=f"{obj.leaf} into {settings.where}",
-                            reason=f"{reason}; {_progress(progress, plan)}")
+                            reason=f"{reason}; {_progress(progress, plan, reason)}")
     return outcome.check
 
 
-def _progress(progress: target.LoadProgress, plan: DatabasePlan | None) -> str:
+def _progress(progress: target.LoadProgress, plan: DatabasePlan | None,
+              reason: str = "") -> str:
     if plan is None:  # the users and grants, after every database was loaded
         return "every database had been loaded; users and grants partly"
-    return progress.describe(plan.load, plan.replaced)
+    return progress.describe(plan.load, plan.replaced, reason)
 
 
 def restore_databases(store, container: str, manifest: Manifest,

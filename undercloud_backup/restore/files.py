@@ -70,6 +70,7 @@ from undercloud_backup.restore.target import (
     check_free_space,
     disk_full,
 )
+from undercloud_backup.restore.target import damaged as target_damaged
 from undercloud_backup.store.reader import ObjectCheck, ObjectDamaged
 from undercloud_backup.store.streams import Consumer, StreamOutcome, stream_object
 
@@ -321,7 +322,7 @@ def _extract(store, container: str, obj: StoredObject, selection: Selection, tar
                                 spool_dir=request.staging_dir)
     except ObjectDamaged as error:
         raise DamagedWhileRestoring(
-            what=f"files into {target}", detail=str(error).rstrip("."),
+            what=f"files into {target}", detail=target_damaged(error),
             progress=f"{len(written)} entries had been written under {target}") from None
     if outcome.first_failure is not None:
         raise _extract_failure(outcome, obj, target, len(written))

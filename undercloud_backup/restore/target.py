@@ -53,6 +53,12 @@ class DamagedWhileRestoring(BackupError):
     exit_code = 43
 
 
+def damaged(error: BackupError) -> str:
+    """An :class:`ObjectDamaged`'s finding, without its advice (the caller gives its own)."""
+    fields = error.fields
+    return f"{fields.get('target')} is missing or damaged: {fields.get('detail')}"
+
+
 # ---------------------------------------------------------------------- the packet check
 def _allowed(session) -> int:
     with session.cursor() as cursor:
@@ -184,12 +190,15 @@ def disk_full(stderr: Sequence[str]) -> str | None:
 # --------------------------------------------------------------- how far a load came
 @dataclass
 class LoadProgress:
-    """The databases a dump stream has passed into the client, in order (a line filter:
-    the stream goes on unchanged, or through ``then``)."""
+    """Where each database's section starts in a dump stream on its way into the client (a
+    line filter: the stream goes on unchanged, or through ``then``), by line number as the
+    client counts them: its ``ERROR ... at line N`` then tells which database it was in;
+    what went down the pipe is ahead of what the server has by a buffer or more."""
 
     then: DatabaseFilter | None = None
-    seen: list[str] = field(default_factory=list)
+    starts: list[tuple[int, str]] = field(default_factory=list)  # (line, database)
     _tail: bytes = b""
+    _lines: int = 0  # newlines before the tail
 
     _MARK = b"\n-- Current Database: `"
 
@@ -203,20 +212,28 @@ class LoadProgress:
                 break
             name = text[found + len(self._MARK):end].replace(b"``", b"`").decode(
                 "utf-8", "replace")
-            if name not in self.seen:
-                self.seen.append(name)
+            line = self._lines + text.count(b"\n", 0, found + 1) + 1
+            if name not in (n for _, n in self.starts):
+                self.starts.append((line, name))
             start = end
-        self._tail = text[max(start, len(text) - 300):]
+        cut = max(start, len(text) - 300)
+        self._lines += text.count(b"\n", 0, cut)
+        self._tail = text[cut:]
         return out
 
     def finish(self) -> bytes:
         return self.then.finish() if self.then is not None else b""
 
-    def describe(self, planned: Sequence[str], replaced: Sequence[str]) -> str:
+    def describe(self, planned: Sequence[str], replaced: Sequence[str],
+                 reason: str = "") -> str:
         """What the server holds now: loaded, partly loaded, not loaded, and which existing
-        databases had been dropped to be replaced."""
-        done, current = self.seen[:-1], self.seen[-1:]
-        rest = [name for name in planned if name not in self.seen]
+        databases had been dropped to be replaced. ``reason``: the client's error, whose
+        line number places the failure; without one, the last section sent is the one."""
+        match = re.search(r" at line (\d+)", reason)
+        failed_at = int(match.group(1)) if match else None
+        seen = [name for line, name in self.starts if failed_at is None or line <= failed_at]
+        done, current = seen[:-1], seen[-1:]
+        rest = [name for name in planned if name not in seen]
         parts = [f"loaded: {', '.join(done) or 'none'}"]
         if current:
             parts.append(f"partly loaded: {current[0]}")
