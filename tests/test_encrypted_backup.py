@@ -40,7 +40,8 @@ def run_by_hand(workdir: Path, target: Path, os_env: dict, **env: str
     target.mkdir(exist_ok=True)
     return subprocess.run(["bash", "-c", by_hand_block()], cwd=workdir, capture_output=True,
                           text=True, timeout=300,
-                          env={**os.environ, **os_env, "TARGET": str(target), **env})
+                          env={**os.environ, **os_env, "TARGET": str(target),
+                               "DB_SOCKET": "/run/mysqld/mysqld.sock", **env})
 
 
 def tool(flow: str, *args: str) -> subprocess.CompletedProcess:

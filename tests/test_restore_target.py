@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -302,3 +303,48 @@ def test_manifest_max_allowed_packet_survives_a_round_trip():
     manifest = Manifest.from_json(text)
     assert manifest.mariadb.max_allowed_packet == 1 << 25
     assert Manifest.from_json(manifest.to_json()).mariadb.max_allowed_packet == 1 << 25
+
+
+# ------------------------------------------------------------------------- the documents
+def doc_block(marker: str) -> str:
+    text = (Path(__file__).resolve().parent.parent / "docs/restore.md").read_text()
+    found = re.search(rf"<!-- {marker} -->\n```bash\n(.*?)```", text, re.S)
+    assert found, marker
+    return found.group(1)
+
+
+@pytest.mark.unit
+def test_every_mariadb_command_of_the_by_hand_sections_names_its_server():
+    """Copied during a rehearsal, no command loads into the live server by default."""
+    text = (Path(__file__).resolve().parent.parent / "docs/restore.md").read_text()
+    by_hand = text[text.index("## Without this tool"):text.index("### Encrypted backups "
+                                                                  "with the tool")]
+    commands = re.findall(r"(?:^|\| |\")(mariadb [^|\n]*)", by_hand, re.M)
+    assert len(commands) == 3 and by_hand.count("| $M") == 5, commands  # loads go through $M
+    for command in commands:
+        assert "--socket=" in command, command
+    assert "ssh-keygen -Y verify" in by_hand[:by_hand.index("# 1. keys")]
+
+
+def test_the_scratch_mariadb_recipe_starts_a_server_of_its_own():
+    done = subprocess.run(["bash", "-c", doc_block("scratch-mariadb")
+                           + 'echo "SOCKET=$DB_SOCKET PID=$(cat $R/mysqld.pid) DIR=$R"'],
+                          capture_output=True, text=True, timeout=120)
+    found = re.search(r"SOCKET=(\S+) PID=(\d+) DIR=(\S+)", done.stdout)
+    try:
+        assert done.returncode == 0, done.stderr
+        assert found and found.group(1) != "/run/mysqld/mysqld.sock"
+        limit = subprocess.run(["mariadb", f"--socket={found.group(1)}", "-N", "-e",
+                                "SELECT @@global.max_allowed_packet"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        live = subprocess.run(["mariadb", "-N", "-e", "SELECT @@global.max_allowed_packet"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        assert limit == live
+    finally:
+        if found:
+            os.kill(int(found.group(2)), signal.SIGTERM)
+            for _ in range(100):
+                if not Path(f"/proc/{found.group(2)}").exists():
+                    break
+                time.sleep(0.1)
+            subprocess.run(["rm", "-rf", found.group(3)], check=False)
