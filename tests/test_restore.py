@@ -136,7 +136,8 @@ def test_restore_refuses_to_overwrite_names_the_files_and_dry_run_writes_nothing
     lines = dry.stdout.splitlines()
     assert f"replace  {stackrc}" in lines
     assert f"merge    {target}/home/stack/" in lines
-    assert len(lines) == len(archived(describe_tree(sample_root)))
+    assert len(lines) == len(archived(describe_tree(sample_root))) + 1  # + the summary line
+    assert lines[-1].startswith("dry run of backup ")
     assert describe_tree(target) == snapshot
 
     new_target = tmp_path / "never-created"
