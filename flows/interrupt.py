@@ -74,12 +74,12 @@ def stop(why: str, futures: Iterable, swift_source: SwiftSource | None,
         except Exception as error:  # noqa: BLE001 - Swift may be why the run was stopped
             outcome = (f"interrupted by {why}: {children}; could not reach Swift to delete "
                        f"what backup {backup_id} uploaded ({type(error).__name__}); it has no "
-                       "manifest, prune deletes it after a day")
+                       "manifest: the next prune deletes it once this run has ended")
             return outcome
     if left:
         outcome = (f"interrupted by {why}: {children}; deleted {deleted} object(s) of backup "
                    f"{backup_id}, {left} left under {container}/{backup_id}/ without a "
-                   "manifest (prune deletes them after a day)")
+                   "manifest (the next prune deletes them once this run has ended)")
     else:
         outcome = (f"interrupted by {why}: {children}; no manifest was written and nothing of "
                    f"backup {backup_id} is left in {container} ({deleted} object(s) deleted)")

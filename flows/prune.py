@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     result, status = cli.run("undercloud-prune", lambda: prune_backups(
         **params.flow_arguments(args, PARAMETERS)),
-        interrupted="every backup is complete or clearly incomplete")
+        interrupted="every backup is complete or clearly incomplete; the next prune finishes "
+                    "deleting what this one started to")
     if result is None:
         return status
     if args.json:
