@@ -228,7 +228,7 @@ def test_a_segment_damaged_on_its_way_into_swift_is_caught_before_restore_uses_i
                for p in json.loads(checked.stdout)["problems"])
     target = tmp_path / "t"
     result = cli("restore", "--container", container, "--target", str(target))
-    assert result.returncode == restore.RestoreFailed.exit_code
+    assert result.returncode == 43, result.stderr  # damaged, with what had been written
     assert segment.name in result.stderr and "sha256" in result.stderr
 
 
@@ -276,7 +276,8 @@ def test_databases_dropped_and_restored_have_identical_checksums(db_backup, two_
     dry = cli("restore", "--container", db_backup["container"], "--no-files", "--database",
               first, "--dry-run", *target)
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.strip() == f"would load database(s) {first} into {server.socket}"
+    assert dry.stdout.strip().splitlines()[0] == \
+        f"would load database(s) {first} into {server.socket}"
     assert first not in run_sql(server, "SHOW DATABASES").split()
 
     result = cli("restore", "--container", db_backup["container"], "--no-files",
