@@ -10,6 +10,7 @@ disabled; these tests plant both files and check they reach neither a table nor 
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import subprocess
@@ -126,7 +127,8 @@ def test_every_documented_load_disables_local_files_and_stops_the_forgery(host_s
     client = commands[0][commands[0].index("| mariadb ") + 2:].replace(
         "mariadb ", f"mariadb --no-defaults --socket={target_server.socket} --user=root ", 1)
     done = subprocess.run(f"set -o pipefail; cat {dump} | {client}", shell=True,
-                          executable="/bin/bash", capture_output=True, text=True, timeout=60)
+                          executable="/bin/bash", capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "DB_SOCKET": target_server.socket})
     assert done.returncode == 1 and "disabled the local infile capability" in done.stderr
     assert loot(target_server).split() == ["0"]
     assert_not_leaked(host_secrets, done.stdout, done.stderr)
