@@ -2,8 +2,8 @@
 
 A dump with a row longer than a stock MariaDB's max_allowed_packet (16M): the manifest records
 what a server needs, verify says it, a restore with an account that cannot raise it refuses
-before anything is dropped (exit 70), one that can raises it for the load and sets it back. A
-target server killed mid-load (exit 72), a file system that fills up (exit 71, and exit 14
+before anything is dropped (exit 74), one that can raises it for the load and sets it back. A
+target server killed mid-load (exit 78), a file system that fills up (exit 75, and exit 14
 before anything is written when the manifest's sizes do not fit) and damage found while
 restoring (exit 43) each name what was already written, loaded or replaced. Every server here
 is a throwaway one on its own socket and port (:mod:`undercloud_backup.db.scratch`).
@@ -133,7 +133,7 @@ def test_an_account_that_cannot_raise_the_packet_is_refused_before_anything_is_d
         "--container", container, "--backup-id", manifest.backup_id, "--no-files",
         "--database", "a_first", "--database", "b_big", "--overwrite",
         "--db-defaults-file", str(options), "--db-socket", stock_target.socket)
-    assert result.returncode == 70, result.stderr[-2000:]
+    assert result.returncode == 74, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert "max_allowed_packet 16M" in last and "SET GLOBAL max_allowed_packet" in last, last
     assert "Nothing was dropped or loaded" in last
@@ -162,7 +162,7 @@ def _kill(server: ScratchServer) -> None:
 def test_a_target_server_killed_mid_load_says_what_was_loaded(big_backup, swift_proxy,
                                                               tmp_path):
     """The dump's fourth segment is held back: a_first is in, b_big on its way; the server
-    is killed; the restore ends with exit 72 naming loaded, partly and not loaded."""
+    is killed; the restore ends with exit 78 naming loaded, partly and not loaded."""
     container, manifest = big_backup
     swift_proxy.stall(seconds=4, times=1, method="GET", path=".sql.zst/00000003")
     with scratch_mariadb("/var/tmp", lifetime_s=600) as target:
@@ -179,7 +179,7 @@ def test_a_target_server_killed_mid_load_says_what_was_loaded(big_backup, swift_
         _kill(target)
         thread.join(120)
     result = outcome["result"]
-    assert result.returncode == 72, result.stderr[-2000:]
+    assert result.returncode == 78, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert "went away while loading" in last, last
     assert "loaded: a_first; partly loaded: b_big; not loaded: c_last" in last, last
@@ -267,7 +267,7 @@ def test_a_file_system_that_fills_up_says_how_much_was_written(files_backup, sma
     target = small_fs / "restored"
     result = restore_in_process("--container", container, "--backup-id", backup_id,
                                 "--target", str(target), "--path", "/etc/data")
-    assert result.returncode == 71, result.stderr[-2000:]
+    assert result.returncode == 75, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert "filled up while restoring" in last and "No space left on device" in last, last
     assert f"entries had been written under {target}" in last, last
