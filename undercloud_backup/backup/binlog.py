@@ -3,7 +3,8 @@
 :func:`back_up_databases` decides (:func:`decide`), says why in the log and the manifest, and
 either dumps (recording the snapshot's coordinates when the server keeps a binary log) or ships
 the closed log files from the parent's end point to one it fixes itself (:func:`ship`).
-Only the direct connection ships logs; through the sudo wrapper every backup dumps.
+Over a direct connection the worker reads the server and the logs itself; with
+``--privileged`` root does, through the ``ucb-mariadb binlog`` wrapper actions.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from undercloud_backup.core.errors import BackupError, BackupNotFound, NotFound
 from undercloud_backup.core.execute import Pipeline
 from undercloud_backup.core.manifest import DatabaseSection, Manifest, StoredObject, TableRecord
 from undercloud_backup.core.sizes import format_size
-from undercloud_backup.db import binlog
+from undercloud_backup.db import binlog, privileged
 from undercloud_backup.db import connection as db
 from undercloud_backup.db.database import DatabaseAccess, DirectAccess
 from undercloud_backup.db.dump import option_pipe
+from undercloud_backup.db.privileged import PrivilegedAccess
 from undercloud_backup.store import catalogue
 from undercloud_backup.store.session import open_store
 from undercloud_backup.store.swift import SwiftSettings
@@ -120,11 +122,10 @@ def _when(text: str) -> dt.datetime | None:
 def decide(request: BackupRequest, access: DatabaseAccess, swift_settings: SwiftSettings
            ) -> Decision:
     """Whether this backup can ship the binary log, and from where; else why it dumps."""
-    if not isinstance(access, DirectAccess):
-        return Decision(None, reason="a binary log, if the server keeps one, is shipped only "
-                                     "over a direct connection (not through the sudo wrapper)")
-    with db.connect(access.settings) as connection:
-        server = binlog.read_server_log(connection)
+    if not isinstance(access, DirectAccess | PrivilegedAccess):
+        return Decision(None, reason="a binary log is shipped only over a direct connection "
+                                     "or through the sudo wrapper")
+    server = server_log(access)
     if not server.log_bin:
         return Decision(server, reason=binlog.HOW_TO_TURN_ON)
     if request.full:
@@ -156,6 +157,43 @@ def decide(request: BackupRequest, access: DatabaseAccess, swift_settings: Swift
     return Decision(server, parent, base)
 
 
+# ------------------------------------------------------------------------- either access
+def server_log(access: DirectAccess | PrivilegedAccess) -> binlog.ServerLog:
+    if isinstance(access, PrivilegedAccess):
+        return binlog.server_log_from(privileged.binlog_status())
+    with db.connect(access.settings) as connection:
+        return binlog.read_server_log(connection)
+
+
+def flush(access: DirectAccess | PrivilegedAccess) -> str:
+    """Close the current log; the UTC time after."""
+    if isinstance(access, PrivilegedAccess):
+        return privileged.binlog_flush()
+    with db.connect(access.settings) as connection, connection.cursor() as cursor:
+        binlog.flush(connection)
+        return binlog.utc_now(cursor)
+
+
+def gtid_at(access: DirectAccess | PrivilegedAccess, file: str, position: int) -> str:
+    if isinstance(access, PrivilegedAccess):
+        return privileged.binlog_gtid(file, position)
+    with db.connect(access.settings) as connection, connection.cursor() as cursor:
+        return binlog.gtid_at(cursor, file, position)
+
+
+def end_point(access: DirectAccess | PrivilegedAccess, databases: tuple[str, ...]
+              ) -> tuple[binlog.EndPoint, binlog.ServerLog]:
+    """The end point, the log closed after it, and the server's files then."""
+    if isinstance(access, PrivilegedAccess):
+        end = binlog.end_point_from(privileged.binlog_end(databases, access.lock_wait_s))
+        privileged.binlog_flush()
+        return end, server_log(access)
+    with db.connect(access.settings) as connection:
+        end = binlog.end_point(connection, databases)
+        binlog.flush(connection)
+        return end, binlog.read_server_log(connection)
+
+
 def back_up_databases(request: BackupRequest, access: DatabaseAccess,
                       swift_settings: SwiftSettings, logger: Logger) -> DumpResult:
     """The database part: ship the binary log where it can, else a full dump, said why."""
@@ -184,20 +222,17 @@ def dump_with_coordinates(request: BackupRequest, access: DatabaseAccess,
         result = dump_databases(request, access, swift_settings, logger)
         result.section.full_reason = decision.reason
         return result
-    assert isinstance(access, DirectAccess)
-    with db.connect(access.settings) as connection, connection.cursor() as cursor:
-        # a fresh log file for the snapshot: the first nightly ships what came after the
-        # dump, not what the current file held before it
-        binlog.flush(connection)
-        started = binlog.utc_now(cursor)
+    assert isinstance(access, DirectAccess | PrivilegedAccess)
+    # a fresh log file for the snapshot: the first nightly ships what came after the dump,
+    # not what the current file held before it
+    started = flush(access)
     lines: list[str] = []
     result = dump_databases(request, access, swift_settings, logger, coordinates=lines)
     found = next((c for c in map(binlog.coordinates_from_line, lines) if c), None)
     if found is None:
         raise binlog.BinlogUnavailable(where=access.where, reason="the dump did not say "
                                        "where its snapshot is in the binary log")
-    with db.connect(access.settings) as connection, connection.cursor() as cursor:
-        gtid = binlog.gtid_at(cursor, *found)
+    gtid = gtid_at(access, *found)
     coordinates = binlog.Coordinates(found[0], found[1], gtid, started).to_dict()
     result.section = replace(result.section, kind=binlog.DUMP, start=coordinates,
                              end=coordinates, server=server.identity(),
@@ -230,19 +265,25 @@ def _fetch(access: DirectAccess, file: str, directory: str) -> str:
     return path
 
 
+def _store(request: BackupRequest, swift_settings: SwiftSettings, access: DatabaseAccess,
+           file: str, pipeline: Pipeline, logger: Logger) -> StoredObject:
+    return stream_to_swift(
+        request, swift_settings, object_leaf(file), binlog.BINLOG_CONTENT,
+        request.database_segment_size, pipeline,
+        on_failure=lambda reason: binlog.BinlogUnavailable(where=access.where, reason=reason),
+        progress=Progress(logger, "binary log"))
+
+
 def ship(request: BackupRequest, access: DatabaseAccess, swift_settings: SwiftSettings,
          decision: Decision, logger: Logger) -> DumpResult:
     """Fix an end point, close the log there, and store every closed file since the parent."""
-    assert isinstance(access, DirectAccess) and decision.parent is not None
+    assert isinstance(access, DirectAccess | PrivilegedAccess) and decision.parent is not None
     parent_section = decision.parent.mariadb
     assert parent_section is not None
     start = binlog.Coordinates.from_dict(parent_section.end)
     assert start is not None
     info = access.server_info()
-    with db.connect(access.settings) as connection:
-        end = binlog.end_point(connection, info.databases)
-        binlog.flush(connection)
-        server = binlog.read_server_log(connection)
+    end, server = end_point(access, info.databases)
     shipped_before = bool(parent_section.binlogs) and \
         parent_section.binlogs[-1]["file"] == start.file
     files = binlog.files_to_ship(server, start, end.coordinates, shipped_before)
@@ -253,17 +294,18 @@ def ship(request: BackupRequest, access: DatabaseAccess, swift_settings: SwiftSe
     directory = tempfile.mkdtemp(prefix="undercloud-binlog-", dir=request.staging_dir)
     try:
         for file in files:
-            path = _fetch(access, file, directory)
-            with open(path, "rb") as source:
-                stored = stream_to_swift(
-                    request, swift_settings, object_leaf(file), binlog.BINLOG_CONTENT,
-                    request.database_segment_size,
-                    Pipeline(compress_commands(request), stdin=source,
-                             timeout=FETCH_TIMEOUT_S),
-                    on_failure=lambda reason: binlog.BinlogUnavailable(
-                        where=access.where, reason=reason),
-                    progress=Progress(logger, "binary log"))
-            os.unlink(path)
+            if isinstance(access, PrivilegedAccess):
+                # root reads it over the protocol; its bytes go straight to the compressor
+                stored = _store(request, swift_settings, access, file, Pipeline(
+                    [privileged.binlog_read_command(file), *compress_commands(request)],
+                    timeout=FETCH_TIMEOUT_S), logger)
+            else:
+                path = _fetch(access, file, directory)
+                with open(path, "rb") as source:
+                    stored = _store(request, swift_settings, access, file, Pipeline(
+                        compress_commands(request), stdin=source, timeout=FETCH_TIMEOUT_S),
+                        logger)
+                os.unlink(path)
             objects.append(stored)
             shipped.append(binlog.ShippedLog(file, stored.name).to_dict())
             logger.info("binary log %s stored as %s: %s compressed, sha256 %s", file,

@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from undercloud_backup.backup.request import BackupRequest
 from undercloud_backup.core import progress
@@ -253,9 +253,7 @@ def binlog_tap(dump: Command, coordinates: list[str] | None) -> list[Command]:
     and the tap that reads them from its head (:mod:`undercloud_backup.db.headtap`)."""
     if coordinates is None:
         return [dump]
-    # after --defaults-extra-file, which must stay first
-    argv = (*dump.argv[:2], binlog.MASTER_DATA, *dump.argv[2:])
-    return [replace(dump, argv=argv), binlog.headtap_command()]
+    return [binlog.with_master_data(dump), binlog.headtap_command()]
 
 
 def _database_section(access: DatabaseAccess, info: db.ServerInfo, system_tables: str,

@@ -20,13 +20,14 @@ from __future__ import annotations
 import re
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pymysql
 
 from undercloud_backup.core.errors import BackupError
 from undercloud_backup.core.execute import Command
+from undercloud_backup.db import privileged
 from undercloud_backup.db.connection import one_row
 
 DUMP, BINLOG = "dump", "binlog"
@@ -145,6 +146,23 @@ def read_server_log(connection: pymysql.connections.Connection) -> ServerLog:
                      files=files, grants_missing=missing)
 
 
+def server_log_from(status: dict) -> ServerLog:
+    """``ucb-mariadb binlog status``'s answer: root lacks no grant."""
+    return ServerLog(log_bin=bool(status["log_bin"]), server_id=int(status["server_id"]),
+                     gtid_domain=int(status["gtid_domain"]),
+                     binlog_format=str(status["binlog_format"]),
+                     gtid_position=str(status["gtid_position"]),
+                     files=tuple(str(f) for f in status["files"]))
+
+
+def end_point_from(answer: dict) -> EndPoint:
+    """``ucb-mariadb binlog end``'s answer, as :func:`end_point`'s."""
+    rows = {str(name): [(str(t), e if e is None else str(e), int(r)) for t, e, r in tables]
+            for name, tables in answer["rows"].items()}
+    return EndPoint(Coordinates(str(answer["file"]), int(answer["position"]),
+                                str(answer["gtid"]), str(answer["time"])), rows)
+
+
 def gtid_at(cursor, file: str, position: int) -> str:
     cursor.execute("SELECT BINLOG_GTID_POS(%s, %s)", (file, position))
     row = cursor.fetchone()
@@ -248,6 +266,14 @@ def headtap_command() -> Command:
     # by path, isolated: only the standard library, whatever the caller's sys.path
     return Command(argv=(sys.executable, "-I", str(Path(__file__).with_name("headtap.py"))),
                    name="binlog coordinates")
+
+
+def with_master_data(dump: Command) -> Command:
+    """The dump that also writes its snapshot's coordinates (:data:`MASTER_DATA`)."""
+    if privileged.is_wrapper(dump):
+        return privileged.with_master_data(dump)
+    # after --defaults-extra-file, which must stay first
+    return replace(dump, argv=(*dump.argv[:2], MASTER_DATA, *dump.argv[2:]))
 
 
 def binlog_tool() -> str:

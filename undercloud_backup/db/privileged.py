@@ -17,7 +17,7 @@ import json
 import re
 import shutil
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from undercloud_backup.core.errors import (
     BackupError,
@@ -262,3 +262,53 @@ class PrivilegedAccess:
         return Dumps(databases=DumpSpec(dump_command(databases, self.lock_wait_s),
                                         guard=WrapperLockWatch(self.lock_wait_s)),
                      users=DumpSpec(users_dump_command()), system_tables=SYSTEM_DUMP)
+
+
+# ------------------------------------------------------------------------- the binary log
+BINLOG_ACTION = "binlog"
+BINLOG_READ_TIMEOUT_S = 3600.0
+
+
+def binlog_status() -> dict:
+    """``ucb-mariadb binlog status``: log_bin, identity, format, GTID position, the files."""
+    answer = _query(BINLOG_ACTION, "status", timeout=INFO_TIMEOUT_S)
+    assert isinstance(answer, dict)
+    return answer
+
+
+def binlog_flush() -> str:
+    """``FLUSH BINARY LOGS`` as root; the server's UTC time after it."""
+    answer = _query(BINLOG_ACTION, "flush", timeout=INFO_TIMEOUT_S)
+    assert isinstance(answer, dict)
+    return str(answer["time"])
+
+
+def binlog_end(databases: tuple[str, ...], lock_wait_s: int = LOCK_WAIT_S) -> dict:
+    """A consistent snapshot's binlog coordinates and the row counts in it."""
+    answer = _query(BINLOG_ACTION, "end", f"--lock-wait={int(lock_wait_s)}", *databases,
+                    timeout=STATS_TIMEOUT_S)
+    assert isinstance(answer, dict)
+    return answer
+
+
+def binlog_gtid(file: str, position: int) -> str:
+    answer = _query(BINLOG_ACTION, "gtid", file, str(int(position)), timeout=INFO_TIMEOUT_S)
+    assert isinstance(answer, dict)
+    return str(answer["gtid"])
+
+
+def binlog_read_command(file: str) -> Command:
+    """``ucb-mariadb binlog read FILE``: one closed log file, byte for byte, on stdout."""
+    return Command(argv=_sudo(MARIADB_WRAPPER, BINLOG_ACTION, "read", file),
+                   name="ucb-mariadb binlog read")
+
+
+def with_master_data(command: Command) -> Command:
+    """The wrapper's dump that also writes its snapshot's binlog coordinates."""
+    argv = list(command.argv)
+    at = argv.index(MARIADB_WRAPPER) + 2  # after the action
+    return replace(command, argv=(*argv[:at], "--master-data", *argv[at:]))
+
+
+def is_wrapper(command: Command) -> bool:
+    return MARIADB_WRAPPER in command.argv
