@@ -76,7 +76,7 @@ UCB_ZOMBIE_AFTER=${UCB_ZOMBIE_AFTER:-90}
 UCB_PYTHON=${UCB_PYTHON:-/usr/bin/python3}
 ETC=/etc/undercloud-backup
 BREAK_GLASS=$ETC/break-glass.agekey
-UNDERCLOUD_DEPLOYMENTS="on-demand nightly weekly-full weekly-verify prune"
+UNDERCLOUD_DEPLOYMENTS="on-demand nightly weekly-full weekly-verify prune binlog-ship"
 LIBEXEC=/usr/local/libexec/undercloud-backup
 SUDOERS=/etc/sudoers.d/undercloud-backup
 RUN=/run/undercloud-backup
@@ -545,6 +545,21 @@ setup_alerts() {
   fi
 }
 
+binlog_schedule() {  # binlog-ship's schedule on only where MariaDB keeps a binary log (root asks)
+  local status on=0
+  if status=$("$LIBEXEC/ucb-mariadb" binlog status 2>/dev/null) && [ "$(printf '%s' "$status" |
+      "$UCB_PYTHON" -I -S -c 'import json, sys; print(int(json.load(sys.stdin)["log_bin"]))')" = 1 ]
+  then
+    on=1
+  fi
+  "$UCB_VENV/bin/python" "$SRC/deployments/prefect/binlog_schedule.py" --active "$on" >/dev/null
+  if [ "$on" = 1 ]; then
+    say "binlog-ship: MariaDB keeps a binary log; shipping it every 15 minutes"
+  else
+    say "binlog-ship: paused (MariaDB keeps no binary log, or it could not be asked); turn log_bin on (docs/backup.md), then re-run: install.sh prefect"
+  fi
+}
+
 step_prefect() {
   # Every prefect command needs the API (else it starts a throwaway server) and a PREFECT_HOME.
   export PREFECT_API_URL
@@ -568,6 +583,7 @@ step_prefect() {
   for name in $UNDERCLOUD_DEPLOYMENTS; do names+=(--name "$name"); done
   (cd "$UCB_APP" && "$prefect" --no-prompt deploy "${names[@]}" >/dev/null)
   "$UCB_VENV/bin/python" "$SRC/deployments/prefect/zombie_automation.py" --after "$UCB_ZOMBIE_AFTER"
+  binlog_schedule
   setup_alerts
   say "prefect: pool $POOL, queue $QUEUE (limit 1), deployments of $UCB_APP/prefect.yaml at $PREFECT_API_URL"
 }

@@ -192,8 +192,12 @@ def test_deployments_carry_schedule_limits_and_defaults(deployed):
         assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
                                              {"directory": str(REPO)}}]
     deployments = deployed.api("POST", "/deployments/filter", {})
-    assert sorted(d["name"] for d in deployments) == sorted(
-        ["on-demand", "nightly", "weekly-full", "weekly-verify", "prune"])  # not the verify host's
+    assert sorted(d["name"] for d in deployments) == sorted(  # not the verify host's
+        ["on-demand", "nightly", "weekly-full", "weekly-verify", "prune", "binlog-ship"])
+    # through the wrapper, and paused: the machine's MariaDB keeps no binary log
+    binlog_ship = deployed.deployment("binlog-ship")
+    assert binlog_ship["parameters"]["advanced"]["privileged"] is True
+    assert [s["active"] for s in binlog_ship["schedules"]] == [False]
     queue = deployed.api("GET", "/work_pools/undercloud/queues/backups")
     assert queue["concurrency_limit"] == 1
     automations = deployed.api("POST", "/automations/filter", {})
