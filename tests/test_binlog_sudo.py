@@ -199,6 +199,7 @@ def test_the_worker_cannot_make_root_read_a_file_outside_the_servers_binlog_list
         source, installed):
     status = wrapper("status")
     assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["log_bin"] is True  # what install.sh asks for binlog-ship
     assert wrapper("flush").returncode == 0
     files = json.loads(wrapper("status").stdout)["files"]
     assert len(files) >= 2
