@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -356,19 +355,13 @@ def test_the_documented_commands_restore_a_nightly_by_hand(source, database, con
     try:
         fresh.install()
         fresh.start()
-        # the block's plain `mariadb` reaches this server (the command line beats my.cnf)
-        tools = tmp_path / "bin"
-        tools.mkdir()
-        (tools / "mariadb").write_text(f"#!/bin/sh\nexec {shutil.which('mariadb')} "
-                                       f"--socket={fresh.socket} \"$@\"\n")
-        (tools / "mariadb").chmod(0o755)
         work = tmp_path / "work"
         work.mkdir()
         done = subprocess.run(["bash", "-c", by_hand_block()], cwd=work,
                               capture_output=True, text=True, timeout=300,
                               env={**os.environ, **os_env, "CONTAINER": container,
-                                   "ID": second["backup_id"],
-                                   "PATH": f"{tools}:{Path(sys.executable).parent}:"
+                                   "ID": second["backup_id"], "DB_SOCKET": fresh.socket,
+                                   "PATH": f"{Path(sys.executable).parent}:"
                                            f"{os.environ['PATH']}"})
         assert done.returncode == 0, done.stderr[-3000:]
         assert fresh.sql(f"SELECT COUNT(*), SUM(v = 'second night') FROM {database}.t"
