@@ -29,9 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+import binlogbench as blb
 import incremental as incr
 from context import Context
-from report import ratios, render, summarize
+from report import ratios, render, summarize, table
 from runner import Results, rounds, run_variant
 from sampledata import drop_bench_db, prepare_data, remove_files
 from servers import prefect_server, scratch_mariadb
@@ -39,7 +40,7 @@ from shell import REPO, STATE, base_env, exit_on_sigterm, log, read_env_file
 from variants import BACKUPS, OVERHEAD, RESTORE_SOURCES, RESTORES, Variant, first_run_variant
 
 TOOLS = ("mariadb", "mariadb-dump", "zstd", "tar", "swift")
-PARTS = ("overhead", "backup", "restore", "incremental")  # --only
+PARTS = ("overhead", "backup", "restore", "incremental", "binlog", "timeline")  # --only
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,8 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true",
                    help="keep the generated files and the ucb_bench database for the next run")
     p.add_argument("--only", default="",
-                   help="comma-separated subset: overhead,backup,restore,incremental "
-                        "(default all)")
+                   help="comma-separated subset: overhead,backup,restore,incremental,"
+                        "binlog,timeline (default all)")
     p.add_argument("--variants", default="",
                    help="comma-separated variant names: run only these of the parts chosen "
                         "(e.g. reference_sequential,ours_running_server; default all)")
@@ -191,6 +192,23 @@ def run_backups(ctx: Context, only: set[str], results: Results, report: dict) ->
         ctx.clean_container(ctx.container(name))
 
 
+def run_binlog(ctx: Context, only: set[str], results: Results, report: dict) -> None:
+    """The binary-log chain and the sampled full (binlogbench.py), on the same data."""
+    if not ctx.source_bytes:
+        incr.Changes.recover(ctx.workdir, ctx.root)
+        files, entries, dump = prepare_data(ctx.workdir, ctx.root, ctx.args.scale, ctx.cnf,
+                                            ctx.python)
+        ctx.source_bytes = files + dump
+        report["data"] = {"files_bytes": files, "file_entries": entries,
+                          "dump_bytes": dump, "source_bytes": files + dump}
+    if "timeline" in only:
+        log("timeline: a full of ours with its streams sampled, the reference once")
+        blb.timeline_part(ctx, results, report)
+    if "binlog" in only:
+        log("binlog: a full and 6 nightlies with the binary log on, restores, --binlogs-only")
+        blb.binlog_part(ctx, results, report)
+
+
 def run_all(ctx: Context, only: set[str], results: Results, labels: dict[str, str],
             report: dict) -> None:
     """Every variant asked for, around the benchmark's own Prefect server; the data removed
@@ -205,6 +223,8 @@ def run_all(ctx: Context, only: set[str], results: Results, labels: dict[str, st
                 run_overhead(ctx, results, labels)
             if only & {"backup", "restore", "incremental"}:
                 run_backups(ctx, only, results, report)
+            if only & {"binlog", "timeline"}:
+                run_binlog(ctx, only, results, report)
     finally:
         if not ctx.args.keep:
             drop_bench_db(check=False)
@@ -226,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = make_context(args)
     results: Results = {}
     labels = {v.name: v.label for v in BACKUPS + RESTORES + OVERHEAD + incr.VARIANTS}
+    labels.update(blb.LABELS)
     report: dict = {"scale": args.scale, "runs": args.runs, "segment_mib": args.segment_mib,
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": {
                         "cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()[0]}}
@@ -235,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     sources = {v.name: ctx.source_bytes for v in BACKUPS + RESTORES if ctx.source_bytes}
     variants = report["variants"] = summarize(results, labels, sources)
     report["ratios"] = ratios(variants)
+    report["ratios"].update({k: v for k, v in blb.ratios(variants, report).items() if v})
     report["restore_ours"] = restore_status(ctx, variants)
     report["incremental"] = ("measured" if any(v.name in variants for v in incr.VARIANTS)
                              else f"not available: {ctx.incremental}" if ctx.incremental
@@ -245,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     report["total_s"] = round(time.monotonic() - t0, 1)
     print(render(report, [v.name for v in BACKUPS + RESTORES], ctx.logs,
                  [v.name for v in incr.VARIANTS]))
+    if any(n in variants for n in blb.VARIANT_NAMES + blb.TIMELINE_NAMES):
+        print("\n" + table(variants, blb.TIMELINE_NAMES, "timeline_reference"))
+        print("\n" + table(variants, blb.VARIANT_NAMES, "binlog_full"))
+        print(f"\nbinary log: {json.dumps(report.get('binlog', {}))}")
+    if "timeline" in report:
+        print("\n" + blb.render_timeline(report["timeline"]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         log(f"JSON written to {args.json}")
