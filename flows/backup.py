@@ -450,10 +450,10 @@ def _list(args: argparse.Namespace) -> int:
         for entry in entries:
             kind = entry.kind or "?"
             parent = f"  parent {entry.parent}" if entry.parent else ""
-            partial = "  PARTIAL database dump" if entry.partial_database else ""
             database = f"  database {entry.database_kind}" if entry.database_kind else ""
-            print(f"{entry.last_modified}  {entry.backup_id}  {kind}{parent}{database}"
-                  f"{partial}")
+            if entry.partial_database:  # only a dump can be partial: said once
+                database = "  PARTIAL database dump"
+            print(f"{entry.last_modified}  {entry.backup_id}  {kind}{parent}{database}")
     return 0
 
 

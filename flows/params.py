@@ -305,6 +305,15 @@ def _cli_type(name: str, annotation: object):
     return int if "int" in text else float if "float" in text else str
 
 
+def _not_empty(kind: Callable[[str], object], words: str) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        if text == "":
+            raise argparse.ArgumentTypeError(
+                f"the {words} cannot be empty (leave the flag out for the default)")
+        return kind(text)
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser, group: type[_Group], role: str = "") -> None:
     """The group's flags, with its fields' defaults and descriptions (``role`` before them)."""
     section = parser.add_argument_group(str(group.model_config.get("title")))
@@ -319,6 +328,9 @@ def add_arguments(parser: argparse.ArgumentParser, group: type[_Group], role: st
                                  metavar=flag.metavar, help=help_text + " (repeatable)")
         else:
             kind = _cli_type(name, field.annotation)
+            if field.default is None:  # the form's empty field is unset; a flag's is a mistake
+                words = " ".join([name.replace("_", " "), (flag.metavar or "").lower()]).strip()
+                kind = _not_empty(kind, words)
             choices = range(1, 20) if name == "compression_level" else None
             section.add_argument(flag.flag, dest=name, type=kind, default=field.default,
                                  choices=choices, metavar=flag.metavar, help=help_text)

@@ -530,7 +530,8 @@ def test_a_partial_dump_is_recorded_and_said_and_a_full_one_records_its_grants(
     listed = backup_cli("--list", "--container", container)
     assert listed.returncode == 0, listed.stderr
     assert [line.split()[1:] for line in listed.stdout.splitlines()] == [
-        [backup_id, "full", "PARTIAL", "database", "dump"], [summary["backup_id"], "full"]]
+        [backup_id, "full", "PARTIAL", "database", "dump"],
+        [summary["backup_id"], "full", "database", "dump"]]
     as_json = json.loads(backup_cli("--list", "--json", "--container", container).stdout)
     assert [b["partial_database"] for b in as_json["backups"]] == [
         manifest.mariadb.partial_note(), None]

@@ -29,8 +29,8 @@ from flows import params
 from flows.backup import _parser, undercloud_backup
 from flows.params import grouped
 from undercloud_backup import config
+from undercloud_backup.backup import binlog, stages
 from undercloud_backup.backup import run as backup
-from undercloud_backup.backup import stages
 from undercloud_backup.core.errors import SwiftRequestFailed
 from undercloud_backup.core.manifest import DB_OBJECT, FS_OBJECT, SNAPSHOT_OBJECT, USERS_OBJECT
 from undercloud_backup.store import catalogue
@@ -238,7 +238,7 @@ def test_retrying_a_failed_flow_run_reuses_completed_stages(os_env, db_cnf, smal
                                                             container, monkeypatch):
     """The manifest step fails once; the flow run's retry must not dump or archive again."""
     calls = {"dump": 0, "archive": 0, "manifest": 0}
-    real = {"dump": stages.dump_databases, "archive": stages.archive_paths,
+    real = {"dump": binlog.back_up_databases, "archive": stages.archive_paths,
             "manifest": backup.write_manifest}
 
     def counting(name):
@@ -250,7 +250,7 @@ def test_retrying_a_failed_flow_run_reuses_completed_stages(os_env, db_cnf, smal
             return real[name](*args, **kwargs)
         return wrapper
 
-    for module, name, attr in ((stages, "dump", "dump_databases"),
+    for module, name, attr in ((binlog, "dump", "back_up_databases"),
                                (stages, "archive", "archive_paths"),
                                (backup, "manifest", "write_manifest")):
         monkeypatch.setattr(module, attr, counting(name))

@@ -146,8 +146,9 @@ def test_list_shows_kind_and_parent(chain3):
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
     assert [line.split()[1:] for line in lines] == [
-        [ids[0], "full"], [ids[1], "incremental", "parent", ids[0]],
-        [ids[2], "incremental", "parent", ids[1]]]
+        [ids[0], "full", "database", "dump"],
+        [ids[1], "incremental", "parent", ids[0], "database", "dump"],
+        [ids[2], "incremental", "parent", ids[1], "database", "dump"]]
     as_json = json.loads(backup_cli("--list", "--json", "--container", container).stdout)
     assert [(b["backup_id"], b["kind"], b["parent"]) for b in as_json["backups"]] == [
         (ids[0], "full", None), (ids[1], "incremental", ids[0]),

@@ -105,16 +105,34 @@ def error_status(message: str) -> tuple[int, str]:
     """The exit status and line of a failed run from its state message: its error's, when
     the run ended with one of ours."""
     from flows import backup  # noqa: F401 - every error class of a backup is defined
+    from flows.params import ui_language
 
+    errors: list[type[BackupError]] = []
+    pending: list[type[BackupError]] = [BackupError]
+    while pending:
+        for error in pending.pop().__subclasses__():
+            errors.append(error)
+            pending.append(error)
     found = EXCEPTION.search(message or "")
-    if found:
-        pending = [BackupError]
-        while pending:
-            for error in pending.pop().__subclasses__():
-                if error.__name__ == found.group(1):
-                    return error.exit_code, " ".join(found.group(2).split())
-                pending.append(error)
-    return DeployedRunFailed.exit_code, " ".join((message or "").split())
+    if found:  # a run whose engine raised: "...exception: ClassName: message"
+        for error in errors:
+            if error.__name__ == found.group(1):
+                return error.exit_code, " ".join(found.group(2).split())
+    # A run whose flow returned its failure: the state's message is the error's line as the
+    # form says it, so the class is the one whose template (in the form's words) it fills;
+    # the template with the most fixed words wins over looser ones.
+    line = " ".join((message or "").split())
+    best: tuple[int, int] | None = None
+    for error in errors:
+        template = ui_language((error.__doc__ or "").strip().split("\n")[0])
+        parts = re.split(r"\{\w+\}", template)
+        fixed = sum(len(part) for part in parts)
+        if fixed and re.fullmatch(".+?".join(map(re.escape, parts)), line, re.S) and (
+                best is None or fixed > best[0]):
+            best = (fixed, error.exit_code)
+    if best is not None:
+        return best[1], line
+    return DeployedRunFailed.exit_code, line
 
 
 async def trigger_and_follow(name: str, changed: dict[str, dict[str, object]],
