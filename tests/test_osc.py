@@ -362,3 +362,7 @@ def test_a_deployed_runs_error_exits_with_the_status_the_twin_would():
     assert (status, line) == (3, "Path /x does not exist under root /: fix or drop "
                                  "--add-path /x.")
     assert deployed.error_status("Run crashed: worker died")[0] == 76
+    # the state message of a run whose flow returned its failure: the cause alone, as the
+    # form says it: the error whose template it fills
+    assert deployed.error_status("Path /x does not exist under root /: fix or drop "
+                                 "add_paths /x.")[0] == 3
