@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from binlog_server import BinlogServer
+from binlog_server import BinlogServer, sample_database
 from conftest import REPO, backup_cli, backup_in_process, cli_in_process, swift_store
 
 from undercloud_backup.store import catalogue
@@ -50,14 +50,7 @@ def running(server: BinlogServer):
 @pytest.fixture
 def database(source, target):
     """A database of this test's own on the source; dropped on both servers afterwards."""
-    name = f"{DB}_{os.urandom(3).hex()}"
-    source.sql(f"CREATE DATABASE {name}; CREATE TABLE {name}.t (id INT PRIMARY KEY, "
-               f"v VARCHAR(32)) ENGINE=InnoDB; INSERT INTO {name}.t SELECT seq, "
-               f"CONCAT('row-', seq) FROM {name}.seq_1_to_1000;")
-    yield name
-    for server in (source, target):
-        with contextlib.suppress(RuntimeError):
-            server.sql(f"DROP DATABASE IF EXISTS {name}")
+    yield from sample_database(DB, source, target)
 
 
 def backup(server: BinlogServer, container: str, *args: str) -> dict:

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from binlog_server import BinlogServer
+from binlog_server import BinlogServer, sample_database
 from conftest import remove_container, swift_store
 from deploy_helpers import (
     REPO,
@@ -88,13 +88,7 @@ def installed(source):
 
 @pytest.fixture
 def database(source, target):
-    name = f"{DB}_{os.urandom(3).hex()}"
-    source.sql(f"CREATE DATABASE {name}; CREATE TABLE {name}.t (id INT PRIMARY KEY, "
-               f"v VARCHAR(32)) ENGINE=InnoDB; INSERT INTO {name}.t SELECT seq, "
-               f"CONCAT('row-', seq) FROM {name}.seq_1_to_1000;")
-    yield name
-    for server in (source, target):
-        server.sql(f"DROP DATABASE IF EXISTS {name}")
+    yield from sample_database(DB, source, target)
 
 
 @pytest.fixture
