@@ -135,3 +135,16 @@ def sample_database(prefix: str, source: BinlogServer, *others: BinlogServer):
     for server in (source, *others):
         with contextlib.suppress(RuntimeError):
             server.sql(f"DROP DATABASE IF EXISTS {name}")
+
+
+def running(server: BinlogServer, backup_user: bool = True):
+    """``server`` installed and started (with the backup account unless ``backup_user`` is
+    False: root alone, by its socket); removed afterwards."""
+    try:
+        server.install()
+        server.start()
+        if backup_user:
+            server.create_backup_user()
+        yield server
+    finally:
+        server.remove()

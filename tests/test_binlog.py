@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from binlog_server import BinlogServer, sample_database
+from binlog_server import BinlogServer, running, sample_database
 from conftest import REPO, backup_cli, backup_in_process, cli_in_process, swift_store
 
 from undercloud_backup.store import catalogue
@@ -34,17 +34,6 @@ def source(services):
 def target(services):
     """Where restores go: a server of its own, without a binary log."""
     yield from running(BinlogServer(log_bin=False))
-
-
-def running(server: BinlogServer):
-    """``server`` installed, started, with the backup account; removed afterwards."""
-    try:
-        server.install()
-        server.start()
-        server.create_backup_user()
-        yield server
-    finally:
-        server.remove()
 
 
 @pytest.fixture

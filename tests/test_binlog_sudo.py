@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from binlog_server import BinlogServer, sample_database
+from binlog_server import BinlogServer, running, sample_database
 from conftest import remove_container, swift_store
 from deploy_helpers import (
     REPO,
@@ -44,24 +44,12 @@ SUDO_NO = "sudo: a password is required"
 @pytest.fixture(scope="module")
 def source(services):
     """The server backed up: binary log on; root by its unix socket, as on an undercloud."""
-    server = BinlogServer(server_id=11)
-    try:
-        server.install()
-        server.start()
-        yield server
-    finally:
-        server.remove()
+    yield from running(BinlogServer(server_id=11), backup_user=False)
 
 
 @pytest.fixture(scope="module")
 def target(services):
-    server = BinlogServer(log_bin=False)
-    try:
-        server.install()
-        server.start()
-        yield server
-    finally:
-        server.remove()
+    yield from running(BinlogServer(log_bin=False), backup_user=False)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,11 @@ from unittest import mock
 import pytest
 from conftest import backup_in_process
 from swift_proxy import SwiftProxy
-from test_prune import put_backup
+from test_prune import (
+    conn_fixture,  # noqa: F401 - the fixture `conn`, shared
+    names,
+    put_backup,
+)
 
 from flows.prune import prune_backups
 from undercloud_backup import config
@@ -24,18 +28,6 @@ from undercloud_backup.store import catalogue, retention
 from undercloud_backup.store.connection import SwiftStore
 
 UTC = dt.UTC
-
-
-def names(store: SwiftStore, container: str) -> set[str]:
-    return {o["name"] for o in catalogue.listing(store, container)}
-
-
-@pytest.fixture
-def conn(os_env, container) -> SwiftStore:
-    store = SwiftStore.connect(config.swift_settings_from_env())
-    store.ensure_container(container)
-    store.ensure_container(f"{container}_segments")
-    return store
 
 
 # ------------------------------------------------------------------- a stopped prune

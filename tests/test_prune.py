@@ -65,8 +65,8 @@ def names(store: SwiftStore, container: str) -> set[str]:
     return {o["name"] for o in catalogue.listing(store, container)}
 
 
-@pytest.fixture
-def conn(os_env, container) -> SwiftStore:
+@pytest.fixture(name="conn")  # named apart so another module can import it
+def conn_fixture(os_env, container) -> SwiftStore:
     store = SwiftStore.connect(config.swift_settings_from_env())
     store.ensure_container(container)
     store.ensure_container(f"{container}_segments")
