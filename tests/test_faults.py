@@ -381,19 +381,23 @@ def test_passwords_never_reach_argv_logs_or_results(earlier, staging, db_cnf, os
     assert not any(s in result.stderr for s in secrets)
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
+                                                FlowRunFilter, FlowRunFilterName, LogFilter)
+    from prefect.client.schemas.sorting import FlowRunSort
 
     with get_client(sync_client=True) as client:
+        # newest first: the session's server holds more runs than one page
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(
-            like_="backup-")))
+            like_="backup-")), sort=FlowRunSort.START_TIME_DESC, limit=50)
         run = next(r for r in runs
                    if r.parameters.get("swift", {}).get("container") == earlier.container
                    and r.state.is_completed() and r.start_time is not None
                    and backup_id.split("-")[-1] == r.id.hex[:6])
         logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [run.id]}))
-        artifacts = client.read_artifacts()
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
     text = "\n".join(log.message for log in logs)
-    assert "manifest written" in text
+    assert "manifest written" in text and artifacts     # the run's summary and progress
     assert not any(s in text for s in secrets)
     assert not any(s in json.dumps(run.parameters) for s in secrets)
     assert not any(s in str(a.data) for a in artifacts for s in secrets)

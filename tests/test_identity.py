@@ -161,14 +161,17 @@ def test_restore_with_the_identity_brings_back_files_and_databases_equal_to_the_
 def _assert_no_secret_in_prefect(keys: dict, backup_id: str) -> None:
     """Neither the runs' parameters, their logs nor any artifact hold a key (only paths)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
+                                                FlowRunFilter, FlowRunFilterName, LogFilter)
 
     with get_client(sync_client=True) as client:
         runs = [r for prefix in ("verify-", "restore-") for r in client.read_flow_runs(
             flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=f"{prefix}{backup_id}")))]
         logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [r.id for r in runs]}))
-        artifacts = client.read_artifacts()
-    assert runs and logs
+        # the runs' own artifacts: an unfiltered read returns only the server's first page
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[r.id for r in runs])))
+    assert runs and logs and artifacts
     identities = [r.parameters.get("identity") for r in runs]
     assert keys["breakglass"] in identities and keys["operator"] in identities  # a path
     assert_no_secret(keys, json.dumps([r.parameters for r in runs]),
