@@ -110,7 +110,7 @@ def verify_backup(
                     if "database" not in futures:  # one throwaway server loads both, in order
                         futures["database"] = checks.verify_database.with_options(**retry).submit(
                             swift_source, manifest, staging_dir, timeout_s,
-                            list(ignore_tables or []))
+                            list(ignore_tables or []), allowed_signers)
                 else:
                     futures[obj.name] = checks.verify_object.with_options(**retry).submit(
                         swift_source, obj)

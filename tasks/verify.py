@@ -17,6 +17,7 @@ from blocks.sources import SwiftSource
 from tasks.backup import RETRY_TRANSIENT
 from undercloud_backup.core.manifest import Manifest, StoredObject
 from undercloud_backup.files import chain
+from undercloud_backup.restore import binlog as replaylog
 from undercloud_backup.restore import verify
 from undercloud_backup.store import reader
 from undercloud_backup.store.connection import SwiftStore
@@ -45,12 +46,24 @@ def load_manifest(swift_source: SwiftSource, backup_id: str | None,
             # signed too, or a Swift-side writer could swap in a level of its own (53-55).
             for ancestor in manifest.chain:
                 reader.load_manifest(store, container, ancestor, allowed_signers)
+            linked = len(manifest.chain) + len(_binlog_links(store, container, manifest,
+                                                             allowed_signers))
             get_run_logger().info("manifest signature%s good (allowed signers %s)",
-                                  f"s of {len(manifest.chain) + 1} chained backups"
-                                  if manifest.chain else "", allowed_signers)
+                                  f"s of {linked + 1} chained backups"
+                                  if linked else "", allowed_signers)
         get_run_logger().info("backup %s of %s (created %s): %d object(s)", manifest.backup_id,
                               manifest.hostname, manifest.created_at, len(manifest.objects))
         return manifest
+
+
+def _binlog_links(store: SwiftStore, container: str, manifest: Manifest,
+                  allowed_signers: str) -> list[Manifest]:
+    """A binary-log nightly's full dump and the nightlies between, each read only if signed:
+    verify replays their logs, so a forged link would be loaded as if it were the node's."""
+    if manifest.mariadb is None or manifest.mariadb.kind != replaylog.BINLOG:
+        return []
+    return replaylog.chain_to(manifest, lambda backup_id: reader.load_manifest(
+        store, container, backup_id, allowed_signers))[:-1]
 
 
 @task(name="verify_archive", **_check)
@@ -65,12 +78,14 @@ def verify_archive(swift_source: SwiftSource, manifest: Manifest, obj: StoredObj
 
 @task(name="verify_database", **_check)
 def verify_database(swift_source: SwiftSource, manifest: Manifest, staging_dir: str,
-                    timeout_s: float, ignore_tables: list[str]) -> verify.DatabaseCheck:
+                    timeout_s: float, ignore_tables: list[str],
+                    allowed_signers: str | None = None) -> verify.DatabaseCheck:
     """Load the dump and the users and grants into a throwaway MariaDB; compare every table."""
     with _store(swift_source) as (store, container):
         result = verify.check_database(store, container, manifest, staging_dir=staging_dir,
                                        timeout=timeout_s, ignore_tables=ignore_tables,
-                                       logger=get_run_logger())
+                                       logger=get_run_logger(),
+                                       allowed_signers=allowed_signers)
         _log(result, f"database: {result.comparison.matching} of "
                      f"{result.comparison.compared} table(s) match the manifest after a test "
                      f"restore in {result.seconds} s")

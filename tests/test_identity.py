@@ -161,8 +161,13 @@ def test_restore_with_the_identity_brings_back_files_and_databases_equal_to_the_
 def _assert_no_secret_in_prefect(keys: dict, backup_id: str) -> None:
     """Neither the runs' parameters, their logs nor any artifact hold a key (only paths)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
-                                                FlowRunFilter, FlowRunFilterName, LogFilter)
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterName,
+        LogFilter,
+    )
 
     with get_client(sync_client=True) as client:
         runs = [r for prefix in ("verify-", "restore-") for r in client.read_flow_runs(

@@ -45,7 +45,7 @@ from undercloud_backup.files.tarlist import (
     tar_list_command,
 )
 from undercloud_backup.restore import binlog
-from undercloud_backup.store import catalogue
+from undercloud_backup.store import reader
 from undercloud_backup.store.reader import ObjectCheck, read_collecting
 from undercloud_backup.store.streams import Consumer, StreamOutcome, stream_object
 
@@ -306,10 +306,11 @@ def dump_objects(manifest: Manifest) -> list[StoredObject]:
 
 def check_database(store, container: str, manifest: Manifest, *, staging_dir: str,
                    timeout: float, ignore_tables: Sequence[str] = (),
-                   logger: logging.Logger | logging.LoggerAdapter | None = None
-                   ) -> DatabaseCheck:
+                   logger: logging.Logger | logging.LoggerAdapter | None = None,
+                   allowed_signers: str | None = None) -> DatabaseCheck:
     """Load the dump (and the users and grants) into a throwaway MariaDB and compare it
-    table by table with the manifest. One result covers every dump object."""
+    table by table with the manifest. One result covers every dump object. With
+    ``allowed_signers``, a nightly's full and every link to it are read only if signed."""
     log = logger or logging.getLogger(__name__)
     started = time.monotonic()
     recorded = manifest.mariadb.databases if manifest.mariadb else {}
@@ -321,8 +322,8 @@ def check_database(store, container: str, manifest: Manifest, *, staging_dir: st
     if manifest.mariadb is not None and manifest.mariadb.kind == binlog.BINLOG:
         # its chain's full dump, then the shipped logs replayed to this backup's end point
         try:
-            replay_plan = binlog.plan_to_end(manifest, lambda backup_id: catalogue.get_manifest(
-                store, container, backup_id))
+            replay_plan = binlog.plan_to_end(manifest, lambda backup_id: reader.load_manifest(
+                store, container, backup_id, allowed_signers))
             objects = dump_objects(replay_plan.base)
         except BackupError as error:
             problems.append(str(error))
