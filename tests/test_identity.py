@@ -120,6 +120,10 @@ def test_verify_with_the_identity_lists_the_archive_and_test_restores_the_dump(k
     database = report["database"]
     assert database["loaded"] and database["compared"] == database["matching"] > 0
     assert all(o["name"].endswith(".age") and o["ok"] for o in report["objects"])
+    # the users and grants are loaded after the dump, not only read back
+    users = next(o["name"] for o in report["objects"]
+                 if o["name"].endswith("/mariadb-users-grants.sql.zst.age"))
+    assert f"loading {users} (" in done.stderr
     assert_no_secret(keys, done.stdout, done.stderr)
 
     # Without it (the undercloud's weekly verify): everything but decryption, and it says so.

@@ -48,6 +48,7 @@ from undercloud_backup.restore import binlog
 from undercloud_backup.store import reader
 from undercloud_backup.store.reader import ObjectCheck, read_collecting
 from undercloud_backup.store.streams import Consumer, StreamOutcome, stream_object
+from undercloud_backup.trust import crypto
 
 # What a restore of an undercloud cannot do without (docs/restore.md); missing ones are warned
 # about when the path that should hold them was archived.
@@ -479,11 +480,13 @@ def short_summary(report: VerifyReport, limit: int = 3) -> str:
 
 def kind_of(obj: StoredObject) -> str:
     """Which check an object gets: ``archive``, ``database``, ``users`` or ``plain``."""
-    if obj.content == "tar" or obj.leaf == FS_OBJECT:
+    # by content first; by name for older manifests (an encrypted one's name ends in .age)
+    leaf = obj.leaf.removesuffix(crypto.SUFFIX)
+    if obj.content == "tar" or leaf == FS_OBJECT:
         return "archive"
-    if obj.leaf == USERS_OBJECT or obj.content == "mariadb-users":
+    if obj.content in ("mariadb-dump --system", "mariadb-users") or leaf == USERS_OBJECT:
         return "users"
-    if obj.content == "mariadb-dump" or obj.leaf == DB_OBJECT:
+    if obj.content == "mariadb-dump" or leaf == DB_OBJECT:
         return "database"
     if obj.content == binlog.BINLOG_CONTENT:  # replayed on its chain's dump
         return "database"
