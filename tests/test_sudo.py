@@ -96,7 +96,7 @@ def test_sudoers_grants_the_wrappers_only():
     assert granted == ["%undercloud-backup ALL = (root) NOPASSWD: UCB_PRIVILEGED"]
     commands = text.split("Cmnd_Alias UCB_PRIVILEGED =")[1].split("\n\n")[0]
     assert "/usr/bin/tar" not in commands and "mariadb-dump" not in commands
-    assert commands.count(privileged.LIBEXEC) == 8
+    assert commands.count(privileged.LIBEXEC) == 9
 
 
 @pytest.mark.unit

@@ -126,12 +126,15 @@ def wrapper_snapshot_path(uid: int, snapshot_id: str) -> str:
     return f"{SNAPSHOT_DIR}/{uid}-{snapshot_id}.snar"
 
 
-def dump_command(databases: tuple[str, ...], lock_wait_s: int = LOCK_WAIT_S) -> Command:
-    """``ucb-mariadb dump``: :func:`dbdump.dump_command`'s dump, as root over the socket; the
-    wrapper ends a wait of the dump's for a locked table after ``lock_wait_s``, saying so on
-    stderr (:class:`WrapperLockWatch`)."""
+def dump_command(databases: tuple[str, ...], lock_wait_s: int = LOCK_WAIT_S,
+                 ignore: tuple[str, ...] = ()) -> Command:
+    """``ucb-mariadb dump``: :func:`dbdump.dump_command`'s dump, as root over the socket,
+    without the tables and views ``ignore`` names (``db.name``); the wrapper ends a wait of
+    the dump's for a locked table after ``lock_wait_s``, saying so on stderr
+    (:class:`WrapperLockWatch`)."""
     return Command(argv=_sudo(MARIADB_WRAPPER, "dump", f"--lock-wait={int(lock_wait_s)}",
-                              *databases), name="mariadb-dump")
+                              *(f"--ignore-table={name}" for name in ignore), *databases),
+                   name="mariadb-dump")
 
 
 def users_dump_command() -> Command:
@@ -199,7 +202,29 @@ def table_stats(databases: tuple[str, ...], checksums: bool = True,
                   f"--lock-wait={int(lock_wait_s)}", *databases, timeout=STATS_TIMEOUT_S)
     assert isinstance(rows, list)
     return [TableStats(row["database"], row["table"], row["engine"], int(row["rows"]),
-                       row["checksum"]) for row in rows]
+                       row["checksum"], vanished=bool(row.get("vanished", False)))
+            for row in rows]
+
+
+def table_types(names: tuple[str, ...]) -> dict[str, str]:
+    """``ucb-mariadb tables``: ``db.name`` -> ``view`` or ``table``, for each of ``names``
+    (``exclude_tables``), as :func:`preflight.table_types`; a name the server does not know
+    is an error, one the wrapper refuses (not DB.NAME of letters, digits, _, $ and -) too."""
+    try:
+        answer = _query("tables", *names, timeout=INFO_TIMEOUT_S)
+    except CommandFailed as error:
+        if error.fields.get("status") != EX_USAGE:
+            raise
+        stderr = str(error.fields.get("stderr", "")).strip()
+        reason = stderr.splitlines()[-1] if stderr else "no reason given"
+        reason = reason.removeprefix("ucb-mariadb: refused: ").split("; usage:")[0]
+        raise ConfigError(detail=f"--exclude-table under --privileged: {reason}") from None
+    assert isinstance(answer, dict)
+    for name in names:
+        if answer.get(name) is None:
+            raise ConfigError(detail=f"--exclude-table {name}: no such table or view on the "
+                                     "server")
+    return {name: str(answer[name]) for name in names}
 
 
 def check(databases: tuple[str, ...], lock_wait_s: int = LOCK_WAIT_S) -> dict:
@@ -252,14 +277,11 @@ class PrivilegedAccess:
         return evaluate(answer["user"], answer["grants"], databases)
 
     def table_types(self, names: tuple[str, ...]) -> dict[str, str]:
-        raise ConfigError(detail="--exclude-table is not available with --privileged (the "
-                                 "ucb-mariadb wrapper dumps every table and view)")
+        return table_types(names)
 
     def dump_commands(self, databases: tuple[str, ...], ignore: tuple[str, ...] = ()
                       ) -> Dumps:
-        if ignore:
-            self.table_types(ignore)
-        return Dumps(databases=DumpSpec(dump_command(databases, self.lock_wait_s),
+        return Dumps(databases=DumpSpec(dump_command(databases, self.lock_wait_s, ignore),
                                         guard=WrapperLockWatch(self.lock_wait_s)),
                      users=DumpSpec(users_dump_command()), system_tables=SYSTEM_DUMP)
 
