@@ -298,10 +298,12 @@ def _replay(store, container: str, replay_plan: ReplayPlan, settings: db.Databas
             options.write(settings.option_file_text())
         return client_command(read_fd), (read_fd,)
 
+    started = time.monotonic()
     files = replay(store, container, replay_plan, open_client, databases=databases,
                    timeout=request.timeout_s, staging_dir=request.staging_dir,
                    secrets=[settings.password], fetched=fetched)
-    logger.info("replayed %d binary log file(s) to %s", files, replay_plan.point)
+    logger.info("replayed %d binary log file(s) to %s in %.1f s", files, replay_plan.point,
+                time.monotonic() - started)
 
 
 def _drop(session, names: Sequence[str]) -> None:
