@@ -1,6 +1,7 @@
 """A restore through the binary log fetches the shipped logs while the full dump loads: the
 logs are on disk before the load ends, nothing of them is left in staging afterwards, and a
 load that fails replays nothing and leaves nothing behind either."""
+# ruff: noqa: F811 - test_binlog's scratch servers and database are this file's fixtures too
 
 from __future__ import annotations
 
@@ -9,53 +10,35 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-from binlog_server import BinlogServer, running, sample_database
-from test_binlog import backup, restore
+from binlog_server import BinlogServer
+from test_binlog import backup, database, restore, source, target  # noqa: F401
 from test_identity import age_identity
 
 from undercloud_backup.core.manifest import USERS_OBJECT
 from undercloud_backup.restore import databases as restoredb
 from undercloud_backup.restore.files import RestoreFailed
 
-DB = "ucb_binlog_fetch"
-
-
-@pytest.fixture(scope="module")
-def source(services):
-    yield from running(BinlogServer(server_id=9))
-
-
-@pytest.fixture(scope="module")
-def target(services):
-    yield from running(BinlogServer(log_bin=False))
-
-
-@pytest.fixture
-def database(source, target):
-    yield from sample_database(DB, source, target)
-
 
 def _fetched_logs(staging: Path) -> list[str]:
     return sorted(p.name for p in staging.glob("undercloud-replay-*/*") if p.stat().st_size)
 
 
-def _chain(source: BinlogServer, database: str, container: str,
+def _chain(server: BinlogServer, name: str, container: str,
            *args: str) -> tuple[str, list[str]]:
     """A full, then two nightlies; the newest one's id and every shipped log's file name."""
-    backup(source, container, *args)
+    backup(server, container, *args)
     files = []
     for night in (1, 2):
-        source.sql(f"UPDATE {database}.t SET v = 'night {night}' WHERE id % 10 = {night};")
-        nightly = backup(source, container, *args)
+        server.sql(f"UPDATE {name}.t SET v = 'night {night}' WHERE id % 10 = {night};")
+        nightly = backup(server, container, *args)
         assert nightly["database_kind"] == "binlog", nightly["stderr"][-2000:]
         files += [o["name"].rsplit("mariadb-binlog-", 1)[1].split(".zst")[0]
                   for o in nightly["objects"]]
     return nightly["backup_id"], files
 
 
-def _nights(server: BinlogServer, database: str) -> str:
-    return server.sql(f"SELECT COUNT(*) FROM {database}.t WHERE v LIKE 'night %'").strip()
+def _nights(server: BinlogServer, name: str) -> str:
+    return server.sql(f"SELECT COUNT(*) FROM {name}.t WHERE v LIKE 'night %'").strip()
 
 
 def test_the_logs_are_fetched_while_the_dump_loads(source, target, database, container,
