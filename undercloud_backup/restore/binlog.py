@@ -4,19 +4,24 @@
 host's backups, the full dump before a time (or a GTID) and the shipped logs after it. Both are
 decided before anything is written: a point no shipped log reaches, a link missing from the
 chain or a gap between log files is refused, naming what can be reached. :func:`replay`
-downloads the logs (each checked against the manifest as every object is) into a private
-directory and runs ``mariadb-binlog`` into ``mariadb --sandbox``; nothing replays past a gap.
+runs ``mariadb-binlog`` over the logs, downloaded (each checked against the manifest as every
+object is) into a private directory, into ``mariadb --sandbox``; :func:`prefetched` downloads
+them while the dump loads. Nothing replays past a gap.
 """
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from undercloud_backup.core.errors import BackupError, BackupNotFound
@@ -264,43 +269,87 @@ def _download(store, container: str, obj: StoredObject, path: str, timeout: floa
 
 
 OpenClient = Callable[[], tuple[Command, tuple[int, ...]]]
+Fetched = Callable[[], list[str]]
+
+
+def _download_all(store, container: str, plan: ReplayPlan, directory: str, timeout: float,
+                  staging_dir: str, stop: threading.Event | None = None) -> list[str]:
+    paths = []
+    for file, obj in plan.logs:
+        if stop is not None and stop.is_set():
+            break  # the load failed: nothing will replay
+        path = os.path.join(directory, file)
+        try:
+            _download(store, container, obj, path, timeout, staging_dir)
+        except ObjectDamaged as error:
+            raise LogChainBroken(backup_id=obj.name.partition("/")[0],
+                                 reason=str(error)) from None
+        paths.append(path)
+    return paths
+
+
+@contextmanager
+def prefetched(store, container: str, plan: ReplayPlan, *, timeout: float,
+               staging_dir: str) -> Iterator[Fetched]:
+    """The plan's logs downloaded (each checked) in a thread of its own, with its own Swift
+    connection, while the caller loads the dump: only the replay itself then waits for the
+    load. Yields what :func:`replay` takes as ``fetched``: it waits for the downloads and
+    raises what they raised. The files are removed on the way out, whatever happened."""
+    directory = tempfile.mkdtemp(prefix="undercloud-replay-", dir=staging_dir)
+    stop = threading.Event()
+    worker = store.clone() if plan.logs else None
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="binlog-fetch") as pool:
+            # in the caller's context: the identity that decrypts is a context variable
+            future = pool.submit(contextvars.copy_context().run, _download_all, worker,
+                                 container, plan, directory, timeout, staging_dir,
+                                 stop) if plan.logs else None
+            try:
+                yield (lambda: future.result()) if future is not None else list
+            finally:
+                stop.set()  # a download under way finishes; the next ones do not start
+    finally:
+        if worker is not None:
+            worker.close()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def replay(store, container: str, plan: ReplayPlan, open_client: OpenClient, *,
            databases: Sequence[str] | None, timeout: float, staging_dir: str,
-           secrets: Sequence[str | None] = ()) -> int:
-    """Download the plan's logs (checked) and replay them into the client ``open_client``
-    gives (a command and the descriptors it inherits, closed here after it ran); the files
-    replayed. ``databases``: only their events (one pass each), else everything."""
+           secrets: Sequence[str | None] = (), fetched: Fetched | None = None) -> int:
+    """Replay the plan's logs into the client ``open_client`` gives (a command and the
+    descriptors it inherits, closed here after it ran); the files replayed. ``fetched``: the
+    logs :func:`prefetched` downloads, else they are downloaded (checked) here first.
+    ``databases``: only their events (one pass each), else everything."""
     if not plan.logs:
         return 0
-    directory = tempfile.mkdtemp(prefix="undercloud-replay-", dir=staging_dir)
-    try:
-        paths = []
-        for file, obj in plan.logs:
-            path = os.path.join(directory, file)
-            try:
-                _download(store, container, obj, path, timeout, staging_dir)
-            except ObjectDamaged as error:
-                raise LogChainBroken(backup_id=obj.name.partition("/")[0],
-                                     reason=str(error)) from None
-            paths.append(path)
-        tool = binlog.binlog_tool()
-        for name in (list(databases) if databases else [None]):
-            if plan.stop_gtid:
-                command = gtid_replay_command(paths, plan.start, plan.stop_gtid, name, tool)
-            else:
-                command = binlog.replay_command(paths, plan.start.position, plan.stop_position,
-                                                plan.stop_datetime, name, tool)
-            client, pass_fds = open_client()
-            try:
-                _pipe(command, client, timeout, pass_fds, secrets, plan.point)
-            finally:
-                for fd in pass_fds:
-                    os.close(fd)
-        return len(paths)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    if fetched is None:
+        directory = tempfile.mkdtemp(prefix="undercloud-replay-", dir=staging_dir)
+        try:
+            paths = _download_all(store, container, plan, directory, timeout, staging_dir)
+            return _apply(plan, paths, open_client, databases, timeout, secrets)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+    return _apply(plan, fetched(), open_client, databases, timeout, secrets)
+
+
+def _apply(plan: ReplayPlan, paths: list[str], open_client: OpenClient,
+           databases: Sequence[str] | None, timeout: float,
+           secrets: Sequence[str | None]) -> int:
+    tool = binlog.binlog_tool()
+    for name in (list(databases) if databases else [None]):
+        if plan.stop_gtid:
+            command = gtid_replay_command(paths, plan.start, plan.stop_gtid, name, tool)
+        else:
+            command = binlog.replay_command(paths, plan.start.position, plan.stop_position,
+                                            plan.stop_datetime, name, tool)
+        client, pass_fds = open_client()
+        try:
+            _pipe(command, client, timeout, pass_fds, secrets, plan.point)
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
+    return len(paths)
 
 
 def gtid_replay_command(paths: list[str], start: binlog.Coordinates, stop_gtid: str,

@@ -14,6 +14,7 @@ rest. Otherwise the restore refuses, saying which conflicting database is empty 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -30,7 +31,7 @@ from undercloud_backup.db import connection as db
 from undercloud_backup.db.check import TableComparison, compare_tables
 from undercloud_backup.db.dumpstream import DatabaseFilter, DumpGate, sandboxed
 from undercloud_backup.restore import target
-from undercloud_backup.restore.binlog import ReplayPlan, replay
+from undercloud_backup.restore.binlog import Fetched, ReplayPlan, prefetched, replay
 from undercloud_backup.restore.files import (
     NotInBackup,
     RestoreFailed,
@@ -258,15 +259,20 @@ def restore_databases(store, container: str, manifest: Manifest,
                         settings.where, " with users and grants" if everything else "")
             _drop(session, plan.replaced)
             whole = everything and not plan.skipped
-            checks = [_load(store, container, obj, settings,
-                            None if whole else DatabaseFilter(plan.load,
-                                                              keep_system=everything),
-                            request, plan)]
-            if everything and users is not None:
-                checks.append(_load(store, container, users, settings, None, request))
-            if replay_plan is not None:
-                _replay(store, container, replay_plan, settings, None if whole else plan.load,
-                        request, logger)
+            with contextlib.ExitStack() as fetching:
+                # the shipped logs download while the dump loads; they replay after it
+                fetched = None if replay_plan is None else fetching.enter_context(
+                    prefetched(store, container, replay_plan, timeout=request.timeout_s,
+                               staging_dir=request.staging_dir))
+                checks = [_load(store, container, obj, settings,
+                                None if whole else DatabaseFilter(plan.load,
+                                                                  keep_system=everything),
+                                request, plan)]
+                if everything and users is not None:
+                    checks.append(_load(store, container, users, settings, None, request))
+                if replay_plan is not None and fetched is not None:
+                    _replay(store, container, replay_plan, settings,
+                            None if whole else plan.load, request, logger, fetched)
             loaded_in = time.monotonic() - started
             if replay_plan is not None and replay_plan.end is None:
                 logger.info("restored to %s: no backup's row counts were taken there, so none "
@@ -283,7 +289,7 @@ def restore_databases(store, container: str, manifest: Manifest,
 
 def _replay(store, container: str, replay_plan: ReplayPlan, settings: db.DatabaseSettings,
             databases: Sequence[str] | None, request: RestoreRequest,
-            logger: logging.Logger | logging.LoggerAdapter) -> None:
+            logger: logging.Logger | logging.LoggerAdapter, fetched: Fetched) -> None:
     logger.info("replaying the binary log: %s", replay_plan.describe())
 
     def open_client() -> tuple[Command, tuple[int, ...]]:
@@ -292,10 +298,12 @@ def _replay(store, container: str, replay_plan: ReplayPlan, settings: db.Databas
             options.write(settings.option_file_text())
         return client_command(read_fd), (read_fd,)
 
+    started = time.monotonic()
     files = replay(store, container, replay_plan, open_client, databases=databases,
                    timeout=request.timeout_s, staging_dir=request.staging_dir,
-                   secrets=[settings.password])
-    logger.info("replayed %d binary log file(s) to %s", files, replay_plan.point)
+                   secrets=[settings.password], fetched=fetched)
+    logger.info("replayed %d binary log file(s) to %s in %.1f s", files, replay_plan.point,
+                time.monotonic() - started)
 
 
 def _drop(session, names: Sequence[str]) -> None:
