@@ -42,6 +42,7 @@ from pathlib import Path
 
 from fleet_probe import (
     Sampler,
+    Yielder,
     cpu_by_group,
     machine_busy,
     percentiles,
@@ -278,6 +279,11 @@ def _measure(count: int, database: str, args: argparse.Namespace, nodes: dict, o
         env={**os.environ, **operator}, stdout=subprocess.PIPE,
         preexec_fn=(lambda: os.nice(args.nice)) if args.nice else None)
     roots[client.pid] = "operator"
+    yielder = Yielder({pid for pid, group in roots.items() if group in ("nodes", "operator")},
+                      args.nice)
+    if args.nice:
+        yielder.once()
+        yielder.start()
     before, busy_before = snapshot(roots), machine_busy()
     waited_before, started = run_queue_wait(tree(servers)), time.monotonic()
     sampler.start()
@@ -287,6 +293,7 @@ def _measure(count: int, database: str, args: argparse.Namespace, nodes: dict, o
     after, busy_after = snapshot(roots), machine_busy()
     interval = time.monotonic() - started  # the fan-out and its client's start-up
     sampler.stop.set()
+    yielder.stop.set()
     sampler.join()
     wall = fanned["seconds"]
     cpu = cpu_by_group(before, after)
