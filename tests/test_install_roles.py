@@ -257,7 +257,7 @@ def test_no_new_secret_on_an_argv_or_readable_by_another_user(fleet):
         for process in (install.pid("worker"), *descendants(install.pid("worker"))):
             cmdline = Path(f"/proc/{process}/cmdline").read_bytes()
             assert db_password.encode() not in cmdline and api_password.encode() not in cmdline
-    assert b"fleet_deploy.py\0database" in server.traced()  # the password was made there
+    assert b'fleet_deploy.py", "database"' in server.traced()  # where the password is made
     for process in (server.pid("server"), *descendants(server.pid("server"))):
         assert db_password.encode() not in Path(f"/proc/{process}/cmdline").read_bytes()
     # Neither a local user nor a node's worker user reads the server's secrets, nor another
