@@ -82,6 +82,16 @@ def make_database(name: str, fresh: bool = False) -> str:
     return f"postgresql+asyncpg://{name}:{password}@127.0.0.1:5432/{name}"
 
 
+def trusted(name: str) -> bool:
+    """Whether pg_hba.conf lets some connection to database ``name`` in without a password
+    (``trust``): then every local user is the server's role, whatever its password."""
+    done = subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-XAt", "-c",
+                           "SELECT count(*) FROM pg_hba_file_rules WHERE auth_method = 'trust' "
+                           f"AND ('all' = ANY(database) OR '{name}' = ANY(database))"],
+                          capture_output=True, text=True, cwd="/")
+    return done.returncode == 0 and done.stdout.strip() not in ("", "0")
+
+
 def drop_database(name: str) -> None:
     psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE);\nDROP ROLE IF EXISTS {name};\n")
 
@@ -226,6 +236,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.command == "database":
         print(make_database(args.name))
+        if trusted(args.name):
+            print(f"[install] WARNING: PostgreSQL's pg_hba.conf trusts some connections to "
+                  f"{args.name} (auth method trust): any local user can then use the fleet's "
+                  "database without its password; use scram-sha-256 (or peer) there",
+                  file=sys.stderr)
     elif args.command == "server":
         asyncio.run(deploy_server(args.app, args.uploads))
     else:
