@@ -4,6 +4,24 @@
 #
 #   deployments/install.sh [STEP...]        (default: all steps below, in this order)
 #
+# Three roles (UCB_ROLE; docs/fleet.md):
+#   (unset)  one undercloud with its own Prefect server on SQLite: everything below
+#   server   a fleet's management host: the Prefect server on the local PostgreSQL (the role
+#            and database UCB_DB_NAME made by `config`, the password in server.env only), behind
+#            the API password, on UCB_HOST:UCB_PORT (TLS: a reverse proxy in front, docs/fleet.md);
+#            a worker of the pool "fleet" (the fleet's own flows, as the server's user); the
+#            global limit of UCB_FLEET_UPLOADS [2] nodes uploading at once. No backup worker,
+#            no wrappers, no sudo rule. Steps: user app venv config services prefect
+#   node     an undercloud of a fleet: no local server; its worker (flows/fleet_worker.py) polls
+#            UCB_SERVER_URL (the server's API, required) with PREFECT_API_AUTH_STRING (the API
+#            password, from this installer's environment: never an argv) for the pool
+#            undercloud-$UCB_NODE [the short hostname], whose deployments (on-demand, nightly,
+#            weekly-full, weekly-verify, prune, named <deployment>-$UCB_NODE, tagged
+#            node:$UCB_NODE) `prefect` makes; their parameters, with UCB_NODE_PARAMETERS (a JSON
+#            file {deployment: parameters}) merged over, are the node's policy in
+#            $ETC/policy.json (root's 0644) its worker holds every run to. Always encrypted.
+#            Steps: user app venv privileged config prefect services
+#
 #   user        group undercloud-backup, system user $UCB_USER in it (and no one else), the
 #               server's own system user $UCB_API_USER; state dir $UCB_STATE (root's) with one
 #               leaf per service: worker/ ($UCB_USER's), server/ ($UCB_API_USER's)
@@ -27,6 +45,11 @@
 #
 # Environment (defaults in brackets):
 #   UCB_USER [undercloud-backup]  UCB_API_USER [undercloud-backup-api] (the local server's user)
+#   UCB_GROUP [undercloud-backup] the worker's group, which the sudoers file /etc/sudoers.d/$UCB_GROUP
+#                         grants the wrappers
+#   UCB_ETC [/etc/undercloud-backup] (written $ETC here)  UCB_RUN_DIR [/run/undercloud-backup]
+#   UCB_LOG_DIR [/var/log/undercloud-backup] (pid files and logs without systemd)
+#   UCB_HOST [127.0.0.1]  the address the local server listens on
 #   UCB_PREFIX [/opt/undercloud-backup]  UCB_APP [$UCB_PREFIX/app]
 #   UCB_VENV [$UCB_PREFIX/venv]   UCB_STATE [/var/lib/undercloud-backup]
 #   UCB_LOCAL_SERVER [1]  run a Prefect server here; 0: use the one at PREFECT_API_URL
@@ -61,7 +84,8 @@ set -euo pipefail
 umask 022
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-GROUP=undercloud-backup
+UCB_ROLE=${UCB_ROLE:-}
+GROUP=${UCB_GROUP:-undercloud-backup}
 UCB_USER=${UCB_USER:-undercloud-backup}
 UCB_API_USER=${UCB_API_USER:-undercloud-backup-api}
 API_GROUP=$UCB_API_USER
@@ -71,23 +95,47 @@ UCB_VENV=${UCB_VENV:-$UCB_PREFIX/venv}
 UCB_STATE=${UCB_STATE:-/var/lib/undercloud-backup}
 UCB_LOCAL_SERVER=${UCB_LOCAL_SERVER:-1}
 UCB_PORT=${UCB_PORT:-4200}
-UCB_UI_URL=${UCB_UI_URL:-http://127.0.0.1:$UCB_PORT}
+UCB_HOST=${UCB_HOST:-127.0.0.1}
+case $UCB_ROLE in
+  '') ;;
+  server) UCB_LOCAL_SERVER=1 ;;
+  node) UCB_LOCAL_SERVER=0 ;;
+  *) printf '[install] ERROR: UCB_ROLE must be server or node (or unset: a single node)\n' >&2
+     exit 1 ;;
+esac
+# The address clients on this host use: a server listening on every address is reached here
+# through the loopback.
+case $UCB_HOST in 0.0.0.0|::|'[::]') LOCAL_HOST=127.0.0.1 ;; *) LOCAL_HOST=$UCB_HOST ;; esac
+UCB_UI_URL=${UCB_UI_URL:-http://$LOCAL_HOST:$UCB_PORT}
 UCB_ZOMBIE_AFTER=${UCB_ZOMBIE_AFTER:-90}
 UCB_PYTHON=${UCB_PYTHON:-/usr/bin/python3}
-ETC=/etc/undercloud-backup
+ETC=${UCB_ETC:-/etc/undercloud-backup}
 BREAK_GLASS=$ETC/break-glass.agekey
 UNDERCLOUD_DEPLOYMENTS="on-demand nightly weekly-full weekly-verify prune binlog-ship"
 LIBEXEC=/usr/local/libexec/undercloud-backup
-SUDOERS=/etc/sudoers.d/undercloud-backup
-RUN=/run/undercloud-backup
-LOG=/var/log/undercloud-backup
+# Named after the group it grants (sudo ignores a name with a dot: refused below).
+SUDOERS=/etc/sudoers.d/$GROUP
+RUN=${UCB_RUN_DIR:-/run/undercloud-backup}
+LOG=${UCB_LOG_DIR:-/var/log/undercloud-backup}
 POOL=undercloud
+UCB_DB_NAME=${UCB_DB_NAME:-undercloud_backup}
+UCB_FLEET_UPLOADS=${UCB_FLEET_UPLOADS:-2}
+if [ "$UCB_ROLE" = server ]; then
+  POOL=fleet  # the fleet's own flows only: no backup runs on the management host
+elif [ "$UCB_ROLE" = node ]; then
+  UCB_NODE=${UCB_NODE:-$(hostname -s)}
+  POOL=undercloud-$UCB_NODE
+fi
 QUEUE=backups
 ENVFILE_API_URL=
 if [ -r "$ETC/worker.env" ]; then
   ENVFILE_API_URL=$(sed -n 's/^PREFECT_API_URL=//p' "$ETC/worker.env" | tail -1)
 fi
-PREFECT_API_URL=${PREFECT_API_URL:-${ENVFILE_API_URL:-http://127.0.0.1:$UCB_PORT/api}}
+if [ "$UCB_ROLE" = node ]; then
+  PREFECT_API_URL=${UCB_SERVER_URL:-$ENVFILE_API_URL}
+else
+  PREFECT_API_URL=${PREFECT_API_URL:-${ENVFILE_API_URL:-http://$LOCAL_HOST:$UCB_PORT/api}}
+fi
 
 say() { printf '[install] %s\n' "$*"; }
 die() { printf '[install] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -121,20 +169,24 @@ check_group() {
 
 # ------------------------------------------------------------------------------------- steps
 step_user() {
-  getent group "$GROUP" >/dev/null || groupadd --system "$GROUP"
-  check_group
-  if ! id -u "$UCB_USER" >/dev/null 2>&1; then
-    useradd --system --gid "$GROUP" --home-dir "$UCB_STATE/worker" --no-create-home \
-      --shell /usr/sbin/nologin --comment "undercloud-backup Prefect worker" "$UCB_USER"
-    say "user $UCB_USER created"
-  elif ! id -nG "$UCB_USER" | tr ' ' '\n' | grep -qx "$GROUP"; then
-    usermod -a -G "$GROUP" "$UCB_USER"
-    say "user $UCB_USER added to group $GROUP"
+  # A management host has no backup worker and no one who may run the wrappers: only the
+  # server's user, which also runs the fleet's own flows.
+  if [ "$UCB_ROLE" != server ]; then
+    getent group "$GROUP" >/dev/null || groupadd --system "$GROUP"
+    check_group
+    if ! id -u "$UCB_USER" >/dev/null 2>&1; then
+      useradd --system --gid "$GROUP" --home-dir "$UCB_STATE/worker" --no-create-home \
+        --shell /usr/sbin/nologin --comment "undercloud-backup Prefect worker" "$UCB_USER"
+      say "user $UCB_USER created"
+    elif ! id -nG "$UCB_USER" | tr ' ' '\n' | grep -qx "$GROUP"; then
+      usermod -a -G "$GROUP" "$UCB_USER"
+      say "user $UCB_USER added to group $GROUP"
+    fi
   fi
   # Root's, so that no service can plant a name root then acts on (an installation from
   # before this layout had the worker own it: taken back here, before anything below it).
   fs dir "$UCB_STATE" root root 0755
-  fs dir "$UCB_STATE/worker" "$UCB_USER" "$GROUP" 0700
+  [ "$UCB_ROLE" = server ] || fs dir "$UCB_STATE/worker" "$UCB_USER" "$GROUP" 0700
   [ "$UCB_LOCAL_SERVER" = 1 ] || return 0
   getent group "$API_GROUP" >/dev/null || groupadd --system "$API_GROUP"
   if ! id -u "$UCB_API_USER" >/dev/null 2>&1; then
@@ -148,6 +200,8 @@ step_user() {
  then 'chown -R $UCB_API_USER: $UCB_STATE/server' and run the installer again"
   fi
   fs dir "$UCB_STATE/server" "$UCB_API_USER" "$API_GROUP" 0700
+  # The worker of the fleet's own flows runs as the server's user, in its own home.
+  [ "$UCB_ROLE" != server ] || fs dir "$UCB_STATE/worker" "$UCB_API_USER" "$API_GROUP" 0700
 }
 
 step_app() {
@@ -190,6 +244,8 @@ step_venv() {
 }
 
 step_privileged() {
+  [ "$UCB_ROLE" != server ] || die "privileged: a fleet's management host runs no backup, so it\
+ gets no wrappers and no sudo rule"
   command -v sudo >/dev/null || die "sudo is not installed (apt-get install sudo / dnf install sudo)"
   command -v visudo >/dev/null || die "visudo is missing (it comes with sudo)"
   check_group
@@ -205,7 +261,8 @@ step_privileged() {
   # sudo ignores files in sudoers.d whose name contains a dot: the check copy is inert.
   local staged="$SUDOERS.new"
   fs check "$(dirname "$SUDOERS")"
-  fs file "$staged" root root 0440 <"$SRC/deployments/sudoers/undercloud-backup" >/dev/null
+  sed "s/^%undercloud-backup /%$GROUP /" "$SRC/deployments/sudoers/undercloud-backup" \
+    | fs file "$staged" root root 0440 >/dev/null
   if ! visudo -cqf "$staged"; then
     rm -f "$staged"
     die "deployments/sudoers/undercloud-backup does not pass visudo -cf; nothing installed"
@@ -241,7 +298,13 @@ merge_deny() {
 
 render() {  # render TEMPLATE DEST GROUP: fill in @...@ once (0640 root:GROUP); DEST is kept
   local template=$1 dest=$2 group=$3 auth_line="" server_auth_line="" result
-  if [ "$UCB_LOCAL_SERVER" = 1 ]; then
+  if [ "$UCB_ROLE" = node ]; then
+    # The central server's password, from the installer's environment (never an argv).
+    [ -n "$AUTH" ] || AUTH=${PREFECT_API_AUTH_STRING:-}
+    [ -n "$AUTH" ] || [ -e "$dest" ] || die "a node needs the server's API password: set\
+ PREFECT_API_AUTH_STRING=user:password in the installer's environment (never on its command line)"
+    auth_line="PREFECT_API_AUTH_STRING=$AUTH"
+  elif [ "$UCB_LOCAL_SERVER" = 1 ]; then
     # Generated and passed on through pipes and the environment only, never an argv.
     [ -n "$AUTH" ] || AUTH=admin:$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
     auth_line="PREFECT_API_AUTH_STRING=$AUTH"
@@ -251,7 +314,9 @@ render() {  # render TEMPLATE DEST GROUP: fill in @...@ once (0640 root:GROUP); 
   fi
   result=$(UCB_SUBST_PREFECT_API_URL=$PREFECT_API_URL UCB_SUBST_STATE=$UCB_STATE \
          UCB_SUBST_PORT=$UCB_PORT UCB_SUBST_UI_URL=$UCB_UI_URL UCB_SUBST_AUTH_LINE=$auth_line \
-         UCB_SUBST_SERVER_AUTH_LINE=$server_auth_line fs render "$template" "$dest" root "$group" 0640)
+         UCB_SUBST_SERVER_AUTH_LINE=$server_auth_line UCB_SUBST_HOST=$UCB_HOST \
+         UCB_SUBST_DATABASE_LINE=$DATABASE_LINE UCB_SUBST_FLEET_LINES=$FLEET_LINES \
+         fs render "$template" "$dest" root "$group" 0640)
   # Kept files too: the group is the service's own (older installations: the worker's group).
   fs touch "$dest" root "$group" 0640
   say "config: $dest $result"
@@ -263,8 +328,27 @@ step_config() {
   if [ -r "$ETC/server.env" ]; then  # reuse the server's auth string for a new worker.env
     AUTH=$(sed -n 's/^PREFECT_SERVER_API_AUTH_STRING=//p' "$ETC/server.env" | tail -1)
   fi
+  DATABASE_LINE="#PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://prefect:PASSWORD@127.0.0.1:5432/prefect"
+  FLEET_LINES=
+  if [ "$UCB_ROLE" = server ] && [ ! -e "$ETC/server.env" ] && [ ! -L "$ETC/server.env" ]; then
+    # The role and its database on the local PostgreSQL; the password leaves the helper
+    # through a pipe and lives in server.env only (made once: a kept server.env keeps its URL).
+    command -v psql >/dev/null || die "PostgreSQL is missing: the fleet's server keeps its\
+ database there (apt-get install postgresql / dnf install postgresql-server)"
+    DATABASE_LINE=$("$UCB_PYTHON" -I "$SRC/deployments/prefect/fleet_deploy.py" database \
+      "$UCB_DB_NAME") || exit 1  # it said why, in one line
+    DATABASE_LINE="PREFECT_API_DATABASE_CONNECTION_URL=$DATABASE_LINE"
+    say "config: PostgreSQL role and database $UCB_DB_NAME made on the local server"
+  elif [ "$UCB_ROLE" = node ]; then
+    FLEET_LINES="UCB_NODE=$UCB_NODE
+UCB_FLEET_POLICY=$ETC/policy.json"
+  fi
   if [ "$UCB_LOCAL_SERVER" = 1 ]; then
     render "$SRC/deployments/env/server.env" "$ETC/server.env" "$API_GROUP"
+  fi
+  if [ "$UCB_ROLE" = server ]; then  # the fleet's own worker, as the server's user
+    render "$SRC/deployments/env/worker.env" "$ETC/worker.env" "$API_GROUP"
+    return 0
   fi
   render "$SRC/deployments/env/worker.env" "$ETC/worker.env" "$GROUP"
   install_signing
@@ -334,6 +418,8 @@ install_recipients() {
       || die "UCB_RECIPIENTS_FILE $UCB_RECIPIENTS_FILE is not an age recipients file"
     fs file "$recipients" root root 0644 <"$UCB_RECIPIENTS_FILE" >/dev/null
   elif [ -n "${UCB_NO_ENCRYPTION:-}" ]; then
+    [ "$UCB_ROLE" != node ] || die "UCB_NO_ENCRYPTION: a fleet node's backups are always\
+ encrypted (any holder of the API password could otherwise download them)"
     reason=$(tr -s '[:space:]' ' ' <<<"$UCB_NO_ENCRYPTION" | sed 's/^ //; s/ $//')
     [ -n "$reason" ] && [ ${#reason} -le 200 ] \
       || die "UCB_NO_ENCRYPTION must be a reason of 1 to 200 characters"
@@ -396,10 +482,26 @@ make_break_glass() {
   say "encryption: (both public keys, one a line) and '$0 config'"
 }
 
-unit_text() {  # unit_text UNIT USER GROUP: the unit with this installation's paths and user
+unit_text() {  # unit_text UNIT USER GROUP [EXECSTART]: the unit with this installation's paths
+  local exec=()
+  [ -z "${4:-}" ] || exec=(-e "s#^ExecStart=.*#ExecStart=$4#")
   sed -e "s#/opt/undercloud-backup/venv#$UCB_VENV#g" -e "s#/opt/undercloud-backup/app#$UCB_APP#g" \
       -e "s#/var/lib/undercloud-backup#$UCB_STATE#g" -e "s#^User=.*#User=$2#" \
+      -e "s#/etc/undercloud-backup/#$ETC/#g" "${exec[@]}" \
       -e "s#^Group=.*#Group=$3#" -e "s#^Environment=PREFECT_UI_URL=.*#Environment=PREFECT_UI_URL=$UCB_UI_URL#" "$1"
+}
+
+# The worker of this role: on a node the fleet's own worker (it runs only the installed flows
+# of this node's deployments); on the management host Prefect's, for the fleet's own flows,
+# as the server's user; on a single node Prefect's, for the undercloud's pool.
+worker_command() {
+  WORKER_USER=$UCB_USER WORKER_GROUP=$GROUP
+  case $UCB_ROLE in
+    node) WORKER=("$UCB_VENV/bin/python" -m flows.fleet_worker worker --pool "$POOL" --name "$UCB_NODE") ;;
+    server) WORKER=("$UCB_VENV/bin/prefect" worker start --pool "$POOL" --type process --name "fleet-$(hostname -s)")
+            WORKER_USER=$UCB_API_USER WORKER_GROUP=$API_GROUP ;;
+    *) WORKER=("$UCB_VENV/bin/prefect" worker start --pool "$POOL" --type process --name "$1") ;;
+  esac
 }
 
 # Reads a systemd-style env file (KEY=value, # comments) and execs the command with it, with
@@ -446,8 +548,11 @@ step_services() {
       unit_text "$SRC/deployments/systemd/undercloud-backup-server.service" "$UCB_API_USER" \
         "$API_GROUP" | fs file "$systemd/undercloud-backup-server.service" root root 0644 >/dev/null
     fi
-    unit_text "$SRC/deployments/systemd/undercloud-backup-worker.service" "$UCB_USER" "$GROUP" \
-      | fs file "$systemd/undercloud-backup-worker.service" root root 0644 >/dev/null
+    local exec=
+    worker_command %H
+    [ -z "$UCB_ROLE" ] || exec="${WORKER[*]}"
+    unit_text "$SRC/deployments/systemd/undercloud-backup-worker.service" "$WORKER_USER" \
+      "$WORKER_GROUP" "$exec" | fs file "$systemd/undercloud-backup-worker.service" root root 0644 >/dev/null
     systemctl daemon-reload
     # Started if stopped, not restarted: a restart would kill a backup in progress. Each flow
     # run loads the code from $UCB_APP afresh; restart the worker between backups to update
@@ -465,8 +570,9 @@ step_services() {
 
 start_worker() {  # without systemd
   DAEMON_ENV=()
-  start_daemon worker "$UCB_USER" "$GROUP" "$ETC/worker.env" "$UCB_APP" \
-    "$UCB_STATE/worker" "$UCB_VENV/bin/prefect" worker start --pool "$POOL" --type process --name "$(hostname)"
+  worker_command "$(hostname)"
+  start_daemon worker "$WORKER_USER" "$WORKER_GROUP" "$ETC/worker.env" "$UCB_APP" \
+    "$UCB_STATE/worker" "${WORKER[@]}"
 }
 
 start_server() {  # without systemd
@@ -572,6 +678,10 @@ step_prefect() {
   trap 'rm -rf "$PREFECT_HOME"' EXIT
   local prefect="$UCB_VENV/bin/prefect"
   wait_for_api
+  case $UCB_ROLE in
+    server) prefect_server; return ;;
+    node) prefect_node; return ;;
+  esac
   "$prefect" --no-prompt work-pool create "$POOL" --type process --overwrite >/dev/null
   if ! "$prefect" --no-prompt work-queue create "$QUEUE" --pool "$POOL" --limit 1 >/dev/null 2>&1
   then
@@ -588,6 +698,40 @@ step_prefect() {
   say "prefect: pool $POOL, queue $QUEUE (limit 1), deployments of $UCB_APP/prefect.yaml at $PREFECT_API_URL"
 }
 
+FLEET_DEPLOY=$SRC/deployments/prefect/fleet_deploy.py
+
+prefect_server() {  # the fleet's pool and own flows, the upload limit, the server's automations
+  (cd "$UCB_APP" && "$UCB_VENV/bin/python" "$FLEET_DEPLOY" server --app "$UCB_APP" \
+    --uploads "$UCB_FLEET_UPLOADS")
+  "$UCB_VENV/bin/python" "$SRC/deployments/prefect/zombie_automation.py" --after "$UCB_ZOMBIE_AFTER"
+  setup_alerts
+  say "prefect: pool $POOL (fleet_backup/pre-upgrade, fleet_status/hourly), at most\
+ $UCB_FLEET_UPLOADS nodes uploading at once, at $PREFECT_API_URL"
+}
+
+prefect_node() {  # this node's pool and deployments; the policy its worker holds runs to
+  local parameters=() status=0 policy
+  if [ -n "${UCB_NODE_PARAMETERS:-}" ]; then
+    [ -r "$UCB_NODE_PARAMETERS" ] || die "UCB_NODE_PARAMETERS $UCB_NODE_PARAMETERS is not readable"
+    parameters=(--parameters "$UCB_NODE_PARAMETERS")
+  fi
+  # The policy is what the deployments were made with, written by root through installfs.
+  policy=$(cd "$UCB_APP" && "$UCB_VENV/bin/python" "$FLEET_DEPLOY" node --app "$UCB_APP" \
+    --node "$UCB_NODE" --etc "$ETC" "${parameters[@]}") \
+    || die "the deployments of node $UCB_NODE could not be made"
+  printf '%s\n' "$policy" | fs file "$ETC/policy.json" root root 0644 >/dev/null
+  "$UCB_VENV/bin/python" "$SRC/deployments/prefect/fleet_alerts.py" --node "$UCB_NODE" \
+    >/dev/null 2>&1 || status=$?
+  case $status in
+    0) say "alerts: node $UCB_NODE's alerts are on the server" ;;
+    2) say "alerts: the server has no alert block yet: configure the management host's alerts,\
+ then run '$0 prefect' here again" ;;
+    *) die "the server refused node $UCB_NODE's alerts" ;;
+  esac
+  say "prefect: pool $POOL, deployments *-$UCB_NODE tagged node:$UCB_NODE at $PREFECT_API_URL;\
+ policy $ETC/policy.json"
+}
+
 # -------------------------------------------------------------------------------------- main
 [ "$(id -u)" = 0 ] || die "run as root"
 if [ "${1:-}" = restart ]; then
@@ -595,8 +739,27 @@ if [ "${1:-}" = restart ]; then
   restart "$@"
   exit 0
 fi
+case $UCB_ROLE in
+  node)
+    [[ $UCB_NODE =~ ^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$ ]] || die "UCB_NODE '$UCB_NODE': the\
+ node's name, lowercase letters, digits and '-', at most 20 (default: the short hostname)"
+    [ -n "$PREFECT_API_URL" ] || die "a node needs UCB_SERVER_URL, the fleet server's API\
+ (https://HOST/api)" ;;
+  server)
+    [[ $UCB_DB_NAME =~ ^[a-z_][a-z0-9_]{0,62}$ ]] || die "UCB_DB_NAME '$UCB_DB_NAME': lowercase\
+ letters, digits and '_'" ;;
+esac
+[[ $GROUP =~ ^[a-z_][a-z0-9_-]*$ ]] || die "UCB_GROUP '$GROUP': lowercase letters, digits, '_'\
+ and '-' (sudo ignores a sudoers.d file whose name holds a dot)"
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(user app venv privileged config services prefect)
+if [ ${#steps[@]} -eq 0 ]; then
+  case $UCB_ROLE in
+    server) steps=(user app venv config services prefect) ;;  # no wrappers, no sudo rule
+    # A node's pool and deployments exist before its worker first polls the server.
+    node) steps=(user app venv privileged config prefect services) ;;
+    *) steps=(user app venv privileged config services prefect) ;;
+  esac
+fi
 for step in "${steps[@]}"; do
   case $step in
     user|app|venv|privileged|config|services|prefect|stop) "step_$step" ;;

@@ -37,6 +37,9 @@ import urllib.request
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(SRC / "deployments" / "prefect"))
+import fleet_deploy  # noqa: E402 - the pieces install.sh's server and node roles share
+
 STATE = Path(os.environ.get("UCB_FLEET_STATE", "/var/lib/ucb-fleet"))
 VENV = Path(os.environ.get("UCB_FLEET_VENV", str(SRC / ".venv")))
 DEV_STATE = Path(os.environ.get("UCB_DEV_STATE", "/var/lib/undercloud-backup-dev"))
@@ -45,11 +48,10 @@ UPLOADS = int(os.environ.get("UCB_FLEET_UPLOADS", "2"))
 MANIFEST = STATE / "fleet.json"
 DB_NAME = f"{PREFIX}_prefect"
 SERVER_USER = f"{PREFIX}-server"
-FLEET_POOL = "fleet"
+FLEET_POOL = fleet_deploy.FLEET_POOL
 SQLITE = os.environ.get("UCB_FLEET_DATABASE", "postgresql") == "sqlite"
 ZOMBIE_AFTER = int(os.environ.get("UCB_FLEET_ZOMBIE_AFTER", "90"))
 NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$")
-FLOWS: dict[str, tuple[str, dict]] = {}  # entrypoint -> flow name, parameter schema
 
 
 def log(message: str) -> None:
@@ -115,12 +117,6 @@ def start(name: str, argv: list[str], env: dict[str, str], user: pwd.struct_pass
     state.setdefault("pids", {})[name] = process.pid
     save(state)
     return process.pid
-
-
-def psql(sql: str) -> None:
-    """SQL through psql's stdin as postgres: the role's password is on no argv."""
-    subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-q", "-v", "ON_ERROR_STOP=1"],
-                   input=sql.encode(), check=True, stdout=subprocess.DEVNULL, cwd="/")
 
 
 def api_env(url: str, auth: str, home: Path) -> dict[str, str]:
@@ -214,13 +210,9 @@ def start_server(state: dict) -> tuple[str, str]:
     if SQLITE:  # for comparison (benchmarks/fleet.py): the single-node install's database
         database = f"sqlite+aiosqlite:///{STATE / 'server' / 'prefect.db'}"
     else:
-        password = secrets.token_urlsafe(24)
-        psql(f"DROP DATABASE IF EXISTS {DB_NAME};\nDROP ROLE IF EXISTS {DB_NAME};\n"
-             f"CREATE ROLE {DB_NAME} LOGIN PASSWORD '{password}';\n"
-             f"CREATE DATABASE {DB_NAME} OWNER {DB_NAME};\n")
         state["database"] = DB_NAME
         save(state)
-        database = f"postgresql+asyncpg://{DB_NAME}:{password}@127.0.0.1:5432/{DB_NAME}"
+        database = fleet_deploy.make_database(DB_NAME, fresh=True)
     port = free_port()
     auth = "admin:" + secrets.token_urlsafe(18)
     env = {
@@ -292,96 +284,6 @@ def node_parameters(base: str, parameters: dict, node_dir: Path, home: Path) -> 
                  allowed_signers=str(node_dir / "allowed_signers"),
                  db_defaults_file=str(home / ".my.cnf"))
     return p
-
-
-async def deploy_node(node: str, app: Path, node_dir: Path, home: Path) -> None:
-    """The node's pool (one run at a time) and deployments, from the installed prefect.yaml."""
-    import yaml
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import DeploymentScheduleCreate, WorkPoolCreate
-    from prefect.client.schemas.objects import ConcurrencyOptions
-    from prefect.client.schemas.schedules import CronSchedule
-    from prefect.exceptions import ObjectAlreadyExists
-    from prefect.flows import load_flow_from_entrypoint
-    from prefect.utilities.callables import parameter_schema
-    from prefect.workers.process import ProcessWorker
-
-    sys.path.insert(0, str(app))
-    os.chdir(app)
-    from flows.fleet_worker import NODE_DEPLOYMENTS
-
-    project = yaml.safe_load((app / "prefect.yaml").read_text())
-    pool = f"undercloud-{node}"
-    policy: dict = {"parameters": {}}
-    async with get_client() as client:
-        try:
-            await client.create_work_pool(WorkPoolCreate(
-                name=pool, type="process", concurrency_limit=1,
-                base_job_template=ProcessWorker.get_default_base_job_template()))
-        except ObjectAlreadyExists:
-            pass
-        for d in project["deployments"]:
-            base = d["name"]
-            if base not in NODE_DEPLOYMENTS:
-                continue
-            if d["entrypoint"] not in FLOWS:  # each module loaded once: the fleet comes up faster
-                flow = load_flow_from_entrypoint(str(app / d["entrypoint"]))
-                FLOWS[d["entrypoint"]] = (flow.name, parameter_schema(flow).model_dump())
-            flow_name, schema = FLOWS[d["entrypoint"]]
-            flow_id = await client.create_flow_from_name(flow_name)
-            parameters = node_parameters(base, d.get("parameters", {}), node_dir, home)
-            policy["parameters"][base] = parameters
-            schedules = [DeploymentScheduleCreate(
-                schedule=CronSchedule(cron=s["cron"], timezone=s.get("timezone", "UTC")),
-                active=s.get("active", True)) for s in d.get("schedules") or []]
-            await client.create_deployment(
-                flow_id=flow_id, name=f"{base}-{node}", entrypoint=d["entrypoint"],
-                description=d.get("description"), work_pool_name=pool,
-                tags=[*d.get("tags", []), f"node:{node}"],
-                parameters=parameters, parameter_openapi_schema=schema,
-                job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}},
-                path=str(app), pull_steps=[], schedules=schedules, concurrency_limit=1,
-                concurrency_options=ConcurrencyOptions(collision_strategy="ENQUEUE"))
-    # What the node's worker holds every run's parameters to: root's, not the API's.
-    (node_dir / "policy.json").write_text(json.dumps(policy, indent=1))
-    (node_dir / "policy.json").chmod(0o644)
-
-
-async def deploy_server(app: Path) -> None:
-    """The fleet's own pool and deployments, and the global limit on concurrent uploads."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import (
-        DeploymentScheduleCreate,
-        GlobalConcurrencyLimitCreate,
-        WorkPoolCreate,
-    )
-    from prefect.client.schemas.schedules import IntervalSchedule
-    from prefect.exceptions import ObjectAlreadyExists
-    from prefect.flows import load_flow_from_entrypoint
-    from prefect.utilities.callables import parameter_schema
-
-    from flows.fleet_uploads import LIMIT_NAME
-
-    async with get_client() as client:
-        try:
-            await client.create_work_pool(WorkPoolCreate(name=FLEET_POOL, type="process"))
-        except ObjectAlreadyExists:
-            pass
-        try:
-            await client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name=LIMIT_NAME, limit=UPLOADS))
-        except ObjectAlreadyExists:
-            pass
-        for entrypoint, name, schedules in (
-                ("flows/fleet.py:fleet_backup", "pre-upgrade", []),
-                ("flows/fleet.py:fleet_status", "hourly", [DeploymentScheduleCreate(
-                    schedule=IntervalSchedule(interval=3600), active=False)])):
-            flow = load_flow_from_entrypoint(str(app / entrypoint))
-            flow_id = await client.create_flow_from_name(flow.name)
-            await client.create_deployment(
-                flow_id=flow_id, name=name, entrypoint=entrypoint, work_pool_name=FLEET_POOL,
-                tags=["fleet"], parameter_openapi_schema=parameter_schema(flow).model_dump(),
-                path=str(app), pull_steps=[], schedules=schedules)
 
 
 def set_up_alerts(app: Path, nodes: list[str]) -> None:
@@ -510,9 +412,13 @@ def up(count: int) -> None:
     sys.path.insert(0, str(app))
 
     async def deploy_all() -> None:
-        await deploy_server(app)
+        await fleet_deploy.deploy_server(app, UPLOADS)
         for node, _, node_dir, home, _ in nodes:
-            await deploy_node(node, app, node_dir, home)
+            policy = await fleet_deploy.deploy_node(
+                node, app, lambda base, p, d=node_dir, h=home: node_parameters(base, p, d, h))
+            # What the node's worker holds every run's parameters to: root's, not the API's.
+            (node_dir / "policy.json").write_text(json.dumps(policy, indent=1))
+            (node_dir / "policy.json").chmod(0o644)
     asyncio.run(deploy_all())
     set_up_alerts(app, [node for node, *_ in nodes])
     server = pwd.getpwnam(SERVER_USER)
@@ -572,7 +478,7 @@ def down() -> None:
     stop_pids([pid for name, pid in pids.items()
                if name.startswith("mariadb") or name == "server"])
     if state.get("database"):
-        psql(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE);\nDROP ROLE IF EXISTS {DB_NAME};\n")
+        fleet_deploy.drop_database(DB_NAME)
     for user in state.get("users", []):
         subprocess.run(["pkill", "-KILL", "-u", user], check=False)
         subprocess.run(["userdel", user], check=False, capture_output=True)
