@@ -58,6 +58,10 @@
 #                         links to a run start with it): PREFECT_UI_URL of server.env
 #   PREFECT_API_URL [http://127.0.0.1:$UCB_PORT/api]  (PREFECT_API_AUTH_STRING if it needs one)
 #   UCB_ZOMBIE_AFTER [90] seconds without a heartbeat before a run is marked CRASHED
+#   UCB_OSC [0]           1: also install `openstack undercloud backup` (the project's `osc` extra:
+#                         python-openstackclient and ~30 packages, ~73 MiB) into $UCB_VENV; run it
+#                         as $UCB_VENV/bin/openstack (a system `openstack` does not load a venv's
+#                         plugins, and the installer leaves the operator's `openstack` alone)
 #   UCB_RECIPIENTS_FILE [] age recipients (public keys) to encrypt every backup to, installed as
 #                         $ETC/recipients; a backup in plain text then needs --no-encryption REASON.
 #                         Without it (and none installed yet) a break-glass age key pair is made:
@@ -108,6 +112,7 @@ esac
 case $UCB_HOST in 0.0.0.0|::|'[::]') LOCAL_HOST=127.0.0.1 ;; *) LOCAL_HOST=$UCB_HOST ;; esac
 UCB_UI_URL=${UCB_UI_URL:-http://$LOCAL_HOST:$UCB_PORT}
 UCB_ZOMBIE_AFTER=${UCB_ZOMBIE_AFTER:-90}
+UCB_OSC=${UCB_OSC:-0}
 UCB_PYTHON=${UCB_PYTHON:-/usr/bin/python3}
 ETC=${UCB_ETC:-/etc/undercloud-backup}
 BREAK_GLASS=$ETC/break-glass.agekey
@@ -238,7 +243,10 @@ step_venv() {
     "$UCB_PYTHON" -m venv "$UCB_VENV"
     say "venv created: $UCB_VENV"
   fi
-  "$UCB_VENV/bin/pip" install --quiet --disable-pip-version-check --upgrade "$UCB_APP"
+  # pip never removes: a later run without UCB_OSC=1 keeps the plugin an earlier one installed
+  local spec=$UCB_APP
+  [ "$UCB_OSC" != 1 ] || spec="$UCB_APP[osc]"
+  "$UCB_VENV/bin/pip" install --quiet --disable-pip-version-check --upgrade "$spec"
   chmod -R go+rX,go-w "$UCB_VENV"
   say "venv: $("$UCB_VENV/bin/python" -c 'import prefect; print("prefect", prefect.__version__)'), project installed"
 }
