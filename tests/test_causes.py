@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -302,37 +303,51 @@ def test_a_table_dropped_while_its_rows_are_counted_is_recorded_as_vanished(serv
         holder.close()
 
 
+def broken_view_left_out_by_name(schema: str, container: str,
+                                 backup: Callable[..., subprocess.CompletedProcess]) -> None:
+    """The broken view's scenario, for a direct and a privileged run alike: ``backup(*args)``
+    runs a database-only backup to ``container``; ``schema`` is made here (the caller drops
+    it)."""
+    import json
+
+    from conftest import mariadb, swift_store
+
+    mariadb(f"CREATE DATABASE {schema}; CREATE TABLE {schema}.t (id INT); "
+            f"INSERT INTO {schema}.t VALUES (1); CREATE TABLE {schema}.kept (id INT); "
+            f"CREATE VIEW {schema}.v AS SELECT id FROM {schema}.t; DROP TABLE {schema}.t;")
+    failed = backup()
+    assert failed.returncode == 22, failed.stderr[-2000:]
+    last = failed.stderr.strip().splitlines()[-1]
+    assert f"`{schema}`.`v`" in last or f"{schema}.v" in last, last
+    typo = backup("--exclude-table", f"{schema}.nope")
+    assert typo.returncode == 2, typo.stderr[-2000:]
+    assert typo.stderr.strip().splitlines()[-1].endswith(
+        f"--exclude-table {schema}.nope: no such table or view on the server")
+    result = backup("--exclude-table", f"{schema}.v", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"left out of the database dump (exclude_tables): {schema}.v (view)" in \
+        result.stderr
+    manifest = json.loads(swift_store().get_bytes(container,
+                                                  json.loads(result.stdout)["manifest"]))
+    assert manifest["mariadb"]["excluded_tables"] == [f"{schema}.v"]
+    assert manifest["mariadb"]["schema_objects"][schema]["views"] == 0
+    assert [t["table"] for t in manifest["mariadb"]["databases"][schema]["tables"]] == \
+        ["kept"]
+
+
 def test_a_broken_view_can_be_left_out_by_name_and_the_run_says_so(os_env, db_cnf, container):
     """A view whose table was dropped fails the dump (mariadb-dump: the view references
     invalid tables); --exclude-table DB.VIEW leaves it out, the log says so and the manifest
     records it. A name the server does not know is refused before anything is written."""
-    import json
     import uuid
 
-    from conftest import mariadb, swift_store
+    from conftest import mariadb
 
     schema = f"ucb_broken_{uuid.uuid4().hex[:8]}"
-    mariadb(f"CREATE DATABASE {schema}; CREATE TABLE {schema}.t (id INT); "
-            f"INSERT INTO {schema}.t VALUES (1); CREATE TABLE {schema}.kept (id INT); "
-            f"CREATE VIEW {schema}.v AS SELECT id FROM {schema}.t; DROP TABLE {schema}.t;")
     common = ("--container", container, "--db-defaults-file", db_cnf, "--db-only",
               "--no-prune", "--task-retries", "0")
     try:
-        failed = backup_in_process(*common)
-        assert failed.returncode == 22, failed.stderr[-2000:]
-        typo = backup_in_process(*common, "--exclude-table", f"{schema}.nope")
-        assert typo.returncode == 2
-        assert typo.stderr.strip().splitlines()[-1].endswith(
-            f"--exclude-table {schema}.nope: no such table or view on the server")
-        result = backup_in_process(*common, "--exclude-table", f"{schema}.v", "--json")
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert f"left out of the database dump (exclude_tables): {schema}.v (view)" in \
-            result.stderr
-        manifest = json.loads(swift_store().get_bytes(container,
-                                                      json.loads(result.stdout)["manifest"]))
-        assert manifest["mariadb"]["excluded_tables"] == [f"{schema}.v"]
-        assert manifest["mariadb"]["schema_objects"][schema]["views"] == 0
-        assert [t["table"] for t in manifest["mariadb"]["databases"][schema]["tables"]] == \
-            ["kept"]
+        broken_view_left_out_by_name(schema, container,
+                                     lambda *args: backup_in_process(*common, *args))
     finally:
         mariadb(f"DROP DATABASE IF EXISTS {schema}")
