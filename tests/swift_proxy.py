@@ -90,8 +90,9 @@ class SwiftProxy:
         self.account_url: str = ""  # set by the fixture: the test account through the proxy
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._server.daemon_threads = True
+        self._connections: set[socket.socket] = set()  # open client connections
+        self._server = _Server(("127.0.0.1", 0), _handler_for(self))
+        self._server.stopping = self._stopping
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
                                         name="swift-proxy")
 
@@ -111,9 +112,19 @@ class SwiftProxy:
         return self
 
     def stop(self) -> None:
+        """Stop as a Swift proxy server that goes away: new connections are refused and the
+        open ones are cut, requests in flight included (a client's keep-alive connection
+        would otherwise go on being forwarded)."""
         self._stopping.set()  # releases stalled handlers
         self._server.shutdown()
         self._server.server_close()
+        with self._lock:
+            live = list(self._connections)
+        for connection in live:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed meanwhile
 
     def __enter__(self) -> SwiftProxy:
         return self.start()
@@ -168,6 +179,15 @@ class SwiftProxy:
             return rule
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    stopping: threading.Event
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not self.stopping.is_set():  # a cut connection is what stop() is for
+            super().handle_error(request, client_address)
+
+
 def _handler_for(proxy: SwiftProxy) -> type[BaseHTTPRequestHandler]:
     class Handler(_Handler):
         pass
@@ -182,6 +202,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *_args: object) -> None:  # quiet
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.proxy._lock:
+            self.proxy._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.proxy._lock:
+            self.proxy._connections.discard(self.connection)
+        super().finish()
 
     def _body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

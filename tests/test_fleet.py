@@ -627,6 +627,13 @@ def alerts_for(fleet: dict, node: str, what: str) -> list[dict]:
             if b["subject"].startswith(f"[undercloud-backup] {node}: {what}")]
 
 
+def wait_upload_slots_free(api: Api) -> None:
+    deadline = time.monotonic() + 120
+    while api("GET", "/v2/concurrency_limits/fleet-uploads")["active_slots"]:
+        assert time.monotonic() < deadline, api("GET", "/v2/concurrency_limits/fleet-uploads")
+        time.sleep(1)
+
+
 @pytest.mark.slow
 @needs_root
 def test_a_killed_worker_leaves_a_crashed_run_frees_its_slots_and_alerts(fleet):
@@ -636,6 +643,8 @@ def test_a_killed_worker_leaves_a_crashed_run_frees_its_slots_and_alerts(fleet):
     one for the worker offline, each naming edge-3, plus edge-3's no-backup alert."""
     api = Api(fleet["operator"])
     deployment = api("GET", f"/deployments/name/undercloud_backup/on-demand-{NODE3}")
+    # An upload slot an earlier run's lease still holds would pass for this run's below.
+    wait_upload_slots_free(api)
     run_id = api("POST", f"/deployments/{deployment['id']}/create_flow_run")["id"]
     deadline = time.monotonic() + 120
     while api("GET", "/v2/concurrency_limits/fleet-uploads")["active_slots"] < 1:
@@ -672,10 +681,7 @@ def test_a_killed_worker_leaves_a_crashed_run_frees_its_slots_and_alerts(fleet):
     assert done.returncode == 0, done.stderr
     again = api("POST", f"/deployments/{deployment['id']}/create_flow_run")["id"]
     assert api.wait(again, timeout=120)["state"]["type"] == "COMPLETED"
-    deadline = time.monotonic() + 120
-    while api("GET", "/v2/concurrency_limits/fleet-uploads")["active_slots"]:
-        assert time.monotonic() < deadline, api("GET", "/v2/concurrency_limits/fleet-uploads")
-        time.sleep(1)
+    wait_upload_slots_free(api)
     print(f"killed {len(victims)} processes; CRASHED after {crashed_s:.0f} s, alerted after "
           f"{alerted_s:.0f} s, upload slot back after {time.monotonic() - killed:.0f} s",
           file=sys.stderr)

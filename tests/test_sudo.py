@@ -21,6 +21,7 @@ import uuid
 
 import pymysql
 import pytest
+import sample_undercloud as sample
 from deploy_helpers import (
     NOSUDO,
     REPO,
@@ -34,6 +35,7 @@ from deploy_helpers import (
     revoke_traverse,
     sample_root,
     scratch_dir,
+    scratch_mariadb,
 )
 
 from undercloud_backup.db import connection as dbconn
@@ -46,16 +48,22 @@ LIBEXEC = REPO / "deployments/libexec"
 ARCHIVE = privileged.ARCHIVE_WRAPPER
 MARIADB = privileged.MARIADB_WRAPPER
 PYTHON = str(VENV / "bin/python")
+# The socket of the MariaDB the installed policy points the wrapper at (while installed): a
+# private one, whose database list and locks no other test session can change meanwhile.
+DB_SOCKET: list[str] = []
 
 
 @pytest.fixture(scope="module")
 def installed():
-    """The sudoers file and wrappers installed by install.sh; a sample root allowed."""
+    """The sudoers file and wrappers installed by install.sh; a sample root allowed; the
+    dump pointed at a private MariaDB (DB_SOCKET)."""
     with machine_lock():
         state = scratch_dir("ucb-worker-state-")
         root = sample_root()
         try:
-            with privileged_install(state, [root]):
+            with scratch_mariadb() as db_socket, \
+                    privileged_install(state, [root], socket=db_socket):
+                DB_SOCKET.append(db_socket)
                 granted = grant_traverse(WORKER, [REPO, VENV])
                 granted += grant_traverse(NOSUDO, [REPO, VENV])
                 try:
@@ -63,6 +71,7 @@ def installed():
                 finally:
                     revoke_traverse(WORKER, granted)
                     revoke_traverse(NOSUDO, granted)
+                    DB_SOCKET.clear()
         finally:
             remove_tree(root)
             remove_tree(state)
@@ -179,26 +188,34 @@ def test_worker_archives_root_only_files_through_sudo(installed):
         assert tar.extractfile(member).read() == secret.read_bytes()
 
 
-def test_worker_reads_the_database_as_root_through_sudo(installed, sample_databases):
+@pytest.fixture
+def private_sample_databases(installed) -> tuple[str, ...]:
+    """The sample databases in the installed policy's MariaDB (gone with it)."""
+    subprocess.run(["mariadb", f"--socket={DB_SOCKET[0]}"], input=sample.database_sql(),
+                   text=True, check=True)
+    return sample.SAMPLE_DATABASES
+
+
+def test_worker_reads_the_database_as_root_through_sudo(installed, private_sample_databases):
+    names = private_sample_databases
     script = (
         "import json; from undercloud_backup.db import privileged as p\n"
         "info = p.server_info()\n"
-        f"stats = p.table_stats({tuple(sample_databases)!r})\n"
-        f"rows = p.table_stats({tuple(sample_databases)!r}, checksums=False)\n"
+        f"stats = p.table_stats({tuple(names)!r})\n"
+        f"rows = p.table_stats({tuple(names)!r}, checksums=False)\n"
         "print(json.dumps({'databases': info.databases, 'version': info.version,"
         " 'stats': [s.__dict__ for s in stats], 'rows': [s.__dict__ for s in rows]}))\n")
     result = as_user(WORKER, [PYTHON, "-c", script], env={"PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
     got = __import__("json").loads(result.stdout)
-    connection = pymysql.connect(unix_socket="/run/mysqld/mysqld.sock", user="root")
+    connection = pymysql.connect(unix_socket=DB_SOCKET[0], user="root")
     try:
         expected_info = dbconn.server_info(connection)
-        expected = dbconn.table_stats(connection, tuple(sample_databases))
-        expected_rows = dbconn.table_stats(connection, tuple(sample_databases),
-                                         checksums=False)
+        expected = dbconn.table_stats(connection, tuple(names))
+        expected_rows = dbconn.table_stats(connection, tuple(names), checksums=False)
     finally:
         connection.close()
-    assert set(sample_databases) <= set(got["databases"])
+    assert set(names) <= set(got["databases"])
     assert tuple(got["databases"]) == expected_info.databases
     assert got["version"] == expected_info.version
     assert [dbconn.TableStats(**s) for s in got["stats"]] == expected
@@ -208,9 +225,9 @@ def test_worker_reads_the_database_as_root_through_sudo(installed, sample_databa
     assert [(s.table, s.rows) for s in expected_rows] == [(s.table, s.rows) for s in expected]
     assert all(s.checksum is None for s in expected_rows)
 
-    dump = as_user(WORKER, list(privileged.dump_command(sample_databases).argv), timeout=120)
+    dump = as_user(WORKER, list(privileged.dump_command(names).argv), timeout=120)
     assert dump.returncode == 0, dump.stderr
-    assert f"CREATE DATABASE /*!32312 IF NOT EXISTS*/ `{sample_databases[0]}`" in dump.stdout
+    assert f"CREATE DATABASE /*!32312 IF NOT EXISTS*/ `{names[0]}`" in dump.stdout
     assert "CREATE DEFINER" in dump.stdout  # routines/triggers
     assert dump.stdout.rstrip().splitlines()[-1].startswith("-- Dump completed")
     # Users and grants in a dump of their own (--system=users --insert-ignore).

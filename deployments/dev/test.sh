@@ -3,6 +3,8 @@
 # unit tier first (`pytest -m unit`: seconds, no service, so a broken build fails fast), then
 # the rest (`-m "not unit"`), each test once. With pytest args, just what they select, once.
 #   sudo deployments/dev/test.sh [pytest args...]
+# UCB_TEST_SHARDS=2 (no pytest args; opt-in, to measure): the rest as two pytest sessions side
+# by side, the modules of each from tests/shards.txt.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
@@ -39,8 +41,76 @@ export MYPY_CACHE_DIR=${MYPY_CACHE_DIR:-/var/tmp/ucb-mypy-cache}
 # The 25 slowest tests in CI's log: where the suite's time goes (it is near its 20-minute budget).
 durations=()
 [ "${UCB_BENCH_SMOKE:-0}" != 1 ] || durations=(--durations=25)
+# Two sessions side by side. What each session does first with the shared services (start
+# them, drop leftover ucb_* databases) is done here once instead (conftest skips it under
+# UCB_SHARD): a session's drop would take databases the other one is using. Each has its own
+# basetemp and cache; B runs in a mount namespace of its own with an empty
+# /etc/undercloud-backup, where A's installers put keys and recipients every backup reads.
+run_shards() {
+  local work shard status=0 busy idle b i
+  local -A pid=()
+  work=$(mktemp -d /tmp/ucb-shards.XXXXXX)  # root's, 0700
+  mariadb --batch --skip-column-names -e "SELECT CONCAT('DROP DATABASE \`', schema_name, '\`;')
+    FROM information_schema.schemata WHERE schema_name LIKE 'ucb\\_%'" | mariadb
+  if [ -e /var/lib/ucb-fleet/fleet.json ]; then  # an interrupted run's fleet
+    bash deployments/dev/fleet.sh down >/dev/null
+  fi
+  mkdir -p -m 755 /etc/undercloud-backup
+  read -r _ busy idle < <(cpu_ticks)
+  # Each shard a job of its own (its own process group, SIGINT not ignored as it is for a
+  # background command without job control): an interrupt here is passed on to both.
+  set -m
+  trap 'kill -INT -- "-${pid[A]:-0}" "-${pid[B]:-0}" 2>/dev/null || true' INT TERM
+  for shard in A B; do
+    local modules=() isolate=()
+    mapfile -t modules < <(awk -v s="$shard" '$1 == s { print "tests/" $2 }' tests/shards.txt)
+    [ "$shard" = A ] || isolate=(unshare --mount --propagation private -- bash -c
+      'mount -t tmpfs -o mode=755,size=16m ucb-etc /etc/undercloud-backup && exec "$@"' -)
+    (
+      start=$SECONDS
+      status=0
+      UCB_SHARD=$shard "${isolate[@]}" "$VENV/bin/pytest" -q "${durations[@]}" -m "not unit" \
+        --basetemp="$work/$shard" -o cache_dir="$work/cache-$shard" "${modules[@]}" \
+        >"$work/$shard.log" 2>&1 || status=$?
+      # The user and system CPU of the session and of every process it waited for (not in a
+      # pipeline: a forked shell has no children's times).
+      times >"$work/$shard.times"
+      echo "[test] shard $shard: exit $status, $((SECONDS - start)) s wall," \
+        "CPU user and system $(tail -1 "$work/$shard.times")"
+      exit "$status"
+    ) >"$work/$shard.summary" &
+    pid[$shard]=$!
+  done
+  for shard in A B; do
+    wait "${pid[$shard]}" || status=1
+  done
+  wait  # after an interrupt, until both have ended
+  trap - INT TERM
+  set +m
+  read -r _ b i < <(cpu_ticks)
+  for shard in A B; do
+    echo "[test] ===== shard $shard =====" >&2
+    cat "$work/$shard.log"
+  done
+  cat "$work/A.summary" "$work/B.summary" >&2
+  echo "[test] both shards: $(( (b - busy) * 100 / (b - busy + i - idle) ))% of the machine's" \
+    "CPU busy meanwhile ($(nproc) CPUs)" >&2
+  rm -rf "$work"
+  return "$status"
+}
+
+# Busy and idle ticks of all CPUs since boot (/proc/stat): the machine's load while shards run.
+cpu_ticks() {
+  awk '$1 == "cpu" { print "cpu", $2 + $3 + $4 + $7 + $8 + $9, $5 + $6 }' /proc/stat
+}
+
 if [ $# -gt 0 ]; then
   "$VENV/bin/pytest" -q "${durations[@]}" "$@"
+elif [ "${UCB_TEST_SHARDS:-1}" = 2 ]; then
+  echo "[test] unit tier: pytest -m unit" >&2
+  "$VENV/bin/pytest" -q -m unit
+  echo "[test] the rest, as two shards side by side (tests/shards.txt)" >&2
+  run_shards
 else
   echo "[test] unit tier: pytest -m unit" >&2
   "$VENV/bin/pytest" -q -m unit
