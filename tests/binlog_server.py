@@ -14,23 +14,18 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from conftest import free_port
 
 from undercloud_backup.db import scratch
 
 BACKUP_GRANTS = ("SELECT, SHOW VIEW, TRIGGER, LOCK TABLES, EVENT, RELOAD, PROCESS, "
                  "SHOW DATABASES, BINLOG MONITOR, REPLICATION SLAVE")
 USER = "ucbbinlog"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class BinlogServer:
@@ -40,7 +35,7 @@ class BinlogServer:
         self.top = Path(tempfile.mkdtemp(prefix="ucb-binlog-server-", dir="/var/tmp"))
         self.top.chmod(0o755)
         self.server_id, self.binlog_format = server_id, binlog_format
-        self.port = _free_port()
+        self.port = free_port()
         self.socket = str(self.top / "mysqld.sock")
         self.password = secrets.token_hex(12)
         self.process: subprocess.Popen | None = None

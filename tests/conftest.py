@@ -39,14 +39,15 @@ PYTHON = sys.executable
 SHARD = "UCB_SHARD"  # set to the session's name when test.sh runs several side by side
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="ucb-test-prefect-")
-_PREFECT_PORT = _free_port()
+_PREFECT_PORT = free_port()
 PREFECT_API_URL = f"http://127.0.0.1:{_PREFECT_PORT}/api"
 os.environ.update(
     PREFECT_HOME=_PREFECT_HOME,
@@ -315,7 +316,13 @@ def container(os_env):
 
 def mariadb(sql: str) -> str:
     """Run SQL as root through the unix socket; return tab-separated output."""
-    result = subprocess.run(["mariadb", "--batch", "--skip-column-names"], input=sql,
+    return sql_on(None, sql)
+
+
+def sql_on(socket: str | None, sql: str) -> str:
+    """SQL as root through ``socket`` (None: the machine's MariaDB); tab-separated output."""
+    where = [f"--socket={socket}"] if socket else []
+    result = subprocess.run(["mariadb", *where, "--batch", "--skip-column-names"], input=sql,
                             capture_output=True, text=True, check=True)
     return result.stdout
 

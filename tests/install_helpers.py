@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from conftest import free_port
 from deploy_helpers import (
     API_USER,
     INSTALL,
@@ -124,14 +125,6 @@ def _state(pid: int) -> str:
             return stat_file.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "X"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

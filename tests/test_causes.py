@@ -303,14 +303,14 @@ def test_a_table_dropped_while_its_rows_are_counted_is_recorded_as_vanished(serv
         holder.close()
 
 
-def broken_view_left_out_by_name(schema: str, container: str,
+def broken_view_left_out_by_name(schema: str, container: str, mariadb: Callable[[str], str],
                                  backup: Callable[..., subprocess.CompletedProcess]) -> None:
     """The broken view's scenario, for a direct and a privileged run alike: ``backup(*args)``
-    runs a database-only backup to ``container``; ``schema`` is made here (the caller drops
-    it)."""
+    runs a database-only backup to ``container`` of the server ``mariadb(sql)`` talks to;
+    ``schema`` is made here (the caller drops it)."""
     import json
 
-    from conftest import mariadb, swift_store
+    from conftest import swift_store
 
     mariadb(f"CREATE DATABASE {schema}; CREATE TABLE {schema}.t (id INT); "
             f"INSERT INTO {schema}.t VALUES (1); CREATE TABLE {schema}.kept (id INT); "
@@ -347,7 +347,7 @@ def test_a_broken_view_can_be_left_out_by_name_and_the_run_says_so(os_env, db_cn
     common = ("--container", container, "--db-defaults-file", db_cnf, "--db-only",
               "--no-prune", "--task-retries", "0")
     try:
-        broken_view_left_out_by_name(schema, container,
+        broken_view_left_out_by_name(schema, container, mariadb,
                                      lambda *args: backup_in_process(*common, *args))
     finally:
         mariadb(f"DROP DATABASE IF EXISTS {schema}")

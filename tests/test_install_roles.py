@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import remove_container, swift_store
+from conftest import free_port, remove_container, swift_store
 from deploy_helpers import (
     INSTALL,
     NOSUDO,
@@ -39,7 +39,6 @@ from deploy_helpers import (
     revoke_traverse,
     scratch_dir,
 )
-from install_helpers import free_port
 from sample_undercloud import SampleSize, make_files
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="install.sh needs root")

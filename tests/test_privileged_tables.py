@@ -15,19 +15,18 @@ import uuid
 
 import pymysql
 import pytest
-from conftest import mariadb, remove_container
+from conftest import remove_container, sql_on
 from deploy_helpers import REPO, WORKER, as_user
 from test_causes import broken_view_left_out_by_name
 from test_privileged_plan import worker_backup
 from test_privileged_plan import worker_home as worker_home  # noqa: F401 - its fixture
-from test_sudo import MARIADB, PYTHON, load_wrapper, sudo
+from test_sudo import DB_SOCKET, MARIADB, PYTHON, load_wrapper, sudo
 from test_sudo import installed as installed  # noqa: F401 - the module's install fixture
 
 from undercloud_backup.backup.stages import table_records
 from undercloud_backup.db import binlog, privileged
 from undercloud_backup.db import dump as dbdump
 
-SOCKET = "/run/mysqld/mysqld.sock"
 MARKER = f"/var/tmp/ucb-tables-escalated-{uuid.uuid4().hex[:8]}"
 WRITTEN = f"/etc/ucb-tables-escalated-{uuid.uuid4().hex[:8]}"
 
@@ -38,8 +37,14 @@ def as_worker(script: str, timeout: float = 60) -> subprocess.CompletedProcess:
                    timeout=timeout)
 
 
+def mariadb(sql: str) -> str:
+    """SQL as root in the MariaDB the installed policy points the wrapper at (test_sudo's
+    private one: no other test session changes it meanwhile)."""
+    return sql_on(DB_SOCKET[0], sql)
+
+
 @pytest.fixture
-def schema():
+def schema(installed):  # noqa: F811
     name = f"ucb_privtab_{uuid.uuid4().hex[:8]}"
     yield name
     mariadb(f"DROP DATABASE IF EXISTS {name}")
@@ -163,7 +168,7 @@ def test_a_table_dropped_while_the_wrapper_counts_is_recorded_as_vanished(instal
     wrapper fail (ERROR 1146, exit 70) and the run with it. Now the row is marked vanished,
     the other tables are counted and checksummed as before, and the manifest's records say
     so as on a direct connection."""
-    holder = pymysql.connect(unix_socket=SOCKET, user="root", autocommit=True)
+    holder = pymysql.connect(unix_socket=DB_SOCKET[0], user="root", autocommit=True)
     try:
         with holder.cursor() as cursor:
             cursor.execute(f"CREATE DATABASE {schema}")
@@ -206,7 +211,7 @@ def test_a_broken_view_is_left_out_of_a_privileged_backup_by_name(installed,  # 
     --privileged before)."""
     container = f"ucbtest-{uuid.uuid4().hex[:10]}"
     try:
-        broken_view_left_out_by_name(schema, container, lambda *args: worker_backup(
+        broken_view_left_out_by_name(schema, container, mariadb, lambda *args: worker_backup(
             worker_home, "--db-only", "--container", container, *args))
     finally:
         remove_container(container)

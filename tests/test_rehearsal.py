@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pymysql
 import pytest
-from conftest import cli_in_process
+from conftest import cli_in_process, free_port
 from test_restore import make_backup, remove_container
 
 from undercloud_backup.db.scratch import ScratchServer, scratch_mariadb
@@ -34,12 +33,6 @@ from undercloud_backup.db.scratch import ScratchServer, scratch_mariadb
 KEYSTONE_WSGI = "/usr/bin/keystone-wsgi-public"
 REINSTALLED = {"etc/fstab": "UUID=new / xfs defaults 0 0\n", "etc/machine-id": "new-machine\n",
                "etc/hostname": "undercloud.example\n"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Keystone:
