@@ -265,11 +265,15 @@ def scratch_mariadb() -> Iterator[str]:
     """
     top = scratch_dir("ucb-mariadb-", 0o700)
     socket = str(top / "mysqld.sock")
+    # a tmpdir of its own: a starting server deletes every #sql* file of its tmpdir
+    (top / "tmp").mkdir(mode=0o700)
     subprocess.run(["mariadb-install-db", "--no-defaults", "--user=root",
                     f"--datadir={top / 'data'}", "--auth-root-authentication-method=socket",
-                    "--skip-test-db"], check=True, capture_output=True)
+                    "--skip-test-db", f"--tmpdir={top / 'tmp'}"], check=True,
+                   capture_output=True)
     server = subprocess.Popen(
         ["mariadbd", "--no-defaults", "--user=root", f"--datadir={top / 'data'}",
+         f"--tmpdir={top / 'tmp'}",
          f"--socket={socket}", "--skip-networking", f"--pid-file={top / 'mysqld.pid'}",
          "--innodb-buffer-pool-size=32M", f"--log-error={top / 'error.log'}"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

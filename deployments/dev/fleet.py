@@ -251,8 +251,8 @@ def start_mariadb(node: str, user: pwd.struct_passwd, home: Path, state: dict,
     subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={db / 'data'}",
                     "--auth-root-authentication-method=socket",
                     f"--auth-root-socket-user={user.pw_name}",
-                    "--skip-test-db", "--skip-name-resolve"], check=True, capture_output=True,
-                   **as_user)
+                    "--skip-test-db", "--skip-name-resolve", f"--tmpdir={db / 'tmp'}"],
+                   check=True, capture_output=True, **as_user)
     start(f"mariadb-{node}", ["/usr/sbin/mariadbd", "--no-defaults", f"--datadir={db / 'data'}",
                               f"--socket={sock}", f"--port={port}", "--bind-address=127.0.0.1",
                               f"--pid-file={db / 'mysqld.pid'}", f"--tmpdir={db / 'tmp'}",

@@ -63,9 +63,14 @@ def os_user() -> str:
 
 
 def install_command(datadir: str, user: str | None) -> Command:
+    """Initialise ``datadir``, with the server's own ``tmp`` beside it: a bootstrapping
+    server deletes every ``#sql*`` file of its tmpdir as it starts, so with the default /tmp
+    it would take the temporary tables of any other MariaDB using /tmp at that moment (two
+    scratch servers made at once failed with "Unknown table 'mysql.tmp_proxies_priv'")."""
+    tmpdir = os.path.join(os.path.dirname(datadir), "tmp")
     argv = [_tool("mariadb-install-db", "mysql_install_db"), "--no-defaults",
             f"--datadir={datadir}", "--auth-root-authentication-method=socket",
-            "--skip-test-db", "--skip-name-resolve"]
+            "--skip-test-db", "--skip-name-resolve", f"--tmpdir={tmpdir}"]
     if user:
         argv.append(f"--user={user}")
     else:  # not root: the second unix_socket account is us
