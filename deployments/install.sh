@@ -47,7 +47,9 @@
 #   UCB_USER [undercloud-backup]  UCB_API_USER [undercloud-backup-api] (the local server's user)
 #   UCB_GROUP [undercloud-backup] the worker's group, which the sudoers file /etc/sudoers.d/$UCB_GROUP
 #                         grants the wrappers
-#   UCB_ETC [/etc/undercloud-backup] (written $ETC here)  UCB_RUN_DIR [/run/undercloud-backup]
+#   UCB_ETC [/etc/undercloud-backup] (written $ETC here; the `privileged` step refuses another:
+#                         the root wrappers read their policy from the default only)
+#   UCB_RUN_DIR [/run/undercloud-backup]
 #   UCB_LOG_DIR [/var/log/undercloud-backup] (pid files and logs without systemd)
 #   UCB_HOST [127.0.0.1]  the address the local server listens on
 #   UCB_PREFIX [/opt/undercloud-backup]  UCB_APP [$UCB_PREFIX/app]
@@ -254,6 +256,9 @@ step_venv() {
 step_privileged() {
   [ "$UCB_ROLE" != server ] || die "privileged: a fleet's management host runs no backup, so it\
  gets no wrappers and no sudo rule"
+  # the wrappers run as root read their policy from this one path, whatever UCB_ETC says
+  [ "$ETC" = /etc/undercloud-backup ] || die "privileged: the wrappers read their policy from\
+ /etc/undercloud-backup/privileged.conf only; UCB_ETC=$ETC would leave it unread"
   command -v sudo >/dev/null || die "sudo is not installed (apt-get install sudo / dnf install sudo)"
   command -v visudo >/dev/null || die "visudo is missing (it comes with sudo)"
   check_group

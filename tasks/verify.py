@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.sources import SwiftSource
 from tasks.backup import RETRY_TRANSIENT
+from undercloud_backup.core.errors import BackupNotFound
 from undercloud_backup.core.manifest import Manifest, StoredObject
 from undercloud_backup.files import chain
 from undercloud_backup.restore import binlog as replaylog
@@ -62,8 +63,11 @@ def _binlog_links(store: SwiftStore, container: str, manifest: Manifest,
     verify replays their logs, so a forged link would be loaded as if it were the node's."""
     if manifest.mariadb is None or manifest.mariadb.kind != replaylog.BINLOG:
         return []
-    return replaylog.chain_to(manifest, lambda backup_id: reader.load_manifest(
-        store, container, backup_id, allowed_signers))[:-1]
+    try:
+        return replaylog.chain_to(manifest, lambda backup_id: reader.load_manifest(
+            store, container, backup_id, allowed_signers))[:-1]
+    except (replaylog.LogChainBroken, BackupNotFound):
+        return []  # a broken chain is the database check's problem to report, as unsigned
 
 
 @task(name="verify_archive", **_check)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -280,15 +281,8 @@ def test_a_table_dropped_while_its_rows_are_counted_is_recorded_as_vanished(serv
         counting = threading.Thread(target=lambda: found.append(
             connection.table_stats(reader, (schema,), checksums=True)))
         counting.start()
-        deadline = time.monotonic() + 30
         with holder.cursor() as cursor:
-            while time.monotonic() < deadline:  # the reader waits for b's lock
-                cursor.execute("SELECT COUNT(*) FROM information_schema.processlist WHERE "
-                               "state LIKE 'Waiting for table metadata lock' AND info LIKE "
-                               f"'%{schema}%'")
-                if cursor.fetchone()[0]:
-                    break
-                time.sleep(0.05)
+            waiting_for_lock(cursor, schema, time.monotonic() + 30)  # the reader, for b's
             cursor.execute(f"DROP TABLE {schema}.b")
             cursor.execute("UNLOCK TABLES")
         counting.join(30)
@@ -301,6 +295,19 @@ def test_a_table_dropped_while_its_rows_are_counted_is_recorded_as_vanished(serv
         with holder.cursor() as cursor:
             cursor.execute(f"DROP DATABASE IF EXISTS {schema}")
         holder.close()
+
+
+def waiting_for_lock(cursor, schema: str, deadline: float, user: str | None = None) -> None:
+    """Until a session (of ``user``'s) waits for a table lock in ``schema``."""
+    who = f"user = '{user}' AND " if user else ""
+    while time.monotonic() < deadline:
+        cursor.execute(f"SELECT COUNT(*) FROM information_schema.processlist WHERE {who}"
+                       "state LIKE 'Waiting for table metadata lock' AND info LIKE "
+                       f"'%{schema}%'")
+        if cursor.fetchone()[0]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no session waited for a table lock in {schema}")
 
 
 def broken_view_left_out_by_name(schema: str, container: str, mariadb: Callable[[str], str],

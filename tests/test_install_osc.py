@@ -1,7 +1,8 @@
-"""`UCB_OSC=1 install.sh venv` installs the project with its `osc` extra (`openstack undercloud
-backup`, which test_osc runs with the real client); without it, the project alone (the client is
-~30 packages a TripleO node already has). The venv's pip is a recorder here: a real install of
-the extra into a fresh venv is a minute of pip, and the extra itself is tested by test_osc."""
+"""install.sh's options. `UCB_OSC=1 install.sh venv` installs the project with its `osc`
+extra (`openstack undercloud backup`, which test_osc runs with the real client); without it,
+the project alone (the client is ~30 packages a TripleO node already has). The venv's pip is a
+recorder here: a real install of the extra into a fresh venv is a minute of pip. The
+`privileged` step refuses a UCB_ETC its root wrappers would not read."""
 
 from __future__ import annotations
 
@@ -40,3 +41,18 @@ def test_the_venv_step_installs_the_osc_extra_only_when_asked(recording_venv, tm
     assert done.returncode == 0, done.stdout + done.stderr
     argv = (recording_venv / "pip.argv").read_text().splitlines()
     assert argv[0] == "install" and argv[-1] == spec, argv
+
+
+def test_the_privileged_step_refuses_an_etc_its_wrappers_would_not_read(tmp_path):
+    """The root wrappers read their policy from /etc/undercloud-backup only: a privileged.conf
+    written to another UCB_ETC would be silently ignored, so the step refuses, writing nothing."""
+    etc = tmp_path / "etc"
+    sudoers = Path("/etc/sudoers.d/undercloud-backup")
+    before = sudoers.read_bytes() if sudoers.exists() else None
+    env = install_env(tmp_path, UCB_ETC=str(etc))
+    done = subprocess.run(["bash", str(INSTALL), "privileged"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"UCB_ETC={etc} would leave it unread" in done.stdout + done.stderr
+    assert not etc.exists()
+    assert (sudoers.read_bytes() if sudoers.exists() else None) == before

@@ -17,7 +17,7 @@ import pymysql
 import pytest
 from conftest import remove_container, sql_on
 from deploy_helpers import REPO, WORKER, as_user
-from test_causes import broken_view_left_out_by_name
+from test_causes import broken_view_left_out_by_name, waiting_for_lock
 from test_privileged_plan import worker_backup
 from test_privileged_plan import worker_home as worker_home  # noqa: F401 - its fixture
 from test_sudo import DB_SOCKET, MARIADB, PYTHON, load_wrapper, sudo
@@ -149,18 +149,6 @@ def test_the_worker_learns_what_each_excluded_name_is(installed, schema):  # noq
     assert "usage:" not in refused
 
 
-def _waiting_for(cursor, schema: str, deadline: float) -> None:
-    """Until a session of root's (the wrapper's client) waits for a table lock in ``schema``."""
-    while time.monotonic() < deadline:
-        cursor.execute("SELECT COUNT(*) FROM information_schema.processlist WHERE user = 'root'"
-                       " AND state LIKE 'Waiting for table metadata lock' AND info LIKE "
-                       f"'%{schema}%'")
-        if cursor.fetchone()[0]:
-            return
-        time.sleep(0.05)
-    raise AssertionError("the wrapper's count never waited for the locked table")
-
-
 def test_a_table_dropped_while_the_wrapper_counts_is_recorded_as_vanished(installed,  # noqa: F811
                                                                          schema):
     """The wrapper lists the tables, then counts each in one snapshot; one dropped in between
@@ -184,7 +172,7 @@ def test_a_table_dropped_while_the_wrapper_counts_is_recorded_as_vanished(instal
         counting = threading.Thread(target=lambda: result.append(as_worker(script)))
         counting.start()
         with holder.cursor() as cursor:
-            _waiting_for(cursor, schema, time.monotonic() + 30)
+            waiting_for_lock(cursor, schema, time.monotonic() + 30, user="root")
             cursor.execute(f"DROP TABLE {schema}.b")
             cursor.execute("UNLOCK TABLES")
         counting.join(60)

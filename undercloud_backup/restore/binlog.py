@@ -297,8 +297,9 @@ def prefetched(store, container: str, plan: ReplayPlan, *, timeout: float,
     raises what they raised. The files are removed on the way out, whatever happened."""
     directory = tempfile.mkdtemp(prefix="undercloud-replay-", dir=staging_dir)
     stop = threading.Event()
-    worker = store.clone() if plan.logs else None
+    worker = None
     try:
+        worker = store.clone() if plan.logs else None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="binlog-fetch") as pool:
             # in the caller's context: the identity that decrypts is a context variable
             future = pool.submit(contextvars.copy_context().run, _download_all, worker,
