@@ -37,7 +37,7 @@ from tasks.prune import apply_retention
 from undercloud_backup.backup import run as backup
 from undercloud_backup.backup import stages as stages_lib
 from undercloud_backup.backup.stages import Logger
-from undercloud_backup.core import progress
+from undercloud_backup.core import defaults, progress
 from undercloud_backup.core.errors import BackupError, ConfigError
 from undercloud_backup.core.manifest import Manifest, StoredObject
 from undercloud_backup.core.sizes import format_size
@@ -282,7 +282,8 @@ def _results(futures: list) -> list:
     return [future.result() for future in futures]
 
 
-def _download_links(swift_source: SwiftSource, manifest: Manifest, hours: float = 24) -> str:
+def _download_links(swift_source: SwiftSource, manifest: Manifest,
+                    hours: float = defaults.LINK_LIFETIME_HOURS) -> str:
     """The artifact's TempURLs, valid ``hours``, for an encrypted backup; for one in plain text
     how to download it with credentials. A failure costs the links, never the backup."""
     settings = swift_source.settings()
