@@ -449,14 +449,14 @@ def described(fn: Callable[..., object]) -> Callable[..., object]:
     return fn
 
 
-def _is_group(kind: object) -> bool:
+def _is_group(kind: object) -> typing.TypeGuard[type[_Group]]:
     return isinstance(kind, type) and issubclass(kind, _Group)
 
 
 def _scalar(kind: object) -> Callable[[str], object]:
     """argparse's type of ``int``, ``float | None``, ``str | None``..."""
     inner = [k for k in typing.get_args(kind) if k is not type(None)] or [kind]
-    return inner[0] if inner[0] in (int, float) else str  # type: ignore[return-value]
+    return int if inner[0] is int else float if inner[0] is float else str
 
 
 def add_flow_arguments(parser: argparse.ArgumentParser, parameters: list[Declared]) -> None:
@@ -464,7 +464,7 @@ def add_flow_arguments(parser: argparse.ArgumentParser, parameters: list[Declare
     sections: dict[str, argparse._ActionsContainer] = {"": parser}
     for d in parameters:
         if _is_group(d.kind):
-            add_arguments(parser, d.kind, role=d.param.role)  # type: ignore[arg-type]
+            add_arguments(parser, d.kind, role=d.param.role)
             continue
         flag = d.param.flag
         if flag is None:
@@ -492,7 +492,7 @@ def flow_arguments(args: argparse.Namespace, parameters: list[Declared]) -> dict
     values: dict[str, object] = {}
     for d in parameters:
         if _is_group(d.kind):
-            values[d.name] = from_args(args, d.kind)  # type: ignore[arg-type]
+            values[d.name] = from_args(args, d.kind)
         elif d.param.flag is not None:
             values[d.name] = getattr(args, d.name)
     return values
