@@ -167,13 +167,14 @@ class BackupRun(_Runs, command.ShowOne):
     def _here(self, parsed_args: argparse.Namespace, groups: dict[str, Any]) -> Outcome:
         from flows import backup, cli  # Prefect's: loaded when a command runs
 
-        def call() -> dict:
+        def call() -> backup.BackupSummary:
             with _login(self.app.client_manager, parsed_args.swift_block):
                 return backup.undercloud_backup(dry_run=parsed_args.dry_run, **groups)
 
-        summary, status = cli.run(PROG, call)
-        if summary is None:
+        result, status = cli.run(PROG, call)
+        if result is None:
             return Outcome(None, status)
+        summary = result.to_dict()  # the columns: the twin's --json keys
         shown = {key: summary.get(key) for key in BACKUP_KEYS}
         shown["warnings"] = summary.get("warnings") or []
         after = [f"WARNING: {summary['partial_database']}"] if summary.get(
