@@ -273,11 +273,13 @@ def _measure(count: int, database: str, args: argparse.Namespace, nodes: dict, o
         sampler.call(kind)
     idle, sampler.latency = sampler.latency, {"health": [], "filter": []}
     # The fan-out is the operator's client, on another machine in a real fleet: its own
-    # process, at the nodes' priority.
+    # process, at the nodes' priority (by nice(1), which execs it: the same pid, and no Python
+    # between fork and exec in this threaded process, as core/execute.py says).
+    niced = ["nice", "-n", str(args.nice)] if args.nice else []
     client = subprocess.Popen(
-        [sys.executable, __file__, "--fan-out", ",".join(nodes), "--max-parallel", str(parallel)],
-        env={**os.environ, **operator}, stdout=subprocess.PIPE,
-        preexec_fn=(lambda: os.nice(args.nice)) if args.nice else None)
+        [*niced, sys.executable, __file__, "--fan-out", ",".join(nodes),
+         "--max-parallel", str(parallel)],
+        env={**os.environ, **operator}, stdout=subprocess.PIPE)
     roots[client.pid] = "operator"
     yielder = Yielder({pid for pid, group in roots.items() if group in ("nodes", "operator")},
                       args.nice)

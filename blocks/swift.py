@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from undercloud_backup.core import defaults
 from undercloud_backup.core.sizes import parse_size
 from undercloud_backup.store import swift
 from undercloud_backup.store.connection import SwiftStore
@@ -37,13 +38,16 @@ class SwiftTarget(Block):
         None, description="Objects larger than this are uploaded as Static Large Objects of "
                           "segments this big (empty: chosen per stream, 64MiB or more so that "
                           "no object needs over 900 segments).")
-    retries: int = Field(5, description="Retries of one failed Swift request (5xx, 408, 429, "
-                                        "lost connection), with back-off or Retry-After.")
-    timeout: float = Field(60.0, description="Seconds one Swift request may wait for an "
-                                             "answer before it is retried.")
-    retry_budget_s: float = Field(120.0, description="Seconds within which a failed Swift "
-                                                     "request is retried; a dead Swift fails "
-                                                     "after this plus the timeout.")
+    retries: int = Field(defaults.SWIFT_RETRIES,
+                         description="Retries of one failed Swift request (5xx, 408, 429, "
+                                     "lost connection), with back-off or Retry-After.")
+    timeout: float = Field(defaults.SWIFT_TIMEOUT_S,
+                           description="Seconds one Swift request may wait for an answer "
+                                       "before it is retried.")
+    retry_budget_s: float = Field(defaults.SWIFT_RETRY_BUDGET_S,
+                                  description="Seconds within which a failed Swift request is "
+                                              "retried; a dead Swift fails after this plus the "
+                                              "timeout.")
 
     def settings(self) -> swift.SwiftSettings:
         """Plain settings for the uploader; secrets are only read here."""

@@ -37,7 +37,7 @@ from tasks.prune import apply_retention
 from undercloud_backup.backup import run as backup
 from undercloud_backup.backup import stages as stages_lib
 from undercloud_backup.backup.stages import Logger
-from undercloud_backup.core import progress
+from undercloud_backup.core import defaults, progress
 from undercloud_backup.core.errors import BackupError, ConfigError
 from undercloud_backup.core.manifest import Manifest, StoredObject
 from undercloud_backup.core.sizes import format_size
@@ -66,8 +66,9 @@ def _backup_identity() -> tuple[str, str]:
 
 @dataclass
 class BackupSummary:
-    """What a run did (or, dry, would do): the CLI prints it, the artifact shows it; a dict
-    (:meth:`to_dict`) only as the flow's result and the CLI's JSON."""
+    """What a run did (or, dry, would do): the flow's result, which the CLI prints and the
+    artifact shows; a dict (:meth:`to_dict`) only as JSON (the CLI's --json, the openstack
+    command's columns)."""
 
     backup_id: str
     container: str
@@ -93,7 +94,7 @@ class BackupSummary:
     database_kind: str | None = None
 
     def to_dict(self) -> dict:
-        """The flow's result: only the keys a run of this kind has always had."""
+        """As JSON: only the keys a run of this kind has always had."""
         data: dict = {"backup_id": self.backup_id, "container": self.container,
                       "manifest": self.manifest,
                       "objects": [o.to_dict() for o in self.objects], "dry_run": self.dry_run,
@@ -121,7 +122,7 @@ def undercloud_backup(
     swift: SwiftParams = SwiftParams(),  # noqa: B008
     retention: RetentionParams = RetentionParams(),  # noqa: B008
     advanced: AdvancedParams = AdvancedParams(),  # noqa: B008
-) -> dict | State:
+) -> BackupSummary | State:
     """Back up the undercloud's databases and files into Swift, manifest last.
 
     Args:
@@ -135,7 +136,7 @@ def undercloud_backup(
     run = _Run()
     with run.sessions:  # the run's Swift session, closed after any clean-up that needs it
         try:
-            return _backup(run, dry_run, what, database, swift, retention, advanced).to_dict()
+            return _backup(run, dry_run, what, database, swift, retention, advanced)
         except BackupError as error:
             if not cli.FROM_CLI:  # the UI's words: add_paths, not --add-path
                 error.args = (params.ui_language(str(error)),)
@@ -282,7 +283,8 @@ def _results(futures: list) -> list:
     return [future.result() for future in futures]
 
 
-def _download_links(swift_source: SwiftSource, manifest: Manifest, hours: float = 24) -> str:
+def _download_links(swift_source: SwiftSource, manifest: Manifest,
+                    hours: float = defaults.LINK_LIFETIME_HOURS) -> str:
     """The artifact's TempURLs, valid ``hours``, for an encrypted backup; for one in plain text
     how to download it with credentials. A failure costs the links, never the backup."""
     settings = swift_source.settings()
@@ -472,28 +474,28 @@ def main(argv: list[str] | None = None) -> int:
     if summary is None:
         return status
     if args.json:
-        print(json.dumps({**{k: summary[k] for k in
+        data = summary.to_dict()
+        print(json.dumps({**{k: data[k] for k in
                              ("backup_id", "container", "manifest", "objects", "dry_run",
                               "kind", "parent")},
-                          "pruned": summary.get("pruned"),
-                          "partial_database": summary.get("partial_database"),
-                          "database_kind": summary.get("database_kind"),
-                          "warnings": summary.get("warnings") or [],
+                          "pruned": data.get("pruned"),
+                          "partial_database": data.get("partial_database"),
+                          "database_kind": data.get("database_kind"),
+                          "warnings": data.get("warnings") or [],
                           # a dry run's plan: what would be archived, and the space check
-                          **({k: summary.get(k) for k in ("paths", "absent", "space")}
+                          **({k: data.get(k) for k in ("paths", "absent", "space")}
                              if args.dry_run else {})}))
-    elif summary["manifest"]:
-        kind = summary["kind"] if not summary["parent"] else \
-            f"incremental on {summary['parent']}"
-        print(f"backup {summary['backup_id']} ({kind}) complete: "
-              f"{summary['container']}/{summary['manifest']}")
-        if summary.get("partial_database"):  # loudly, last, with the logs
+    elif summary.manifest:
+        kind = summary.kind if not summary.parent else f"incremental on {summary.parent}"
+        print(f"backup {summary.backup_id} ({kind}) complete: "
+              f"{summary.container}/{summary.manifest}")
+        if summary.partial_database:  # loudly, last, with the logs
             sys.stdout.flush()
-            print(f"WARNING: {summary['partial_database']}", file=sys.stderr)
+            print(f"WARNING: {summary.partial_database}", file=sys.stderr)
     else:
-        print(f"dry run: backup {summary['backup_id']} would go to {summary['container']}")
+        print(f"dry run: backup {summary.backup_id} would go to {summary.container}")
     sys.stdout.flush()
-    for warning in summary.get("warnings") or []:  # last, whatever the output's form
+    for warning in summary.warnings:  # last, whatever the output's form
         print(f"WARNING: {warning}", file=sys.stderr)
     return 0
 

@@ -107,9 +107,10 @@ class WhatToBackUp(_Group):
                                           "when an incremental would do, and dump the "
                                           "databases in full rather than ship the binary log.")
     full_every: str = Field(
-        "7d", description="Files: take an incremental (only what changed since this host's "
-                          "previous backup) while the chain's full is younger than this, e.g. "
-                          "7d, 36h; then a full. 0: every backup is a full.")
+        defaults.FULL_EVERY,
+        description="Files: take an incremental (only what changed since this host's previous "
+                    "backup) while the chain's full is younger than this, e.g. 7d, 36h; then a "
+                    "full. 0: every backup is a full.")
 
     @field_validator("full_every")
     @classmethod
@@ -169,16 +170,19 @@ class SwiftParams(_Group):
                           "per stream from its estimated size: 64MiB, more for a stream that "
                           "would need over 900 segments).")
     swift_retries: int | None = Field(
-        None, ge=0, description="Retries of one Swift request before a stage fails (default 5).")
+        None, ge=0, description="Retries of one Swift request before a stage fails "
+                                f"(default {defaults.SWIFT_RETRIES}).")
     swift_timeout: float | None = Field(
         None, gt=0, description="Seconds one Swift request may wait for an answer before it "
-                                "is retried (default 60).")
+                                f"is retried (default {defaults.SWIFT_TIMEOUT_S:g}).")
     swift_retry_budget: float | None = Field(
         None, ge=0, description="Seconds one Swift request may spend retrying: a dead Swift "
-                                "fails after about this plus the timeout (default 120).")
+                                "fails after about this plus the timeout (default "
+                                f"{defaults.SWIFT_RETRY_BUDGET_S:g}).")
     link_lifetime_hours: float = Field(
-        24, gt=0, le=366 * 24, description="Hours the download links (Swift TempURLs) in the "
-                                           "run's artifact work, e.g. 0.5 or 168 (default 24).")
+        defaults.LINK_LIFETIME_HOURS, gt=0, le=366 * 24,
+        description="Hours the download links (Swift TempURLs) in the run's artifact work, "
+                    f"e.g. 0.5 or 168 (default {defaults.LINK_LIFETIME_HOURS:g}).")
 
     @field_validator("segment_size")
     @classmethod
@@ -219,9 +223,10 @@ class AdvancedParams(_Group):
         False, description="Back up what the database account can see even when its grants "
                            "leave something out (a database, triggers, views); the run warns "
                            "and the manifest records the grants. Off: such a run fails first.")
-    compression_level: int = Field(3, ge=1, le=19, description="zstd level (1-19) of both "
-                                   "streams; 3 is the zstd default, 1 takes about half the CPU "
-                                   "for 10-20 % more bytes on text.")
+    compression_level: int = Field(defaults.COMPRESSION_LEVEL, ge=1, le=19,
+                                   description="zstd level (1-19) of both streams; 3 is the "
+                                   "zstd default, 1 takes about half the CPU for 10-20 % more "
+                                   "bytes on text.")
     table_checksums: bool = Field(True, description="Record CHECKSUM TABLE of every table "
                                   "besides its row count, read while the dump runs (on a "
                                   "second connection, a third watches the dump's lock "
@@ -444,14 +449,14 @@ def described(fn: Callable[..., object]) -> Callable[..., object]:
     return fn
 
 
-def _is_group(kind: object) -> bool:
+def _is_group(kind: object) -> typing.TypeGuard[type[_Group]]:
     return isinstance(kind, type) and issubclass(kind, _Group)
 
 
 def _scalar(kind: object) -> Callable[[str], object]:
     """argparse's type of ``int``, ``float | None``, ``str | None``..."""
     inner = [k for k in typing.get_args(kind) if k is not type(None)] or [kind]
-    return inner[0] if inner[0] in (int, float) else str  # type: ignore[return-value]
+    return int if inner[0] is int else float if inner[0] is float else str
 
 
 def add_flow_arguments(parser: argparse.ArgumentParser, parameters: list[Declared]) -> None:
@@ -459,7 +464,7 @@ def add_flow_arguments(parser: argparse.ArgumentParser, parameters: list[Declare
     sections: dict[str, argparse._ActionsContainer] = {"": parser}
     for d in parameters:
         if _is_group(d.kind):
-            add_arguments(parser, d.kind, role=d.param.role)  # type: ignore[arg-type]
+            add_arguments(parser, d.kind, role=d.param.role)
             continue
         flag = d.param.flag
         if flag is None:
@@ -487,7 +492,7 @@ def flow_arguments(args: argparse.Namespace, parameters: list[Declared]) -> dict
     values: dict[str, object] = {}
     for d in parameters:
         if _is_group(d.kind):
-            values[d.name] = from_args(args, d.kind)  # type: ignore[arg-type]
+            values[d.name] = from_args(args, d.kind)
         elif d.param.flag is not None:
             values[d.name] = getattr(args, d.name)
     return values

@@ -218,17 +218,17 @@ def test_run_name_artifact_and_summary(os_env, db_cnf, small_root, container):
     summary = undercloud_backup(**grouped(root=str(small_root), container=container,
                                           db_defaults_file=db_cnf,
                                           exclude_paths=["/etc/keystone"]))
-    assert summary["manifest"].startswith(summary["backup_id"])
+    assert summary.manifest.startswith(summary.backup_id)
     with get_client(sync_client=True) as client:
         artifact = client.read_latest_artifacts()
         ours = [a for a in artifact if a.key == "undercloud-backup"]
-        assert ours and summary["backup_id"] in ours[0].data
+        assert ours and summary.backup_id in ours[0].data
         assert "zstd -dc" in ours[0].data
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[ours[0].flow_run_id])))
     host = socket.gethostname()
     assert runs[0].name.startswith(f"backup-{host}-2")
-    manifest = catalogue.get_manifest(store(), container, summary["backup_id"])
+    manifest = catalogue.get_manifest(store(), container, summary.backup_id)
     assert manifest.paths.excluded == ["/etc/keystone"]
     assert manifest.paths.included == ["/etc", "/home/stack"]
     assert manifest.paths.absent == ["/root", "/srv/node", "/var/lib/glance/images"]
@@ -258,8 +258,8 @@ def test_retrying_a_failed_flow_run_reuses_completed_stages(os_env, db_cnf, smal
     summary = flow_with_retry(**grouped(root=str(small_root), container=container,
                                         db_defaults_file=db_cnf, task_retries=0))
     assert calls == {"dump": 1, "archive": 1, "manifest": 2}
-    assert catalogue.list_backups(store(), container)[-1].backup_id == summary["backup_id"]
-    manifest = catalogue.get_manifest(store(), container, summary["backup_id"])
+    assert catalogue.list_backups(store(), container)[-1].backup_id == summary.backup_id
+    manifest = catalogue.get_manifest(store(), container, summary.backup_id)
     # the reused (persisted, JSON) stage results came back typed and whole
     assert [o.leaf for o in manifest.objects] == [DB_OBJECT, USERS_OBJECT, SNAPSHOT_OBJECT,
                                                   FS_OBJECT]
@@ -280,11 +280,11 @@ def test_prune_after_a_successful_backup_keeps_the_policy(os_env, db_cnf, small_
     second = undercloud_backup(**grouped(root=str(small_root), container=container,
                                          db_defaults_file=db_cnf, db_only=True, keep_last=1,
                                          keep_daily=0, keep_weekly=0))
-    assert second["pruned"] == [first["backup_id"]]
+    assert second.pruned == [first.backup_id]
     assert [b.backup_id for b in catalogue.list_backups(store(), container)] == [
-        second["backup_id"]]
+        second.backup_id]
     objects = store().list(container)
-    assert not [o["name"] for o in objects if o["name"].startswith(first["backup_id"])]
+    assert not [o["name"] for o in objects if o["name"].startswith(first.backup_id)]
 
 
 @pytest.mark.unit

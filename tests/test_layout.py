@@ -14,7 +14,7 @@ from conftest import REPO
 
 pytestmark = pytest.mark.unit
 
-PROJECT = ("undercloud_backup", "flows", "tasks", "blocks")
+PROJECT = ("undercloud_backup", "undercloud_backup_osc", "flows", "tasks", "blocks")
 
 
 def _inner_imports(path: Path) -> list[tuple[int, str, bool]]:

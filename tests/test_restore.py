@@ -220,7 +220,7 @@ def test_a_segment_damaged_on_its_way_into_swift_is_caught_before_restore_uses_i
                                           db_socket=private_mariadb.socket, db_user="root",
                                           segment_size="1MiB", prune=False))
     monkeypatch.undo()
-    segment = archive_of(get_manifest(container, summary["backup_id"])).segments[1]
+    segment = archive_of(get_manifest(container, summary.backup_id)).segments[1]
 
     checked = cli("verify", "--container", container, "--skip-database", "--json")
     assert checked.returncode == verify.VerificationFailed.exit_code, checked.stderr

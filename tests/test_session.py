@@ -88,8 +88,8 @@ def test_a_backup_logs_in_once_puts_each_container_once_and_closes_every_store(
         summary = undercloud_backup(**grouped(
             root=str(root), container=container, db_defaults_file=db_cnf,
             segment_size="1MiB", recipients_file=recipients, keep_last=5))
-        assert summary["manifest"], summary
-        assert summary["kind"] == ("full" if run == 1 else "incremental")
+        assert summary.manifest, summary
+        assert summary.kind == ("full" if run == 1 else "incremental")
         assert len(logins) == 1, (run, logins)
         assert container_puts(swift_proxy) == {container: 1, f"{container}_segments": 1}, run
         assert [s for s in opened if not s.closed] == [], run

@@ -67,6 +67,8 @@ def _theirs(dist: str, entry: metadata.EntryPoint) -> type:
 
 
 def _ours(dists: list[str]) -> type:
+    # Only when the bare name is ours: the other distribution's command, when it is the one
+    # chosen, runs without our commands' imports.
     from undercloud_backup_osc.commands import BackupRun
 
     if not dists:

@@ -22,6 +22,10 @@ from typing import Any
 from cliff import columns
 from osc_lib.command import command
 
+from undercloud_backup.core.errors import BackupError, ConfigError
+from undercloud_backup_osc import auth, deployed
+from undercloud_backup_osc.deployed import DEFAULT_DEPLOYMENT
+
 PROG = "openstack undercloud backup"
 BACKUP_KEYS = ("backup_id", "container", "manifest", "objects", "dry_run", "kind", "parent",
                "pruned", "partial_database", "warnings")
@@ -66,7 +70,7 @@ def _prepare_process() -> None:
     """What ``python -m flows.*`` does first (flows.cli.entry_point): no telemetry, SIGTERM
     an exception (so a run's clean-up runs), SIGINT a KeyboardInterrupt."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows import cli
+    from flows import cli  # Prefect's: loaded when a command runs, after the setting above
 
     signal.signal(signal.SIGTERM, cli._sigterm_as_exception)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -78,16 +82,13 @@ def _login(client_manager: Any, swift_block: str | None) -> Iterator[None]:
     if swift_block:
         yield
         return
-    from undercloud_backup.config import provided_swift
-    from undercloud_backup_osc import auth
+    from undercloud_backup.config import provided_swift  # pymysql's: when a command runs
 
     with provided_swift(auth.swift_settings(client_manager)):
         yield
 
 
 def _print_error(prog: str, error: Exception) -> int:
-    from undercloud_backup.core.errors import BackupError
-
     print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
     return error.exit_code if isinstance(error, BackupError) else 1
 
@@ -135,8 +136,7 @@ class BackupRun(_Runs, command.ShowOne):
     """
 
     def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
-        from flows import params
-        from undercloud_backup_osc.deployed import DEFAULT_DEPLOYMENT
+        from flows import params  # Prefect's: loaded when a command runs
 
         parser = super().get_parser(prog_name)
         parser.add_argument("--dry-run", action="store_true",
@@ -152,8 +152,7 @@ class BackupRun(_Runs, command.ShowOne):
         return parser
 
     def act(self, parsed_args: argparse.Namespace) -> Outcome:
-        from flows import params
-        from undercloud_backup.core.errors import ConfigError
+        from flows import params  # Prefect's: loaded when a command runs
 
         prog = PROG
         try:  # a value out of range: one line, as the twin's
@@ -166,16 +165,16 @@ class BackupRun(_Runs, command.ShowOne):
         return self._here(parsed_args, groups)
 
     def _here(self, parsed_args: argparse.Namespace, groups: dict[str, Any]) -> Outcome:
-        from flows import cli
-        from flows.backup import undercloud_backup
+        from flows import backup, cli  # Prefect's: loaded when a command runs
 
-        def call() -> dict:
+        def call() -> backup.BackupSummary:
             with _login(self.app.client_manager, parsed_args.swift_block):
-                return undercloud_backup(dry_run=parsed_args.dry_run, **groups)
+                return backup.undercloud_backup(dry_run=parsed_args.dry_run, **groups)
 
-        summary, status = cli.run(PROG, call)
-        if summary is None:
+        result, status = cli.run(PROG, call)
+        if result is None:
             return Outcome(None, status)
+        summary = result.to_dict()  # the columns: the twin's --json keys
         shown = {key: summary.get(key) for key in BACKUP_KEYS}
         shown["warnings"] = summary.get("warnings") or []
         after = [f"WARNING: {summary['partial_database']}"] if summary.get(
@@ -190,9 +189,7 @@ class BackupRun(_Runs, command.ShowOne):
             temporary_settings,
         )
 
-        from flows import cli
-        from undercloud_backup.core.errors import ConfigError
-        from undercloud_backup_osc import deployed
+        from flows import cli  # Prefect's: loaded when a command runs
 
         try:
             found = deployed.server_settings(dict(os.environ))
@@ -226,10 +223,10 @@ class BackupList(_Runs, command.Lister):
         return parser
 
     def act(self, parsed_args: argparse.Namespace) -> Outcome:
-        from blocks.sources import SwiftSource
-        from flows import cli
-        from undercloud_backup.store import catalogue
-        from undercloud_backup.store import session as swift_session
+        from blocks.sources import SwiftSource  # Prefect's: loaded when a command runs
+        from flows import cli  # Prefect's, likewise
+        from undercloud_backup.store import catalogue  # swiftclient's, likewise
+        from undercloud_backup.store import session as swift_session  # swiftclient's, likewise
 
         def call() -> list[dict]:
             with _login(self.app.client_manager, parsed_args.swift_block):
@@ -263,7 +260,7 @@ class _FlatFlow(_Runs, command.ShowOne):
         return getattr(module, self.flow_function), module.PARAMETERS
 
     def get_parser(self, prog_name: str) -> argparse.ArgumentParser:
-        from flows import params
+        from flows import params  # Prefect's: loaded when a command runs
 
         parser = super().get_parser(prog_name)
         params.add_flow_arguments(parser, self._flow()[1])
@@ -272,7 +269,7 @@ class _FlatFlow(_Runs, command.ShowOne):
     def call(self, parsed_args: argparse.Namespace,
              on_backup_error: Callable[[Exception], None] | None = None,
              interrupted: str = "") -> tuple[Any, int]:
-        from flows import cli, params
+        from flows import cli, params  # Prefect's: loaded when a command runs
 
         flow, parameters = self._flow()
 

@@ -105,7 +105,7 @@ def error_status(message: str) -> tuple[int, str]:
     """The exit status and line of a failed run from its state message: its error's, when
     the run ended with one of ours."""
     from flows import backup  # noqa: F401 - every error class of a backup is defined
-    from flows.params import ui_language
+    from flows.params import ui_language  # Prefect's: loaded when a command runs
 
     errors: list[type[BackupError]] = []
     pending: list[type[BackupError]] = [BackupError]
@@ -142,7 +142,7 @@ async def trigger_and_follow(name: str, changed: dict[str, dict[str, object]],
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
-    from flows import fleet
+    from flows import fleet  # Prefect's too, as the imports above
 
     url = PREFECT_API_URL.value()
     started = time.monotonic()

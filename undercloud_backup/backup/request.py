@@ -32,7 +32,7 @@ class BackupRequest:
     allow_unreadable: bool = False
     # Back up what a database account can see when it cannot see everything (warned, recorded).
     allow_partial_database: bool = False
-    compression_level: int = 3
+    compression_level: int = defaults.COMPRESSION_LEVEL
     # CHECKSUM TABLE of every table besides its row count (verify compares both).
     table_checksums: bool = True
     dump_timeout_s: float = 6 * 3600
@@ -54,7 +54,7 @@ class BackupRequest:
     # Force a level-0 full; otherwise an incremental against this host's newest
     # complete backup while its chain's full is younger than full_every_s (0: always full).
     full: bool = False
-    full_every_s: float = 7 * 86400
+    full_every_s: float = defaults.FULL_EVERY_DAYS * 86400
     # Only the binary log since the last backup (no files); refused when it cannot be shipped.
     binlogs_only: bool = False
 

@@ -20,3 +20,20 @@ VERIFY_TIMEOUT_HOURS = 6.0
 
 # Retries of a stage or a check after a transient failure (Swift or the database down).
 TASK_RETRIES = 2
+
+# How long Swift may take (store.RetryPolicy): a failed request is tried again up to
+# SWIFT_RETRIES times while SWIFT_RETRY_BUDGET_S lasts; each attempt waits at most
+# SWIFT_TIMEOUT_S for a byte.
+SWIFT_RETRIES = 5
+SWIFT_TIMEOUT_S = 60.0
+SWIFT_RETRY_BUDGET_S = 120.0
+
+# zstd level of both streams, the dump and the archive (zstd's own default).
+COMPRESSION_LEVEL = 3
+
+# Hours the download links (Swift TempURLs) in a backup's artifact work.
+LINK_LIFETIME_HOURS = 24
+
+# Files: an incremental while the chain's full is younger than this, then a full.
+FULL_EVERY_DAYS = 7
+FULL_EVERY = f"{FULL_EVERY_DAYS}d"

@@ -38,7 +38,6 @@ from undercloud_backup.trust import crypto, signing
 
 Logger = logging.Logger | logging.LoggerAdapter
 
-DEFAULT_FULL_EVERY = "7d"
 # A parent dated more than this after our own clock: the clock went backwards.
 CLOCK_SLACK = dt.timedelta(minutes=5)
 # How many of this host's newest backups are looked at for a parent.

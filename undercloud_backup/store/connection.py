@@ -488,6 +488,8 @@ class AuthOutage(SwiftRequestFailed):
 
     exit_code = 30  # after the budget: the credentials stayed refused
 
+    # Read only, as SwiftRequestFailed's: mypy has no way to let a read-only property
+    # override BackupError's plain class attribute, hence the ignore.
     @property
     def retryable(self) -> bool:  # type: ignore[override]
         return True

@@ -22,6 +22,7 @@ import urllib3
 from keystoneauth1 import exceptions as ks_exceptions
 from swiftclient.exceptions import ClientException
 
+from undercloud_backup.core import defaults
 from undercloud_backup.core.errors import (
     BackupError,
     NotFound,
@@ -43,8 +44,8 @@ _CONNECTION_ERRORS = (requests.exceptions.RequestException, urllib3.exceptions.H
 class RetryPolicy:
     """How often and how long one request is tried; see the module docstring."""
 
-    retries: int = 5
-    budget_s: float = 120.0
+    retries: int = defaults.SWIFT_RETRIES
+    budget_s: float = defaults.SWIFT_RETRY_BUDGET_S
     first_backoff_s: float = 1.0
     max_backoff_s: float = 16.0
 

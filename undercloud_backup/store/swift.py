@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from undercloud_backup.core import defaults
 from undercloud_backup.core.errors import ConfigError
 
 READ_CHUNK = 1024 * 1024
@@ -68,9 +69,9 @@ class SwiftSettings:
     # to ``retries`` times while ``retry_budget_s`` lasts. A dead Swift fails a request after
     # at most retry_budget_s + timeout (+ 10) s: 190 s by default; a stall shorter than
     # ``timeout`` is waited out, a longer one (but not a dead Swift) is retried.
-    retries: int = 5
-    timeout: float = 60.0
-    retry_budget_s: float = 120.0
+    retries: int = defaults.SWIFT_RETRIES
+    timeout: float = defaults.SWIFT_TIMEOUT_S
+    retry_budget_s: float = defaults.SWIFT_RETRY_BUDGET_S
     # A keystoneauth session the caller has already set up (the `openstack` client's, with
     # whatever authentication it was given): used instead of a login from the fields above,
     # so no secret of it ever reaches these settings. Never closed by a store or session.

@@ -31,12 +31,13 @@ from typing import Protocol
 
 from swiftclient.utils import generate_temp_url
 
+from undercloud_backup.core import defaults
 from undercloud_backup.core.errors import ConfigError, SwiftRequestFailed
 from undercloud_backup.core.manifest import Manifest
 from undercloud_backup.store.connection import info_url
 from undercloud_backup.trust import crypto
 
-DEFAULT_LIFETIME = 24 * 3600
+DEFAULT_LIFETIME = defaults.LINK_LIFETIME_HOURS * 3600
 MAX_LIFETIME = 366 * 24 * 3600
 # Strongest first; sha1 is deprecated in Swift and only used when nothing else is allowed.
 DIGESTS = ("sha256", "sha512", "sha1")
