@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "options.md"
 
@@ -38,11 +40,11 @@ is what applies when the option is not given. The backup's form, section by sect
 """
 
 
-def _form_fields(flow: object) -> dict[str, str]:
+def _form_fields(flow: Callable[..., Any]) -> dict[str, str]:
     """The flow's form parameters by field name: ``name`` or ``section.name`` for a group's."""
     from prefect.utilities.callables import parameter_schema
 
-    schema = parameter_schema(flow).model_dump()  # type: ignore[arg-type]
+    schema = parameter_schema(flow).model_dump()
     fields: dict[str, str] = {}
     for name, prop in schema["properties"].items():
         ref = prop.get("$ref") or (prop.get("allOf") or [{}])[0].get("$ref")
@@ -82,7 +84,8 @@ def flow_table(name: str) -> str:
             "| section | option | parameter | default | what it does |",
             "|---|---|---|---|---|"]
     for group in parser._action_groups:
-        section = "general" if group.title in ("options", "optional arguments") else group.title
+        title = group.title or "options"
+        section = "general" if title in ("options", "optional arguments") else title
         for action in group._group_actions:
             if isinstance(action, argparse._HelpAction):
                 continue

@@ -17,6 +17,7 @@ import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from unittest import mock
 
 import pytest
 from conftest import REPO
@@ -137,14 +138,12 @@ def parse(module: ModuleType, args: list[str]) -> str:
             else:  # a CLI whose parser lives in its main(): stop it as soon as it has parsed
                 original = argparse.ArgumentParser.parse_args
 
-                def parse_only(self, argv=None, namespace=None):  # type: ignore[no-untyped-def]
+                def parse_only(self: argparse.ArgumentParser, argv: list[str] | None = None,
+                               namespace: argparse.Namespace | None = None) -> None:
                     raise _Parsed(original(self, filled(self, argv or []), namespace))
 
-                argparse.ArgumentParser.parse_args = parse_only  # type: ignore[method-assign]
-                try:
+                with mock.patch.object(argparse.ArgumentParser, "parse_args", parse_only):
                     module.main(args)
-                finally:
-                    argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
         except _Parsed:
             pass
         except SystemExit as stop:
