@@ -316,10 +316,10 @@ def test_retention_keeps_every_link_a_kept_shipped_log_needs(source, target, dat
 
 
 def by_hand_block() -> str:
-    """The bash block of docs/restore.md marked ``by-hand-binlog``, as written there."""
-    text = (REPO / "docs/restore.md").read_text()
+    """The bash block of docs/by-hand.md marked ``by-hand-binlog``, as written there."""
+    text = (REPO / "docs/by-hand.md").read_text()
     found = re.search(r"<!-- by-hand-binlog -->\n```bash\n(.*?)```", text, re.S)
-    assert found, "docs/restore.md lost its by-hand binary-log block"
+    assert found, "docs/by-hand.md lost its by-hand binary-log block"
     return found.group(1)
 
 

@@ -354,7 +354,7 @@ def check_installed_signing_key(install: FullInstall) -> None:
 
 def check_signed_by_hand(conn: swiftclient.Connection, container: str, backup_id: str) -> None:
     """The manifest and SHA256SUMS verify with ssh-keygen and the installed allowed_signers,
-    as an ordinary user checks them by hand (docs/restore.md)."""
+    as an ordinary user checks them by hand (docs/by-hand.md)."""
     where = scratch_dir("ucb-signed-")
     try:
         for leaf in ("manifest.json", "SHA256SUMS"):

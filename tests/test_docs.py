@@ -72,3 +72,30 @@ def test_every_exit_status_the_code_can_return_is_documented():
     missing = {code: names for code, names in _exit_statuses_in_code().items()
                if code not in documented}
     assert missing == {}
+
+
+def _anchors(text: str) -> set[str]:
+    """The anchors GitHub makes of a page's headings: lower case, punctuation dropped, spaces
+    made hyphens (a repeated heading gets -1, -2...)."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)  # a '# comment' is no heading
+    found: set[str] = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        number, unique = 0, slug
+        while unique in found:
+            number += 1
+            unique = f"{slug}-{number}"
+        found.add(unique)
+    return found
+
+
+def test_every_anchor_a_link_names_is_a_heading_of_its_page():
+    broken = []
+    for doc in DOCS:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", doc.read_text()):
+            page = (doc.parent / target) if target else doc
+            if "://" in target or page.suffix != ".md":
+                continue
+            if anchor not in _anchors(page.read_text()):
+                broken.append(f"{doc.relative_to(REPO)}: {target}#{anchor}")
+    assert broken == []

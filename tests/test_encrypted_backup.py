@@ -1,4 +1,4 @@
-"""An encrypted, signed backup in real Swift, restored by hand exactly as docs/restore.md says.
+"""An encrypted, signed backup in real Swift, restored by hand exactly as docs/by-hand.md says.
 
 The operator's procedure uses swift, ssh-keygen -Y verify, sha256sum -c, age -d, zstd -d, tar
 and mariadb only; the test runs the documented block verbatim, then shows that a Swift-side
@@ -27,10 +27,10 @@ PRINCIPAL = "undercloud@node"
 
 
 def by_hand_block() -> str:
-    """The bash block of docs/restore.md marked ``by-hand-encrypted``, as written there."""
-    text = (REPO / "docs/restore.md").read_text()
+    """The bash block of docs/by-hand.md marked ``by-hand-encrypted``, as written there."""
+    text = (REPO / "docs/by-hand.md").read_text()
     found = re.search(r"<!-- by-hand-encrypted -->\n```bash\n(.*?)```", text, re.S)
-    assert found, "docs/restore.md lost its by-hand block"
+    assert found, "docs/by-hand.md lost its by-hand block"
     return found.group(1)
 
 

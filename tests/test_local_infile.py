@@ -108,8 +108,8 @@ def test_verify_test_restore_of_a_dump_asking_for_local_files_sends_none(host_se
 
 
 def documented_loads() -> list[str]:
-    """Every command of docs/restore.md that pipes a dump into the client."""
-    text = (REPO / "docs/restore.md").read_text()
+    """Every command of docs/restore.md and docs/by-hand.md that pipes a dump into the client."""
+    text = "".join((REPO / "docs" / page).read_text() for page in ("restore.md", "by-hand.md"))
     return re.findall(r"^.*\| mariadb .*$", text, re.M)
 
 

@@ -297,10 +297,10 @@ def test_the_listing_check_is_one_pure_function_of_the_levels():
 
 # ------------------------------------------------------------------------------ by hand
 def by_hand_block() -> str:
-    """The bash block of docs/restore.md marked ``by-hand-incremental``, as written there."""
-    text = (REPO / "docs/restore.md").read_text()
+    """The bash block of docs/by-hand.md marked ``by-hand-incremental``, as written there."""
+    text = (REPO / "docs/by-hand.md").read_text()
     found = re.search(r"<!-- by-hand-incremental -->\n```bash\n(.*?)```", text, re.S)
-    assert found, "docs/restore.md lost its by-hand incremental block"
+    assert found, "docs/by-hand.md lost its by-hand incremental block"
     return found.group(1)
 
 

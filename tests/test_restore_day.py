@@ -1,7 +1,7 @@
 """The restore day: a reinstalled node keeps its identity,
 requested paths are checked before anything is written, a fresh MariaDB's empty databases do
 not stop the restore, a named target can be entered, and the manual procedure of
-docs/restore.md works with the stock client."""
+docs/by-hand.md works with the stock client."""
 
 from __future__ import annotations
 
@@ -195,7 +195,7 @@ def test_over_a_fresh_server_empty_databases_are_replaced_and_others_left_alone(
 
 @pytest.mark.slow
 def test_the_manual_procedure_works_with_the_stock_client(services_backup, tmp_path):
-    """docs/restore.md, without this tool: everything with ``| mariadb`` (then the users
+    """docs/by-hand.md, without this tool: everything with ``| mariadb`` (then the users
     object), one database with ``| mariadb --one-database NAME``."""
     backup, (first, second, _) = services_backup
     backup_id = backup["backup_id"]
