@@ -381,12 +381,12 @@ def _kind_text(manifest: Manifest) -> str:
 def _by_hand_text(container: str, backup_id: str, manifest: Manifest) -> str:
     """The artifact's restore without the tool: one download and tar per level of a chain."""
     if manifest.kind != "incremental":
-        return ("Restore without this tool (docs/restore.md): "
+        return ("Restore without this tool (docs/by-hand.md): "
                 f"`swift download {container} --prefix {backup_id}/`, then `zstd -dc "
                 "filesystem.tar.zst | tar -x --xattrs --xattrs-include='*' --acls "
                 "--numeric-owner -C /target` and "
                 "`zstd -dc mariadb-all-databases.sql.zst | mariadb --sandbox --local-infile=0`, "
-                "then the same for `mariadb-users-grants.sql.zst` (docs/restore.md; encrypted "
+                "then the same for `mariadb-users-grants.sql.zst` (docs/by-hand.md; encrypted "
                 "objects go through `age -d -i IDENTITY` first).")
     levels = [*manifest.chain, backup_id]
     steps = "\n".join(
@@ -394,10 +394,10 @@ def _by_hand_text(container: str, backup_id: str, manifest: Manifest) -> str:
         "confined_tar /target --listed-incremental=/dev/null --xattrs --xattrs-include='*' "
         "--acls --numeric-owner -p --same-owner`"
         for n, level in enumerate(levels, 1))
-    return ("Restore without this tool (docs/restore.md): the files are an incremental, so "
+    return ("Restore without this tool (docs/by-hand.md): the files are an incremental, so "
             "extract the full and every level, in this order, into the same empty target (tar "
             "applies each level's deletions), each confined to the target: plain `tar -x` is not "
-            "safe across levels (`confined_tar`: docs/restore.md, \"Incremental backups, by "
+            "safe across levels (`confined_tar`: docs/by-hand.md, \"Incremental backups, by "
             f"hand\"):\n\n{steps}\n\nthen the database from this backup alone (a full dump "
             f"every time): `zstd -dc {backup_id}/mariadb-all-databases.sql.zst"
             " | mariadb --sandbox --local-infile=0`, then the same for "
@@ -409,14 +409,14 @@ def _encryption_text(section: dict[str, Any] | None) -> str:
         why = (section or {}).get("reason") or "no --recipients-file"
         return f"**NONE: stored in plain text** ({why})"
     return ("age, to " + ", ".join(f"`{r}`" for r in section["recipients"])
-            + " (decrypt as docs/restore.md says)")
+            + " (decrypt as docs/by-hand.md says)")
 
 
 def _signature_text(signing_key: str | None) -> str:
     if not signing_key:
         return "**NONE**: the manifest is not signed (no signing key given or installed)"
     return (f"`manifest.json.sig` and `SHA256SUMS.sig`, signed with `{signing_key}` "
-            "(ssh-keygen -Y verify against the allowed signers: docs/restore.md)")
+            "(ssh-keygen -Y verify against the allowed signers: docs/by-hand.md)")
 
 
 def _pruned_text(pruned: list[str] | None) -> str:

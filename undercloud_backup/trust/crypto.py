@@ -5,7 +5,7 @@ comments). Identities (age private keys) stay offline, so a compromised underclo
 its own older backups. Every stored object goes through ``zstd | age -R FILE`` and is named
 ``<leaf>.age``; the manifest records the SHA-256 of the stored (encrypted) bytes.
 
-An operator decrypts with standard tools (docs/restore.md): ``age -d -i``. Identities are only
+An operator decrypts with standard tools (docs/by-hand.md): ``age -d -i``. Identities are only
 ever named by path: age reads them from files, never from argv.
 """
 
@@ -71,7 +71,7 @@ class EncryptionRequired(BackupError):
 
 
 class IdentityRequired(BackupError):
-    """Backup {backup_id} is encrypted (age, to {recipients}): pass --identity FILE with the operator's or the break-glass age identity, or restore it by hand as docs/restore.md says."""  # noqa: E501
+    """Backup {backup_id} is encrypted (age, to {recipients}): pass --identity FILE with the operator's or the break-glass age identity, or restore it by hand as docs/by-hand.md says."""  # noqa: E501
 
     exit_code = 59
 

@@ -3,7 +3,7 @@
 The manifest is signed with ``ssh-keygen -Y sign -n undercloud-backup``; the signature is
 ``<backup_id>/manifest.json.sig``, written before the manifest (the commit point), beside
 ``SHA256SUMS`` and its own signature so that an operator checks a backup with standard tools
-(docs/restore.md): ``ssh-keygen -Y verify`` and ``sha256sum -c``. Keys are only ever named by
+(docs/by-hand.md): ``ssh-keygen -Y verify`` and ``sha256sum -c``. Keys are only ever named by
 path: ssh-keygen reads them from files, never from argv.
 
 install.sh makes the node's key once (``INSTALLED_SIGNING_KEY``, root:undercloud-backup 0640,
