@@ -3,8 +3,9 @@
 # unit tier first (`pytest -m unit`: seconds, no service, so a broken build fails fast), then
 # the rest (`-m "not unit"`), each test once. With pytest args, just what they select, once.
 #   sudo deployments/dev/test.sh [pytest args...]
-# UCB_TEST_SHARDS=2 (no pytest args; opt-in, to measure): the rest as two pytest sessions side
-# by side, the modules of each from tests/shards.txt.
+# Without pytest args the rest runs as the shards of tests/shards.txt, one pytest session each,
+# side by side (most of the suite waits on services, so two cores take four sessions);
+# UCB_TEST_SHARDS=1: as one session instead, one test after the other.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
@@ -46,9 +47,9 @@ durations=()
 # instead (conftest skips it under UCB_SHARD): a session's drop would take databases another
 # one is using. Each has its own basetemp and cache; every shard but A runs in a mount
 # namespace of its own with an empty /etc/undercloud-backup, where A's installers put keys and
-# recipients every backup reads. With UCB_BENCH_SMOKE=1 the benchmark smoke starts as soon as
-# shard B (the one using the machine's MariaDB, where the benchmark makes its database) ends.
-SHARED_DB_SHARD=B
+# recipients every backup reads; D also in a network namespace whose MariaDB is one of its own
+# (deployments/dev/netns.sh), so that the users of the machine's MariaDB are two shards, not
+# one. With UCB_BENCH_SMOKE=1 the benchmark smoke runs beside them once the first has ended.
 isolated() {  # a command in a mount namespace with a private, empty /etc/undercloud-backup
   unshare --mount --propagation private -- bash -c \
     'mount -t tmpfs -o mode=755,size=16m ucb-etc /etc/undercloud-backup && exec "$@"' - "$@"
@@ -72,7 +73,11 @@ run_shards() {
   for shard in "${names[@]}"; do
     local modules=() isolate=()
     mapfile -t modules < <(awk -v s="$shard" '$1 == s { print "tests/" $2 }' tests/shards.txt)
-    [ "$shard" = A ] || isolate=(isolated)
+    case $shard in
+      A) ;;  # the installers: the machine's own paths
+      D) isolate=(bash deployments/dev/netns.sh "$work/netns-$shard") ;;  # a MariaDB of its own
+      *) isolate=(isolated) ;;
+    esac
     (
       start=$SECONDS
       status=0
@@ -88,22 +93,21 @@ run_shards() {
     ) >"$work/$shard.summary" &
     pid[$shard]=$!
   done
+  if [ "${UCB_BENCH_SMOKE:-0}" = 1 ]; then
+    # Beside the shards once the first has ended (before, it would only slow them all down),
+    # on a MariaDB of its own: the benchmark makes its database on the server it backs up.
+    until ! all_running "${pid[@]}"; do sleep 1; done
+    (
+      start=$SECONDS
+      bash deployments/dev/netns.sh "$work/netns-bench" bash -c "$(declare -f bench_smoke);
+        VENV=$VENV bench_smoke" >"$work/bench.log" 2>&1 && rc=0 || rc=$?
+      echo "[test] benchmark smoke: exit $rc, $((SECONDS - start)) s wall" >>"$work/bench.log"
+      exit "$rc"
+    ) &
+    bench_pid=$!
+  fi
   for shard in "${names[@]}"; do
-    # The shared-database shard first: once it has ended, the benchmark may use the server.
-    [ "$shard" = "$SHARED_DB_SHARD" ] || continue
     wait "${pid[$shard]}" || status=1
-    if [ "${UCB_BENCH_SMOKE:-0}" = 1 ]; then
-      (
-        start=$SECONDS
-        bench_smoke >"$work/bench.log" 2>&1 && rc=0 || rc=$?
-        echo "[test] benchmark smoke: exit $rc, $((SECONDS - start)) s wall" >>"$work/bench.log"
-        exit "$rc"
-      ) &
-      bench_pid=$!
-    fi
-  done
-  for shard in "${names[@]}"; do
-    [ "$shard" = "$SHARED_DB_SHARD" ] || wait "${pid[$shard]}" || status=1
   done
   if [ -n "$bench_pid" ]; then wait "$bench_pid" || status=1; fi
   wait  # after an interrupt, until every one has ended
@@ -131,10 +135,16 @@ run_shards() {
 # runs the same code as ours_running_server, only its environment differs)
 bench_smoke() {
   echo "[test] benchmark smoke run: python3 benchmarks/bench.py --scale 0.01 --runs 1" >&2
-  isolated python3 benchmarks/bench.py --scale 0.01 --runs 1 --only backup,restore,incremental \
+  "$VENV/bin/python" benchmarks/bench.py --scale 0.01 --runs 1 --only backup,restore,incremental \
     --skip ours_ephemeral_server \
     --python "$VENV/bin/python" \
     --json "${UCB_BENCH_JSON:-/var/tmp/ucb-bench-smoke.json}"
+}
+
+# Whether every one of these processes is still running.
+all_running() {
+  local p
+  for p in "$@"; do kill -0 "$p" 2>/dev/null || return 1; done
 }
 
 # Busy and idle ticks of all CPUs since boot (/proc/stat): the machine's load while shards run.
@@ -144,7 +154,7 @@ cpu_ticks() {
 
 if [ $# -gt 0 ]; then
   "$VENV/bin/pytest" -q "${durations[@]}" "$@"
-elif [ "${UCB_TEST_SHARDS:-1}" != 1 ]; then
+elif [ "${UCB_TEST_SHARDS:-all}" != 1 ]; then
   echo "[test] unit tier: pytest -m unit" >&2
   "$VENV/bin/pytest" -q -m unit
   echo "[test] the rest, as the shards of tests/shards.txt side by side" >&2
