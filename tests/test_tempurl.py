@@ -13,8 +13,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
+from unittest import mock
 
 import pytest
+from conftest import STATE
+from deploy_helpers import read_env_file
 
 from undercloud_backup import config
 from undercloud_backup.core.errors import SwiftRequestFailed
@@ -32,12 +36,41 @@ def store(os_env):
 
 
 @pytest.fixture
-def account_keys(store):
-    """Put the account's temp-url headers back as they were (the test account is shared)."""
+def other_store(os_env):
+    """A store on the test bed's second account (project backup-other). The tests that set an
+    account's temp-url keys themselves use it: every backup's links in the main account are
+    signed with that account's key, and other shards make and download such links meanwhile
+    (a key changed under them would turn their links into 401s)."""
+    from undercloud_backup.store.connection import SwiftStore
+
+    with mock.patch.dict(os.environ, read_env_file(STATE / "keystone-other.env")):
+        settings = config.swift_settings_from_env(retries=0)
+    store = SwiftStore.connect(settings)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def other_container(other_store):
+    """A fresh container name in the second account; its objects are deleted afterwards."""
+    name = f"ucbtest-{uuid.uuid4().hex[:10]}"
+    yield name
+    for each in (name, f"{name}_segments"):
+        try:
+            for obj in other_store.list(each):
+                other_store.delete(each, obj["name"])
+            other_store.delete_container(each)
+        except SwiftRequestFailed:
+            pass  # the test may never have made it
+
+
+@pytest.fixture
+def account_keys(other_store):
+    """Put the account's temp-url headers back as they were."""
     names = (*tempurl.KEY_HEADERS, tempurl.SLOT_HEADER)
-    before = {k: v for k, v in store.account().items() if k in names}
+    before = {k: v for k, v in other_store.account().items() if k in names}
     yield before
-    store.post_account({name: before.get(name, "") for name in names})
+    other_store.post_account({name: before.get(name, "") for name in names})
 
 
 def _backup(store, container: str) -> tuple[Manifest, dict[str, bytes]]:
@@ -91,13 +124,13 @@ def _status(url: str) -> int:
         return error.code
 
 
-def test_links_download_whole_objects_with_curl(store, container, account_keys,
+def test_links_download_whole_objects_with_curl(other_store, other_container, account_keys,
                                                 tmp_path):
-    manifest, contents = _backup(store, container)
-    links = tempurl.download_links(store, container, manifest)
+    manifest, contents = _backup(other_store, other_container)
+    links = tempurl.download_links(other_store, other_container, manifest)
     assert [link.leaf for link in links] == [
         "filesystem.tar.zst.age", "mariadb-all-databases.sql.zst.age", "manifest.json"]
-    key = tempurl.plan_key(store.account(), "unused").key
+    key = tempurl.plan_key(other_store.account(), "unused").key
     for link in links:
         assert link.expires - time.time() == pytest.approx(24 * 3600, abs=60)
         assert key not in link.url and "temp_url_sig=" in link.url
@@ -116,29 +149,29 @@ def test_links_download_whole_objects_with_curl(store, container, account_keys,
     assert _status(links[0].url.split("?")[0]) == 401
 
 
-def test_links_stop_working_after_their_lifetime(store, container, account_keys):
-    manifest, contents = _backup(store, container)
-    links = tempurl.download_links(store, container, manifest, lifetime=3)
+def test_links_stop_working_after_their_lifetime(other_store, other_container, account_keys):
+    manifest, contents = _backup(other_store, other_container)
+    links = tempurl.download_links(other_store, other_container, manifest, lifetime=3)
     assert _status(links[1].url) == 200
     time.sleep(max(0.0, links[1].expires - time.time()) + 1.5)
     assert [_status(link.url) for link in links] == [401, 401, 401]
 
 
-def test_someone_elses_key_is_never_overwritten(store, container, account_keys):
+def test_someone_elses_key_is_never_overwritten(other_store, other_container, account_keys):
     """An account key set by someone else stays; the tool takes the second slot."""
-    manifest, contents = _backup(store, container)
-    store.post_account({tempurl.KEY_HEADERS[0]: "someone-elses-key",
+    manifest, contents = _backup(other_store, other_container)
+    other_store.post_account({tempurl.KEY_HEADERS[0]: "someone-elses-key",
                        tempurl.KEY_HEADERS[1]: "", tempurl.SLOT_HEADER: ""})
-    links = tempurl.download_links(store, container, manifest)
-    headers = store.account()
+    links = tempurl.download_links(other_store, other_container, manifest)
+    headers = other_store.account()
     assert headers[tempurl.KEY_HEADERS[0]] == "someone-elses-key"
     ours = headers[tempurl.KEY_HEADERS[1]]
     assert len(ours) >= 40 and headers[tempurl.SLOT_HEADER] == "2"
     with urllib.request.urlopen(links[1].url, timeout=30) as response:
         assert response.read() == contents["mariadb-all-databases.sql.zst.age"]
     # a second run signs with the same key of ours: earlier links stay valid
-    again = tempurl.download_links(store, container, manifest)
-    assert store.account()[tempurl.KEY_HEADERS[1]] == ours
+    again = tempurl.download_links(other_store, other_container, manifest)
+    assert other_store.account()[tempurl.KEY_HEADERS[1]] == ours
     assert _status(links[0].url) == 200 and _status(again[0].url) == 200
 
 
