@@ -17,6 +17,8 @@ from typing import IO
 
 from undercloud_backup.core.errors import BackupError
 from undercloud_backup.core.execute import Command
+from undercloud_backup.core.manifest import StoredObject
+from undercloud_backup.store.streams import Consumer, StreamOutcome, stream_object
 
 _ESCAPE = re.compile(rb"\\([0-7]{3}|[\\abfnrtv?\"])")
 _SIMPLE = {b"\\": b"\\", b"a": b"\a", b"b": b"\b", b"f": b"\f", b"n": b"\n", b"r": b"\r",
@@ -33,6 +35,12 @@ class ListingUnreadable(BackupError):
     """tar listed a line this tool cannot read: {line!r}; refusing rather than guessing."""
 
     exit_code = 48
+
+
+class RenamesIntoRoot(BackupError):
+    """Refusing to restore {backup_id} into /: level(s) {levels} of its chain rename directories (GNU tar dumpdir rename records), which cannot be checked from the listings. Restore into a scratch target (--target DIR, where the extraction is confined) and copy what you need from there."""  # noqa: E501
+
+    exit_code = 84
 
 
 class ChainLeadsOut(BackupError):
@@ -94,34 +102,39 @@ def read_entries(stream: IO[bytes], on_entry: Callable[[Entry], None]) -> None:
 
 
 # ------------------------------------------------------------------- leading out of a target
-def _under(path: str, links: dict[str, int]) -> str | None:
-    """The symlink of ``links`` that ``path`` lies under (or is), if any."""
-    parts = path.split("/")
-    for end in range(1, len(parts) + 1):
-        prefix = "/".join(parts[:end])
-        if prefix in links:
-            return prefix
-    return None
+_HOPS = 40  # as the kernel's ELOOP: more symlinks than that on one path is a loop
+
+
+@dataclass(frozen=True)
+class _Way:
+    """Where a path leads lexically within the target root: ``path`` (None when it climbs
+    out of the root or loops), and the first symlink an earlier level made on the way."""
+
+    path: str | None
+    through: str | None = None
+    level: int = 0  # the level that made ``through``
 
 
 @dataclass
 class ChainPaths:
     """The levels' listings in order, one entry at a time (bounded memory: the symlinks only);
     :attr:`problems` names every member that extracting them in order would send out of the
-    target: under a symlink an earlier level left (the later level's tar follows it), a hard
-    link to such a place, and any device node (an overlay whiteout aside)."""
+    target: one whose path, resolved lexically through every symlink known so far (an
+    earlier level's, this level's own, links to links), passes through a symlink an earlier
+    level left (the later level's tar follows it) or climbs out of the root; a hard link to
+    such a place; a directory rename record (kind ``R``, :func:`read_renames`) whose source or
+    destination does; and any device node (an overlay whiteout aside). :attr:`renaming` lists
+    the levels after the first that hold rename records."""
 
     limit: int = 20
     problems: list[str] = field(default_factory=list)
     count: int = 0
-    _links: dict[str, int] = field(default_factory=dict)  # path -> level that made it
+    renaming: list[int] = field(default_factory=list)
+    _links: dict[str, tuple[str, int]] = field(default_factory=dict)  # path -> (target, level)
     _level: int = 0
-    _made: dict[str, int] = field(default_factory=dict)
 
     def start_level(self, index: int) -> None:
-        """Entries from now on are level ``index``'s; what the previous level left counts."""
-        self._links.update(self._made)
-        self._made = {}
+        """Entries from now on are level ``index``'s."""
         self._level = index
 
     def _problem(self, text: str) -> None:
@@ -129,24 +142,92 @@ class ChainPaths:
         if len(self.problems) < self.limit:
             self.problems.append(text)
 
+    def _resolve(self, path: str, follow_last: bool) -> _Way:
+        """``path`` (relative to the target root) resolved lexically through every known
+        symlink, each of this level's counted as already there (tar delays its absolute and
+        ``..`` ones, which only makes this stricter than tar). An absolute link target starts
+        again at the target root: for ``/`` that is where it leads."""
+        todo = [p for p in reversed(path.split("/")) if p not in ("", ".")]
+        done: list[str] = []
+        through: str | None = None
+        made = hops = 0
+        while todo:
+            part = todo.pop()
+            if part == "..":
+                if not done:
+                    return _Way(None, through, made)
+                done.pop()
+                continue
+            done.append(part)
+            if not todo and not follow_last:
+                break
+            known = self._links.get("/".join(done))
+            if known is None:
+                continue
+            target, level = known
+            if through is None and level < self._level:
+                through, made = "/".join(done), level
+            hops += 1
+            if hops > _HOPS:
+                return _Way(None, through, made)
+            done.pop()
+            if target.startswith("/"):
+                done = []
+            todo += [p for p in reversed(target.split("/")) if p not in ("", ".")]
+        return _Way("/".join(done), through, made)
+
+    def _check(self, verb: str, path: str, way: _Way) -> None:
+        if way.through is not None:
+            self._problem(f"level {self._level} {verb} {path} through the symlink "
+                          f"{way.through} level {way.level} made")
+        elif way.path is None:
+            self._problem(f"level {self._level} {verb} {path} through symlinks (or ..) that "
+                          f"loop or climb out of the target")
+
     def add(self, entry: Entry) -> None:
         path = entry.path
-        if entry.kind in "bc" and entry.device != WHITEOUT:
+        if entry.kind == "R":
+            self._rename(path, _clean(entry.link))
+            return
+        if entry.kind in ("b", "c") and entry.device != WHITEOUT:
             self._problem(f"level {self._level} holds a device node {path} ({entry.device})")
-        link = _under(path, self._links) if path else None
-        if link is not None and (link != path or entry.kind == "d"):
-            self._problem(f"level {self._level} writes {path} through the symlink {link} "
-                          f"level {self._links[link]} made")
-        if entry.kind == "h":
-            target = _under(_clean(entry.link), self._links)
-            if target is not None:
-                self._problem(f"level {self._level} hard-links {path} to {entry.link} through "
-                              f"the symlink {target} level {self._links[target]} made")
+        if not path:
+            return
+        # a directory entry at a symlink is followed (--keep-directory-symlink); anything
+        # else replaces what it lands on
+        way = self._resolve(path, follow_last=entry.kind == "d")
+        self._check("writes", path, way)
+        alias = None
+        if entry.kind == "h":  # stricter than link(2), which does not follow the last name
+            self._check(f"hard-links {path} to", entry.link,
+                        self._resolve(_clean(entry.link), follow_last=True))
+            source = self._resolve(_clean(entry.link), follow_last=False).path
+            if source is not None and source in self._links:  # a symlink's second name
+                alias = self._links[source]
+        if way.path is None or entry.kind == "d":
+            return
         if entry.kind == "l":
-            self._made[path] = self._level
-        elif entry.kind != "d":  # a file (or link) replaces a symlink; a directory does not
-            self._links.pop(path, None)
-            self._made.pop(path, None)
+            self._links[way.path] = (entry.link, self._level)
+        elif alias is not None:
+            self._links[way.path] = alias
+        else:
+            self._links.pop(way.path, None)
+
+    def _rename(self, source: str, destination: str) -> None:
+        """GNU tar's dumpdir rename record: source and destination must stay clear of an
+        earlier level's links; what was under the source (its symlinks) is then under the
+        destination."""
+        if self._level > 0 and self._level not in self.renaming:
+            self.renaming.append(self._level)
+        old = self._resolve(source, follow_last=False)
+        new = self._resolve(destination, follow_last=False)
+        self._check(f"renames {source} to {destination}:", source, old)
+        self._check(f"renames {source} to {destination}:", destination, new)
+        if old.path is None or new.path is None or not old.path or not new.path:
+            return
+        prefix = old.path + "/"
+        for link in [k for k in self._links if k == old.path or k.startswith(prefix)]:
+            self._links[new.path + link[len(old.path):]] = self._links.pop(link)
 
 
 def leading_out(levels: Sequence[Iterable[Entry]]) -> list[str]:
@@ -157,3 +238,56 @@ def leading_out(levels: Sequence[Iterable[Entry]]) -> list[str]:
         for entry in entries:
             paths.add(entry)
     return paths.problems
+
+
+# ----------------------------------------------------------------------- dumpdir renames
+def tar_renames_command() -> Command:
+    """A listing that shows GNU incremental dumpdirs (which plain ``--list`` hides): each
+    directory member is followed by its records, one a line, ``R``/``T``/``X`` ones naming
+    directories tar renames when it extracts that member."""
+    return Command(argv=("tar", "--list", "--incremental", "--verbose", "--verbose",
+                         "--file=-", "--numeric-owner"), name="tar --list --incremental")
+
+
+def read_renames(stream: IO[bytes]) -> list[Entry]:
+    """The rename records of a level's dumpdirs, as entries of kind ``R`` (name: source,
+    link: destination; a temporary directory of an ``X`` record stands for an empty name).
+
+    tar prints dumpdir names raw (not quoted), so a name holding a newline can make a line
+    look like a record: a record is never missed (each starts a line), but a path may be
+    cut short; that is why a restore into ``/`` refuses every level that has any record at
+    all, and these paths only serve verify's report."""
+    renames: list[Entry] = []
+    source: str | None = None
+    temp = ""
+    for raw in iter(stream.readline, b""):
+        code, text = raw[:2], os.fsdecode(raw[2:].rstrip(b"\n"))
+        if source is not None and code != b"T ":  # an R without its T renames all the same
+            renames.append(Entry(name=source, kind="R", link=temp))
+            source = None
+        if code == b"X ":
+            temp = f"{text}/tar.XXXXXX"
+        elif code == b"R ":
+            source = text or temp
+        elif code == b"T ":
+            renames.append(Entry(name=temp if source is None else source, kind="R",
+                                 link=text or temp))
+            source = None
+    if source is not None:
+        renames.append(Entry(name=source, kind="R", link=temp))
+    return renames
+
+
+def level_renames(store, container: str, obj: StoredObject, *, timeout: float, strict: bool,
+                  spool_dir: str | None = None) -> tuple[list[Entry], StreamOutcome]:
+    """The rename records of one level's archive (a second reading of it: the listing that
+    shows them cannot be told apart from names safely, :func:`read_renames`)."""
+    renames: list[Entry] = []
+
+    def read(out: IO[bytes]) -> None:
+        renames.extend(read_renames(out))
+
+    outcome = stream_object(store, container, obj, Consumer([tar_renames_command()],
+                                                            read_output=read),
+                            timeout=timeout, strict=strict, spool_dir=spool_dir)
+    return renames, outcome

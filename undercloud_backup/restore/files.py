@@ -22,9 +22,10 @@ replaced, merged and kept, and writes nothing (:mod:`undercloud_backup.restore.p
 Whatever the archives hold, nothing outside the target is written, changed or deleted: each
 ``tar -x`` runs confined to the target (:mod:`undercloud_backup.files.confine`), and a chain
 restored into ``/`` is refused, before anything is written, when a level would write through a
-symlink an earlier level made (:func:`tarlist.leading_out`). The default target is a new directory
-with a random suffix, made exclusively; a named one is reached only through directories only
-root can change.
+symlink an earlier level made, however its own links alias it (:func:`tarlist.leading_out`),
+or when a later level renames directories (:class:`tarlist.RenamesIntoRoot`). The default target
+is a new directory with a random suffix, made exclusively; a named one is reached only through
+directories only root can change.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ from undercloud_backup.files.tarlist import (
     ChainLeadsOut,
     ChainPaths,
     Entry,
+    RenamesIntoRoot,
+    level_renames,
     read_entries,
     tar_list_command,
 )
@@ -375,6 +378,9 @@ def _read_chain(store, container: str, levels: list[Manifest], request: RestoreR
     for index, level in enumerate(levels):
         logger.info("reading the listing of %s", archive_object(level).name)
         paths.start_level(index)
+        if target == "/" and index > 0:
+            for rename in _renames(store, container, level, request):
+                paths.add(rename)
         plans.append(plan_files(store, container, level, request, check_found=False,
                                 target=target, paths=paths))
     if paths.problems:
@@ -382,7 +388,25 @@ def _read_chain(store, container: str, levels: list[Manifest], request: RestoreR
             if paths.count > len(paths.problems) else ""
         raise ChainLeadsOut(backup_id=levels[-1].backup_id, target=target,
                             problems="; ".join(paths.problems[:3]) + more)
+    if paths.renaming:
+        raise RenamesIntoRoot(backup_id=levels[-1].backup_id,
+                              levels=", ".join(map(str, paths.renaming)))
     return plans
+
+
+def _renames(store, container: str, level: Manifest, request: RestoreRequest) -> list[Entry]:
+    """A later level's directory rename records (GNU dumpdir ``R``/``T``), which ``tar
+    --list`` does not show. Into ``/`` any of them refuses the chain rather than being checked
+    path by path: tar prints their names unquoted (a name can fake or cut a line), applies
+    them with rules of its own (temporary directories, stripped prefixes) and moves whole
+    trees with them, and a gap in imitating that would write outside; a genuine rename
+    restores into a scratch target, whose confinement makes any rename harmless."""
+    obj = archive_object(level)
+    renames, outcome = level_renames(store, container, obj, timeout=request.timeout_s,
+                                     strict=True, spool_dir=request.staging_dir)
+    if outcome.first_failure is not None:
+        raise RestoreFailed(what=f"the dumpdirs of {obj.name}", reason=outcome.reason())
+    return renames
 
 
 def restore_chain(store, container: str, levels: list[Manifest], request: RestoreRequest,

@@ -41,6 +41,7 @@ from undercloud_backup.files.tarlist import (
     ChainPaths,
     Entry,
     ListingUnreadable,
+    level_renames,
     read_entries,
     tar_list_command,
 )
@@ -217,6 +218,8 @@ def check_archive(store, container: str, manifest: Manifest, obj: StoredObject, 
     paths = ChainPaths()
     problems = _list_ancestors(store, container, manifest, paths, timeout)
     paths.start_level(len(manifest.chain))
+    if manifest.chain:
+        problems += _feed_renames(store, container, obj, paths, timeout)
     tar_errors: list[str] = []
 
     def on_entry(entry: Entry) -> None:
@@ -240,6 +243,10 @@ def check_archive(store, container: str, manifest: Manifest, obj: StoredObject, 
     problems += [f"{obj.name}: a restore would lead out of its target: {p}"
                  for p in paths.problems]
     warnings = [f"{e} is not in the backup: {ESSENTIALS[e]}" for e in report.essentials_missing()]
+    if paths.renaming:
+        warnings.append(f"level(s) {', '.join(map(str, paths.renaming))} of the chain rename "
+                        "directories: a restore into / refuses them; restore into a scratch "
+                        "target and copy from it")
     return ArchiveCheck(
         name=obj.name, object=outcome.check, entries=report.entries,
         directories=report.directories,
@@ -264,6 +271,8 @@ def _list_ancestors(store, container: str, manifest: Manifest, paths: ChainPaths
         paths.start_level(index)
         obj = chain.archive_of(ancestor)
         assert obj is not None  # load_ancestors checked it
+        if index > 0:
+            problems += _feed_renames(store, container, obj, paths, timeout)
         try:
             outcome = stream_object(store, container, obj, Consumer(
                 [tar_list_command()], read_output=lambda out: read_entries(out, paths.add)),
@@ -275,6 +284,21 @@ def _list_ancestors(store, container: str, manifest: Manifest, paths: ChainPaths
             problems.append(f"{obj.name} (level {index} of the chain) could not be listed: "
                             f"{outcome.reason() or '; '.join(outcome.check.problems)}")
     return problems
+
+
+def _feed_renames(store, container: str, obj: StoredObject, paths: ChainPaths,
+                  timeout: float) -> list[str]:
+    """Feed a later level's directory rename records (which ``tar --list`` does not show) to
+    ``paths``, at the start of its level: tar applies them as it extracts the directory
+    members, which come first. Their paths are read as well as tar's unquoted listing allows
+    (:func:`tarlist.read_renames`); a restore into ``/`` refuses them all anyway."""
+    renames, outcome = level_renames(store, container, obj, timeout=timeout, strict=False)
+    for rename in renames:
+        paths.add(rename)
+    if outcome.first_failure is not None and outcome.check.ok:  # damage: the listing says it
+        return [f"{obj.name}: its directory rename records could not be listed: "
+                f"{outcome.reason()}"]
+    return []
 
 
 # ------------------------------------------------------------------------------ database
