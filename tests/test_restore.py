@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import sample_undercloud as sample
-from conftest import REPO, backup_cli, backup_in_process, describe_tree, remove_container
+from conftest import REPO, backup_in_process, cli_in_process, describe_tree, remove_container
 from test_verify import (
     archive_of,
     database_sql,
@@ -39,7 +39,9 @@ from undercloud_backup.store.reader import ObjectDamaged
 
 
 def cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m flows.<module>`` the way an operator does."""
+    """Run ``python -m flows.<module>`` the way an operator does: kept for the CLI's contract
+    (exit status, last line, --json as the process prints them); the tests of what a restore
+    does call the flow in this process (cli_in_process), without a Python start with Prefect."""
     return subprocess.run([sys.executable, "-m", f"flows.{module}", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
 
@@ -89,6 +91,7 @@ def make_backup(root: Path, container: str, server: ScratchServer) -> dict:
 def test_files_come_back_identical_in_a_new_scratch_root(shared_backup, tmp_path):
     files_backup, sample_root = shared_backup
     before = describe_tree(sample_root)
+    # As a process: the CLI's --json on stdout and its exit status, as an operator gets them.
     result = cli("restore", "--container", files_backup["container"], "--staging-dir",
                  str(tmp_path), "--json")
     assert result.returncode == 0, result.stderr
@@ -116,12 +119,13 @@ def test_restore_refuses_to_overwrite_names_the_files_and_dry_run_writes_nothing
     files_backup, sample_root = shared_backup
     container = files_backup["container"]
     target = tmp_path / "target"
-    assert cli("restore", "--container", container, "--target", str(target),
-               "--staging-dir", str(tmp_path)).returncode == 0
+    assert cli_in_process("restore", "--container", container, "--target", str(target),
+                          "--staging-dir", str(tmp_path)).returncode == 0
     stackrc = target / "home/stack/stackrc"
     stackrc.write_text("changed after the restore\n")
     snapshot = describe_tree(target)
 
+    # As a process: a refusal's exit status and last line, as an operator gets them.
     refused = cli("restore", "--container", container, "--target", str(target))
     assert refused.returncode == restore.WouldOverwrite.exit_code
     error = refused.stderr.strip().splitlines()[-1]
@@ -131,7 +135,7 @@ def test_restore_refuses_to_overwrite_names_the_files_and_dry_run_writes_nothing
     assert "etc/keystone/keystone.conf" in error and "--overwrite" in error
     assert describe_tree(target) == snapshot  # nothing was written
 
-    dry = cli("restore", "--container", container, "--target", str(target), "--dry-run")
+    dry = cli_in_process("restore", "--container", container, "--target", str(target), "--dry-run")
     assert dry.returncode == 0, dry.stderr
     lines = dry.stdout.splitlines()
     assert f"replace  {stackrc}" in lines
@@ -141,16 +145,16 @@ def test_restore_refuses_to_overwrite_names_the_files_and_dry_run_writes_nothing
     assert describe_tree(target) == snapshot
 
     new_target = tmp_path / "never-created"
-    dry_json = cli("restore", "--container", container, "--target", str(new_target),
-                   "--dry-run", "--json")
+    dry_json = cli_in_process("restore", "--container", container, "--target", str(new_target),
+                              "--dry-run", "--json")
     plan = json.loads(dry_json.stdout)["files"]
     assert plan["creates"] == plan["entries"] == len(archived(describe_tree(sample_root)))
     assert {"path": f"{new_target}/root/.my.cnf", "kind": "file", "action": "create"} in \
         plan["listed"]
     assert not new_target.exists()
 
-    overwritten = cli("restore", "--container", container, "--target", str(target),
-                      "--overwrite")
+    overwritten = cli_in_process("restore", "--container", container, "--target", str(target),
+                                 "--overwrite")
     assert overwritten.returncode == 0, overwritten.stderr
     assert stackrc.read_text() == (sample_root / "home/stack/stackrc").read_text()
     assert describe_tree(target) == describe_tree(sample_root)
@@ -161,8 +165,8 @@ def test_only_some_paths_and_never_over_slash_without_the_flag(shared_backup, tm
     files_backup, sample_root = shared_backup
     container = files_backup["container"]
     target = tmp_path / "keys"
-    result = cli("restore", "--container", container, "--target", str(target),
-                 "--path", "/etc/keystone", "--path", "/root/.my.cnf", "--json")
+    result = cli_in_process("restore", "--container", container, "--target", str(target), "--path",
+                            "/etc/keystone", "--path", "/root/.my.cnf", "--json")
     assert result.returncode == 0, result.stderr
     restored = describe_tree(target)
     expected = {p: v for p, v in describe_tree(sample_root).items()
@@ -171,12 +175,12 @@ def test_only_some_paths_and_never_over_slash_without_the_flag(shared_backup, tm
     assert {p: v for p, v in restored.items() if p in expected} == expected
     assert set(restored) - set(expected) == {"etc", "root"}  # and their parents
 
-    missing = cli("restore", "--container", container, "--target", str(tmp_path / "x"),
-                  "--path", "/opt/not-backed-up")
+    missing = cli_in_process("restore", "--container", container, "--target", str(tmp_path / "x"),
+                             "--path", "/opt/not-backed-up")
     assert missing.returncode == restore.NotInBackup.exit_code
     assert "/opt/not-backed-up" in missing.stderr
 
-    root = cli("restore", "--container", container, "--target", "/")
+    root = cli_in_process("restore", "--container", container, "--target", "/")
     assert root.returncode == restore.RootTargetRefused.exit_code
     assert "--allow-root-target" in root.stderr.strip().splitlines()[-1]
 
@@ -188,8 +192,8 @@ def test_a_damaged_segment_stops_the_restore_before_its_bytes_are_written(
     archive = archive_of(get_manifest(files_backup["container"], files_backup["backup_id"]))
     segment = archive.segments[-1]
     swift_store().put(archive.segment_container, segment.name, os.urandom(segment.size))
-    result = cli("restore", "--container", files_backup["container"], "--target",
-                 str(tmp_path / "t"))
+    result = cli_in_process("restore", "--container", files_backup["container"], "--target",
+                            str(tmp_path / "t"))
     # Refused by the HEAD checks before anything is read (reader.precheck), naming
     # the segment; nothing was written.
     assert result.returncode == ObjectDamaged.exit_code, result.stderr
@@ -222,12 +226,12 @@ def test_a_segment_damaged_on_its_way_into_swift_is_caught_before_restore_uses_i
     monkeypatch.undo()
     segment = archive_of(get_manifest(container, summary.backup_id)).segments[1]
 
-    checked = cli("verify", "--container", container, "--skip-database", "--json")
+    checked = cli_in_process("verify", "--container", container, "--skip-database", "--json")
     assert checked.returncode == verify.VerificationFailed.exit_code, checked.stderr
     assert any(segment.name in p and "sha256" in p
                for p in json.loads(checked.stdout)["problems"])
     target = tmp_path / "t"
-    result = cli("restore", "--container", container, "--target", str(target))
+    result = cli_in_process("restore", "--container", container, "--target", str(target))
     assert result.returncode == 43, result.stderr  # damaged, with what had been written
     assert segment.name in result.stderr and "sha256" in result.stderr
 
@@ -257,8 +261,9 @@ def two_databases(private_mariadb):
 
 @pytest.fixture
 def db_backup(two_databases, private_mariadb, container, os_env) -> dict:
-    result = backup_cli("--db-only", "--container", container, "--json", "--db-socket",
-                        private_mariadb.socket, "--db-user", "root")
+    # In this process: the backup the restores read, not a test of the backup's CLI.
+    result = backup_in_process("--db-only", "--container", container, "--json", "--db-socket",
+                               private_mariadb.socket, "--db-user", "root")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -273,15 +278,15 @@ def test_databases_dropped_and_restored_have_identical_checksums(db_backup, two_
     second_after = checksums(server, second)
     target = ("--db-socket", server.socket, "--db-user", "root")
 
-    dry = cli("restore", "--container", db_backup["container"], "--no-files", "--database",
-              first, "--dry-run", *target)
+    dry = cli_in_process("restore", "--container", db_backup["container"], "--no-files",
+                         "--database", first, "--dry-run", *target)
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.strip().splitlines()[0] == \
         f"would load database(s) {first} into {server.socket}"
     assert first not in run_sql(server, "SHOW DATABASES").split()
 
-    result = cli("restore", "--container", db_backup["container"], "--no-files",
-                 "--database", first, "--json", *target)
+    result = cli_in_process("restore", "--container", db_backup["container"], "--no-files",
+                            "--database", first, "--json", *target)
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout)["databases"]
     assert loaded["compared"] == loaded["matching"] == 3 and loaded["differences"] == []
@@ -291,13 +296,13 @@ def test_databases_dropped_and_restored_have_identical_checksums(db_backup, two_
     assert "count_items" in run_sql(server, f"SHOW PROCEDURE STATUS WHERE Db = '{first}'")
     assert checksums(server, second) == second_after  # only the named database was loaded
 
-    again = cli("restore", "--container", db_backup["container"], "--no-files", "--database",
-                first, *target)
+    again = cli_in_process("restore", "--container", db_backup["container"], "--no-files",
+                           "--database", first, *target)
     assert again.returncode == restoredb.DatabasesExist.exit_code
     assert f"Database(s) {first} (5 tables, views, routines or events) already exist" in \
         again.stderr.strip().splitlines()[-1]
-    replaced = cli("restore", "--container", db_backup["container"], "--no-files",
-                   "--database", first, "--overwrite", *target)
+    replaced = cli_in_process("restore", "--container", db_backup["container"], "--no-files",
+                              "--database", first, "--overwrite", *target)
     assert replaced.returncode == 0, replaced.stderr
     assert checksums(server, first) == before
 
@@ -306,9 +311,9 @@ def test_databases_dropped_and_restored_have_identical_checksums(db_backup, two_
 def test_all_databases_with_users_into_another_server(db_backup, two_databases):
     """Everything, users and grants included, into another server."""
     with scratch_mariadb("/var/tmp", lifetime_s=600) as server:
-        result = cli("restore", "--container", db_backup["container"], "--no-files",
-                     "--all-databases", "--db-socket", server.socket, "--db-user", "root",
-                     "--json")
+        result = cli_in_process("restore", "--container", db_backup["container"], "--no-files",
+                                "--all-databases", "--db-socket", server.socket, "--db-user",
+                                "root", "--json")
         assert result.returncode == 0, result.stderr
         loaded = json.loads(result.stdout)["databases"]
         assert loaded["users_and_grants"] is True
@@ -366,9 +371,9 @@ def test_files_and_databases_are_restored_side_by_side(two_databases, private_ma
     root = sample.make_files(tmp_path / "undercloud", sample.SampleSize(images_mib=(3,)))
     backup = make_backup(root, container, private_mariadb)
     with scratch_mariadb("/var/tmp", lifetime_s=600) as server:
-        result = cli("restore", "--container", container, "--staging-dir", str(tmp_path),
-                     "--all-databases", "--db-socket", server.socket, "--db-user", "root",
-                     "--json")
+        result = cli_in_process("restore", "--container", container, "--staging-dir",
+                                str(tmp_path), "--all-databases", "--db-socket", server.socket,
+                                "--db-user", "root", "--json")
         assert result.returncode == 0, result.stderr
         restored = json.loads(result.stdout)
         assert restored["backup_id"] == backup["backup_id"]
@@ -395,8 +400,9 @@ def test_restore_never_runs_shell_lines_of_a_planted_dump(kind, private_mariadb,
     """Whoever can write the container can plant a dump; the root restore must not run it."""
     marker = tmp_path / "ran"
     backup_id = plant_backup(container, planted_dumps(marker)[kind])
-    result = cli("restore", "--container", container, "--backup-id", backup_id, "--no-files",
-                 "--all-databases", "--db-socket", private_mariadb.socket, "--db-user", "root")
+    result = cli_in_process("restore", "--container", container, "--backup-id", backup_id,
+                            "--no-files", "--all-databases", "--db-socket", private_mariadb.socket,
+                            "--db-user", "root")
     last = result.stderr.strip().splitlines()[-1]
     if kind == "bare":  # refused before a byte reached the server
         assert result.returncode == dumpstream.NotADump.exit_code == 49, result.stderr
@@ -455,8 +461,8 @@ def test_a_hostile_archive_from_the_store_writes_nothing_outside_the_target(cont
         backup_id=backup_id, created_at="2026-11-30T22:00:00+00:00",
         paths=PathsSection(root="/", included=["/etc"]), objects=[obj]))
     target = tmp_path / "target"
-    result = cli("restore", "--container", container, "--backup-id", backup_id, "--target",
-                 str(target), "--json")
+    result = cli_in_process("restore", "--container", container, "--backup-id", backup_id,
+                            "--target", str(target), "--json")
     assert list(outside.iterdir()) == [], result.stderr
     assert (target / "etc/hosts").read_bytes() == b"planted\n", result.stderr
     # what tar wrote stays inside: the absolute member under the target, the link a link

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PREFECT_API_URL, REPO, backup_in_process
+from conftest import PREFECT_API_URL, REPO, backup_in_process, cli_in_process
 from deploy_helpers import remove_tree, scratch_dir
 
 from undercloud_backup import config
@@ -35,7 +35,9 @@ SCRATCH_PREFIX = "undercloud-verify-db-"
 
 
 def cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m flows.<module>`` the way an operator does."""
+    """Run ``python -m flows.<module>`` the way an operator does: kept for the CLI's contract
+    (exit status, the report on stdout, the last line); the tests of what a verification finds
+    call the flow in this process (cli_in_process), without a Python start with Prefect."""
     return subprocess.run([sys.executable, "-m", f"flows.{module}", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
 
@@ -161,8 +163,8 @@ def test_a_good_backup_verifies_with_a_test_restore_of_every_table(backup, sampl
     try:
         started = time.monotonic()
         with scratch_dirs_seen(staging) as seen:
-            result = cli("verify", "--container", backup["container"], "--json",
-                         "--staging-dir", str(staging))
+            result = cli_in_process("verify", "--container", backup["container"], "--json",
+                                    "--staging-dir", str(staging))
         elapsed = time.monotonic() - started
         left, servers = scratch_dirs(staging), scratch_servers(staging)
     finally:
@@ -195,7 +197,7 @@ def test_a_good_backup_verifies_with_a_test_restore_of_every_table(backup, sampl
 
     artifact = latest_artifact("backup-verification")
     assert backup["backup_id"] in artifact["data"] and "PASSED" in artifact["data"]
-    print(f"\nverify of the sample undercloud: {elapsed:.1f} s (CLI), "
+    print(f"\nverify of the sample undercloud: {elapsed:.1f} s (in process), "
           f"{report['seconds']} s in the flow, dump loaded in {database['load_seconds']} s")
 
 
@@ -214,7 +216,7 @@ def test_without_table_checksums_row_counts_are_recorded_and_verified(
     assert {t.table: t.rows for t in tables} == {"counters": 2, "items": 300, "log": 5}
     assert all(t.checksum is None for t in tables)
 
-    report = json.loads(cli("verify", "--container", container, "--json").stdout)
+    report = json.loads(cli_in_process("verify", "--container", container, "--json").stdout)
     assert report["ok"] is True, report["problems"]
     assert report["database"]["compared"] == report["database"]["matching"] >= 3
     assert report["database"]["checksums"] is False  # and said so, not compared against None
@@ -232,13 +234,15 @@ def test_a_manifest_from_before_segment_sha256_still_verifies_by_swift_md5(backu
             del segment["sha256"]
     catalogue.put_manifest_body(store, backup["container"], backup["backup_id"],
                                 json.dumps(data).encode())
-    result = cli("verify", "--container", backup["container"], "--skip-database", "--json")
+    result = cli_in_process("verify", "--container", backup["container"], "--skip-database",
+                            "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["ok"] is True
     # ... and a damaged segment is still found, by its MD5
     segment = archive.segments[1]
     store.put(archive.segment_container, segment.name, os.urandom(segment.size))
-    result = cli("verify", "--container", backup["container"], "--skip-database", "--json")
+    result = cli_in_process("verify", "--container", backup["container"], "--skip-database",
+                            "--json")
     assert result.returncode == verify.VerificationFailed.exit_code
     problems = json.loads(result.stdout)["problems"]
     assert any(segment.name in p and "md5" in p for p in problems), problems
@@ -254,7 +258,7 @@ def test_schema_objects_are_compared_with_what_the_backup_recorded(backup, test_
     # The manifest says one more trigger than the dump holds: verify must notice.
     manifest.mariadb.schema_objects[test_database]["triggers"] = 2
     catalogue.put_manifest(store, backup["container"], manifest)
-    result = cli("verify", "--container", backup["container"], "--json")
+    result = cli_in_process("verify", "--container", backup["container"], "--json")
     assert result.returncode == verify.VerificationFailed.exit_code, result.stderr
     problems = json.loads(result.stdout)["problems"]
     assert problems == [f"database {test_database}: 1 triggers after the load, the manifest "
@@ -273,6 +277,8 @@ def test_an_overwritten_segment_fails_verification_naming_object_and_segment(bac
     # Same size, different bytes, written with plain swiftclient.
     swift_store().put(segment_container, name, os.urandom(segment.size))
 
+    # As a process: the exit status, the --json report of a failed verification on stdout and
+    # the error last, as an operator gets them.
     result = cli("verify", "--container", backup["container"], "--backup-id",
                  backup["backup_id"], "--skip-database", "--json")
     assert result.returncode == verify.VerificationFailed.exit_code, result.stderr
@@ -298,7 +304,7 @@ def test_a_deleted_object_fails_verification_naming_it(backup):
     name = f"{backup['backup_id']}/mariadb-all-databases.sql.zst"
     swift_store().delete(backup["container"], name)
 
-    result = cli("verify", "--container", backup["container"], "--json")
+    result = cli_in_process("verify", "--container", backup["container"], "--json")
     assert result.returncode == verify.VerificationFailed.exit_code, result.stderr
     report = json.loads(result.stdout)
     assert report["ok"] is False
@@ -331,7 +337,7 @@ def test_a_dump_that_does_not_load_fails_verification(backup, tmp_path):
     put_plain(store, container, record, broken)
     catalogue.put_manifest(store, container, manifest)
 
-    result = cli("verify", "--container", container, "--json")
+    result = cli_in_process("verify", "--container", container, "--json")
     assert result.returncode == verify.VerificationFailed.exit_code, result.stderr
     report = json.loads(result.stdout)
     assert all(o["ok"] for o in report["objects"])  # intact as stored...
@@ -396,7 +402,7 @@ def test_verify_never_runs_shell_lines_of_a_planted_dump(kind, container, os_env
     marker = tmp_path / "ran"
     backup_id = plant_backup(container, planted_dumps(marker)[kind])
 
-    result = cli("verify", "--container", container, "--backup-id", backup_id)
+    result = cli_in_process("verify", "--container", container, "--backup-id", backup_id)
     assert result.returncode == verify.VerificationFailed.exit_code, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"undercloud-verify: error: Backup {backup_id} failed verification")
