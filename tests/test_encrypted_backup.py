@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import sample_undercloud as sample
-from conftest import PYTHON, REPO, backup_cli, backup_in_process, describe_tree, mariadb
+from conftest import REPO, backup_cli, backup_in_process, describe_tree, mariadb
+from test_identity import cli
 from test_roundtrip import plain_swift, table_checksums
 from test_verify import get_manifest
 
@@ -45,9 +46,9 @@ def run_by_hand(workdir: Path, target: Path, os_env: dict, **env: str
 
 
 def tool(flow: str, *args: str) -> subprocess.CompletedProcess:
-    """``python -m flows.verify`` / ``flows.restore`` as an operator runs them."""
-    return subprocess.run([PYTHON, "-m", f"flows.{flow}", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    """``python -m flows.verify`` / ``flows.restore`` called in this process: what they find,
+    not their process (their CLIs' contract: test_verify, test_restore, test_identity)."""
+    return cli(flow, *args)
 
 
 def last_line(done: subprocess.CompletedProcess) -> str:
@@ -217,24 +218,27 @@ def installed_recipients(keys):
 
 def test_once_recipients_are_installed_every_backup_is_encrypted_unless_opted_out_with_a_reason(
         installed_recipients, sample_databases, container, db_cnf, keys):
-    def backup(*extra: str, run=backup_cli) -> subprocess.CompletedProcess:
+    def backup(*extra: str, run=backup_in_process) -> subprocess.CompletedProcess:
         return run("--db-only", "--container", container, "--db-defaults-file", db_cnf,
                    "--no-prune", "--json", *extra)
 
-    done = backup(run=backup_in_process)  # names no recipients: the installed ones apply
+    def refused_backup(*extra: str) -> subprocess.CompletedProcess:
+        return backup(*extra, run=lambda *args: cli("backup", *args))
+
+    done = backup()  # names no recipients: the installed ones apply
     assert done.returncode == 0, done.stderr
     manifest = get_manifest(container, json.loads(done.stdout)["backup_id"])
     assert manifest.encryption["format"] == "age"
     assert sorted(manifest.encryption["recipients"]) == sorted(keys["fingerprints"])
     assert all(o.name.endswith(".zst.age") for o in manifest.objects), manifest.objects
 
-    refused = backup("--no-encryption", " ")
+    refused = refused_backup("--no-encryption", " ")
     assert refused.returncode == crypto.EncryptionRequired.exit_code == 58, refused.stderr
     assert "--no-encryption needs a reason" in last_line(refused)
-    both = backup("--no-encryption", "drill", "--recipients-file", keys["recipients"])
+    both = refused_backup("--no-encryption", "drill", "--recipients-file", keys["recipients"])
     assert both.returncode == 2 and "not both" in last_line(both)
 
-    plain = backup("--no-encryption", "restore drill on a test node", run=backup_in_process)
+    plain = backup("--no-encryption", "restore drill on a test node")
     assert plain.returncode == 0, plain.stderr
     manifest = get_manifest(container, json.loads(plain.stdout)["backup_id"])
     assert manifest.encryption == {"format": "none", "recipients": [], "opted_out": True,
@@ -272,9 +276,9 @@ def test_a_break_glass_identity_left_on_the_node_warns_every_backup_until_it_is_
     """The backup still runs and is encrypted; the run's log (WARNING), its artifact and the
     CLI's last lines say the identity must leave the node, naming the path, never the key;
     once it is gone, nothing says so."""
-    def backup(run=backup_cli) -> subprocess.CompletedProcess:
-        return run("--db-only", "--container", container, "--db-defaults-file", db_cnf,
-                   "--no-prune", "--json")
+    def backup() -> subprocess.CompletedProcess:
+        return cli("backup", "--db-only", "--container", container, "--db-defaults-file",
+                   db_cnf, "--no-prune", "--json")
 
     warning = f"the break-glass identity {left_break_glass} is still on this node"
     done = backup()
@@ -291,7 +295,7 @@ def test_a_break_glass_identity_left_on_the_node_warns_every_backup_until_it_is_
     assert secret not in done.stdout + done.stderr + artifact
 
     left_break_glass.unlink()  # moved off the node
-    done = backup(run=backup_in_process)
+    done = backup()
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["warnings"] == []
     assert "break-glass" not in done.stderr and "break-glass" not in latest_artifact()

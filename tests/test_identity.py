@@ -10,7 +10,9 @@ log, flow-run parameter or artifact.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import sample_undercloud as sample
-from conftest import REPO, backup_in_process, describe_tree
+from conftest import REPO, backup_in_process, cli_in_process, describe_tree
 from test_restore import archived, checksums, remove_container
 from test_verify import database_sql, run_sql, swift_store
 
@@ -31,9 +33,35 @@ from undercloud_backup.trust import crypto
 PRINCIPAL = "undercloud@node"
 
 
-def cli(module: str, *args: str) -> subprocess.CompletedProcess:
+def cli_process(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m flows.<module>`` as an operator runs it: for the CLI's own contract."""
     return subprocess.run([sys.executable, "-m", f"flows.{module}", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=dict(os.environ))
+
+
+class _Tracebacks(logging.Handler):
+    """The tracebacks of log records, which the process's console would print to stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.sink = io.StringIO()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.sink.write(logging.Formatter().formatException(record.exc_info) + "\n")
+
+
+def cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    """The flow called in this process (what it does, not its process): its stderr holds the
+    run's log lines, any traceback a log record carried, then its own lines."""
+    tracebacks = _Tracebacks()
+    logging.getLogger().addHandler(tracebacks)
+    try:
+        done = cli_in_process(module, *args)
+    finally:
+        logging.getLogger().removeHandler(tracebacks)
+    done.stderr = tracebacks.sink.getvalue() + done.stderr
+    return done
 
 
 def one_line(done: subprocess.CompletedProcess, prog: str) -> str:
@@ -203,13 +231,15 @@ def test_a_missing_unusable_or_foreign_identity_is_refused_before_anything_is_wr
     target = tmp_path / "target"
     args = [*encrypted["where"], "--allowed-signers", keys["allowed"]]
     args += ["--identity", identity] if identity else []
-    done = cli("restore", *args, "--target", str(target))
+    # One case as the operator's process: the CLIs' exit status and last line, no traceback.
+    run = cli_process if case == "another-recipient" else cli
+    done = run("restore", *args, "--target", str(target))
     assert done.returncode == status, done.stderr[-2000:]
     line = one_line(done, "undercloud-restore")
     assert says in line and (identity is None or identity in line)
     assert not target.exists()
     if identity is not None:  # verify checks the identity before reading an object
-        done = cli("verify", *args)
+        done = run("verify", *args)
         assert done.returncode == status and says in one_line(done, "undercloud-verify")
     assert_no_secret(keys, done.stdout, done.stderr)
 
