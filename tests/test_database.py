@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pymysql
 import pytest
-from conftest import REPO, backup_cli, backup_in_process, mariadb, swift_store
+from conftest import REPO, backup_in_process, mariadb, swift_store
 
 from blocks.mariadb import MariaDBConnection
 from undercloud_backup.core.errors import CommandFailed
@@ -477,10 +477,10 @@ def test_the_servers_own_lock_wait_timeout_is_the_same_lock_error(tmp_path):
         assert "Table `u` on MariaDB" in str(error) and "lock_wait_timeout ran out" in str(error)
 
 
-def _db_only(container: str, cnf: str, *extra: str, run=backup_cli,
-             ) -> subprocess.CompletedProcess:
-    return run("--container", container, "--db-defaults-file", cnf, "--db-only", "--no-prune",
-               *extra)
+def _db_only(container: str, cnf: str, *extra: str) -> subprocess.CompletedProcess:
+    """A database-only backup with the CLI's flags, called in this process."""
+    return backup_in_process("--container", container, "--db-defaults-file", cnf, "--db-only",
+                             "--no-prune", *extra)
 
 
 def test_a_partial_dump_is_recorded_and_said_and_a_full_one_records_its_grants(
@@ -514,7 +514,7 @@ def test_a_partial_dump_is_recorded_and_said_and_a_full_one_records_its_grants(
     assert report.database_partial == section.partial_note()
     assert report.warnings[0].startswith(section.partial_note())
 
-    full = _db_only(container, db_cnf, "--json", run=backup_in_process)
+    full = _db_only(container, db_cnf, "--json")
     assert full.returncode == 0, full.stderr
     summary = json.loads(full.stdout)
     assert summary["partial_database"] is None
@@ -527,11 +527,12 @@ def test_a_partial_dump_is_recorded_and_said_and_a_full_one_records_its_grants(
     assert section.schema_objects["ucb_dbt_b"]["triggers"] == 1
 
     # The listing tells the partial one from the complete one, in text and in JSON.
-    listed = backup_cli("--list", "--container", container)
+    listed = backup_in_process("--list", "--container", container)
     assert listed.returncode == 0, listed.stderr
     assert [line.split()[1:] for line in listed.stdout.splitlines()] == [
         [backup_id, "full", "PARTIAL", "database", "dump"],
         [summary["backup_id"], "full", "database", "dump"]]
-    as_json = json.loads(backup_cli("--list", "--json", "--container", container).stdout)
+    as_json = json.loads(backup_in_process("--list", "--json", "--container", container
+                                           ).stdout)
     assert [b["partial_database"] for b in as_json["backups"]] == [
         manifest.mariadb.partial_note(), None]

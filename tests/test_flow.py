@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PREFECT_API_URL, REPO, backup_cli
+from conftest import PREFECT_API_URL, REPO, backup_cli, backup_in_process
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -152,6 +152,7 @@ def test_a_zero_segment_size_is_refused(value, capsys):
 
 def test_errors_name_flags_on_the_cli_and_parameters_in_the_ui(os_env, db_cnf, small_root,
                                                                container):
+    # A real process: the CLI's contract (exit status, last line, no traceback) is the point.
     result = backup_cli("--root", str(small_root), "--container", container,
                         "--db-defaults-file", db_cnf, "--add-path", "/not/there")
     assert result.returncode == 3
@@ -178,8 +179,8 @@ def test_blocks_save_load_and_drive_a_backup(os_env, services, small_root, conta
     assert loaded.settings().segment_size == 2 * 1024**2
 
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("OS_")}
-    result = backup_cli("--root", str(small_root), "--db-block", f"db-{suffix}",
-                        "--swift-block", f"swift-{suffix}", "--json", env=env)
+    result = backup_in_process("--root", str(small_root), "--db-block", f"db-{suffix}",
+                               "--swift-block", f"swift-{suffix}", "--json", env=env)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["container"] == container
@@ -204,8 +205,8 @@ def test_settings_from_clouds_yaml_with_env_over_it(tmp_path, monkeypatch, os_en
 
 
 def test_dry_run_writes_nothing(os_env, db_cnf, small_root, container, tmp_path):
-    result = backup_cli("--root", str(small_root), "--container", container,
-                        "--db-defaults-file", db_cnf, "--dry-run", "--json")
+    result = backup_in_process("--root", str(small_root), "--container", container,
+                               "--db-defaults-file", db_cnf, "--dry-run", "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["dry_run"] is True and summary["manifest"] is None
@@ -313,8 +314,9 @@ def test_ad_hoc_runs_beat_as_often_as_the_zombie_automation_expects():
 
 
 def test_an_ad_hoc_run_sends_heartbeats_to_the_server(os_env, db_cnf, small_root, container):
-    result = backup_cli("--root", str(small_root), "--container", container,
-                        "--db-defaults-file", db_cnf, "--db-only", "--no-prune", "--json")
+    result = backup_in_process("--root", str(small_root), "--container", container,
+                               "--db-defaults-file", db_cnf, "--db-only", "--no-prune",
+                               "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     manifest = catalogue.get_manifest(store(), container, summary["backup_id"])

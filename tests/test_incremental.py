@@ -11,7 +11,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,9 +18,9 @@ from pathlib import Path
 import pytest
 import sample_undercloud as sample
 from conftest import (
-    REPO,
     backup_cli,
     backup_in_process,
+    cli_in_process,
     describe_tree,
     remove_container,
     swift_store,
@@ -159,18 +158,16 @@ def test_the_tool_restores_the_chain_deletions_modes_and_owners_included(chain3,
     container, trees = chain3["container"], chain3["trees"]
     ids = [s["backup_id"] for s in chain3["summaries"]]
     target = tmp_path / "target"
-    dry = subprocess.run([sys.executable, "-m", "flows.restore", "--container",
-                          container, "--backup-id", ids[2], "--target", str(target),
-                          "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    dry = cli_in_process("restore", "--container", container, "--backup-id", ids[2],
+                         "--target", str(target), "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.splitlines()[0] == (f"chain    {ids[0]} > {ids[1]} > {ids[2]} (full "
                                           "first, each level in order)")
     assert f"create   {target}/home/stack/new dir/inner/ü.txt" in dry.stdout
     assert not target.exists()
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "flows.restore", "--container",
-                           container, "--backup-id", ids[2], "--target", str(target), "--json"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = cli_in_process("restore", "--container", container, "--backup-id", ids[2],
+                          "--target", str(target), "--json")
     assert done.returncode == 0, done.stderr
     files = json.loads(done.stdout)["files"]
     TIMES["chain_restore_s"] = time.monotonic() - started
@@ -233,9 +230,8 @@ def test_retention_keeps_every_backup_a_kept_incremental_needs(chain3):
     reasons = {b.backup_id: b.reasons for b in result.kept}
     assert reasons == {ids[2]: ["last", "newest"], ids[1]: [f"parent of {ids[2]}"],
                        ids[0]: [f"parent of {ids[2]}"]}
-    dry = subprocess.run([sys.executable, "-m", "flows.prune", "--container", container,
-                          "--keep-last", "1", "--keep-daily", "0", "--keep-weekly", "0",
-                          "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    dry = cli_in_process("prune", "--container", container, "--keep-last", "1",
+                         "--keep-daily", "0", "--keep-weekly", "0", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert f"keep         {ids[0]}  (parent of {ids[2]})" in dry.stdout.splitlines()
 

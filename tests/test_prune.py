@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, cli_in_process
 
 from undercloud_backup import config
 from undercloud_backup.core.errors import ConfigError
@@ -21,7 +21,15 @@ from undercloud_backup.store.connection import SwiftStore
 UTC = dt.UTC
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """A prune with the CLI's flags, called in this process: what a prune does, without a
+    Python that imports Prefect started for each."""
+    return cli_in_process("prune", *args)
+
+
+def cli_process(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m flows.prune`` as an operator runs it: for the CLI's own contract (its exit
+    status and ``--json`` alone on stdout)."""
     return subprocess.run([sys.executable, "-m", "flows.prune", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
 
@@ -150,7 +158,7 @@ def test_prune_keeps_exactly_the_policy_set_and_removes_stale_incomplete_ones(co
               "--keep-weekly", "3")
     everything = (names(conn, container), names(conn, f"{container}_segments"))
 
-    dry = cli(*policy, "--dry-run", "--json")
+    dry = cli_process(*policy, "--dry-run", "--json")  # the CLI's contract: a real process
     assert dry.returncode == 0, dry.stderr
     plan = json.loads(dry.stdout)
     assert {b["backup_id"] for b in plan["kept"]} == expected
