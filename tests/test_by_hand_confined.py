@@ -62,6 +62,9 @@ def test_every_documented_extraction_is_confined_and_every_target_unpredictable(
     for page in DOCS.glob("*.md"):
         for fixed in re.findall(r"(?:-C|--target)\s+/var/tmp/[\w.-]+", page.read_text()):
             pytest.fail(f"{page.name}: {fixed}: a name other users can plant in advance")
+    backup_md = (DOCS / "backup.md").read_text()
+    assert "by hand, `tar -x" not in backup_md and "confined_tar" in backup_md
+    assert "undercloud-restore-<id>/" not in (DOCS / "restore.md").read_text()
 
 
 @pytest.mark.unit
