@@ -378,26 +378,31 @@ def _kind_text(manifest: Manifest) -> str:
             f"its chain {' > '.join(f'`{b}`' for b in manifest.chain)} first")
 
 
+_TAR_OPTIONS = "--xattrs --xattrs-include='*' --acls --numeric-owner -p"
+
+
 def _by_hand_text(container: str, backup_id: str, manifest: Manifest) -> str:
     """The artifact's restore without the tool: one download and tar per level of a chain."""
     if manifest.kind != "incremental":
-        return ("Restore without this tool (docs/by-hand.md): "
-                f"`swift download {container} --prefix {backup_id}/`, then `zstd -dc "
-                "filesystem.tar.zst | tar -x --xattrs --xattrs-include='*' --acls "
-                "--numeric-owner -C /target` and "
+        return ("Restore without this tool (docs/by-hand.md, \"The whole backup\"): "
+                f"`swift download {container} --prefix {backup_id}/`, then, as root, "
+                "`T=$(mktemp -d)` and `zstd -dc filesystem.tar.zst | confined_tar \"$T\" "
+                f"{_TAR_OPTIONS}` (`confined_tar`, defined there, keeps a forged archive's "
+                "device nodes and links inside the new directory; never plain `tar -x`, never a "
+                "fixed name in /var/tmp) and "
                 "`zstd -dc mariadb-all-databases.sql.zst | mariadb --sandbox --local-infile=0`, "
-                "then the same for `mariadb-users-grants.sql.zst` (docs/by-hand.md; encrypted "
-                "objects go through `age -d -i IDENTITY` first).")
+                "then the same for `mariadb-users-grants.sql.zst` (encrypted objects go through "
+                "`age -d -i IDENTITY` first).")
     levels = [*manifest.chain, backup_id]
     steps = "\n".join(
         f"{n}. `swift download {container} {level}/filesystem.tar.zst -o - | zstd -dc | "
-        "confined_tar /target --listed-incremental=/dev/null --xattrs --xattrs-include='*' "
-        "--acls --numeric-owner -p --same-owner`"
+        f"confined_tar \"$T\" --listed-incremental=/dev/null {_TAR_OPTIONS} --same-owner`"
         for n, level in enumerate(levels, 1))
     return ("Restore without this tool (docs/by-hand.md): the files are an incremental, so "
-            "extract the full and every level, in this order, into the same empty target (tar "
-            "applies each level's deletions), each confined to the target: plain `tar -x` is not "
-            "safe across levels (`confined_tar`: docs/by-hand.md, \"Incremental backups, by "
+            "extract the full and every level, in this order, into the same new empty target "
+            "(`T=$(mktemp -d)`, as root; tar applies each level's deletions), each confined to "
+            "the target: plain `tar -x` is not safe across levels (`confined_tar`: "
+            "docs/by-hand.md, \"Incremental backups, by "
             f"hand\"):\n\n{steps}\n\nthen the database from this backup alone (a full dump "
             f"every time): `zstd -dc {backup_id}/mariadb-all-databases.sql.zst"
             " | mariadb --sandbox --local-infile=0`, then the same for "

@@ -29,6 +29,7 @@ from tasks import verify as checks
 from undercloud_backup.core import defaults
 from undercloud_backup.core.errors import ConfigError
 from undercloud_backup.core.manifest import Manifest
+from undercloud_backup.files import confine
 from undercloud_backup.restore import binlog as replaylog
 from undercloud_backup.restore import databases as restoredb
 from undercloud_backup.restore import files as restore
@@ -176,6 +177,9 @@ def undercloud_restore(
 ) -> RestoreResult:
     """Restore an undercloud backup: files into a target root, databases into a MariaDB."""
     want_databases = _check_choices(files, all_databases, databases, overwrite, skip_existing)
+    # spools, replayed logs and the default target are made in it, as root: never through
+    # another user's link or in another user's directory
+    staging_dir = confine.secure_staging(staging_dir)
     allowed_signers = signing.allowed_signers_for(allowed_signers, check_signature,
                                                   signing.installed_allowed_signers())
     swift_source = SwiftSource(block=swift_block, container=container)

@@ -27,6 +27,7 @@ from undercloud_backup.core import defaults
 from undercloud_backup.core.errors import BackupError
 from undercloud_backup.core.manifest import Manifest
 from undercloud_backup.core.sizes import format_size
+from undercloud_backup.files import confine
 from undercloud_backup.restore import verify
 from undercloud_backup.store import session as swift_session
 from undercloud_backup.trust import crypto, signing
@@ -82,6 +83,8 @@ def verify_backup(
     databases compared table by table with the manifest."""
     logger = get_run_logger()
     started = time.monotonic()
+    # the throwaway server's directory is made in it, as root: never through another's link
+    staging_dir = confine.secure_staging(staging_dir)
     allowed_signers = signing.allowed_signers_for(allowed_signers, check_signature,
                                                   signing.installed_allowed_signers())
     swift_source = SwiftSource(block=swift_block, container=container)

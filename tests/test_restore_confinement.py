@@ -351,9 +351,11 @@ def intruder():
 
 def test_a_racing_local_user_never_gets_root_to_write_through_a_planted_name(
         container, os_env, intruder, request):
-    """The old default target was <staging>/undercloud-restore-<id>, known from root's argv:
-    an unprivileged user plants that name, and every name the restore used in the staging
-    directory, as symlinks into its own directory, again and again while root restores."""
+    """The old default target was <staging>/undercloud-restore-<id>, known from root's argv.
+    An unprivileged user plants that name and, watching the staging directory in a tight
+    loop, every name it has seen root use there, as symlinks into its own directory, again
+    and again: so a name that a later run would use again (anything but a random one) meets
+    a planted link. The operator removes the first run's target before the second run."""
     # pytest's tmp path is root's alone: this one the intruder can reach
     reachable = Path(tempfile.mkdtemp(prefix="ucb-race-", dir="/var/tmp"))
     request.addfinalizer(lambda: shutil.rmtree(reachable))
@@ -367,26 +369,50 @@ def test_a_racing_local_user_never_gets_root_to_write_through_a_planted_name(
                                       text=True).stdout), 0)
     plant_level(container, "genuine-0", plain_archive(
         ("etc/hostname", tarfile.REGTYPE, "", 0o644, "restored\n")), [])
-    names = ["undercloud-restore-genuine-0", "undercloud-restore-genuine-0-XXXXXXXX"]
+    predictable = "undercloud-restore-genuine-0"
     as_intruder = ["runuser", "-u", intruder, "--"]
     subprocess.run([*as_intruder, "ln", "-s", str(trap), str(staging / "restore-target")],
                    check=True)
-    planter = subprocess.Popen(
-        [*as_intruder, "sh", "-c", f'while :; do for n in {" ".join(names)}; do '
-         f'ln -sfn {trap} {staging}/$n 2>/dev/null; done; done'], start_new_session=True)
+    watch = ("import os, sys\n"
+             "staging, trap, seen = sys.argv[1], sys.argv[2], {sys.argv[3]}\n"
+             "while True:\n"
+             "    for name in os.listdir(staging):\n"
+             "        if name.startswith('undercloud-') and name not in seen:\n"
+             "            seen.add(name)\n"
+             "            print(name, flush=True)\n"
+             "    for name in seen:\n"
+             "        try:\n"
+             "            os.symlink(trap, os.path.join(staging, name))\n"
+             "        except OSError:\n"
+             "            pass\n")
+    planter = subprocess.Popen([*as_intruder, "/usr/bin/python3", "-I", "-c", watch,
+                                str(staging), str(trap), predictable], start_new_session=True,
+                               stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.5)
-        assert (staging / names[0]).is_symlink()  # the race is on
+        deadline = time.monotonic() + 5
+        while not (staging / predictable).is_symlink():  # the race is on
+            assert time.monotonic() < deadline, "the planter did not start"
+            time.sleep(0.05)
+        first = restore_cli(container, "genuine-0", "--staging-dir", str(staging), "--json")
+        assert first.returncode == 0, first.stderr
+        used = Path(json.loads(first.stdout)["files"]["target"])
+        shutil.rmtree(used)  # its name is free again: the planter plants it
+        deadline = time.monotonic() + 5
+        while not used.is_symlink():
+            assert time.monotonic() < deadline, f"the planter did not see {used.name}"
+            time.sleep(0.05)
         result = restore_cli(container, "genuine-0", "--staging-dir", str(staging), "--json")
         named = restore_cli(container, "genuine-0", "--target",
                             str(staging / "restore-target"))
     finally:
         os.killpg(planter.pid, 9)
-        planter.wait()
+        seen = planter.communicate()[0].split()
+    assert used.name in seen  # it saw root's names as they appeared
     assert list(trap.iterdir()) == []  # root wrote nothing through a planted name
     assert result.returncode == 0, result.stderr
     target = Path(json.loads(result.stdout)["files"]["target"])
-    assert target.parent == staging and target.name.startswith(names[0] + "-")
+    assert target != used and target.parent == staging
+    assert target.name.startswith(predictable + "-")
     assert not target.is_symlink() and stat.S_IMODE(target.stat().st_mode) == 0o700
     assert (target / "etc/hostname").read_text() == "restored\n"
     # a named target that another user holds as a link is refused, not followed

@@ -26,6 +26,7 @@ import pymysql
 from undercloud_backup.core.errors import BackupError
 from undercloud_backup.core.execute import Command, Pipeline, run
 from undercloud_backup.db.dumpstream import sandboxed
+from undercloud_backup.files import confine
 
 START_TIMEOUT_S = 60.0
 INSTALL_TIMEOUT_S = 120.0
@@ -144,15 +145,32 @@ def _free_port() -> int:
 
 
 def _prepare(base_dir: str, user: str | None) -> str:
-    os.makedirs(base_dir, exist_ok=True)
-    directory = tempfile.mkdtemp(prefix="undercloud-verify-db-", dir=base_dir)
+    """The server's own new directory in ``base_dir``, made exclusively under a random name.
+    ``base_dir`` is reached only through names no other user can change (a link planted as
+    ``--staging-dir``, or another user's directory, is refused: exit 65), so nobody can
+    rename or replace what is made in it while root uses it."""
+    base = confine.secure_staging(base_dir, create=True)
+    if user and user != "root" and not _enterable(base, user):
+        raise ScratchDatabaseFailed(
+            reason=f"its user {user} cannot enter the staging directory {base_dir} (every "
+                   "directory on the way must let it search): give a --staging-dir it can "
+                   "reach, such as /var/tmp")
+    directory = tempfile.mkdtemp(prefix="undercloud-verify-db-", dir=base)
     for sub in ("tmp", "files"):
         os.mkdir(os.path.join(directory, sub), 0o700)
     if user and user != "root":
         account = pwd.getpwnam(user)
         for path in (directory, *(os.path.join(directory, s) for s in ("tmp", "files"))):
-            os.chown(path, account.pw_uid, account.pw_gid)
+            os.chown(path, account.pw_uid, account.pw_gid, follow_symlinks=False)
     return directory
+
+
+def _enterable(directory: str, user: str) -> bool:
+    """``user`` can search ``directory`` and every directory above it (the kernel's answer,
+    ACLs included: ``test -x`` run as that user)."""
+    return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}",
+                           "--init-groups", "--", "test", "-x", directory],
+                          stdin=subprocess.DEVNULL, capture_output=True).returncode == 0
 
 
 def _wait_ready(pipe: Pipeline, sock: str, deadline: float) -> pymysql.connections.Connection:

@@ -141,10 +141,19 @@ def _check_final(path: str, real: str, what: str, sticky_ok: bool) -> None:
                            "who could plant links in it")
 
 
+def secure_staging(staging_dir: str, *, create: bool = False) -> str:
+    """The real path of ``staging_dir``, where root makes its scratch directories (each under
+    a random name, exclusively): reached only through names no other user can change, and
+    ours; a shared sticky one such as ``/var/tmp`` too (nobody else can rename or remove what
+    we make in it). A planted link, or another user's directory, is :class:`TargetUnsafe`."""
+    return secure_directory(staging_dir, what="staging directory", create=create,
+                            mode=0o755, sticky_ok=True)
+
+
 def new_default_target(staging_dir: str, backup_id: str) -> str:
     """A new directory ``undercloud-restore-<backup_id>-<random>`` in ``staging_dir``, made
     exclusively with mode 0700: nobody can know its name, or plant it, in advance."""
-    staging = secure_directory(staging_dir, what="staging directory", sticky_ok=True)
+    staging = secure_staging(staging_dir)
     if not os.path.isdir(staging):
         raise TargetUnsafe(what="staging directory", path=staging_dir,
                            reason="it does not exist")

@@ -28,6 +28,7 @@ from undercloud_backup.core.errors import BackupError, BackupNotFound
 from undercloud_backup.core.execute import Command, Pipeline
 from undercloud_backup.core.manifest import Manifest, StoredObject
 from undercloud_backup.db import binlog
+from undercloud_backup.files import confine
 from undercloud_backup.store import catalogue
 from undercloud_backup.store.reader import ObjectDamaged
 from undercloud_backup.store.streams import Consumer, stream_object
@@ -288,6 +289,12 @@ def _download_all(store, container: str, plan: ReplayPlan, directory: str, timeo
     return paths
 
 
+def _replay_directory(staging_dir: str) -> str:
+    """A new directory of ours, under a random name, in ``staging_dir`` reached only through
+    names no other user can change (a planted link or another user's directory: exit 65)."""
+    return tempfile.mkdtemp(prefix="undercloud-replay-", dir=confine.secure_staging(staging_dir))
+
+
 @contextmanager
 def prefetched(store, container: str, plan: ReplayPlan, *, timeout: float,
                staging_dir: str) -> Iterator[Fetched]:
@@ -295,7 +302,7 @@ def prefetched(store, container: str, plan: ReplayPlan, *, timeout: float,
     connection, while the caller loads the dump: only the replay itself then waits for the
     load. Yields what :func:`replay` takes as ``fetched``: it waits for the downloads and
     raises what they raised. The files are removed on the way out, whatever happened."""
-    directory = tempfile.mkdtemp(prefix="undercloud-replay-", dir=staging_dir)
+    directory = _replay_directory(staging_dir)
     stop = threading.Event()
     worker = None
     try:
@@ -325,7 +332,7 @@ def replay(store, container: str, plan: ReplayPlan, open_client: OpenClient, *,
     if not plan.logs:
         return 0
     if fetched is None:
-        directory = tempfile.mkdtemp(prefix="undercloud-replay-", dir=staging_dir)
+        directory = _replay_directory(staging_dir)
         try:
             paths = _download_all(store, container, plan, directory, timeout, staging_dir)
             return _apply(plan, paths, open_client, databases, timeout, secrets)
