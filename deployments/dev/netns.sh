@@ -28,8 +28,12 @@ if [ "${1:-}" = --inside ]; then
   done
   # The server's files where its own user can reach them (WORKDIR is root's alone).
   db=$(mktemp -d /var/tmp/ucb-netns-mariadb.XXXXXX)
-  # Nothing of this namespace outlives the command: its forwarders, then its files.
-  trap 'kill "${inner[@]}" 2>/dev/null || true; rm -rf "$db"' EXIT
+  server=""
+  # Nothing of this namespace outlives the command, an interrupted one too: its forwarders,
+  # its server (before its files go), then its files.
+  trap 'kill "${inner[@]}" 2>/dev/null || true
+    if [ -n "$server" ]; then kill "$server" 2>/dev/null || true; wait "$server" || true; fi
+    rm -rf "$db"' EXIT
   install -d -o mysql -g mysql -m 700 "$db/tmp"
   chown mysql:mysql "$db"
   if ! mariadb-install-db --no-defaults --datadir="$db/data" --user=mysql \
@@ -65,6 +69,7 @@ SQL
   "$@" || status=$?
   mariadb-admin shutdown >/dev/null 2>&1 || kill "$server" 2>/dev/null || true
   wait "$server" 2>/dev/null || true
+  server=""
   exit "$status"
 fi
 

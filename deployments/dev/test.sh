@@ -39,7 +39,7 @@ export PATH="$VENV/bin:$PATH"
 # check takes 7-10 s on 2 cores, a warm one under 1 s.
 export MYPY_CACHE_DIR=${MYPY_CACHE_DIR:-/var/tmp/ucb-mypy-cache}
 "$VENV/bin/ruff" check .
-# The 25 slowest tests in CI's log: where the suite's time goes (it is near its 20-minute budget).
+# The 25 slowest tests of each session in CI's log: where the suite's time goes.
 durations=()
 [ "${UCB_BENCH_SMOKE:-0}" != 1 ] || durations=(--durations=25)
 # The shards of tests/shards.txt side by side, one pytest session each. What each session does
