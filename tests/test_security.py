@@ -99,8 +99,8 @@ def status_field(pid: int, field: str) -> str:
 
 # ---------------------------------------------------------------- 1: root acts on root's paths
 def test_install_leaves_only_root_owned_directories_above_what_root_writes(full):
+    # measured, not asserted: a time depends on the machine and what else runs on it
     print(f"\ninstall.sh user privileged config services prefect: {full.install_seconds:.1f} s")
-    assert full.install_seconds < 120, full.install_seconds
     assert owner(full.state) == ("root", "root", 0o755)
     assert owner(full.state / "worker") == (WORKER, GROUP, 0o700)
     assert owner(full.state / "server") == (API_USER, API_USER, 0o700)

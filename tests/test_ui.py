@@ -133,8 +133,12 @@ class Operator:
         recorded, no run created: seen about once in ten runs on this 2-core machine) is
         warned about and submitted once more."""
         refused: list[str] = []
+        created: list[str] = []  # the ids of the runs the server created for this page
 
         def record(response) -> None:
+            if (response.request.method == "POST" and response.status == 201
+                    and response.url.endswith("/create_flow_run")):
+                created.append(response.json()["id"])
             if response.status >= 400 and "/api/" in response.url:
                 try:
                     body = response.text()[:300]
@@ -161,12 +165,23 @@ class Operator:
                         f"{name}: no run was created (see {shot}); API errors {refused}; the "
                         f"page says {self.page.locator('body').inner_text()[-1500:]!r}; "
                         f"server log:\n{log}") from None
+            # The toast closes by itself after a few seconds, so it is clicked at once (its
+            # screenshot is the run page's). Where the browser was too slow even for that (a
+            # loaded machine), the run the toast announced is opened by the id the server
+            # returned for it.
+            try:
+                self.page.get_by_role("button", name="View run").last.click(timeout=10_000)
+            except playwright_api.TimeoutError:
+                if not created:
+                    raise
+                self.page.goto(f"{self.base}/runs/flow-run/{created[-1]}")
+            self.page.wait_for_url(re.compile(r".*/runs/flow-run/[0-9a-f-]{36}$"))
         finally:
             self.page.remove_listener("response", record)
+        run_id = self.page.url.rsplit("/", 1)[1]
+        assert run_id in created, (run_id, created)  # the run this submit created
         self.shot(f"{name}-scheduled")
-        self.page.get_by_role("button", name="View run").last.click()
-        self.page.wait_for_url(re.compile(r".*/runs/flow-run/[0-9a-f-]{36}$"))
-        return self.page.url.rsplit("/", 1)[1]
+        return run_id
 
     def submit(self, name: str) -> str:
         return self.start(self.page.get_by_role("button", name="Submit").click, name)
