@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import sample_undercloud as sample
-from conftest import backup_cli
+from conftest import backup_in_process, cli_in_process
 from test_restore import (  # noqa: F401 - private_mariadb is a fixture
-    cli,
     make_backup,
     private_mariadb,
     remove_container,
@@ -26,6 +25,10 @@ from test_verify import database_sql, run_sql, swift_store
 from undercloud_backup.db.scratch import ScratchServer, os_user, scratch_mariadb
 from undercloud_backup.restore import databases as restoredb
 from undercloud_backup.restore import files as restore
+
+# What a restore does on the bad day, called in this process (test_restore keeps the CLI's own
+# contract as processes): the same parsing, flow run, statuses and printed lines.
+cli = cli_in_process
 
 IDENTITY = {"etc/fstab": "UUID=old / xfs defaults 0 0\n", "etc/machine-id": "old-machine\n",
             "etc/passwd": "root:x:0:0::/root:/bin/bash\nswift:x:160:160::/srv:/sbin/nologin\n",
@@ -149,7 +152,7 @@ def services_backup(private_mariadb, container, os_env):  # noqa: F811
             + f"CREATE DATABASE {names[2]};"
             f"CREATE USER ucb_day_svc@localhost IDENTIFIED BY 'x';"
             f"GRANT SELECT ON {names[0]}.* TO ucb_day_svc@localhost;")
-    result = backup_cli("--db-only", "--container", container, "--json", "--db-socket",
+    result = backup_in_process("--db-only", "--container", container, "--json", "--db-socket",
                         private_mariadb.socket, "--db-user", "root", "--no-prune")
     assert result.returncode == 0, result.stderr
     yield json.loads(result.stdout), names

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import test_restore_confinement as confinement
-from test_restore_confinement import cli, last_line, plain_archive, plant_level
+from conftest import REPO
+from test_restore_confinement import last_line, plain_archive, plant_level
 from test_verify import plant_backup
 
 from undercloud_backup.db import scratch
@@ -50,6 +52,13 @@ def shared(intruder, request) -> dict[str, Path]:
     subprocess.run([*as_intruder, str(tmp / "nowhere"), str(tmp / "dangling")], check=True)
     return {"tmp": tmp, "theirs": theirs, "link": tmp / "link", "dangling": tmp / "dangling",
             "nowhere": tmp / "nowhere"}
+
+
+def cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    """As a process: a refusal is the CLI's contract (its status, one line, no traceback on
+    the console, which only the process's own stderr shows)."""
+    return subprocess.run([sys.executable, "-m", f"flows.{module}", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
 
 
 def refused(done: subprocess.CompletedProcess, staging: Path) -> None:
