@@ -355,7 +355,9 @@ def backup_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 3
 
 
 class _LogLines(logging.Handler):
-    """The run's log records as lines, level and logger first, as the console shows them."""
+    """The run's log records as lines, level and logger first, as the console shows them,
+    each followed by the traceback it carries (the console prints that too: a test that says
+    "no traceback" must see it)."""
 
     def __init__(self, sink: io.StringIO) -> None:
         super().__init__(logging.INFO)
@@ -363,6 +365,8 @@ class _LogLines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.sink.write(f"{record.levelname} | {record.name} - {record.getMessage()}\n")
+        if record.exc_info:
+            self.sink.write(logging.Formatter().formatException(record.exc_info) + "\n")
 
 
 def backup_in_process(*args: str, env: dict[str, str] | None = None,

@@ -10,9 +10,7 @@ log, flow-run parameter or artifact.
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -39,29 +37,9 @@ def cli_process(module: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, env=dict(os.environ))
 
 
-class _Tracebacks(logging.Handler):
-    """The tracebacks of log records, which the process's console would print to stderr."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.NOTSET)
-        self.sink = io.StringIO()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info:
-            self.sink.write(logging.Formatter().formatException(record.exc_info) + "\n")
-
-
-def cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    """The flow called in this process (what it does, not its process): its stderr holds the
-    run's log lines, any traceback a log record carried, then its own lines."""
-    tracebacks = _Tracebacks()
-    logging.getLogger().addHandler(tracebacks)
-    try:
-        done = cli_in_process(module, *args)
-    finally:
-        logging.getLogger().removeHandler(tracebacks)
-    done.stderr = tracebacks.sink.getvalue() + done.stderr
-    return done
+# The flow called in this process (what it does, not its process): its stderr holds the run's
+# log lines with any traceback a record carried, then its own lines.
+cli = cli_in_process
 
 
 def one_line(done: subprocess.CompletedProcess, prog: str) -> str:
