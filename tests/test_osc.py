@@ -6,6 +6,10 @@ login (``--os-cloud``, no ``OS_*`` at all), takes the twin's flags (``--add-path
 ``--exclude-path``, ``--container``...), prints ``-f json``, lists, verifies and restores what
 it made, exits with the twin's statuses, starts and follows the installed deployment, and
 says which command runs when python-tripleoclient defines ``undercloud backup`` too.
+
+Most calls run the client in this process (conftest.openstack_in_process: its shell, our
+commands, the same output and status), each saving the ~7 CPU-s a process spends loading the
+client's plugins and importing Prefect; those that stay ``openstack`` processes say why.
 """
 
 from __future__ import annotations
@@ -20,15 +24,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import OPENSTACK, REPO, openstack_in_process
 from deploy_helpers import Api, stop
 
-OPENSTACK = Path(sys.prefix) / "bin" / "openstack"
 CLOUD = "ucb-backup-target"
 
 
 def openstack(*args: str, env: dict[str, str], timeout: float = 240,
               cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The ``openstack`` program in a process of its own."""
     return subprocess.run([str(OPENSTACK), *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=cwd or REPO)
 
@@ -71,10 +75,10 @@ def backed_up(cloud_env, tree, db_cnf):
     """One backup made by `openstack --os-cloud ... undercloud backup` (TripleO's flags)."""
     container = f"ucbtest-osc-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
-    result = openstack("--os-cloud", CLOUD, "undercloud", "backup", "--root", str(tree),
-                       "--add-path", "/opt/extra", "--exclude-path", "/etc/cache",
-                       "--db-defaults-file", db_cnf, "--no-table-checksums",
-                       "--container", container, "-f", "json", env=cloud_env)
+    result = openstack_in_process(
+        "--os-cloud", CLOUD, "undercloud", "backup", "--root", str(tree), "--add-path",
+        "/opt/extra", "--exclude-path", "/etc/cache", "--db-defaults-file", db_cnf,
+        "--no-table-checksums", "--container", container, "-f", "json", env=cloud_env)
     seconds = time.monotonic() - started
     yield container, result, seconds
     from conftest import remove_container
@@ -95,13 +99,13 @@ def test_openstack_undercloud_backup_backs_up_with_the_clients_own_login(
     assert {o["name"].split("/", 1)[1] for o in summary["objects"]} >= {
         "mariadb-all-databases.sql.zst", "filesystem.tar.zst"}
     assert os_env["OS_PASSWORD"] not in result.stdout + result.stderr
-    print(f"openstack undercloud backup: {seconds:.1f} s")
+    print(f"openstack undercloud backup (in this process): {seconds:.1f} s")
 
     # the other way the client logs in: the OS_* variables of an rc file
     rc_env = dict(cloud_env, **os_env)
     del rc_env["OS_CLIENT_CONFIG_FILE"]
-    listed = openstack("undercloud", "backup", "list", "--container", container, "-f", "json",
-                       env=rc_env)
+    listed = openstack_in_process("undercloud", "backup", "list", "--container", container,
+                                  "-f", "json", env=rc_env)
     assert listed.returncode == 0, listed.stderr
     assert [b["backup_id"] for b in json.loads(listed.stdout)] == [summary["backup_id"]]
     assert json.loads(listed.stdout)[0]["kind"] == "full"
@@ -111,18 +115,18 @@ def test_verify_and_restore_take_their_twins_flags_and_print_json(backed_up, clo
                                                                    tmp_path):
     container, result, _ = backed_up
     backup_id = json.loads(result.stdout)["backup_id"]
-    verified = openstack("--os-cloud", CLOUD, "undercloud", "backup", "verify",
-                         "--container", container, "--backup-id", backup_id,
-                         "--skip-database", "-f", "json", env=cloud_env)
+    verified = openstack_in_process("--os-cloud", CLOUD, "undercloud", "backup", "verify",
+                                    "--container", container, "--backup-id", backup_id,
+                                    "--skip-database", "-f", "json", env=cloud_env)
     assert verified.returncode == 0, verified.stderr
     report = json.loads(verified.stdout)
     assert report["ok"] is True and report["backup_id"] == backup_id
     assert report["archive"]["paths_found"] == ["/etc", "/opt/extra"]
 
     target = tmp_path / "restored"
-    restored = openstack("--os-cloud", CLOUD, "undercloud", "backup", "restore",
-                         "--container", container, "--target", str(target),
-                         "-f", "json", env=cloud_env)
+    restored = openstack_in_process("--os-cloud", CLOUD, "undercloud", "backup", "restore",
+                                    "--container", container, "--target", str(target),
+                                    "-f", "json", env=cloud_env)
     assert restored.returncode == 0, restored.stderr
     assert json.loads(restored.stdout)["backup_id"] == backup_id  # the latest: this one
     assert (target / "opt/extra/notes.txt").read_text() == "added\n"
@@ -132,6 +136,8 @@ def test_verify_and_restore_take_their_twins_flags_and_print_json(backed_up, clo
 
 def test_errors_are_one_line_with_the_twins_exit_statuses(backed_up, cloud_env, os_env, tree):
     container, _, _ = backed_up
+    # Processes, one per command (verify, list, backup): the status the program exits with
+    # and the last line it writes, interpreter exit and all, are the contract here.
     missing = openstack("--os-cloud", CLOUD, "undercloud", "backup", "verify", "--container",
                         container, "--backup-id", "nope", "-f", "json", env=cloud_env)
     assert missing.returncode == 40, missing.stderr  # BackupNotFound, as python -m flows.verify
@@ -155,15 +161,17 @@ def test_errors_are_one_line_with_the_twins_exit_statuses(backed_up, cloud_env, 
 
     backup_id = json.loads(backed_up[1].stdout)["backup_id"]
     swift_store().delete(container, f"{backup_id}/mariadb-all-databases.sql.zst")
-    failed = openstack("--os-cloud", CLOUD, "undercloud", "backup", "verify", "--container",
-                       container, "--skip-database", "-f", "json", env=cloud_env)
+    failed = openstack_in_process("--os-cloud", CLOUD, "undercloud", "backup", "verify",
+                                  "--container", container, "--skip-database", "-f", "json",
+                                  env=cloud_env)
     assert failed.returncode == 41, failed.stderr  # VerificationFailed
     report = json.loads(failed.stdout)
     assert report["ok"] is False and any("missing" in p for p in report["problems"])
     assert last_line(failed.stderr).startswith(
         f"openstack undercloud backup verify: error: Backup {backup_id} failed verification")
 
-    # A refused login is the client's own (its message, its status); no secret printed.
+    # A refused login is the client's own (its message, its status); no secret printed. A
+    # process: what the client logs of it goes through its own console set-up, not ours.
     env = dict(cloud_env, OS_PASSWORD="not-the-password")
     refused = openstack("--os-cloud", CLOUD, "--os-password", "not-the-password",
                         "undercloud", "backup", "list", env=env)
@@ -229,10 +237,12 @@ def tripleoclient(tmp_path) -> Path:
 def test_with_tripleoclient_installed_its_command_runs_and_says_how_to_reach_ours(
         tripleoclient):
     alone = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
-    ours_alone = openstack("undercloud", "backup", "--help", env=alone)
+    ours_alone = openstack_in_process("undercloud", "backup", "--help", env=alone)
     assert ours_alone.returncode == 0 and "--add-path PATH" in ours_alone.stdout
     assert "note:" not in ours_alone.stdout + ours_alone.stderr
 
+    # Processes from here: the other distribution is found on the PYTHONPATH a process
+    # starts with (entry points are read, and cached by stevedore, from sys.path).
     both = dict(alone, PYTHONPATH=str(tripleoclient))
     theirs = openstack("undercloud", "backup", "--db-only", env=both)
     assert theirs.returncode == 0, theirs.stderr
@@ -300,8 +310,9 @@ def test_deployment_starts_the_deployed_flow_and_follows_it(served, cloud_env):
     name, container = served
     started = time.monotonic()
     # Only the changed fields go over the deployment's: its root and database stay.
-    result = openstack("--os-cloud", CLOUD, "undercloud", "backup", "--deployment", name,
-                       "--add-path", "/opt/extra", "-f", "json", env=cloud_env)
+    result = openstack_in_process("--os-cloud", CLOUD, "undercloud", "backup", "--deployment",
+                                  name, "--add-path", "/opt/extra", "-f", "json",
+                                  env=cloud_env)
     seconds = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -311,23 +322,26 @@ def test_deployment_starts_the_deployed_flow_and_follows_it(served, cloud_env):
     assert f"({summary['flow_run_id']}) of deployment undercloud_backup/{name}" in followed
     assert f"run {summary['flow_run']}: Completed\n" in followed, followed
     assert "Finished in state Completed()" in followed  # the run's own log lines
-    print(f"openstack undercloud backup --deployment: {seconds:.1f} s")
+    print(f"openstack undercloud backup --deployment (in this process): {seconds:.1f} s")
 
-    listed = openstack("--os-cloud", CLOUD, "undercloud", "backup", "list", "--container",
-                       container, "-f", "json", env=cloud_env)
+    listed = openstack_in_process("--os-cloud", CLOUD, "undercloud", "backup", "list",
+                                  "--container", container, "-f", "json", env=cloud_env)
     assert [b["backup_id"] for b in json.loads(listed.stdout)] == [summary["backup_id"]]
-    verified = openstack("--os-cloud", CLOUD, "undercloud", "backup", "verify", "--container",
-                         container, "--skip-database", "-f", "json", env=cloud_env)
+    verified = openstack_in_process("--os-cloud", CLOUD, "undercloud", "backup", "verify",
+                                    "--container", container, "--skip-database", "-f", "json",
+                                    env=cloud_env)
     assert json.loads(verified.stdout)["archive"]["paths_found"] == ["/etc", "/opt/extra"]
 
     # A deployed run that fails exits with its error's status, as the twin would (3).
-    failed = openstack("--os-cloud", CLOUD, "undercloud", "backup", "--deployment", name,
-                       "--add-path", "/no/such/path", env=cloud_env)
+    failed = openstack_in_process("--os-cloud", CLOUD, "undercloud", "backup", "--deployment",
+                                  name, "--add-path", "/no/such/path", env=cloud_env)
     assert failed.returncode == 3, failed.stderr
     assert last_line(failed.stderr).startswith("openstack undercloud backup: error: the "
                                                "deployed run ")
     assert "/no/such/path does not exist" in last_line(failed.stderr)
 
+    # A process: the status and last line of --deployment's own path (Prefect's async client,
+    # whatever it leaves to the interpreter's exit) as the program ends with them.
     unknown = openstack("--os-cloud", CLOUD, "undercloud", "backup", "--deployment",
                         "no-such-deployment", env=cloud_env)
     assert unknown.returncode == 2
