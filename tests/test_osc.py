@@ -24,8 +24,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import OPENSTACK, REPO, openstack_in_process
+from conftest import REPO
 from deploy_helpers import Api, stop
+from openstack_in_process import OPENSTACK, openstack_in_process
 
 CLOUD = "ucb-backup-target"
 
