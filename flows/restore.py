@@ -162,6 +162,17 @@ def undercloud_restore(
     timeout_hours: Annotated[float, params.timeout_hours(
         "Longest the files or the databases may take before the restore's processes are "
         "killed.")] = defaults.RESTORE_TIMEOUT_HOURS,
+    load_buffer_pool_mib: Annotated[int | None, Param(
+        "MiB of InnoDB buffer pool the target MariaDB gets while the databases load and the "
+        "binary log replays, set back afterwards (never lowered; it needs the SUPER "
+        "privilege, without which the load goes on with the server's own, said in one line). "
+        "Unset: decided, for a server on this host only: the databases' size on the "
+        "backed-up server and a quarter more, raising by at most a quarter of the memory "
+        "available. 0: leave the server's alone.",
+        Flag("--load-buffer-pool-mib", "MIB",
+             help="InnoDB buffer pool of the target MariaDB during the load and replay, set "
+                  "back after (default: decided from the data and this host's available "
+                  "memory, for a local server; 0: leave it alone)"))] = None,
     allowed_signers: Annotated[str | None, params.allowed_signers("restore", (
         "ssh-keygen allowed-signers file: restore only from a manifest signed by a key in it "
         "(checked before anything is written). Unset: the one install configured "
@@ -177,6 +188,9 @@ def undercloud_restore(
 ) -> RestoreResult:
     """Restore an undercloud backup: files into a target root, databases into a MariaDB."""
     want_databases = _check_choices(files, all_databases, databases, overwrite, skip_existing)
+    if load_buffer_pool_mib is not None and load_buffer_pool_mib < 0:
+        raise ConfigError(detail=f"load_buffer_pool_mib must be 0 or more, not "
+                                 f"{load_buffer_pool_mib}")
     # spools, replayed logs and the default target are made in it, as root: never through
     # another user's link or in another user's directory
     staging_dir = confine.secure_staging(staging_dir)
@@ -203,7 +217,7 @@ def undercloud_restore(
             reinstalled_host=reinstalled_host, overwrite=overwrite, skip_existing=skip_existing,
             overwrite_empty=overwrite_empty, allow_root_target=allow_root_target,
             explicit_target=bool(target), dry_run=dry_run, staging_dir=staging_dir,
-            timeout_s=timeout_hours * 3600)
+            timeout_s=timeout_hours * 3600, load_buffer_pool_mib=load_buffer_pool_mib)
         fresh_target = not files or _fresh(request)
         names = None if all_databases else list(databases or [])
         result = RestoreResult(backup_id, swift_source.settings().container, dry_run,

@@ -29,6 +29,9 @@ from undercloud_backup.db.dumpstream import sandboxed
 from undercloud_backup.files import confine
 
 START_TIMEOUT_S = 60.0
+# The pool a throwaway server starts with; a load of more data asks for more (``options``,
+# :func:`undercloud_backup.db.bufferpool.scratch_pool_size`).
+BUFFER_POOL = 256 << 20
 INSTALL_TIMEOUT_S = 120.0
 
 
@@ -91,7 +94,7 @@ def server_command(directory: str, port: int, user: str | None,
         f"--log-error={top / 'error.log'}", f"--tmpdir={top / 'tmp'}",
         f"--secure-file-priv={top / 'files'}", "--skip-name-resolve",
         "--event-scheduler=OFF", "--skip-log-bin", "--max-allowed-packet=1G",
-        "--innodb-buffer-pool-size=256M", "--innodb-flush-log-at-trx-commit=0",
+        f"--innodb-buffer-pool-size={BUFFER_POOL}", "--innodb-flush-log-at-trx-commit=0",
         "--innodb-doublewrite=0", "--wait-timeout=86400",
     ]
     if user:

@@ -27,6 +27,7 @@ import pymysql
 from undercloud_backup.core.errors import BackupError
 from undercloud_backup.core.execute import Command
 from undercloud_backup.core.manifest import USERS_OBJECT, Manifest, StoredObject
+from undercloud_backup.db import bufferpool
 from undercloud_backup.db import connection as db
 from undercloud_backup.db.check import TableComparison, compare_tables
 from undercloud_backup.db.dumpstream import DatabaseFilter, DumpGate, sandboxed
@@ -244,9 +245,14 @@ def restore_databases(store, container: str, manifest: Manifest,
         if everything:
             target.check_database_space(session, dumped, settings.where,
                                         replacing=bool(plan.replaced))
-        # the server must take the dump's longest statement: checked (or raised) first
+        # the server must take the dump's longest statement: checked (or raised) first; its
+        # buffer pool is raised for the load, the replay and the comparison, then set back
         with target.packet_fits(session, dumped, settings.where, dry_run=request.dry_run,
-                                logger=logger):
+                                logger=logger), bufferpool.raised_for_load(
+                session, settings.where, data_bytes=target.database_bytes(dumped),
+                local=bufferpool.is_local(settings.host, settings.socket),
+                requested_mib=request.load_buffer_pool_mib, dry_run=request.dry_run,
+                quiet=request.checking, logger=logger):
             if request.dry_run:
                 logger.info("%s %s into MariaDB at %s%s%s%s",
                             "checked: can load" if request.checking else "dry run: would load",

@@ -71,6 +71,9 @@ class RestoreRequest:
     checking: bool = False  # a dry run that checks a real restore first: it says "checked"
     staging_dir: str = defaults.STAGING_DIR
     timeout_s: float = defaults.RESTORE_TIMEOUT_HOURS * 3600
+    # The target's InnoDB buffer pool for the load, MiB: None decides, 0 leaves it alone
+    # (undercloud_backup.db.bufferpool).
+    load_buffer_pool_mib: int | None = None
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,13 @@ def files_bytes(manifest: Manifest) -> int | None:
     return None
 
 
+def database_bytes(manifest: Manifest) -> int | None:
+    """What the databases took on the backed-up server (InnoDB's data and indexes), from the
+    manifest's space check (None: not recorded)."""
+    value = (manifest.space or {}).get("database_bytes")
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def check_free_space(target: str, manifest: Manifest) -> None:
     """Refuse (exit 14) a target whose file system cannot hold the archive's files, before
     anything is written. ``target`` may not exist yet: its nearest existing parent counts."""
@@ -162,8 +169,8 @@ def check_database_space(session, manifest: Manifest, where: str, *, replacing: 
     directory's file system cannot hold what the databases took on the backed-up server
     (``space.database_bytes``). Only a fresh load is judged: databases dropped to be
     replaced give their room back, and a remote server's disk is not ours to measure."""
-    needed = (manifest.space or {}).get("database_bytes")
-    if replacing or not isinstance(needed, int) or needed <= 0:
+    needed = database_bytes(manifest)
+    if replacing or needed is None:
         return
     with session.cursor() as cursor:
         cursor.execute("SELECT @@datadir")

@@ -29,7 +29,7 @@ from undercloud_backup.core.manifest import (
     StoredObject,
 )
 from undercloud_backup.core.sizes import format_size
-from undercloud_backup.db import packets
+from undercloud_backup.db import bufferpool, packets, scratch
 from undercloud_backup.db.check import TableComparison, compare_schema_objects, compare_tables
 from undercloud_backup.db.dumpstream import DumpGate
 from undercloud_backup.db.packets import LongestLine
@@ -46,6 +46,7 @@ from undercloud_backup.files.tarlist import (
     tar_list_command,
 )
 from undercloud_backup.restore import binlog
+from undercloud_backup.restore.target import database_bytes
 from undercloud_backup.store import reader
 from undercloud_backup.store.reader import ObjectCheck, read_collecting
 from undercloud_backup.store.streams import Consumer, StreamOutcome, stream_object
@@ -356,7 +357,12 @@ def check_database(store, container: str, manifest: Manifest, *, staging_dir: st
     loaded_in = 0.0
     comparison = TableComparison()
     meter = LongestLine()
-    with scratch_mariadb(staging_dir, lifetime_s=timeout) as server:
+    # the replay after a dump runs at the speed of the pool: room for the data
+    pool = bufferpool.scratch_pool_size(
+        scratch.BUFFER_POOL, database_bytes(replay_plan.base if replay_plan else manifest),
+        bufferpool.mem_available())
+    with scratch_mariadb(staging_dir, lifetime_s=timeout,
+                         options=(f"--innodb-buffer-pool-size={pool}",)) as server:
         with server.session.cursor() as cursor:
             cursor.execute("SELECT VERSION()")
             scratch_version = one_row(cursor)[0]
