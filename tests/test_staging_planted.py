@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import test_restore_confinement as confinement
-from conftest import REPO
+from test_restore import cli
 from test_restore_confinement import last_line, plain_archive, plant_level
 from test_verify import plant_backup
 
@@ -54,13 +53,8 @@ def shared(intruder, request) -> dict[str, Path]:
             "nowhere": tmp / "nowhere"}
 
 
-def cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    """As a process: a refusal is the CLI's contract (its status, one line, no traceback on
-    the console, which only the process's own stderr shows)."""
-    return subprocess.run([sys.executable, "-m", f"flows.{module}", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-
-
+# verify and restore run as processes (test_restore's cli): a refusal is the CLI's contract, its
+# status, one line and no traceback on the console, which only the process's own stderr shows
 def refused(done: subprocess.CompletedProcess, staging: Path) -> None:
     assert done.returncode == 65, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
