@@ -7,7 +7,7 @@ login (``--os-cloud``, no ``OS_*`` at all), takes the twin's flags (``--add-path
 it made, exits with the twin's statuses, starts and follows the installed deployment, and
 says which command runs when python-tripleoclient defines ``undercloud backup`` too.
 
-Most calls run the client in this process (conftest.openstack_in_process: its shell, our
+Most calls run the client in this process (tests/openstack_in_process.py: its shell, our
 commands, the same output and status), each saving the ~7 CPU-s a process spends loading the
 client's plugins and importing Prefect; those that stay ``openstack`` processes say why.
 """
